@@ -1,3 +1,3 @@
-"""closesync keeps each connected Close user's scheduling links equal to their Calendly event types."""
+"""closesync keeps each Close user's scheduling links equal to their Calendly event types."""
 
 __version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Calendly: the source of event types."""

@@ -1,0 +1,1 @@
+"""The `closesync` command line."""

@@ -1,0 +1,1 @@
+"""Close: the target, where scheduling links live."""

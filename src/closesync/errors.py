@@ -1,0 +1,121 @@
+"""Every error closesync raises, grouped by what the caller must do about it.
+
+    CloseSyncError
+    ├── ConfigError                 bad usage or configuration: stop, exit code 2
+    ├── StoreUnavailable            Redis cannot be reached or answered an error: stop, retry later
+    ├── RunLocked                   another run holds this connection's lock: run again after it
+    ├── ConnectionNotFound          no connection with that id
+    ├── EncryptionError             a stored secret cannot be decrypted or no key is set
+    └── ApiError                    one call to Calendly or Close failed
+        ├── RetryableError          try the same call again later; nothing is lost
+        │   ├── RateLimited         429: wait `wait_seconds` (the API's own figure) first
+        │   └── TransientError      5xx, timeout, reset connection
+        │       └── BadResponse     a 2xx whose body is empty, not JSON, or not the documented shape
+        ├── AuthFailed              401: refresh once, then the connection needs re-authorization
+        │   └── GrantRevoked        refresh token refused (invalid_grant): needs re-authorization
+        ├── Forbidden               403: missing scope or permission; stop this connection
+        ├── NotFound                404
+        ├── Rejected                400/422: this one record was refused; skip it, keep the others
+        └── PaginationError         a listing repeated a page token; the listing is incomplete
+
+Only `closesync.http.raise_for_response` maps an HTTP status and headers to these classes. Every
+message names the API, the method, the endpoint and the status or transport error, e.g.
+`Calendly GET /event_types answered 502 with a non-JSON body`. Messages never contain a token.
+"""
+
+from __future__ import annotations
+
+
+class CloseSyncError(Exception):
+    """Base of every error closesync raises on purpose."""
+
+
+class ConfigError(CloseSyncError):
+    """A setting or argument is missing or invalid."""
+
+
+class StoreUnavailable(CloseSyncError):
+    """Redis could not be reached or failed a command."""
+
+
+class RunLocked(CloseSyncError):
+    """Another process is running this connection right now."""
+
+
+class ConnectionNotFound(CloseSyncError):
+    """No connection is stored under the given id."""
+
+
+class EncryptionError(CloseSyncError):
+    """A secret could not be encrypted or decrypted with the configured keys."""
+
+
+class ApiError(CloseSyncError):
+    """A call to Calendly or Close failed; carries where and how."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        api: str,
+        method: str,
+        endpoint: str,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.api = api
+        self.method = method
+        self.endpoint = endpoint
+        self.status = status
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class RetryableError(ApiError):
+    """The same call may succeed later."""
+
+
+class RateLimited(RetryableError):
+    """The API asked us to wait `wait_seconds` before calling again."""
+
+    def __init__(self, message: str, *, wait_seconds: float, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.wait_seconds = wait_seconds
+
+
+class TransientError(RetryableError):
+    """5xx, timeout or a dropped connection."""
+
+
+class BadResponse(TransientError):
+    """A success status with a body we cannot use (empty, not JSON, truncated, wrong shape)."""
+
+
+class AuthFailed(ApiError):
+    """The credentials were refused (401)."""
+
+
+class GrantRevoked(AuthFailed):
+    """The refresh token was refused: the user must authorize again."""
+
+
+class Forbidden(ApiError):
+    """The credentials lack a scope or permission (403)."""
+
+
+class NotFound(ApiError):
+    """The resource does not exist (404)."""
+
+
+class Rejected(ApiError):
+    """The API refused this one request's data (400/422)."""
+
+    def __init__(self, message: str, *, field_errors: dict[str, str], **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.field_errors = field_errors
+
+
+class PaginationError(ApiError):
+    """A listing repeated a page token, so it can never be known complete."""

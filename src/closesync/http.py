@@ -1,0 +1,396 @@
+"""The one HTTP layer both API clients stand on.
+
+It owns the things every call needs and no client should repeat: connect and read timeouts, the
+mapping of a response to the typed errors of `closesync.errors` (the only place that does it),
+reading the rate-limit headers of both APIs, waiting out rate limits and transient errors within a
+`WaitBudget`, and counting calls. It knows nothing of event types or links.
+
+`sleep`, `rand` and `clock` are injected so tests run with a fake clock instead of patching time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from closesync import __version__
+from closesync.errors import (
+    ApiError,
+    AuthFailed,
+    BadResponse,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Rejected,
+    RetryableError,
+    TransientError,
+)
+from closesync.retry import Random, WaitBudget, rate_limit_delay, transient_delay
+
+# Connect fast or not at all; a listing page of 100 event types can take a few seconds to build.
+DEFAULT_TIMEOUT = (5.0, 30.0)
+# Attempts per call when the budget still allows waiting (first try included).
+DEFAULT_MAX_ATTEMPTS = 5
+# A 429 without any usable header: wait this long (seconds) rather than hammering.
+FALLBACK_RATE_LIMIT_WAIT = 5.0
+
+_RATELIMIT_PART = re.compile(r"\s*([a-zA-Z-]+)\s*=\s*([0-9.]+)\s*")
+
+
+@dataclass(frozen=True)
+class RateLimitInfo:
+    """A parsed rate-limit header: requests allowed, left, and seconds until the window resets."""
+
+    limit: int | None
+    remaining: int | None
+    reset_seconds: float | None
+
+
+def parse_close_ratelimit(value: str | None) -> RateLimitInfo | None:
+    """Parse Close's `RateLimit: limit=100, remaining=50, reset=0.25` (reset may be fractional)."""
+    if not value:
+        return None
+    parts: dict[str, float] = {}
+    for chunk in re.split(r"[,;]", value):
+        match = _RATELIMIT_PART.fullmatch(chunk)
+        if not match:
+            continue
+        try:
+            parts[match.group(1).lower()] = float(match.group(2))
+        except ValueError:
+            continue
+    if not parts:
+        return None
+    limit = parts.get("limit")
+    remaining = parts.get("remaining")
+    return RateLimitInfo(
+        limit=int(limit) if limit is not None else None,
+        remaining=int(remaining) if remaining is not None else None,
+        reset_seconds=parts.get("reset"),
+    )
+
+
+def parse_calendly_ratelimit(headers: Mapping[str, str]) -> RateLimitInfo | None:
+    """Parse Calendly's `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`."""
+
+    def number(name: str) -> float | None:
+        raw = headers.get(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            return None
+        return value if math.isfinite(value) and value >= 0 else None
+
+    limit, remaining, reset = (
+        number("X-RateLimit-Limit"),
+        number("X-RateLimit-Remaining"),
+        number("X-RateLimit-Reset"),
+    )
+    if limit is None and remaining is None and reset is None:
+        return None
+    return RateLimitInfo(
+        limit=int(limit) if limit is not None else None,
+        remaining=int(remaining) if remaining is not None else None,
+        reset_seconds=reset,
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header given in seconds; None for dates or garbage."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def rate_limit_of(api: str, headers: Mapping[str, str]) -> RateLimitInfo | None:
+    """The rate-limit state a response announces, in the dialect of its API."""
+    if api == "Close":
+        return parse_close_ratelimit(headers.get("RateLimit"))
+    return parse_calendly_ratelimit(headers)
+
+
+def wait_from_429(api: str, headers: Mapping[str, str]) -> float:
+    """How long a 429 asks us to wait: the rate-limit reset, else Retry-After, else a fallback."""
+    info = rate_limit_of(api, headers)
+    candidates = [
+        info.reset_seconds if info is not None else None,
+        parse_retry_after(headers.get("Retry-After")),
+    ]
+    waits = [c for c in candidates if c is not None]
+    # Both headers present: honour the longer one, so we never come back sooner than asked.
+    return max(waits) if waits else FALLBACK_RATE_LIMIT_WAIT
+
+
+def _decode_json(body: bytes) -> Any:
+    """The JSON value of a body, or raise ValueError."""
+    return json.loads(body.decode("utf-8"))
+
+
+def _describe_body(body: bytes, content_type: str) -> tuple[str, Any]:
+    """A short description of a body for error messages, and its JSON value when it has one."""
+    if not body.strip():
+        return "an empty body", None
+    try:
+        value = _decode_json(body)
+    except (ValueError, UnicodeDecodeError):
+        if "html" in content_type.lower() or body.lstrip()[:1] == b"<":
+            return "an HTML page instead of JSON", None
+        if "json" in content_type.lower():
+            return "a truncated or invalid JSON body", None
+        return "a non-JSON body", None
+    return "", value
+
+
+def _error_text(value: Any) -> str:
+    """The human part of an error body of either API, shortened."""
+    if not isinstance(value, dict):
+        return ""
+    parts: list[str] = []
+    for key in ("title", "message", "error", "error_description"):
+        text = value.get(key)
+        if isinstance(text, str) and text:
+            parts.append(text)
+    errors = value.get("errors")
+    if isinstance(errors, list):
+        parts.extend(str(e) for e in errors if e)
+    return "; ".join(parts)[:300]
+
+
+def field_errors_of(value: Any) -> dict[str, str]:
+    """Close's `field-errors` or Calendly's `details` as {field: message}."""
+    result: dict[str, str] = {}
+    if not isinstance(value, dict):
+        return result
+    close_fields = value.get("field-errors")
+    if isinstance(close_fields, dict):
+        for name, message in close_fields.items():
+            result[str(name)] = str(message)
+    details = value.get("details")
+    if isinstance(details, list):
+        for item in details:
+            if isinstance(item, dict):
+                name = str(item.get("parameter") or "request")
+                result[name] = str(item.get("message") or "")
+    return result
+
+
+def raise_for_response(
+    api: str,
+    method: str,
+    endpoint: str,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> Any:
+    """Return the JSON value of a successful response, or raise the error class it calls for.
+
+    The single place where a status, headers and body become a typed error. A 204 or an empty
+    2xx body where none is expected returns None; the caller checks the shape.
+    """
+    where = f"{api} {method} {endpoint}"
+    content_type = headers.get("Content-Type", "")
+    description, value = _describe_body(body, content_type)
+    kwargs: dict[str, Any] = {"api": api, "method": method, "endpoint": endpoint, "status": status}
+    if 200 <= status < 300:
+        if status == 204 or not body.strip():
+            return None
+        if description:
+            raise BadResponse(f"{where} answered {status} with {description}", **kwargs)
+        return value
+    detail = f" with {description}" if description else ""
+    text = _error_text(value)
+    said = f": {text}" if text else ""
+    message = f"{where} answered {status}{detail}{said}"
+    if status == 429:
+        wait = wait_from_429(api, headers)
+        raise RateLimited(f"{message} (wait {wait:g} s)", wait_seconds=wait, **kwargs)
+    if status == 401:
+        raise AuthFailed(message, **kwargs)
+    if status == 403:
+        raise Forbidden(message, **kwargs)
+    if status == 404:
+        raise NotFound(message, **kwargs)
+    if status in (400, 409, 422):
+        raise Rejected(message, field_errors=field_errors_of(value), **kwargs)
+    if status >= 500 or status == 408:
+        raise TransientError(message, **kwargs)
+    raise ApiError(message, **kwargs)
+
+
+def new_session() -> requests.Session:
+    """A session with closesync's User-Agent; connection pooling is per session."""
+    session = requests.Session()
+    session.headers["User-Agent"] = f"closesync/{__version__}"
+    return session
+
+
+@dataclass
+class ApiHttp:
+    """Calls one API: timeouts, error mapping, inline waiting within a budget, call counting.
+
+    One instance serves one connection's run (its budget and counters are per run). `group` names
+    the rate-limit bucket of a call (Close buckets per endpoint group); when an earlier response
+    said a group has no requests left, the next call to it waits for the reset first.
+    """
+
+    api: str
+    base_url: str
+    session: requests.Session = field(default_factory=new_session)
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT
+    budget: WaitBudget = field(default_factory=lambda: WaitBudget(60.0))
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    rand: Random = random.random
+    calls: int = 0
+    calls_by_endpoint: dict[str, int] = field(default_factory=dict)
+    _blocked_until: dict[str, float] = field(default_factory=dict)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        endpoint: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        form: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        url: str | None = None,
+    ) -> Any:
+        """Make one call, retrying what may be retried within the budget; return the JSON body.
+
+        `path` is appended to the base URL unless a full `url` is given (a `next_page` link).
+        `endpoint` is the path template used in messages and as the rate-limit group.
+        """
+        endpoint = endpoint or path
+        group = f"{method} {endpoint}"
+        attempt = 0
+        while True:
+            self._wait_for_group(group, method, endpoint)
+            try:
+                return self._once(
+                    method,
+                    url or self.base_url.rstrip("/") + path,
+                    endpoint,
+                    group,
+                    params=params,
+                    json_body=json_body,
+                    form=form,
+                    headers=headers,
+                    auth=auth,
+                )
+            except RetryableError as error:
+                attempt += 1
+                if isinstance(error, RateLimited):
+                    delay = rate_limit_delay(error.wait_seconds, self.rand)
+                else:
+                    delay = transient_delay(attempt - 1, self.rand)
+                if attempt >= self.max_attempts or not self.budget.allows(delay):
+                    raise
+                self.budget.spend(delay)
+                self.sleep(delay)
+
+    def _wait_for_group(self, group: str, method: str, endpoint: str) -> None:
+        """Honour a reset announced by an earlier response before calling that group again."""
+        until = self._blocked_until.get(group)
+        if until is None:
+            return
+        wait = until - self.clock()
+        if wait <= 0:
+            del self._blocked_until[group]
+            return
+        if not self.budget.allows(wait):
+            raise RateLimited(
+                f"{self.api} {method} {endpoint} is out of requests for {wait:.2f} s",
+                wait_seconds=wait,
+                api=self.api,
+                method=method,
+                endpoint=endpoint,
+                status=None,
+            )
+        self.budget.spend(wait)
+        self.sleep(wait)
+        self._blocked_until.pop(group, None)
+
+    def _once(
+        self,
+        method: str,
+        url: str,
+        endpoint: str,
+        group: str,
+        **kwargs: Any,
+    ) -> Any:
+        where = f"{self.api} {method} {endpoint}"
+        self.calls += 1
+        self.calls_by_endpoint[group] = self.calls_by_endpoint.get(group, 0) + 1
+        try:
+            response = self.session.request(
+                method,
+                url,
+                params=kwargs["params"],
+                json=kwargs["json_body"],
+                data=kwargs["form"],
+                headers=kwargs["headers"],
+                auth=kwargs["auth"],
+                timeout=self.timeout,
+                allow_redirects=False,
+            )
+            body = response.content
+        except requests.Timeout as exc:
+            raise TransientError(
+                f"{where} timed out ({type(exc).__name__})",
+                api=self.api,
+                method=method,
+                endpoint=endpoint,
+            ) from None
+        except requests.ConnectionError as exc:
+            raise TransientError(
+                f"{where} failed: connection error ({_transport_reason(exc)})",
+                api=self.api,
+                method=method,
+                endpoint=endpoint,
+            ) from None
+        except requests.RequestException as exc:
+            raise TransientError(
+                f"{where} failed: {type(exc).__name__}",
+                api=self.api,
+                method=method,
+                endpoint=endpoint,
+            ) from None
+        info = rate_limit_of(self.api, response.headers)
+        if info is not None and info.remaining == 0 and info.reset_seconds:
+            self._blocked_until[group] = self.clock() + info.reset_seconds
+        return raise_for_response(
+            self.api, method, endpoint, response.status_code, response.headers, body
+        )
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """A short cause for a transport failure, without URLs (which may carry query secrets)."""
+    text = str(exc)
+    for needle, reason in (
+        ("reset by peer", "connection reset by peer"),
+        ("Connection refused", "connection refused"),
+        ("RemoteDisconnected", "remote end closed the connection"),
+        ("IncompleteRead", "response ended early"),
+        ("Name or service not known", "host name not found"),
+    ):
+        if needle in text:
+            return reason
+    return type(exc).__name__

