@@ -1,0 +1,84 @@
+"""A connection: one Close user's OAuth grant paired with one Calendly user. Pure data, no I/O.
+
+Public fields (ids, names, state, per-connection settings) are kept apart from the grants
+(tokens), so that listing or printing a connection can never show a token, and so that the store
+can encrypt the grants without its callers knowing.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+
+class ConnectionState(StrEnum):
+    ACTIVE = "active"  # scheduled and synced
+    PAUSED = "paused"  # kept, not scheduled, until `closesync connections resume`
+    NEEDS_REAUTH = "needs_reauth"  # a grant was refused; the user must authorize again
+
+
+def new_connection_id() -> str:
+    """A short, stable, printable id (decisions.md): `conn_` + 12 hex."""
+    return "conn_" + secrets.token_hex(6)
+
+
+class Grant(BaseModel):
+    """OAuth or personal-access credentials of one side. Tokens are SecretStr: never printed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["oauth", "pat"] = "oauth"
+    access_token: SecretStr
+    refresh_token: SecretStr | None = None
+    # Unix time (seconds) after which the access token is expired; None = does not expire.
+    expires_at: float | None = None
+
+    def expires_within(self, now: float, margin: float) -> bool:
+        """Whether the access token expires before `now + margin`."""
+        return self.expires_at is not None and self.expires_at <= now + margin
+
+
+class Grants(BaseModel):
+    """Both sides' credentials of one connection; stored encrypted, never listed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    close: Grant
+    calendly: Grant
+
+
+class ConnectionOptions(BaseModel):
+    """Per-connection overrides of the global mapping settings (None = use the global one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    include_secret: bool | None = None
+    include_one_off: bool | None = None
+
+
+class Connection(BaseModel):
+    """Everything about a connection except its tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str | None = None
+    state: ConnectionState = ConnectionState.ACTIVE
+    close_user_id: str
+    close_organization_id: str | None = None
+    close_email: str | None = None
+    calendly_user_uri: str
+    calendly_organization_uri: str | None = None
+    calendly_email: str | None = None
+    options: ConnectionOptions = ConnectionOptions()
+    created_at: float
+    updated_at: float
+    # Why the connection left the active state (e.g. which grant was refused), if it did.
+    state_reason: str | None = None
+
+    @property
+    def calendly_user_uuid(self) -> str:
+        return self.calendly_user_uri.rstrip("/").rsplit("/", 1)[-1]
