@@ -1,0 +1,53 @@
+"""The report every run leaves behind: what it did, what it held, what failed. Pure data."""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+
+class RunMode(StrEnum):
+    SYNC = "sync"
+    DRY_RUN = "dry-run"
+    BACKFILL = "backfill"
+    DRIFT = "drift"
+
+
+class Outcome(StrEnum):
+    OK = "ok"  # everything planned was written (held deletions are not failures)
+    PARTIAL = "partial"  # the run finished, but some links were refused or unmappable
+    FAILED = "failed"  # the run stopped early (API error, rate limit, auth); retry later
+    SKIPPED = "skipped"  # not run: paused, needs re-authorization, or already running
+
+
+def new_run_id() -> str:
+    return "run_" + secrets.token_hex(6)
+
+
+class RunReport(BaseModel):
+    """One run of one connection. `failed` maps a source_id (or event type uri) to its error."""
+
+    run_id: str = Field(default_factory=new_run_id)
+    connection_id: str
+    mode: RunMode = RunMode.SYNC
+    started_at: float
+    finished_at: float | None = None
+    outcome: Outcome = Outcome.OK
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    failed: dict[str, str] = Field(default_factory=dict)
+    held_deletions: list[str] = Field(default_factory=list)
+    held_reason: str | None = None
+    kept: dict[str, str] = Field(default_factory=dict)
+    api_calls: dict[str, int] = Field(default_factory=dict)
+    errors: list[str] = Field(default_factory=list)
+    # Planned writes, filled by a dry run (and for the record by every run): "create <source_id>".
+    planned: list[str] = Field(default_factory=list)
+
+    @property
+    def error(self) -> str | None:
+        return self.errors[-1] if self.errors else None
