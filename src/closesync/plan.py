@@ -23,9 +23,10 @@ The rules, all in `make_plan`:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from closesync.calendly.models import uuid_of
 from closesync.close.models import LinkPayload
 from closesync.mapping import fingerprint, parse_source_id
 
@@ -57,10 +58,10 @@ class ListingFacts:
     """What one Calendly listing showed, beyond the desired links."""
 
     complete: bool
-    # Every event type uri the listing returned, synced or not.
-    listed_uris: frozenset[str] = frozenset()
+    # The uuid of every event type the listing returned, synced or not.
+    listed_uuids: frozenset[str] = frozenset()
     # Listed event types that could not be mapped or parsed: their links are kept.
-    doubtful_uris: frozenset[str] = frozenset()
+    doubtful_uuids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def missing_from_listing(
     return sorted(
         source_id
         for source_id, record in records.items()
-        if source_id not in desired and record.event_type_uri not in facts.listed_uris
+        if source_id not in desired and uuid_of(record.event_type_uri) not in facts.listed_uuids
     )
 
 
@@ -147,13 +148,14 @@ def make_plan(
     for source_id in sorted(set(records) - set(desired)):
         record = records[source_id]
         uri = record.event_type_uri
+        uuid = uuid_of(uri)
         if not facts.complete:
             plan.kept[source_id] = "listing incomplete"
         elif parse_source_id(source_id) is None:
             plan.kept[source_id] = "source_id not in closesync's format"
-        elif uri in facts.doubtful_uris:
+        elif uuid in facts.doubtful_uuids:
             plan.kept[source_id] = "event type could not be read or mapped"
-        elif uri in facts.listed_uris:
+        elif uuid in facts.listed_uuids:
             deletes.append(Deletion(source_id, uri, "event type listed but not synced"))
         elif verdicts.get(source_id) is Verdict.GONE:
             deletes.append(Deletion(source_id, uri, "event type gone"))
@@ -178,6 +180,13 @@ def make_plan(
 
 
 def _with(plan: Plan, **changes: object) -> Plan:
-    from dataclasses import replace
-
     return replace(plan, **changes)  # type: ignore[arg-type]
+
+
+def describe(plan: Plan) -> list[str]:
+    """A plan as lines a person reads: `create <source_id> 'name'`."""
+    lines = [f"create {p.source_id} {p.name!r}" for p in plan.creates]
+    lines += [f"update {p.source_id} {p.name!r}" for p in plan.updates]
+    lines += [f"delete {d.source_id} ({d.reason})" for d in plan.deletes]
+    lines += [f"hold {d.source_id} ({d.reason})" for d in plan.held]
+    return lines

@@ -10,7 +10,6 @@ from pydantic import BaseModel, Field
 
 class RunMode(StrEnum):
     SYNC = "sync"
-    DRY_RUN = "dry-run"
     BACKFILL = "backfill"
     DRIFT = "drift"
 
@@ -32,6 +31,8 @@ class RunReport(BaseModel):
     run_id: str = Field(default_factory=new_run_id)
     connection_id: str
     mode: RunMode = RunMode.SYNC
+    # A dry run plans and reports but writes nothing (not to Close, not to the records).
+    dry_run: bool = False
     started_at: float
     finished_at: float | None = None
     outcome: Outcome = Outcome.OK
@@ -45,6 +46,10 @@ class RunReport(BaseModel):
     kept: dict[str, str] = Field(default_factory=dict)
     api_calls: dict[str, int] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list)
+    # Why a failed run failed, for the caller deciding on retries: rate_limited, transient, auth,
+    # forbidden, locked, error. `retry_after` is the wait (seconds) a rate limit asked for.
+    failure: str | None = None
+    retry_after: float | None = None
     # Planned writes, filled by a dry run (and for the record by every run): "create <source_id>".
     planned: list[str] = Field(default_factory=list)
 

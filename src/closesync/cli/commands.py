@@ -1,4 +1,4 @@
-"""The list of command modules; each contributes `register(subparsers)`."""
+"""The command modules; each contributes `register(subparsers)`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from typing import Any
 Register = Callable[["argparse._SubParsersAction[Any]"], None]
 
 
-def _load() -> list[Register]:
+def registry() -> list[Register]:
+    """Every command, in the order `closesync --help` lists them."""
+    from closesync.cli import connections, status, sync
     from closesync.sandbox import cli as sandbox_cli
 
-    return [sandbox_cli.register]
-
-
-REGISTRY: list[Register] = _load()
+    return [
+        sync.register,
+        status.register,
+        connections.register,
+        sandbox_cli.register,
+    ]

@@ -2,8 +2,8 @@
 
 Each command lives in its own module under `closesync.cli` and exposes `register(subparsers)`,
 which adds its parser and sets `func` (a callable taking the parsed namespace and returning the
-exit code). Exit codes follow docs/decisions: 0 success, 1 a connection failed, 2 bad usage or
-configuration.
+exit code). Exit codes (decisions.md): 0 success, 1 a connection failed (or Redis is down), 2 bad
+usage or configuration. Errors print as one line on stderr, never as a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +13,13 @@ import sys
 from collections.abc import Sequence
 
 from closesync import __version__
+from closesync.errors import (
+    ApiError,
+    ConfigError,
+    ConnectionNotFound,
+    EncryptionError,
+    StoreUnavailable,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -20,7 +27,7 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse exits with 2 on bad usage already; this keeps the message on one clear line."""
+    """Bad usage exits with 2 and one clear line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -31,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser with every registered command."""
     from closesync.cli import commands
 
-    parser = _Parser(prog="closesync", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(
+        prog="closesync",
+        description="Keeps Close scheduling links equal to Calendly event types.",
+    )
     parser.add_argument("--version", action="version", version=f"closesync {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
-    for register in commands.REGISTRY:
+    for register in commands.registry():
         register(subparsers)
     return parser
 
@@ -44,7 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except (ConfigError, ConnectionNotFound, EncryptionError) as error:
+        sys.stderr.write(f"closesync: {error}\n")
+        return EXIT_USAGE
+    except (StoreUnavailable, ApiError) as error:
+        sys.stderr.write(f"closesync: {error}\n")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        sys.stderr.write("closesync: interrupted\n")
+        return 130
     return result
 
 

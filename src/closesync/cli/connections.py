@@ -1,0 +1,206 @@
+"""`closesync connections …`: add, list, show, remove, pause and resume connections.
+
+Adding resolves both users (Close `GET /me/`, Calendly `GET /users/me`), which also proves both
+tokens work; nothing is stored unless both answered. Output never contains a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from pydantic import SecretStr
+
+from closesync.calendly.client import CalendlyClient
+from closesync.cli.common import load_services, print_json, print_table, when
+from closesync.close.client import CloseClient
+from closesync.connection import Connection, ConnectionState, Grant, Grants, new_connection_id
+from closesync.errors import ApiError, AuthFailed, ConfigError, Forbidden
+from closesync.retry import WaitBudget
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser("connections", help="add, list, show, remove, pause, resume")
+    commands = parser.add_subparsers(dest="action", metavar="ACTION")
+    commands.required = True
+
+    add = commands.add_parser("add", help="connect a Close user to a Calendly user by tokens")
+    add.add_argument("--close-access-token", required=True, help="Close OAuth access token")
+    add.add_argument("--close-refresh-token", help="Close OAuth refresh token")
+    add.add_argument("--close-expires-in", type=int, help="seconds until the access token expires")
+    add.add_argument("--calendly-token", required=True, help="Calendly access or personal token")
+    add.add_argument("--calendly-refresh-token", help="Calendly OAuth refresh token")
+    add.add_argument("--calendly-expires-in", type=int, help="seconds until it expires")
+    add.add_argument("--name", help="a label for people reading `connections list`")
+    add.add_argument("--json", action="store_true", help="print JSON")
+    add.set_defaults(func=cmd_add)
+
+    listing = commands.add_parser("list", help="every connection")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_list)
+
+    for name, func, text in (
+        ("show", cmd_show, "one connection"),
+        ("remove", cmd_remove, "forget a connection and all its state"),
+        ("pause", cmd_pause, "stop syncing a connection until resumed"),
+        ("resume", cmd_resume, "sync a paused connection again"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("id", metavar="ID", help="connection id (conn_…)")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.set_defaults(func=func)
+
+
+def public(connection: Connection) -> dict[str, Any]:
+    """A connection as printed: its public fields only (the grants are not in the model)."""
+    return connection.model_dump(mode="json")
+
+
+def _resolve(services: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Both users behind the given tokens; a refused token becomes a one-line ConfigError."""
+    settings = services.settings
+    budget = WaitBudget(settings.inline_wait_budget_seconds)
+    close_token: str = args.close_access_token
+    calendly_token: str = args.calendly_token
+    close = CloseClient(
+        http=services.api_http("Close", settings.close_api_url, budget),
+        token=lambda: close_token,
+    )
+    calendly = CalendlyClient(
+        http=services.api_http("Calendly", settings.calendly_api_url, budget),
+        token=lambda: calendly_token,
+    )
+    try:
+        me = close.get_me()
+    except (AuthFailed, Forbidden) as error:
+        raise ConfigError(f"the Close access token was refused: {error}") from None
+    try:
+        user = calendly.get_current_user()
+    except (AuthFailed, Forbidden) as error:
+        raise ConfigError(f"the Calendly token was refused: {error}") from None
+    return me, user
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    services = load_services()
+    try:
+        me, user = _resolve(services, args)
+    except ApiError as error:
+        raise ApiError(
+            f"could not check the tokens: {error}",
+            api=error.api,
+            method=error.method,
+            endpoint=error.endpoint,
+            status=error.status,
+        ) from None
+    now = time.time()
+    grants = Grants(
+        close=Grant(
+            kind="oauth",
+            access_token=SecretStr(args.close_access_token),
+            refresh_token=_secret(args.close_refresh_token),
+            expires_at=now + args.close_expires_in if args.close_expires_in else None,
+        ),
+        calendly=Grant(
+            kind="oauth" if args.calendly_refresh_token else "pat",
+            access_token=SecretStr(args.calendly_token),
+            refresh_token=_secret(args.calendly_refresh_token),
+            expires_at=now + args.calendly_expires_in if args.calendly_expires_in else None,
+        ),
+    )
+    existing: Connection | None = services.connections.find_by_close_user(me.id)
+    connection = Connection(
+        id=existing.id if existing else new_connection_id(),
+        name=args.name or (existing.name if existing else None) or me.email,
+        state=ConnectionState.ACTIVE,
+        close_user_id=me.id,
+        close_organization_id=me.organization_id,
+        close_email=me.email,
+        calendly_user_uri=user.uri,
+        calendly_organization_uri=user.current_organization,
+        calendly_email=user.email,
+        options=existing.options if existing else Connection.model_fields["options"].default,
+        created_at=existing.created_at if existing else now,
+        updated_at=now,
+    )
+    services.connections.save(connection, grants)
+    if args.json:
+        print_json({**public(connection), "updated": existing is not None})
+    else:
+        verb = "updated" if existing else "added"
+        sys.stdout.write(
+            f"{verb} {connection.id}: Close {me.email or me.id} <- Calendly {user.email or user.uri}\n"
+        )
+    return 0
+
+
+def _secret(value: str | None) -> SecretStr | None:
+    return SecretStr(value) if value else None
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    services = load_services()
+    connections: list[Connection] = services.connections.list()
+    if args.json:
+        print_json([public(c) for c in connections])
+        return 0
+    if not connections:
+        sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
+        return 0
+    print_table(
+        ["ID", "NAME", "STATE", "CLOSE USER", "CALENDLY USER", "ADDED"],
+        [
+            [
+                c.id,
+                c.name,
+                c.state.value,
+                c.close_email or c.close_user_id,
+                c.calendly_email or c.calendly_user_uri,
+                when(c.created_at),
+            ]
+            for c in connections
+        ],
+    )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    services = load_services()
+    connection: Connection = services.connections.get(args.id)
+    if args.json:
+        print_json(public(connection))
+        return 0
+    for key, value in public(connection).items():
+        sys.stdout.write(f"{key:24} {value}\n")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    services = load_services()
+    services.connections.get(args.id)
+    services.connections.remove(args.id)
+    if args.json:
+        print_json({"id": args.id, "removed": True})
+    else:
+        sys.stdout.write(f"removed {args.id}; its links in Close were left as they are\n")
+    return 0
+
+
+def _set_state(args: argparse.Namespace, state: ConnectionState) -> int:
+    services = load_services()
+    connection: Connection = services.connections.set_state(args.id, state)
+    if args.json:
+        print_json(public(connection))
+    else:
+        sys.stdout.write(f"{connection.id} is {connection.state.value}\n")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _set_state(args, ConnectionState.PAUSED)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _set_state(args, ConnectionState.ACTIVE)

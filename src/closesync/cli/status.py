@@ -1,0 +1,84 @@
+"""`closesync status`: per connection, its state, last run and counts, held deletions, last error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from closesync.cli.common import load_services, print_json, print_table, when
+from closesync.connection import Connection
+from closesync.report import RunReport
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser("status", help="state, last run and last error per connection")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=cmd_status)
+
+
+def connection_status(services: Any, connection: Connection) -> dict[str, Any]:
+    """Everything `status` shows of one connection, as JSON-ready values."""
+    state = services.state
+    last: RunReport | None = state.last_report(connection.id)
+    reports: list[RunReport] = state.reports(connection.id, 20)
+    last_error = next((r.error for r in reports if r.error), None)
+    held = state.held(connection.id)
+    backfill = state.backfill_progress(connection.id)
+    return {
+        "id": connection.id,
+        "name": connection.name,
+        "state": connection.state.value,
+        "state_reason": connection.state_reason,
+        "last_run": last.model_dump(mode="json") if last else None,
+        "held_deletions": held.model_dump(mode="json") if held else None,
+        "last_error": last_error,
+        "backfill": backfill,
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    services = load_services()
+    connections: list[Connection] = services.connections.list()
+    rows = [connection_status(services, c) for c in connections]
+    if args.json:
+        print_json({"connections": rows})
+        return 0
+    if not rows:
+        sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
+        return 0
+    table = []
+    for row in rows:
+        last = row["last_run"] or {}
+        counts = (
+            f"+{last.get('created', 0)} ~{last.get('updated', 0)} -{last.get('deleted', 0)} "
+            f"={last.get('unchanged', 0)} !{len(last.get('failed', {}))}"
+            if last
+            else None
+        )
+        held = row["held_deletions"]
+        table.append(
+            [
+                row["id"],
+                row["name"],
+                row["state"],
+                when(last.get("finished_at")) if last else None,
+                last.get("outcome") if last else None,
+                counts,
+                len(held["source_ids"]) if held else 0,
+            ]
+        )
+    print_table(["ID", "NAME", "STATE", "LAST RUN", "OUTCOME", "+~-=!", "HELD"], table)
+    for row in rows:
+        if row["state_reason"]:
+            sys.stdout.write(f"{row['id']}: {row['state']}: {row['state_reason']}\n")
+        if row["held_deletions"]:
+            sys.stdout.write(f"{row['id']}: held deletions: {row['held_deletions']['reason']}\n")
+        if row["last_error"]:
+            sys.stdout.write(f"{row['id']}: last error: {row['last_error']}\n")
+        if row["backfill"]:
+            progress = row["backfill"]
+            sys.stdout.write(
+                f"{row['id']}: backfill {progress.get('done', 0)}/{progress.get('total', '?')}\n"
+            )
+    return 0

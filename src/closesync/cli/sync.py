@@ -1,0 +1,157 @@
+"""`closesync sync` and `closesync backfill`: run connections now, in this process.
+
+Inline runs ride out rate limits and transient errors within INLINE_WAIT_BUDGET_SECONDS per
+connection (decisions.md), then report the connection as failed. Exit code 1 when any connection
+failed; held mass deletions are reported, not failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from closesync.cli.common import load_services, print_json
+from closesync.errors import ConfigError
+from closesync.report import Outcome, RunMode, RunReport
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    sync = subparsers.add_parser("sync", help="sync connections now")
+    _targets(sync)
+    sync.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    sync.add_argument(
+        "--allow-mass-delete", action="store_true", help="let held mass deletions through"
+    )
+    sync.add_argument(
+        "--enqueue", action="store_true", help="enqueue the sync for the workers instead"
+    )
+    sync.set_defaults(func=cmd_sync)
+
+    backfill = subparsers.add_parser(
+        "backfill", help="full reconciliation against what Close holds (heals lost state)"
+    )
+    _targets(backfill)
+    backfill.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    backfill.add_argument(
+        "--enqueue", action="store_true", help="enqueue the backfill for the workers instead"
+    )
+    backfill.set_defaults(func=cmd_backfill)
+
+
+def _targets(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ids", nargs="*", metavar="ID", help="connection ids")
+    parser.add_argument("--all", action="store_true", help="every active connection")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _connection_ids(services: Any, args: argparse.Namespace) -> list[str]:
+    if args.all and args.ids:
+        raise ConfigError("give connection ids or --all, not both")
+    if not args.all and not args.ids:
+        raise ConfigError("name the connections to run (IDs) or pass --all")
+    if args.all:
+        return [c.id for c in services.connections.list() if c.state.value == "active"]
+    for connection_id in args.ids:
+        services.connections.get(connection_id)  # ConnectionNotFound before any run starts
+    return list(dict.fromkeys(args.ids))
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    services = load_services()
+    ids = _connection_ids(services, args)
+    if args.enqueue:
+        from closesync.worker.enqueue import enqueue_sync
+
+        return enqueue_sync(services, ids if not args.all else None, json_output=args.json)
+    return _run_all(
+        services,
+        ids,
+        RunMode.SYNC,
+        args,
+        allow_mass_delete=args.allow_mass_delete,
+        dry=args.dry_run,
+    )
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    services = load_services()
+    ids = _connection_ids(services, args)
+    if args.enqueue:
+        from closesync.worker.enqueue import enqueue_backfill
+
+        return enqueue_backfill(services, ids, json_output=args.json)
+    if args.dry_run:
+        # A backfill's plan is the drift check's: Close as it is against what is desired.
+        return _run_all(services, ids, RunMode.DRIFT, args, dry=True)
+    return _run_all(services, ids, RunMode.BACKFILL, args)
+
+
+def _run_all(
+    services: Any,
+    ids: list[str],
+    mode: RunMode,
+    args: argparse.Namespace,
+    *,
+    allow_mass_delete: bool = False,
+    dry: bool = False,
+) -> int:
+    engine = services.engine(wait_budget=services.settings.inline_wait_budget_seconds)
+    reports: list[RunReport] = []
+    show_progress = not args.json and sys.stderr.isatty()
+    for connection_id in ids:
+        progress = _bar(connection_id) if show_progress else None
+        report = engine.run(
+            connection_id,
+            mode=mode,
+            allow_mass_delete=allow_mass_delete,
+            progress=progress,
+            dry_run=dry,
+        )
+        if show_progress:
+            sys.stderr.write("\r\x1b[K")
+        reports.append(report)
+        if not args.json:
+            _print_report(report)
+    failed = [r for r in reports if r.outcome is Outcome.FAILED]
+    if args.json:
+        print_json(
+            {
+                "ok": not failed,
+                "connections": [r.model_dump(mode="json") for r in reports],
+            }
+        )
+    elif not ids:
+        sys.stdout.write("no active connections\n")
+    return 1 if failed else 0
+
+
+def _bar(connection_id: str) -> Any:
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // total if total else width
+        sys.stderr.write(
+            f"\r{connection_id} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        )
+        sys.stderr.flush()
+
+    return show
+
+
+def _print_report(report: RunReport) -> None:
+    counts = (
+        f"created {report.created}, updated {report.updated}, deleted {report.deleted}, "
+        f"unchanged {report.unchanged}"
+    )
+    calls = sum(report.api_calls.values())
+    mode = f"{report.mode.value} (dry run)" if report.dry_run else report.mode.value
+    line = f"{report.connection_id}  {mode}  {report.outcome.value}  {counts}"
+    sys.stdout.write(f"{line}  ({calls} API calls)\n")
+    for planned in report.planned if report.dry_run else []:
+        sys.stdout.write(f"    {planned}\n")
+    if report.held_deletions:
+        sys.stdout.write(f"    held {len(report.held_deletions)} deletions: {report.held_reason}\n")
+    for key, error in report.failed.items():
+        sys.stdout.write(f"    failed {key}: {error}\n")
+    for error in report.errors:
+        sys.stdout.write(f"    error: {error}\n")
