@@ -1,0 +1,176 @@
+"""The `/_sandbox/` admin API, served on both ports: the World's methods over JSON HTTP.
+
+Lets a demo, an e2e test or a person with curl change the world (add users and event types,
+edit or delete Close links to simulate drift), inject faults, expire tokens, move the clock,
+steer the next OAuth approval and read request counts. Admin requests are never counted,
+delayed, rate limited or faulted. Errors answer {"error": …}: 400 for bad input, 404 for an
+unknown id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from closesync.sandbox.routing import Handler, Request, Response, Router, json_response
+from closesync.sandbox.world import World
+
+_P = "/_sandbox"
+
+
+def handle_admin(router: Router, request: Request) -> Response:
+    """Route an admin request and turn World errors into JSON answers."""
+    match = router.match(request.method, request.path)
+    if match is None:
+        return json_response(404, {"error": f"no admin endpoint {request.path}"})
+    if match.handler is None:
+        return json_response(405, {"error": f"{request.method} not allowed on {request.path}"})
+    request.params = match.params
+    try:
+        return match.handler(request)
+    except KeyError as exc:
+        return json_response(404, {"error": str(exc.args[0]) if exc.args else "not found"})
+    except (ValueError, TypeError) as exc:
+        return json_response(400, {"error": str(exc)})
+
+
+def _body(request: Request) -> dict[str, Any]:
+    body = request.json()
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+def _ok(payload: Any = None) -> Response:
+    return json_response(200, {"ok": True} if payload is None else payload)
+
+
+def build_admin_router(world: World) -> Router:
+    """Every admin route, bound to `world`."""
+    router = Router()
+
+    def add(method: str, path: str) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            router.add(method, _P + path, handler)
+            return handler
+
+        return register
+
+    @add("GET", "/users")
+    def users(request: Request) -> Response:
+        return _ok([asdict(u) for u in world.users()])
+
+    @add("POST", "/calendly/users")
+    def create_user(request: Request) -> Response:
+        body = _body(request)
+        return _ok(asdict(world.create_user(body.get("email"), body.get("name"))))
+
+    @add("POST", "/calendly/event_types")
+    def create_type(request: Request) -> Response:
+        body = _body(request)
+        user = body.pop("user_uuid", None)
+        if not user:
+            raise ValueError("user_uuid is required")
+        return _ok(world.create_event_type(user, **body))
+
+    @add("PATCH", "/calendly/event_types/{uuid}")
+    def update_type(request: Request) -> Response:
+        return _ok(world.update_event_type(request.params["uuid"], **_body(request)))
+
+    @add("DELETE", "/calendly/event_types/{uuid}")
+    def delete_type(request: Request) -> Response:
+        purge = (request.arg("purge") or "").lower() in ("1", "true", "yes")
+        resource = world.delete_event_type(request.params["uuid"], purge=purge)
+        return _ok({"purged": True} if resource is None else resource)
+
+    @add("POST", "/calendly/event_types/{uuid}/members")
+    def members(request: Request) -> Response:
+        body = _body(request)
+        changed = world.change_members(
+            request.params["uuid"], list(body.get("add", [])), list(body.get("remove", []))
+        )
+        return _ok(changed)
+
+    @add("GET", "/close/links")
+    def links(request: Request) -> Response:
+        return _ok(world.close_links(request.arg("user_id")))
+
+    @add("POST", "/close/links")
+    def create_link(request: Request) -> Response:
+        body = _body(request)
+        user = body.pop("user_id", None)
+        if not user:
+            raise ValueError("user_id is required")
+        return _ok(world.create_link(user, body.pop("source", "MANUAL"), **body))
+
+    @add("PATCH", "/close/links/{id}")
+    def update_link(request: Request) -> Response:
+        return _ok(world.update_link(request.params["id"], **_body(request)))
+
+    @add("DELETE", "/close/links/{id}")
+    def delete_link(request: Request) -> Response:
+        if not world.delete_link(request.params["id"]):
+            raise KeyError(f"no link {request.params['id']}")
+        return _ok()
+
+    @add("GET", "/requests")
+    def counts(request: Request) -> Response:
+        return _ok(world.request_counts())
+
+    @add("POST", "/requests/reset")
+    def reset_counts(request: Request) -> Response:
+        world.reset_request_counts()
+        return _ok()
+
+    @add("GET", "/faults")
+    def faults(request: Request) -> Response:
+        return _ok(world.list_faults())
+
+    @add("POST", "/faults")
+    def add_fault(request: Request) -> Response:
+        return _ok(world.add_fault(**_body(request)).to_dict())
+
+    @add("DELETE", "/faults")
+    def clear_faults(request: Request) -> Response:
+        world.clear_faults()
+        return _ok()
+
+    @add("POST", "/tokens/expire")
+    def expire(request: Request) -> Response:
+        body = _body(request)
+        hits = world.expire_token(body.get("token"), all=bool(body.get("all")))
+        if hits == 0 and not body.get("all"):
+            raise KeyError("no such access token")
+        return _ok({"expired": hits})
+
+    @add("POST", "/tokens/revoke")
+    def revoke(request: Request) -> Response:
+        if not world.revoke_token(str(_body(request).get("token", ""))):
+            raise KeyError("no such token")
+        return _ok()
+
+    @add("GET", "/clock")
+    def clock(request: Request) -> Response:
+        return _ok({"now": world.now()})
+
+    @add("POST", "/clock/advance")
+    def advance(request: Request) -> Response:
+        return _ok({"now": world.advance_clock(float(_body(request).get("seconds", 0)))})
+
+    @add("POST", "/oauth/next")
+    def oauth_next(request: Request) -> Response:
+        body = _body(request)
+        world.set_oauth_next(str(body.get("api")), body.get("user_email"), bool(body.get("deny")))
+        return _ok()
+
+    @add("GET", "/config")
+    def get_config(request: Request) -> Response:
+        return _ok(world.update_config())
+
+    @add("PUT", "/config")
+    def put_config(request: Request) -> Response:
+        body = _body(request)
+        return _ok(world.update_config(body.pop("api", None), **body))
+
+    return router

@@ -1,0 +1,61 @@
+"""How a sandbox is configured, and the credentials of its two OAuth apps.
+
+Kept apart from the World so that the CLI, the tests and the demo can build a config without
+importing the servers. Every default says its unit and why it was picked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The one Close OAuth app the sandbox knows; sync code is configured with these.
+CLOSE_CLIENT_ID = "oa2client_sandbox"
+CLOSE_CLIENT_SECRET = "sandbox-close-secret"
+# The one Calendly OAuth app the sandbox knows.
+CALENDLY_CLIENT_ID = "sandbox-calendly-client"
+CALENDLY_CLIENT_SECRET = "sandbox-calendly-secret"
+
+APIS = ("calendly", "close")
+
+
+@dataclass
+class SandboxConfig:
+    """Everything a sandbox run can vary; the same seed gives the same users, types and tokens."""
+
+    # Seed of every random choice (ids, tokens, fault draws): same seed, same world.
+    seed: int = 0
+    # Seeded user pairs (one Calendly user and one Close user with the same email).
+    users: int = 3
+    # Event types owned per seeded user (team types also appear under their other members).
+    event_types: int = 5
+    # TCP port of the Calendly API and auth server; 0 picks a free one (tests), CLI uses 8701.
+    calendly_port: int = 0
+    # TCP port of the Close API and OAuth server; 0 picks a free one (tests), CLI uses 8702.
+    close_port: int = 0
+    # Interface to bind; loopback so the sandbox never faces a network.
+    host: str = "127.0.0.1"
+    # Milliseconds added before every API answer (both APIs); 0 keeps tests fast.
+    latency_ms: float = 0
+    # Fraction (0..1) of API requests answered 500/502/503 at random; 0 = never.
+    error_rate: float = 0
+    # Close requests allowed per window, per endpoint group and token (org-wide: 3x this).
+    close_rate_limit: int = 100
+    # Seconds of one Close rate-limit window; short windows give fractional `reset` values.
+    close_rate_window: float = 1.0
+    # Calendly requests per user per minute (500 on paid plans, 50 on Free).
+    calendly_rate_limit: int = 500
+    # Seconds a Close OAuth access token lives (Close documents 3600).
+    access_token_ttl_close: int = 3600
+    # Seconds a Calendly OAuth access token lives (Calendly documents 2 h).
+    access_token_ttl_calendly: int = 7200
+    # Calendly token-endpoint requests per user per minute (Calendly documents 8).
+    calendly_token_requests_per_minute: int = 8
+    # Seconds an authorization code stays redeemable (sandbox clock).
+    auth_code_ttl: int = 60
+    # Seconds a "hang" fault holds a request before dropping it; stop() releases it sooner.
+    hang_seconds: float = 60
+    # True: the sandbox clock moves only through advance (fully deterministic tests);
+    # False: it follows wall time too, as a long-running CLI sandbox should.
+    freeze_clock: bool = False
+    # Print one line per request to stderr (the CLI turns it on).
+    log_requests: bool = False

@@ -1,0 +1,154 @@
+"""Fault injection: queued rules that hit matching API requests, and what each fault sends.
+
+A rule names an API and optionally a method, a path prefix (matched against the path
+without its query) and a listing page (1-based; page 1 is the one without `page_token` /
+with `_skip=0`). It hits the next `count` matching requests. Faults apply to API endpoints
+(the OAuth ones included) and never to `/_sandbox/` admin endpoints. The transport faults
+`hang` and `reset` are carried out by server.py; everything else is an ordinary Response.
+
+Holds no lock: the World calls it under its one lock.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from closesync.sandbox.ratelimit import format_seconds, retry_after
+from closesync.sandbox.routing import Response, json_response, text_response
+
+KINDS = ("429", "500", "502", "503", "html", "truncated", "empty", "not_json", "hang", "reset")
+
+_HTML_PAGE = (
+    "<html><head><title>502 Bad Gateway</title></head>"
+    "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+)
+
+
+@dataclass
+class FaultRule:
+    """One queued fault; `json_body` picks the 429 body (default empty) or the 5xx body
+    (default JSON; False sends plain text). `retry_after`/`reset` are seconds for 429s."""
+
+    api: str
+    kind: str
+    method: str | None = None
+    path_prefix: str | None = None
+    count: int = 1
+    page: int | None = None
+    retry_after: float | None = None
+    reset: float | None = None
+    json_body: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.api not in ("calendly", "close"):
+            raise ValueError(f"api must be 'calendly' or 'close', not {self.api!r}")
+        self.kind = str(self.kind)
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if self.count < 1:
+            raise ValueError("count must be at least 1")
+        if self.page is not None and self.page < 1:
+            raise ValueError("page is 1-based")
+        if self.method is not None:
+            self.method = self.method.upper()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FaultRule:
+        """Build from admin JSON; unknown keys are an error, not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown fault fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Admin JSON."""
+        return asdict(self)
+
+    def matches(self, api: str, method: str, path: str, page: int | None) -> bool:
+        """Whether this rule hits the request."""
+        if api != self.api or (self.method is not None and method != self.method):
+            return False
+        if self.path_prefix is not None and not path.startswith(self.path_prefix):
+            return False
+        return self.page is None or page == self.page
+
+
+class FaultBook:
+    """The queue of rules; the first matching rule with hits left wins."""
+
+    def __init__(self) -> None:
+        self.rules: list[FaultRule] = []
+
+    def add(self, rule: FaultRule) -> None:
+        """Queue a rule."""
+        self.rules.append(rule)
+
+    def clear(self) -> None:
+        """Drop every rule."""
+        self.rules.clear()
+
+    def take(self, api: str, method: str, path: str, page: int | None) -> FaultRule | None:
+        """The rule hitting this request, spending one of its hits."""
+        for rule in self.rules:
+            if rule.matches(api, method, path, page):
+                rule.count -= 1
+                if rule.count == 0:
+                    self.rules.remove(rule)
+                return rule
+        return None
+
+
+def fault_response(api: str, rule: FaultRule) -> Response:
+    """The answer a fault gives, in the vendor's style."""
+    kind = rule.kind
+    if kind in ("hang", "reset"):
+        return Response(0, action="hang" if kind == "hang" else "reset")
+    if kind == "429":
+        return _too_many(api, rule)
+    if kind in ("500", "502", "503"):
+        status = int(kind)
+        if rule.json_body is False:
+            return text_response(status, f"{status} Server Error")
+        return json_response(status, _error_body(api, status))
+    if kind == "html":
+        return text_response(502, _HTML_PAGE, "text/html")
+    if kind == "truncated":
+        return Response(200, b'{"collection": [{"uri": "htt', {"Content-Type": "application/json"})
+    if kind == "empty":
+        return Response(200, b"", {"Content-Type": "application/json"})
+    return text_response(200, "OK, but not JSON")
+
+
+def random_error(api: str, status: int) -> Response:
+    """The answer of a random server error (global error_rate)."""
+    return json_response(status, _error_body(api, status))
+
+
+def _too_many(api: str, rule: FaultRule) -> Response:
+    wait = rule.reset if rule.reset is not None else rule.retry_after
+    wait = 1.0 if wait is None else wait
+    headers: dict[str, str] = {"Retry-After": str(retry_after(wait))}
+    if api == "close":
+        headers["RateLimit"] = f"limit=100, remaining=0, reset={format_seconds(wait)}"
+    else:
+        headers["X-RateLimit-Limit"] = "500"
+        headers["X-RateLimit-Remaining"] = "0"
+        headers["X-RateLimit-Reset"] = str(retry_after(wait))
+    if not rule.json_body:
+        return Response(429, b"", headers)
+    body = (
+        {"error": "Rate limit exceeded."}
+        if api == "close"
+        else {"title": "Too Many Requests", "message": "You have exceeded the rate limit."}
+    )
+    headers["Content-Type"] = "application/json"
+    return Response(429, json.dumps(body).encode(), headers)
+
+
+def _error_body(api: str, status: int) -> dict[str, Any]:
+    if api == "close":
+        return {"error": f"Internal error ({status}), please try again."}
+    return {"title": "Internal Server Error", "message": f"The server answered {status}."}

@@ -1,0 +1,338 @@
+"""The sandbox's whole state, behind one lock: both vendors' users, Calendly event types,
+Close scheduling links, credentials, the clock, faults, rate-limit counters and request counts.
+
+State layout (all in memory, gone when the sandbox stops):
+- `cal_users`   Calendly user uuid -> CalendlyUser (one organization, `calendly_org_uuid`;
+                the first user is its owner).
+- `event_types` event type uuid -> EventType; soft-deleted ones keep `deleted_at`, purged
+                ones are gone. `members` lists the users whose listings include the type.
+- `close_users` Close user id -> CloseUser (one organization, `close_org_id`).
+- `links`       Close link id -> Link, every source; THIRD_PARTY links are keyed for upsert
+                by (oauth client, user, source_id).
+- `tokens`      TokenStore: PATs, API keys, OAuth grants and codes with their expiry.
+- `faults`      FaultBook of queued rules; `latency_ms` / `error_rate` per API.
+- `limiter`     fixed-window counters; `counts` requests per "api METHOD template".
+- `clock`       wall time (or frozen) plus whatever `advance` added.
+
+Every public method takes the lock, so the HTTP threads, tests and admin calls can share one
+World. Methods return rendered JSON copies, never live records.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import fields, replace
+from typing import Any
+
+from closesync.sandbox.config import APIS, CLOSE_CLIENT_ID, SandboxConfig
+from closesync.sandbox.event_types import EventTypeBook
+from closesync.sandbox.faults import FaultBook, FaultRule, fault_response, random_error
+from closesync.sandbox.links import LinkBook
+from closesync.sandbox.ratelimit import FixedWindowLimiter, Verdict
+from closesync.sandbox.records import (
+    JSON,
+    CalendlyUser,
+    CloseUser,
+    EventType,
+    SeededUser,
+    render_calendly_user,
+    render_close_user,
+    render_event_type,
+    render_membership,
+)
+from closesync.sandbox.routing import Response
+from closesync.sandbox.tokens import TokenStore
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+CALENDLY_SCOPE = "users:read event_types:read organizations:read"
+CLOSE_SCOPE = "all.full_access offline_access"
+
+
+class Clock:
+    """Sandbox time in epoch seconds: wall time (unless frozen) plus advanced seconds."""
+
+    def __init__(self, frozen: bool) -> None:
+        self._start = time.time()
+        self._mono = time.monotonic()
+        self._frozen = frozen
+        self.offset = 0.0
+
+    def now(self) -> float:
+        """Current sandbox time."""
+        elapsed = 0.0 if self._frozen else time.monotonic() - self._mono
+        return self._start + elapsed + self.offset
+
+
+class World(EventTypeBook, LinkBook):
+    """All sandbox state; see the module docstring for the layout."""
+
+    def __init__(self, config: SandboxConfig, calendly_base: str, close_base: str) -> None:
+        self.lock = threading.RLock()
+        self.config = replace(config)
+        self.rng = random.Random(config.seed)
+        self.fault_rng = random.Random(f"faults-{config.seed}")
+        self.clock = Clock(config.freeze_clock)
+        self.stop_event = threading.Event()
+        self.calendly_base = calendly_base
+        self.close_base = close_base
+        self.calendly_org_uuid = self.new_uuid()
+        self.close_org_id = self.new_id("orga_")
+        self.close_org_name = "Sandbox Corp"
+        self.cal_users: dict[str, CalendlyUser] = {}
+        self.close_users: dict[str, CloseUser] = {}
+        self.event_types: dict[str, EventType] = {}
+        self.tokens = TokenStore(self.rng)
+        self.faults = FaultBook()
+        self.limiter = FixedWindowLimiter()
+        self.counts: Counter[str] = Counter()
+        self.seeded: list[SeededUser] = []
+        self.latency_ms = dict.fromkeys(APIS, config.latency_ms)
+        self.error_rate = dict.fromkeys(APIS, config.error_rate)
+        self._oauth_next: dict[str, tuple[str | None, bool]] = {}
+        LinkBook.__init__(self)
+
+    # ids and time -------------------------------------------------------------------------
+
+    def new_uuid(self) -> str:
+        """A Calendly-style uuid from the seeded generator."""
+        bits = f"{self.rng.getrandbits(128):032x}"
+        return f"{bits[:8]}-{bits[8:12]}-4{bits[13:16]}-a{bits[17:20]}-{bits[20:]}"
+
+    def new_id(self, prefix: str) -> str:
+        """A Close-style id (`user_…`, `orga_…`, `schlnk_…`) from the seeded generator."""
+        return prefix + "".join(self.rng.choice(_ALPHABET) for _ in range(24))
+
+    def now(self) -> float:
+        """Sandbox time in epoch seconds."""
+        with self.lock:
+            return self.clock.now()
+
+    def advance_clock(self, seconds: float) -> float:
+        """Move the sandbox clock forward (expiring tokens, codes and rate windows)."""
+        if seconds < 0:
+            raise ValueError("the clock only moves forward")
+        with self.lock:
+            self.clock.offset += seconds
+            return self.clock.now()
+
+    @property
+    def calendly_org_uri(self) -> str:
+        """The one Calendly organization's URI."""
+        return f"{self.calendly_base}/organizations/{self.calendly_org_uuid}"
+
+    # users --------------------------------------------------------------------------------
+
+    def create_user(
+        self, email: str | None = None, name: str | None = None, created_at: float | None = None
+    ) -> SeededUser:
+        """A new user pair (Calendly and Close, same email) with every credential."""
+        with self.lock:
+            index = len(self.cal_users)
+            email = email or f"user{index}@example.com"
+            name = name or f"User {index}"
+            if any(u.email == email for u in self.cal_users.values()):
+                raise ValueError(f"a user with email {email} exists")
+            now = self.clock.now()
+            created = now if created_at is None else created_at
+            cal = CalendlyUser(
+                uuid=self.new_uuid(),
+                name=name,
+                slug=email.split("@")[0].lower(),
+                email=email,
+                role="owner" if index == 0 else "user",
+                membership_uuid=self.new_uuid(),
+                created_at=created,
+                updated_at=created,
+            )
+            self.cal_users[cal.uuid] = cal
+            first, _, last = name.partition(" ")
+            close = CloseUser(
+                self.new_id("user_"),
+                email,
+                first,
+                last,
+                self.close_org_id,
+                self.new_id("membership_"),
+            )
+            self.close_users[close.id] = close
+            pat = self.tokens.issue("calendly", "pat", cal.uuid, now, scope=CALENDLY_SCOPE)
+            ttl = self.config.access_token_ttl_close
+            grant = self.tokens.issue_grant(
+                "close", close.id, CLOSE_CLIENT_ID, CLOSE_SCOPE, ttl, now
+            )
+            key = self.tokens.issue("close", "api_key", close.id, now, scope=CLOSE_SCOPE)
+            seeded = SeededUser(
+                email=email,
+                name=name,
+                calendly_user_uuid=cal.uuid,
+                calendly_user_uri=f"{self.calendly_base}/users/{cal.uuid}",
+                calendly_token=pat.value,
+                close_user_id=close.id,
+                close_organization_id=self.close_org_id,
+                close_access_token=grant.access.value,
+                close_refresh_token=grant.refresh.value,
+                close_api_key=key.value,
+                calendly_organization_uri=self.calendly_org_uri,
+            )
+            self.seeded.append(seeded)
+            return seeded
+
+    def users(self) -> list[SeededUser]:
+        """Every user pair created so far, seeded or added."""
+        with self.lock:
+            return list(self.seeded)
+
+    def calendly_user(self, uuid: str) -> JSON | None:
+        """A rendered Calendly user."""
+        with self.lock:
+            user = self.cal_users.get(uuid)
+            if user is None:
+                return None
+            return render_calendly_user(user, self.calendly_base, self.calendly_org_uuid)
+
+    def calendly_role(self, uuid: str) -> str | None:
+        """The user's organization role, None for a stranger."""
+        with self.lock:
+            user = self.cal_users.get(uuid)
+            return user.role if user else None
+
+    def memberships(self, email: str | None = None) -> list[JSON]:
+        """Rendered organization memberships, optionally for one email."""
+        with self.lock:
+            return [
+                render_membership(u, self.calendly_base, self.calendly_org_uuid)
+                for u in self.cal_users.values()
+                if email is None or u.email.lower() == email.lower()
+            ]
+
+    def close_me(self, user_id: str) -> JSON | None:
+        """Close's /me/ for a user."""
+        with self.lock:
+            user = self.close_users.get(user_id)
+            return render_close_user(user, self.close_org_name) if user else None
+
+    def user_by_email(self, api: str, email: str) -> str | None:
+        """The Calendly uuid or Close id of the user with this email."""
+        with self.lock:
+            users = self.cal_users.values() if api == "calendly" else self.close_users.values()
+            for user in users:
+                if user.email.lower() == email.lower():
+                    return user.uuid if isinstance(user, CalendlyUser) else user.id
+            return None
+
+    def render_type(self, et: EventType) -> JSON:
+        """Render an event type (call with the lock held)."""
+        return render_event_type(et, self.calendly_base, self.cal_users.get(et.owner_uuid))
+
+    # credentials --------------------------------------------------------------------------
+
+    def expire_token(self, token: str | None = None, all: bool = False) -> int:
+        """Make an access token (or every one, with all=True) answer 401 expired."""
+        if token is None and not all:
+            raise ValueError("give a token or all=True")
+        with self.lock:
+            return self.tokens.expire(None if all else token, self.clock.now())
+
+    def revoke_token(self, token: str) -> bool:
+        """Revoke any credential (e.g. a refresh token, to force re-authorization)."""
+        with self.lock:
+            return self.tokens.revoke(token)
+
+    # OAuth approval -------------------------------------------------------------------------
+
+    def set_oauth_next(self, api: str, user_email: str | None = None, deny: bool = False) -> None:
+        """Decide the NEXT authorization on `api`: approve as `user_email`, or deny.
+
+        Applies once, then authorizations go back to approving as the first seeded user.
+        """
+        if api not in APIS:
+            raise ValueError(f"api must be one of {APIS}")
+        if user_email is not None and self.user_by_email(api, user_email) is None:
+            raise ValueError(f"no {api} user with email {user_email}")
+        with self.lock:
+            self._oauth_next[api] = (user_email, deny)
+
+    def take_oauth_next(self, api: str) -> tuple[str | None, bool]:
+        """The user (Calendly uuid / Close id) to authorize as, and whether to deny."""
+        with self.lock:
+            email, deny = self._oauth_next.pop(api, (None, False))
+            if email is None:
+                email = self.seeded[0].email if self.seeded else None
+            return (self.user_by_email(api, email) if email else None), deny
+
+    # faults, limits, counts ---------------------------------------------------------------
+
+    def add_fault(self, rule: FaultRule | None = None, **fields_: Any) -> FaultRule:
+        """Queue a fault rule (a FaultRule, or its fields as keywords)."""
+        rule = rule or FaultRule.from_dict(fields_)
+        with self.lock:
+            self.faults.add(rule)
+            return rule
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault."""
+        with self.lock:
+            self.faults.clear()
+
+    def list_faults(self) -> list[dict[str, Any]]:
+        """The queued rules with their remaining counts."""
+        with self.lock:
+            return [rule.to_dict() for rule in self.faults.rules]
+
+    def draw_fault(
+        self, api: str, method: str, path: str, page: int | None, random_ok: bool = True
+    ) -> Response | None:
+        """The fault answer for this request, if a queued rule or the error rate hits it.
+
+        `random_ok` False exempts browser endpoints (authorize) from the random error rate.
+        """
+        with self.lock:
+            rule = self.faults.take(api, method, path, page)
+            if rule is not None:
+                return fault_response(api, rule)
+            rate = self.error_rate[api]
+            if random_ok and rate > 0 and self.fault_rng.random() < rate:
+                return random_error(api, self.fault_rng.choice((500, 502, 503)))
+            return None
+
+    def hit_rate(self, buckets: list[tuple[Any, int]], window: float) -> Verdict:
+        """Spend one request from rate-limit buckets (see ratelimit.py)."""
+        with self.lock:
+            return self.limiter.hit(buckets, window, self.clock.now())
+
+    def count(self, key: str) -> None:
+        """Count one API request under "api METHOD template"."""
+        with self.lock:
+            self.counts[key] += 1
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests per "api METHOD template" since the last reset."""
+        with self.lock:
+            return dict(self.counts)
+
+    def reset_request_counts(self) -> None:
+        """Start counting from zero."""
+        with self.lock:
+            self.counts.clear()
+
+    def update_config(self, api: str | None = None, **changes: Any) -> dict[str, Any]:
+        """Change latency, error rate, limits or TTLs at run time; `api` narrows the first two."""
+        known = {f.name for f in fields(SandboxConfig)}
+        with self.lock:
+            for key, value in changes.items():
+                if key not in known:
+                    raise ValueError(f"unknown config field: {key}")
+                if key in ("latency_ms", "error_rate"):
+                    target = getattr(self, key)
+                    for name in [api] if api else APIS:
+                        target[name] = float(value)
+                if api is None or key not in ("latency_ms", "error_rate"):
+                    setattr(self.config, key, type(getattr(self.config, key))(value))
+            return {
+                **vars(self.config),
+                "latency_ms": self.latency_ms,
+                "error_rate": self.error_rate,
+            }
