@@ -197,7 +197,8 @@ class Sandbox:
         sandbox = cls(config, world, [calendly, close])
         for server in sandbox._servers:
             server.world = world
-            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            # A short poll interval keeps stop() (which waits for the serve loop) fast.
+            thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
             thread.start()
             sandbox._threads.append(thread)
         return sandbox

@@ -1,0 +1,65 @@
+"""Fixtures: a fresh seeded sandbox per test (starting one takes milliseconds)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from closesync.sandbox import Sandbox, SandboxConfig, SeededUser
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    """A default sandbox with a frozen clock, stopped after the test."""
+    with Sandbox.start(SandboxConfig(seed=1, freeze_clock=True)) as sb:
+        yield sb
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    """A requests session closed after the test."""
+    with requests.Session() as session:
+        yield session
+
+
+def cal_get(sb: Sandbox, path: str, user: SeededUser, /, **params: Any) -> requests.Response:
+    """GET a Calendly path as `user` (personal access token)."""
+    return requests.get(
+        sb.calendly_api_url + path,
+        params=params,
+        headers={"Authorization": f"Bearer {user.calendly_token}"},
+        timeout=5,
+    )
+
+
+def close_call(sb: Sandbox, method: str, path: str, token: str, **kwargs: Any) -> requests.Response:
+    """Call a Close path with an OAuth bearer token."""
+    return requests.request(
+        method,
+        sb.close_api_url + path,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+        **kwargs,
+    )
+
+
+def link_body(source_id: str = "evt_1", **changes: Any) -> dict[str, Any]:
+    """A valid integration-link body."""
+    body: dict[str, Any] = {
+        "source_id": source_id,
+        "name": "Intro Call",
+        "url": "https://calendly.com/ada/intro",
+        "description": "Say hello",
+        "source_type": "calendly_event_type",
+        "duration_in_minutes": 30,
+    }
+    body.update(changes)
+    return body
+
+
+def admin(sb: Sandbox, method: str, path: str, **kwargs: Any) -> requests.Response:
+    """Call an admin endpoint on the Close port."""
+    return requests.request(method, f"{sb.world.close_base}/_sandbox{path}", timeout=5, **kwargs)
