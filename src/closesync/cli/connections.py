@@ -131,7 +131,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     else:
         verb = "updated" if existing else "added"
         sys.stdout.write(
-            f"{verb} {connection.id}: Close {me.email or me.id} <- Calendly {user.email or user.uri}\n"
+            f"{verb} {connection.id}: Close {me.email or me.id}"
+            f" <- Calendly {user.email or user.uri}\n"
         )
     return 0
 

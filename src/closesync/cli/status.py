@@ -1,4 +1,4 @@
-"""`closesync status`: per connection, its state, last run and counts, held deletions, last error."""
+"""`closesync status`: per connection its state, last run and counts, held deletions, last error."""
 
 from __future__ import annotations
 

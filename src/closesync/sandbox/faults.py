@@ -40,6 +40,8 @@ class FaultRule:
     retry_after: float | None = None
     reset: float | None = None
     json_body: bool | None = None
+    # Matching requests to let through before the rule starts hitting (fail the k-th write).
+    skip: int = 0
 
     def __post_init__(self) -> None:
         if self.api not in ("calendly", "close"):
@@ -49,6 +51,8 @@ class FaultRule:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if self.count < 1:
             raise ValueError("count must be at least 1")
+        if self.skip < 0:
+            raise ValueError("skip must not be negative")
         if self.page is not None and self.page < 1:
             raise ValueError("page is 1-based")
         if self.method is not None:
@@ -94,6 +98,9 @@ class FaultBook:
         """The rule hitting this request, spending one of its hits."""
         for rule in self.rules:
             if rule.matches(api, method, path, page):
+                if rule.skip > 0:
+                    rule.skip -= 1
+                    return None
                 rule.count -= 1
                 if rule.count == 0:
                     self.rules.remove(rule)

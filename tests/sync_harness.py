@@ -1,0 +1,150 @@
+"""A whole closesync against the sandbox: Services on a real Redis, an engine with a fake sleep.
+
+Shared by the engine tests and the property tests. The expected Close side is computed from what
+the sandbox's Calendly holds, through the mapping (tested on its own in test_mapping).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from pydantic import SecretStr
+
+from closesync.calendly.models import EventType
+from closesync.connection import Connection, Grant, Grants, new_connection_id
+from closesync.engine import SyncEngine
+from closesync.mapping import MappingOptions, map_event_types
+from closesync.report import RunMode, RunReport
+from closesync.sandbox import (
+    CALENDLY_CLIENT_ID,
+    CALENDLY_CLIENT_SECRET,
+    CLOSE_CLIENT_ID,
+    CLOSE_CLIENT_SECRET,
+    Sandbox,
+)
+from closesync.sandbox.records import SeededUser
+from closesync.services import Services
+from closesync.settings import Settings
+
+LinkView = tuple[str, str, str | None, str, int | None]
+
+
+def settings_for(sandbox: Sandbox, redis_url: str, prefix: str, **overrides: Any) -> Settings:
+    """Settings pointing every API at `sandbox` and Redis at `redis_url` under `prefix`."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": prefix,
+        "close_api_url": sandbox.close_api_url,
+        "close_oauth_url": sandbox.close_oauth_url,
+        "calendly_api_url": sandbox.calendly_api_url,
+        "calendly_auth_url": sandbox.calendly_auth_url,
+        "close_client_id": CLOSE_CLIENT_ID,
+        "close_client_secret": CLOSE_CLIENT_SECRET,
+        "calendly_client_id": CALENDLY_CLIENT_ID,
+        "calendly_client_secret": CALENDLY_CLIENT_SECRET,
+        "http_connect_timeout": 2.0,
+        "http_read_timeout": 5.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class Harness:
+    sandbox: Sandbox
+    services: Services
+    sleeps: list[float] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, sandbox: Sandbox, redis_url: str, prefix: str, **overrides: Any) -> Harness:
+        settings = settings_for(sandbox, redis_url, prefix, **overrides)
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        return cls(sandbox, Services.build(settings, redis_client=client))
+
+    def sleep(self, seconds: float) -> None:
+        """Fake sleep: moves the sandbox clock instead of waiting."""
+        self.sleeps.append(seconds)
+        self.sandbox.world.advance_clock(seconds)
+
+    def engine(self, wait_budget: float = 60.0) -> SyncEngine:
+        return self.services.engine(wait_budget=wait_budget, sleep=self.sleep)
+
+    def add(self, user: SeededUser, **grant_overrides: Any) -> str:
+        """Store a connection for a sandbox user pair (as `connections add` would)."""
+        now = time.time()
+        connection = Connection(
+            id=new_connection_id(),
+            name=user.email,
+            close_user_id=user.close_user_id,
+            close_organization_id=user.close_organization_id,
+            close_email=user.email,
+            calendly_user_uri=user.calendly_user_uri,
+            calendly_email=user.email,
+            created_at=now,
+            updated_at=now,
+        )
+        close = {
+            "access_token": SecretStr(user.close_access_token),
+            "refresh_token": SecretStr(user.close_refresh_token),
+            "expires_at": now + 3000,
+        }
+        close.update(grant_overrides)
+        grants = Grants(
+            close=Grant(kind="oauth", **close),
+            calendly=Grant(kind="pat", access_token=SecretStr(user.calendly_token)),
+        )
+        self.services.connections.save(connection, grants)
+        return connection.id
+
+    def run(self, connection_id: str, **kwargs: Any) -> RunReport:
+        return self.engine().run(connection_id, **kwargs)
+
+    def backfill(self, connection_id: str) -> RunReport:
+        return self.engine().run(connection_id, mode=RunMode.BACKFILL)
+
+    # -- the two sides -----------------------------------------------------------------------
+
+    def calendly_types(self, user: SeededUser) -> list[EventType]:
+        """The user's event types as the sandbox's Calendly lists them (every page)."""
+        listed = self.sandbox.world.list_event_types(user.calendly_user_uuid, None)
+        return [EventType.model_validate(item) for item in listed]
+
+    def expected(
+        self, user: SeededUser, options: MappingOptions | None = None
+    ) -> dict[str, LinkView]:
+        result = map_event_types(
+            user.calendly_user_uuid, self.calendly_types(user), options or MappingOptions()
+        )
+        return {
+            sid: (p.name, p.url, p.description, p.source_type, p.duration_in_minutes)
+            for sid, p in result.links.items()
+        }
+
+    def close_side(self, user: SeededUser) -> dict[str, LinkView]:
+        """closesync's links of the user as Close holds them; duplicates fail loudly."""
+        ours: dict[str, LinkView] = {}
+        for link in self.sandbox.world.close_links(user.close_user_id):
+            if link["source"] != "THIRD_PARTY":
+                continue
+            assert link["source_id"] not in ours, f"duplicate link {link['source_id']}"
+            ours[link["source_id"]] = (
+                link["name"],
+                link["url"],
+                link["description"],
+                link["source_type"],
+                link["duration_in_minutes"],
+            )
+        return ours
+
+    def close_writes(self) -> int:
+        counts = self.sandbox.world.request_counts()
+        return sum(
+            v for k, v in counts.items() if k.startswith("close ") and "scheduling_link" in k
+        )
+
+    def calendly_calls(self, path: str = "/event_types") -> int:
+        counts = self.sandbox.world.request_counts()
+        return counts.get(f"calendly GET {path}", 0)
