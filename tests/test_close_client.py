@@ -14,6 +14,7 @@ from closesync.errors import (
     ApiError,
     AuthFailed,
     BadResponse,
+    Forbidden,
     GrantRevoked,
     PaginationError,
     Rejected,
@@ -134,14 +135,14 @@ def test_upsert_link_api_key_is_refused(sb: Sandbox, fake: FakeClock) -> None:
     """The integration endpoint accepts OAuth only: an API key over HTTP Basic is refused."""
     http = api_http("Close", sb.close_api_url, fake)
     key = sb.users[0].close_api_key
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(Forbidden) as caught:
         http.request(
             "POST",
             "/scheduling_link/integration/",
             json_body=_payload().model_dump(),
             auth=(key, ""),
         )
-    assert caught.value.status in (401, 403)
+    assert caught.value.status == 403
     assert key not in str(caught.value)
     assert sb.world.close_links(sb.users[0].close_user_id) == []
 
@@ -224,6 +225,18 @@ def test_list_scheduling_links_repeated_page_raises_pagination_error() -> None:
     assert "_skip=0" in server.requests[0]
     assert "_limit=100" in server.requests[0]
     assert "_skip=2" in server.requests[1]
+
+
+def test_list_scheduling_links_overlapping_pages_keep_each_link_once() -> None:
+    """A link shifted onto the next page by a concurrent insert is listed once."""
+    with scripted_server() as server:
+        server.queue(
+            {"data": [{"id": "schlnk_1"}, {"id": "schlnk_2"}], "has_more": True},
+            {"data": [{"id": "schlnk_2"}, {"id": "schlnk_3"}], "has_more": False},
+        )
+        client = CloseClient(api_http("Close", server.url, FakeClock()), lambda: "tok")
+        links = client.list_scheduling_links()
+    assert [link.id for link in links] == ["schlnk_1", "schlnk_2", "schlnk_3"]
 
 
 def test_list_scheduling_links_empty_page_claiming_more_raises() -> None:

@@ -6,7 +6,9 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
+from closesync.bodies import parse_body, summarize
 from closesync.errors import (
     ApiError,
     AuthFailed,
@@ -28,6 +30,7 @@ from closesync.http import (
     raise_for_response,
     wait_from_429,
 )
+from closesync.oauth_tokens import is_invalid_grant
 from closesync.retry import WaitBudget, rate_limit_delay, transient_delay
 from closesync.sandbox import Sandbox
 from tests._sandbox import FakeClock, api_http, running_sandbox
@@ -239,6 +242,67 @@ def test_wait_budget_spend_until_exhausted() -> None:
     budget.spend(7.5)
     assert budget.allows(2.5)
     assert not budget.allows(2.6)
+
+
+# --- shape checks and OAuth error codes ----------------------------------------------------
+
+
+class _Shape(BaseModel):
+    id: str
+    count: int
+
+
+def test_parse_body_wrong_shape_names_fields_never_values() -> None:
+    """A body of the wrong shape is summarized by field path; its values are never quoted."""
+    with pytest.raises(BadResponse) as caught:
+        parse_body(_Shape, {"count": "sekrit-token"}, api="Close", method="GET", endpoint="/me/")
+    assert caught.value.message == (
+        "Close GET /me/ answered 200 with an unexpected body: "
+        "id: Field required; count: Input should be a valid integer, unable to parse string as an "
+        "integer"
+    )
+    assert "sekrit" not in repr(caught.value)
+    assert caught.value.__cause__ is None
+
+
+def test_parse_body_none_is_an_empty_body() -> None:
+    """A 2xx without a body where one is expected is a BadResponse saying so."""
+    with pytest.raises(BadResponse, match=r"^Calendly GET /users/me answered with an empty body$"):
+        parse_body(_Shape, None, api="Calendly", method="GET", endpoint="/users/me")
+
+
+def test_summarize_many_errors_counts_the_rest() -> None:
+    """Past three field errors, the rest are counted rather than listed."""
+
+    class Wide(BaseModel):
+        a: int
+        b: int
+        c: int
+        d: int
+        e: int
+
+    with pytest.raises(ValidationError) as caught:
+        Wide.model_validate({})
+    assert summarize(caught.value) == (
+        "a: Field required; b: Field required; c: Field required; (+2 more)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("Close POST /token/ answered 400: invalid_grant; Refresh token is spent.", True),
+        ("Close POST /token/ answered 400: invalid_grant", True),
+        ("Close POST /token/ answered 400: invalid_request; invalid_grant_type", False),
+        ("Close POST /token/ answered 400 with a non-JSON body", False),
+    ],
+)
+def test_is_invalid_grant_matches_whole_error_code(message: str, expected: bool) -> None:
+    """Only the exact `invalid_grant` code among the error's parts counts."""
+    error = Rejected(
+        message, field_errors={}, api="Close", method="POST", endpoint="/token/", status=400
+    )
+    assert is_invalid_grant(error) is expected
 
 
 # --- ApiHttp against the sandbox ------------------------------------------------------------

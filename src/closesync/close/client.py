@@ -59,10 +59,11 @@ class CloseClient:
         A page that repeats the previous page's ids, or an empty page that claims more, would
         never end or would double-count: both raise PaginationError.
         """
-        links: list[SchedulingLink] = []
+        links: dict[str, SchedulingLink] = {}
+        skip = 0
         previous_ids: list[str] | None = None
         for _ in range(MAX_PAGES):
-            params = {"_skip": len(links), "_limit": PAGE_SIZE}
+            params = {"_skip": skip, "_limit": PAGE_SIZE}
             value = self._request("GET", LINKS_ENDPOINT, LINKS_ENDPOINT, params=params)
             page = parse_body(_LinkPage, value, api=API, method="GET", endpoint=LINKS_ENDPOINT)
             ids = [link.id for link in page.data]
@@ -70,9 +71,12 @@ class CloseClient:
                 raise _pagination_error("answered an empty page that claims more")
             if ids == previous_ids:
                 raise _pagination_error("repeated the previous page")
-            links.extend(page.data)
+            # Offsets shift when a link is created meanwhile: an item seen twice is kept once.
+            for link in page.data:
+                links.setdefault(link.id, link)
+            skip += len(ids)
             if not page.has_more:
-                return links
+                return list(links.values())
             previous_ids = ids
         raise _pagination_error(f"did not end within {MAX_PAGES} pages")
 
