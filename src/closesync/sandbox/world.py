@@ -29,9 +29,9 @@ from typing import Any
 
 from closesync.sandbox.config import APIS, CLOSE_CLIENT_ID, SandboxConfig
 from closesync.sandbox.event_types import EventTypeBook
-from closesync.sandbox.faults import FaultBook, FaultRule, fault_response, random_error
+from closesync.sandbox.faults import FaultBook
 from closesync.sandbox.links import LinkBook
-from closesync.sandbox.ratelimit import FixedWindowLimiter, Verdict
+from closesync.sandbox.ratelimit import FixedWindowLimiter
 from closesync.sandbox.records import (
     JSON,
     CalendlyUser,
@@ -43,8 +43,8 @@ from closesync.sandbox.records import (
     render_event_type,
     render_membership,
 )
-from closesync.sandbox.routing import Response
 from closesync.sandbox.tokens import TokenStore
+from closesync.sandbox.traffic import TrafficBook
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 CALENDLY_SCOPE = "users:read event_types:read organizations:read"
@@ -66,7 +66,7 @@ class Clock:
         return self._start + elapsed + self.offset
 
 
-class World(EventTypeBook, LinkBook):
+class World(EventTypeBook, LinkBook, TrafficBook):
     """All sandbox state; see the module docstring for the layout."""
 
     def __init__(self, config: SandboxConfig, calendly_base: str, close_base: str) -> None:
@@ -262,61 +262,6 @@ class World(EventTypeBook, LinkBook):
             if email is None:
                 email = self.seeded[0].email if self.seeded else None
             return (self.user_by_email(api, email) if email else None), deny
-
-    # faults, limits, counts ---------------------------------------------------------------
-
-    def add_fault(self, rule: FaultRule | None = None, **fields_: Any) -> FaultRule:
-        """Queue a fault rule (a FaultRule, or its fields as keywords)."""
-        rule = rule or FaultRule.from_dict(fields_)
-        with self.lock:
-            self.faults.add(rule)
-            return rule
-
-    def clear_faults(self) -> None:
-        """Drop every queued fault."""
-        with self.lock:
-            self.faults.clear()
-
-    def list_faults(self) -> list[dict[str, Any]]:
-        """The queued rules with their remaining counts."""
-        with self.lock:
-            return [rule.to_dict() for rule in self.faults.rules]
-
-    def draw_fault(
-        self, api: str, method: str, path: str, page: int | None, random_ok: bool = True
-    ) -> Response | None:
-        """The fault answer for this request, if a queued rule or the error rate hits it.
-
-        `random_ok` False exempts browser endpoints (authorize) from the random error rate.
-        """
-        with self.lock:
-            rule = self.faults.take(api, method, path, page)
-            if rule is not None:
-                return fault_response(api, rule)
-            rate = self.error_rate[api]
-            if random_ok and rate > 0 and self.fault_rng.random() < rate:
-                return random_error(api, self.fault_rng.choice((500, 502, 503)))
-            return None
-
-    def hit_rate(self, buckets: list[tuple[Any, int]], window: float) -> Verdict:
-        """Spend one request from rate-limit buckets (see ratelimit.py)."""
-        with self.lock:
-            return self.limiter.hit(buckets, window, self.clock.now())
-
-    def count(self, key: str) -> None:
-        """Count one API request under "api METHOD template"."""
-        with self.lock:
-            self.counts[key] += 1
-
-    def request_counts(self) -> dict[str, int]:
-        """Requests per "api METHOD template" since the last reset."""
-        with self.lock:
-            return dict(self.counts)
-
-    def reset_request_counts(self) -> None:
-        """Start counting from zero."""
-        with self.lock:
-            self.counts.clear()
 
     def update_config(self, api: str | None = None, **changes: Any) -> dict[str, Any]:
         """Change latency, error rate, limits or TTLs at run time; `api` narrows the first two."""
