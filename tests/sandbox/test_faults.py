@@ -162,3 +162,10 @@ def test_error_rate_one_answers_every_api_request_with_5xx() -> None:
         codes = {_me(sb).status_code for _ in range(5)}
         assert codes <= {500, 502, 503}
         assert requests.get(sb.close_api_url.replace("/api/v1", "/_sandbox/users"), timeout=5).ok
+
+
+def test_fault_skip_lets_first_matching_requests_through(sandbox: Sandbox) -> None:
+    """skip=2 passes two matching requests, then the rule hits the third."""
+    sandbox.world.add_fault(api="close", kind="503", skip=2)
+    codes = [_me(sandbox).status_code for _ in range(4)]
+    assert codes == [200, 200, 503, 200]
