@@ -78,6 +78,9 @@ class Connection(BaseModel):
     updated_at: float
     # Why the connection left the active state (e.g. which grant was refused), if it did.
     state_reason: str | None = None
+    # Calendly organization mode: the id of the shared organization credential this connection
+    # reads its Calendly grant from (`closesync.orgmode`); None = the connection's own grant.
+    calendly_grant_ref: str | None = None
 
     @property
     def calendly_user_uuid(self) -> str:

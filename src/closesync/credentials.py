@@ -52,6 +52,11 @@ class Lock(Protocol):
     def release(self) -> bool: ...
 
 
+def shared_lock_key(ref: str) -> str:
+    """The `lock_key` of a shared (organization) grant: one refresh lock for all its users."""
+    return f"shared:{ref}"
+
+
 def grant_lock_name(side: Side, connection_id: str) -> str:
     """Name of the refresh lock of a grant: per connection and side (never the token itself)."""
     digest = hashlib.sha256(f"{side}:{connection_id}".encode()).hexdigest()[:16]
@@ -70,8 +75,11 @@ class TokenKeeper:
         refresher: Refresher | None,
         lock_factory: Callable[[str], Lock],
         clock: Callable[[], float] = time.time,
+        lock_key: str | None = None,
     ) -> None:
         self.connection_id = connection_id
+        # What the refresh lock is named after: the connection, or a grant it shares with others.
+        self.lock_key = lock_key or connection_id
         self.side = side
         self._store = store
         self._refresher = refresher
@@ -101,7 +109,7 @@ class TokenKeeper:
                 method="POST",
                 endpoint="token refresh",
             )
-        lock = self._lock_factory(grant_lock_name(self.side, self.connection_id))
+        lock = self._lock_factory(grant_lock_name(self.side, self.lock_key))
         if not lock.acquire_wait(REFRESH_WAIT_SECONDS):
             raise AuthFailed(
                 f"{self._label()} token refresh is held by another process for too long",

@@ -18,7 +18,7 @@ from redis import Redis
 from closesync.calendly.client import CalendlyClient, CalendlyOAuth
 from closesync.close.client import CloseClient, CloseOAuth
 from closesync.connection import Connection
-from closesync.credentials import TokenKeeper
+from closesync.credentials import TokenKeeper, shared_lock_key
 from closesync.engine import Clients, EngineConfig, LockHandle, SyncEngine
 from closesync.http import ApiHttp, new_session
 from closesync.locks import RedisLock, hold
@@ -136,6 +136,12 @@ class Services:
             store=self.connections,
             refresher=self.calendly_oauth(),
             lock_factory=lock_factory,
+            # Organization mode: every connection of the organization refreshes under one lock.
+            lock_key=(
+                shared_lock_key(connection.calendly_grant_ref)
+                if connection.calendly_grant_ref
+                else None
+            ),
         )
         rand = random.random
         calendly_http = self.api_http(

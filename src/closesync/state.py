@@ -26,6 +26,28 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             side + hash of the id): holder's token  PX ~30 s
     {p}:tick:{name}:{slot}          STRING  "1": this scheduled tick was enqueued once     EX ttl
     {p}:scheduler:leader            STRING  token of the scheduler allowed to enqueue      PX ttl
+    {p}:oauth-state:{digest}        STRING  an OAuth flow under way, sealed JSON (provider,
+                                            redirect URI, PKCE verifier, the Close grant
+                                            awaiting its Calendly side); digest = sha256 of
+                                            the `state` parameter; GETDEL = single use  EX 600 s
+    {p}:calendly-orgs               SET     refs (organization uuids) of the shared Calendly
+                                            organization credentials (organization mode) no TTL
+    {p}:calendly-org:{ref}          STRING  JSON public facts of the organization and of
+                                            the owner/admin who authorized it           no TTL
+    {p}:calendly-org:{ref}:grant    STRING  the shared Calendly Grant JSON, sealed; read
+                                            and refreshed by every connection whose
+                                            calendly_grant_ref is {ref}, under ONE refresh
+                                            lock (credentials.shared_lock_key)          no TTL
+    {p}:calendly-org:{ref}:members  STRING  JSON [{uri, email, name}] of the members as
+                                            last listed, for `closesync status`          no TTL
+    {p}:waiting-close               HASH    close_user_id -> JSON {email, organization_id,
+                                            at}: Close users who authorized in organization
+                                            mode but match no Calendly member (yet)     no TTL
+    {p}:waiting-close:{user}:grant  STRING  that Close user's Grant JSON, sealed         no TTL
+
+A connection whose `calendly_grant_ref` is set stores only its Close grant in `:grants` (sealed
+JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
+Calendly side at the shared `calendly-org:{ref}:grant`.
 
 Writes that must not be seen half-done (saving a connection, replacing the records) are one
 MULTI/EXEC; read-modify-writes of a connection or of its grants WATCH their key, so a concurrent
@@ -130,6 +152,27 @@ class Keys:
     def scheduler_leader(self) -> str:
         return f"{self.prefix}:scheduler:leader"
 
+    def oauth_state(self, digest: str) -> str:
+        return f"{self.prefix}:oauth-state:{digest}"
+
+    def calendly_orgs(self) -> str:
+        return f"{self.prefix}:calendly-orgs"
+
+    def calendly_org(self, ref: str) -> str:
+        return f"{self.prefix}:calendly-org:{ref}"
+
+    def calendly_org_grant(self, ref: str) -> str:
+        return f"{self.calendly_org(ref)}:grant"
+
+    def calendly_org_members(self, ref: str) -> str:
+        return f"{self.calendly_org(ref)}:members"
+
+    def waiting_close(self) -> str:
+        return f"{self.prefix}:waiting-close"
+
+    def waiting_close_grant(self, close_user_id: str) -> str:
+        return f"{self.waiting_close()}:{close_user_id}:grant"
+
     def of_connection(self, conn_id: str) -> list[str]:
         """Every key of one connection, but the Close user index and the refresh locks.
 
@@ -148,20 +191,26 @@ class Keys:
         ]
 
 
+def _grant_dict(grant: Grant) -> dict[str, Any]:
+    """One grant with its secrets revealed: only ever handed to a SecretBox."""
+    return {
+        "kind": grant.kind,
+        "access_token": grant.access_token.get_secret_value(),
+        "refresh_token": (grant.refresh_token.get_secret_value() if grant.refresh_token else None),
+        "expires_at": grant.expires_at,
+    }
+
+
 def _grants_json(grants: Grants) -> bytes:
     """Grants with their secrets revealed: only ever handed to a SecretBox."""
+    return json.dumps(
+        {"close": _grant_dict(grants.close), "calendly": _grant_dict(grants.calendly)}
+    ).encode()
 
-    def one(grant: Grant) -> dict[str, Any]:
-        return {
-            "kind": grant.kind,
-            "access_token": grant.access_token.get_secret_value(),
-            "refresh_token": (
-                grant.refresh_token.get_secret_value() if grant.refresh_token else None
-            ),
-            "expires_at": grant.expires_at,
-        }
 
-    return json.dumps({"close": one(grants.close), "calendly": one(grants.calendly)}).encode()
+def grant_json(grant: Grant) -> bytes:
+    """One grant with its secrets revealed: only ever handed to a SecretBox."""
+    return json.dumps(_grant_dict(grant)).encode()
 
 
 def _not_found(conn_id: str) -> ConnectionNotFound:
@@ -181,6 +230,18 @@ class ConnectionStore:
     @guard("saving a connection")
     def save(self, connection: Connection, grants: Grants) -> None:
         """Store the connection, its grants and its Close user index in one transaction."""
+        self._save(connection, self.box.seal(_grants_json(grants)))
+
+    @guard("saving a connection")
+    def save_shared(self, connection: Connection, close: Grant) -> None:
+        """Store a connection whose Calendly grant is the shared one of `calendly_grant_ref`."""
+        ref = connection.calendly_grant_ref
+        if ref is None or not self.redis.exists(self.keys.calendly_org_grant(ref)):
+            raise ValueError("save_shared needs a stored shared Calendly grant to refer to")
+        own = json.dumps({"close": _grant_dict(close), "calendly_ref": ref}).encode()
+        self._save(connection, self.box.seal(own))
+
+    def _save(self, connection: Connection, sealed_grants: str) -> None:
         conn_id = connection.id
         previous = self.redis.get(self.keys.conn(conn_id))
         with self.redis.pipeline(transaction=True) as pipe:
@@ -191,7 +252,7 @@ class ConnectionStore:
                 ):
                     pipe.delete(self.keys.close_user(old_user))
             pipe.set(self.keys.conn(conn_id), connection.model_dump_json())
-            pipe.set(self.keys.grants(conn_id), self.box.seal(_grants_json(grants)))
+            pipe.set(self.keys.grants(conn_id), sealed_grants)
             pipe.set(self.keys.close_user(connection.close_user_id), conn_id)
             pipe.sadd(self.keys.connections(), conn_id)
             pipe.execute()
@@ -216,7 +277,33 @@ class ConnectionStore:
         sealed = self.redis.get(self.keys.grants(conn_id))
         if sealed is None:
             raise _not_found(conn_id)
-        return Grants.model_validate_json(self.box.open(_text(sealed)))
+        data = json.loads(self.box.open(_text(sealed)))
+        ref = data.pop("calendly_ref", None)
+        if ref is not None:
+            data["calendly"] = self.shared_grant(ref)
+        return Grants.model_validate(data)
+
+    def _shared_ref(self, conn_id: str) -> str | None:
+        """The shared Calendly grant a connection refers to, if any."""
+        sealed = self.redis.get(self.keys.grants(conn_id))
+        if sealed is None:
+            raise _not_found(conn_id)
+        ref = json.loads(self.box.open(_text(sealed))).get("calendly_ref")
+        return None if ref is None else str(ref)
+
+    @guard("reading a shared Calendly grant")
+    def shared_grant(self, ref: str) -> Grant:
+        sealed = self.redis.get(self.keys.calendly_org_grant(ref))
+        if sealed is None:
+            raise ConnectionNotFound(
+                f"no shared Calendly credential {ref!r}: the organization was disconnected; "
+                "an owner or admin must run `closesync connect --organization` again"
+            )
+        return Grant.model_validate_json(self.box.open(_text(sealed)))
+
+    @guard("writing a shared Calendly grant")
+    def set_shared_grant(self, ref: str, grant: Grant) -> None:
+        self.redis.set(self.keys.calendly_org_grant(ref), self.box.seal(grant_json(grant)))
 
     @guard("writing a connection's grants")
     def set_grants(self, conn_id: str, grants: Grants) -> None:
@@ -226,7 +313,16 @@ class ConnectionStore:
 
     @guard("writing a refreshed grant")
     def update_grant(self, conn_id: str, side: Side, grant: Grant) -> None:
-        """Replace one side's grant; WATCH keeps a concurrent update of the other side."""
+        """Replace one side's grant; WATCH keeps a concurrent update of the other side.
+
+        The Calendly side of a connection in organization mode is the shared grant: it is
+        written there, where every connection of that organization reads it.
+        """
+        if side == "calendly":
+            ref = self._shared_ref(conn_id)
+            if ref is not None:
+                self.set_shared_grant(ref, grant)
+                return
 
         def apply(pipe: redis.client.Pipeline) -> None:
             sealed = pipe.get(self.keys.grants(conn_id))
@@ -299,11 +395,24 @@ class ConnectionStore:
 
     @guard("re-encrypting grants")
     def rotate_keys(self, box: FernetBox) -> int:
-        """Re-seal every stored grant under `box`'s first key; how many were re-sealed."""
+        """Re-seal every stored grant under `box`'s first key; how many were re-sealed.
+
+        Connections' grants, the shared organization credentials and the grants of Close users
+        waiting for a Calendly match; an OAuth flow under way lives minutes and is left to expire.
+        """
+        sealed_keys = [
+            self.keys.grants(_text(m)) for m in self.redis.smembers(self.keys.connections())
+        ]
+        sealed_keys += [
+            self.keys.calendly_org_grant(_text(m))
+            for m in self.redis.smembers(self.keys.calendly_orgs())
+        ]
+        sealed_keys += [
+            self.keys.waiting_close_grant(_text(f))
+            for f in self.redis.hkeys(self.keys.waiting_close())
+        ]
         count = 0
-        for member in sorted(self.redis.smembers(self.keys.connections())):
-            conn_id = _text(member)
-            key = self.keys.grants(conn_id)
+        for key in sorted(sealed_keys):
 
             def apply(pipe: redis.client.Pipeline, key: str = key) -> bool:
                 sealed = pipe.get(key)
