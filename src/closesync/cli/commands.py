@@ -11,9 +11,16 @@ Register = Callable[["argparse._SubParsersAction[Any]"], None]
 
 def registry() -> list[Register]:
     """Every command, in the order `closesync --help` lists them."""
-    from closesync.cli import connections, status, sync
+    from closesync.cli import connect, connections, keys, status, sync, web
 
-    commands = [sync.register, status.register, connections.register]
+    commands: list[Register] = [
+        sync.register,
+        status.register,
+        connections.register,
+        connect.register,
+        keys.register,
+        web.register,
+    ]
     try:
         from closesync.sandbox import cli as sandbox_cli
     except ImportError:  # pragma: no cover - the sandbox CLI is being written

@@ -1,0 +1,46 @@
+"""`closesync web`: serve the connect pages and OAuth callbacks (Procfile `web`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from closesync.cli.common import load_services, load_settings
+
+# Port when neither --port, PORT (set by Heroku-like platforms) nor PUBLIC_BASE_URL gives one.
+DEFAULT_PORT = 8700
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser("web", help="serve /connect and the OAuth callbacks")
+    parser.add_argument(
+        "--host", help="interface (default 0.0.0.0 when PORT is set, else loopback)"
+    )
+    parser.add_argument("--port", type=int, help="port (default PORT, else PUBLIC_BASE_URL's)")
+    parser.set_defaults(func=cmd_web)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from closesync.web import WebServer
+
+    settings = load_settings()
+    services = load_services(settings)
+    platform_port = os.environ.get("PORT")
+    port = args.port or (int(platform_port) if platform_port else None)
+    if port is None:
+        port = urlsplit(settings.public_base_url).port or DEFAULT_PORT
+    host = args.host or ("0.0.0.0" if platform_port else "127.0.0.1")
+    logging.basicConfig(level=settings.log_level)
+    server = WebServer((host, port), services, settings.public_base_url)
+    sys.stderr.write(
+        f"closesync web on {host}:{port}; users connect at {settings.public_base_url}/connect\n"
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
