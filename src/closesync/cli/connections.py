@@ -51,6 +51,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         sub.add_argument("id", metavar="ID", help="connection id (conn_…)")
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.set_defaults(func=func)
+        if name == "remove":
+            sub.add_argument(
+                "--revoke", action="store_true", help="revoke its grants at both providers"
+            )
+            sub.add_argument(
+                "--delete-links",
+                action="store_true",
+                help="first delete the links closesync made for this user in Close",
+            )
 
 
 def public(connection: Connection) -> dict[str, Any]:
@@ -179,13 +188,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    from closesync.leaving import delete_our_links, revoke_connection
+
     services = load_services()
-    services.connections.get(args.id)
+    connection: Connection = services.connections.get(args.id)
+    deleted = delete_our_links(services, connection) if args.delete_links else None
+    revoked = revoke_connection(services, connection) if args.revoke else []
     services.connections.remove(args.id)
     if args.json:
-        print_json({"id": args.id, "removed": True})
+        print_json({"id": args.id, "removed": True, "links_deleted": deleted, "revoked": revoked})
     else:
-        sys.stdout.write(f"removed {args.id}; its links in Close were left as they are\n")
+        links = (
+            f"{deleted} link(s) deleted in Close"
+            if deleted is not None
+            else "its links in Close were left as they are"
+        )
+        grants = f"; revoked: {', '.join(revoked)}" if revoked else ""
+        sys.stdout.write(f"removed {args.id}; {links}{grants}\n")
     return 0
 
 

@@ -41,9 +41,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     services = load_services()
     connections: list[Connection] = services.connections.list()
     rows = [connection_status(services, c) for c in connections]
+    unmatched = _unmatched(services)
     if args.json:
-        print_json({"connections": rows})
+        print_json({"connections": rows, **({"unmatched": unmatched} if unmatched else {})})
         return 0
+    _print_unmatched(unmatched)
     if not rows:
         sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
         return 0
@@ -82,3 +84,27 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{row['id']}: backfill {progress.get('done', 0)}/{progress.get('total', '?')}\n"
             )
     return 0
+
+
+def _unmatched(services: Any) -> dict[str, Any] | None:
+    """Calendly organization mode: who is unmatched on either side (None outside that mode)."""
+    from closesync.orgmode import Organizations
+
+    orgs = Organizations(services)
+    return orgs.unmatched() if orgs.refs() or orgs.waiting() else None
+
+
+def _print_unmatched(unmatched: dict[str, Any] | None) -> None:
+    if unmatched is None:
+        return
+    for person in unmatched["close"]:
+        sys.stdout.write(
+            f"unmatched Close user {person['email'] or person['close_user_id']}: "
+            "no Calendly member has this email\n"
+        )
+    for ref, members in unmatched["calendly"].items():
+        for member in members:
+            sys.stdout.write(
+                f"unmatched Calendly member {member['email'] or member['uri']} ({ref}): "
+                "no Close user with this email has authorized\n"
+            )
