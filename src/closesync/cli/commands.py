@@ -11,18 +11,18 @@ Register = Callable[["argparse._SubParsersAction[Any]"], None]
 
 def registry() -> list[Register]:
     """Every command, in the order `closesync --help` lists them."""
-    from closesync.cli import connect, connections, keys, status, sync, web
+    from closesync.cli import connect, connections, daemon, demo, keys, status, sync, web
+    from closesync.sandbox import cli as sandbox_cli
 
     commands: list[Register] = [
         sync.register,
         status.register,
         connections.register,
+        daemon.register,
         connect.register,
         keys.register,
         web.register,
+        demo.register,
+        sandbox_cli.register,
     ]
-    try:
-        from closesync.sandbox import cli as sandbox_cli
-    except ImportError:  # pragma: no cover - the sandbox CLI is being written
-        return commands
-    return [*commands, sandbox_cli.register]
+    return commands

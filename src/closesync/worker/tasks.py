@@ -1,0 +1,220 @@
+"""The Celery tasks: thin shells that build the services, call the engine, and judge the report.
+
+Arguments are ids and primitives only. Every task may be delivered twice (late acks): a tick is
+claimed once by its slot (`SyncState.claim_tick`), and a second run of a connection either finds
+the run lock held (and asks the holder to run once more) or writes nothing new, since the engine
+records every write it made.
+
+What happens after a run is a pure decision (`verdict`), tested with literal reports:
+rate-limited runs come back after the wait the API stated plus jitter; transient failures after a
+capped exponential backoff with jitter; anything else (auth, forbidden, rejected data) is not
+retried: the engine recorded it, and marked the connection needs_reauth for auth failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from closesync.connection import ConnectionState
+from closesync.logs import bind
+from closesync.observability import cron_checkin
+from closesync.report import Outcome, RunMode, RunReport
+from closesync.retry import Random, rate_limit_delay, transient_delay
+from closesync.services import Services
+from closesync.worker import celery_app as names
+from closesync.worker.schedule import interval_after, spread_offset, spread_window, tick_ttl
+
+log = logging.getLogger(__name__)
+
+# Celery retries of one task before it gives up until the next tick. Transient: with the 60 s cap
+# of retry.transient_delay, 8 retries span about 3 minutes of outage. Rate limits: the API says
+# when to come back, so more patience is safe.
+MAX_TRANSIENT_RETRIES = 8
+MAX_RATE_LIMIT_RETRIES = 16
+# Reruns one task does for syncs requested while it ran; more requests wait for the next tick.
+MAX_RERUNS = 3
+# Seconds before a run stopped by the soft time limit resumes (a backfill resumes where it was).
+RESUME_AFTER_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do after a run: retry after `countdown` seconds, or not."""
+
+    retry: bool
+    countdown: float = 0.0
+    reason: str = ""
+
+
+def verdict(report: RunReport, retries: int, rand: Random) -> Verdict:
+    """Retry or give up, from the report of a run that was the `retries`-th retry."""
+    if report.outcome is not Outcome.FAILED:
+        return Verdict(False, reason=report.outcome.value)
+    if report.failure == "rate_limited":
+        if retries >= MAX_RATE_LIMIT_RETRIES:
+            return Verdict(False, reason="rate limited too often; the next tick tries again")
+        wait = report.retry_after if report.retry_after is not None else 1.0
+        return Verdict(True, rate_limit_delay(wait, rand), "rate limited")
+    if report.failure == "transient":
+        if retries >= MAX_TRANSIENT_RETRIES:
+            return Verdict(False, reason="transient errors persist; the next tick tries again")
+        return Verdict(True, transient_delay(retries, rand), "transient error")
+    # auth (connection now needs_reauth), forbidden, rejected, locked, error: a retry would
+    # meet the same answer. The report holds the cause for `closesync status`.
+    return Verdict(False, reason=report.failure or "failed")
+
+
+# --- services, one set per worker process ---------------------------------------------------------
+
+_services: Services | None = None
+_services_lock = threading.Lock()
+
+
+def get_services() -> Services:
+    """The process's Services, built from the settings on first use (after the pool forked)."""
+    global _services  # noqa: PLW0603 - one per process by design; tests inject with use_services
+    with _services_lock:
+        if _services is None:
+            from closesync.cli.common import load_settings
+
+            _services = Services.build(load_settings())
+        return _services
+
+
+def use_services(services: Services | None) -> None:
+    """Make the tasks of this process use `services` (tests; `None` forgets them)."""
+    global _services  # noqa: PLW0603
+    with _services_lock:
+        _services = services
+
+
+# --- fan-out --------------------------------------------------------------------------------------
+
+
+def fan_out(services: Services, app: Celery, *, tick: str, slot: str, cron: str, task: str) -> int:
+    """Claim the tick and enqueue `task` for every active connection, spread over the window.
+
+    A second delivery of the same tick finds the claim taken and enqueues nothing. The claim is
+    taken before the fan-out: a worker dying mid-fan-out loses the rest of this tick (the next
+    tick runs them) rather than risking a tick fanned out twice.
+    """
+    settings = services.settings
+    interval = interval_after(cron, slot)
+    if not services.state.claim_tick(tick, slot, tick_ttl(interval)):
+        log.info("tick already fanned out: %s %s", tick, slot, extra={"slot": slot})
+        return 0
+    window = spread_window(
+        interval, settings.sync_spread_fraction, settings.broker_visibility_timeout
+    )
+    count = 0
+    for connection in services.connections.list():
+        if connection.state is not ConnectionState.ACTIVE:
+            continue
+        app.send_task(
+            task, args=[connection.id, slot], countdown=spread_offset(connection.id, window)
+        )
+        count += 1
+    log.info(
+        "tick %s %s: enqueued %d connections over %.0f s",
+        tick,
+        slot,
+        count,
+        window,
+        extra={"slot": slot, "connections": count},
+    )
+    return count
+
+
+# --- running a connection -------------------------------------------------------------------------
+
+
+def run_connection(task: Task[Any, Any], connection_id: str, mode: RunMode) -> str:
+    """Run the engine, rerun once per request that arrived meanwhile, then retry or not."""
+    services = get_services()
+    engine = services.engine(wait_budget=services.settings.task_inline_wait_seconds)
+    with bind(connection_id=connection_id, task_id=task.request.id):
+        try:
+            report = engine.run(connection_id, mode=mode)
+            reruns = 0
+            # SKIPPED means another run holds the lock: it, not this task, owns the rerun.
+            while (
+                report.outcome in (Outcome.OK, Outcome.PARTIAL)
+                and reruns < MAX_RERUNS
+                and services.state.pop_rerun(connection_id)
+            ):
+                reruns += 1
+                log.info("a sync was requested while this run lasted: running once more")
+                report = engine.run(connection_id, mode=RunMode.SYNC)
+        except SoftTimeLimitExceeded:
+            # The engine released the lock on the way out; what was written stays recorded.
+            log.warning("run stopped by the soft time limit; resuming shortly")
+            raise task.retry(countdown=RESUME_AFTER_SECONDS, max_retries=None) from None
+        decision = verdict(report, task.request.retries, random.random)
+        if decision.retry:
+            log.info(
+                "retrying in %.1f s: %s",
+                decision.countdown,
+                decision.reason,
+                extra={"run_id": report.run_id, "retries": task.request.retries},
+            )
+            raise task.retry(countdown=decision.countdown, max_retries=None)
+        if report.outcome is Outcome.FAILED:
+            log.warning(
+                "not retried (%s): %s",
+                decision.reason,
+                report.error,
+                extra={"run_id": report.run_id},
+            )
+        return report.outcome.value
+
+
+# --- the tasks --------------------------------------------------------------------------------
+
+
+@shared_task(bind=True, name=names.SYNC_ALL)
+def sync_all(self: Task[Any, Any], slot: str) -> int:
+    """Fan out one sync_connection per active connection for the tick `slot`."""
+    services = get_services()
+    cron = services.settings.sync_cron
+    with cron_checkin("closesync-sync-all", cron):
+        return fan_out(
+            services, self.app, tick="sync", slot=slot, cron=cron, task=names.SYNC_CONNECTION
+        )
+
+
+@shared_task(bind=True, name=names.SYNC_CONNECTION)
+def sync_connection(self: Task[Any, Any], connection_id: str, slot: str | None = None) -> str:
+    """Sync one connection (`slot`: the tick that asked, for the logs)."""
+    with bind(slot=slot):
+        return run_connection(self, connection_id, RunMode.SYNC)
+
+
+@shared_task(bind=True, name=names.BACKFILL)
+def backfill(self: Task[Any, Any], connection_id: str) -> str:
+    """Full reconciliation of one connection against what Close holds."""
+    return run_connection(self, connection_id, RunMode.BACKFILL)
+
+
+@shared_task(bind=True, name=names.DRIFT_CHECK)
+def drift_check(self: Task[Any, Any], slot: str) -> int:
+    """Fan out one drift_connection per active connection for the daily tick `slot`."""
+    services = get_services()
+    cron = services.settings.drift_cron
+    with cron_checkin("closesync-drift-check", cron):
+        return fan_out(
+            services, self.app, tick="drift", slot=slot, cron=cron, task=names.DRIFT_CONNECTION
+        )
+
+
+@shared_task(bind=True, name=names.DRIFT_CONNECTION)
+def drift_connection(self: Task[Any, Any], connection_id: str, slot: str | None = None) -> str:
+    """Compare one connection's links in Close with the desired ones and repair the drift."""
+    with bind(slot=slot):
+        return run_connection(self, connection_id, RunMode.DRIFT)
