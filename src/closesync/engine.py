@@ -178,7 +178,8 @@ class SyncEngine:
                 "connection_id": connection.id,
                 "run_id": report.run_id,
                 "mode": report.mode.value,
-                "created": report.created,
+                # "created" would clash with LogRecord.created (logging raises KeyError).
+                "links_created": report.created,
                 "updated": report.updated,
                 "deleted": report.deleted,
                 "unchanged": report.unchanged,
