@@ -1,0 +1,29 @@
+"""`closesync demo`: the sandbox, a worker and a scheduler converging in a live table."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from closesync.cli.common import load_settings
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser("demo", help="watch closesync converge against the sandbox")
+    parser.add_argument("--seconds", type=float, default=75.0, help="stop after this long")
+    parser.add_argument("--users", type=int, default=3, help="sandbox users (one connection each)")
+    parser.add_argument("--seed", type=int, default=7, help="sandbox seed")
+    parser.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from closesync.demo import DemoOptions, run_demo
+
+    settings = load_settings()
+    options = DemoOptions(
+        seconds=args.seconds,
+        users=args.users,
+        seed=args.seed,
+        data_dir=f"{settings.data_dir}/demo",
+    )
+    return run_demo(options, settings.redis_url)
