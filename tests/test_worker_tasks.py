@@ -68,7 +68,7 @@ class RecordingApp:
 
     sent: list[tuple[str, list[Any], float]] = field(default_factory=list)
 
-    def send_task(self, name: str, args: list[Any], countdown: float) -> None:
+    def send_task(self, name: str, args: list[Any], countdown: float = 0.0) -> None:
         self.sent.append((name, args, countdown))
 
 
@@ -140,3 +140,20 @@ def test_fan_out_same_slot_delivered_twice_enqueues_once(
     assert len(app.sent) == 1
     ttl = redis_client.ttl(keys.tick("sync", "2026-03-04T10:05:00+00:00"))
     assert 590 <= ttl <= 600
+
+
+def test_enqueue_tick_two_enqueuers_same_tick_one_message(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """Two leaders (or a scheduler and a system cron) firing one tick enqueue it once."""
+    from datetime import UTC, datetime
+
+    from closesync.worker.enqueue import enqueue_tick
+
+    services = services_on(redis_client, keys)
+    app = RecordingApp()
+    now = datetime(2026, 3, 4, 10, 7, 30, tzinfo=UTC)
+    later = datetime(2026, 3, 4, 10, 9, 59, tzinfo=UTC)
+    assert enqueue_tick(services, app, "sync", now) == ("2026-03-04T10:05:00+00:00", True)  # type: ignore[arg-type]
+    assert enqueue_tick(services, app, "sync", later) == ("2026-03-04T10:05:00+00:00", False)  # type: ignore[arg-type]
+    assert [name for name, _, _ in app.sent] == ["closesync.sync_all"]
