@@ -175,7 +175,15 @@ class Connector:
             self._revoke("close", grant)
             raise FlowError("provider", f"Close did not answer who you are: {error}") from None
         if self.orgs.refs():
-            connection = self.orgs.pair_close_user(me, grant, flow.name)
+            try:
+                connection = self.orgs.pair_close_user(me, grant, flow.name)
+            except ApiError as error:
+                self._revoke("close", grant)
+                raise FlowError(
+                    "provider",
+                    f"The Calendly organization's members could not be listed: {error}. Nothing "
+                    "was stored; please try again later.",
+                ) from None
             if connection is None:
                 return Step(
                     "waiting",
