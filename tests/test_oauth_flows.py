@@ -128,6 +128,8 @@ def test_web_flow_calendly_denied_revokes_close_grant_and_stores_nothing(
 ) -> None:
     """Declining Calendly after approving Close stores nothing and revokes the Close grant."""
     sb.world.set_oauth_next("calendly", deny=True)
+    with sb.world.lock:
+        before = set(sb.world.tokens.tokens)
     with web_process(services) as web, requests.Session() as browser:
         answer, _ = follow(browser, web.url + "/connect")
     assert answer is not None
@@ -135,16 +137,9 @@ def test_web_flow_calendly_denied_revokes_close_grant_and_stores_nothing(
     assert "You declined access to Calendly" in answer.text
     assert stored_keys(services) == []
     with sb.world.lock:
-        oauth_close = [
-            t
-            for t in sb.world.tokens.tokens.values()
-            if t.api == "close"
-            and t.client_id is not None
-            and t.issued_at >= 0
-            and t.kind == "refresh"
-        ]
-        # The seeded grants stay live; the one issued by this flow was revoked.
-        assert any(t.revoked for t in oauth_close)
+        new = [t for v, t in sb.world.tokens.tokens.items() if v not in before]
+    assert sorted(t.kind for t in new) == ["access", "refresh"]
+    assert all(t.api == "close" and t.revoked for t in new)
 
 
 def test_web_callback_replayed_state_is_refused(sb: Sandbox, services: Services) -> None:
