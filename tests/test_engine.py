@@ -315,3 +315,25 @@ def test_engine_drift_repairs_links_changed_in_close(harness: Harness) -> None:
     report = harness.engine().run(conn, mode=RunMode.DRIFT)
     assert (report.created, report.updated) == (1, 1)
     assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_interrupted_backfill_resumes_after_its_cursor(harness: Harness) -> None:
+    """A backfill stopped after two pushes resumes without pushing those two again."""
+    user = harness.sandbox.users[0]
+    world = harness.sandbox.world
+    conn = harness.add(user)
+    harness.run(conn)
+    total = len(harness.expected(user))
+    world.add_fault(api="close", kind="503", method="POST", count=5, skip=2)
+    stopped = harness.engine(wait_budget=0).run(conn, mode=RunMode.BACKFILL)
+    assert stopped.outcome is Outcome.FAILED
+    progress = harness.services.state.backfill_progress(conn)
+    assert progress is not None
+    assert (progress.done, progress.total) == (2, total)
+    world.clear_faults()
+    world.reset_request_counts()
+    resumed = harness.backfill(conn)
+    assert resumed.outcome is Outcome.OK
+    assert world.request_counts()["close POST /api/v1/scheduling_link/integration/"] == total - 2
+    assert harness.services.state.backfill_progress(conn) is None
+    assert harness.close_side(user) == harness.expected(user)

@@ -8,6 +8,7 @@ as done) and recorded right after Close accepted it, so a run stopped anywhere l
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 from closesync.calendly.client import EventTypeListing
@@ -27,6 +28,7 @@ from closesync.plan import (
     missing_from_listing,
 )
 from closesync.report import RunMode, RunReport
+from closesync.state import BackfillProgress
 
 if TYPE_CHECKING:
     from closesync.engine import Clients, LockHandle, Progress, SyncEngine
@@ -78,8 +80,42 @@ class ConnectionRun:
     def execute(self) -> None:
         """Plan, then apply the plan to Close and record each accepted write."""
         plan = self.plan()
+        if self.report.mode is RunMode.BACKFILL:
+            plan = self._resume(plan)
         self.report.planned = describe(plan)
         self.apply(plan)
+        if self.report.mode is RunMode.BACKFILL:
+            self.engine.state.clear_backfill(self.connection.id)
+
+    def _resume(self, plan: Plan) -> Plan:
+        """Skip the forced pushes an interrupted backfill already made, and start the progress.
+
+        Pushes go in source_id order and the cursor is the last one Close accepted, so a link at
+        or before the cursor whose payload Close holds unchanged (the records were just rebuilt
+        from Close) was pushed by the interrupted run and is not pushed again.
+        """
+        state, conn_id = self.engine.state, self.connection.id
+        progress = state.backfill_progress(conn_id)
+        if progress is not None and progress.cursor:
+            cursor = progress.cursor
+            records = state.records(conn_id)
+            done = [
+                p.source_id
+                for p in plan.updates
+                if p.source_id <= cursor
+                and (r := records.get(p.source_id)) is not None
+                and r.fingerprint == fingerprint(p)
+            ]
+            plan = replace(
+                plan,
+                updates=[p for p in plan.updates if p.source_id not in set(done)],
+                unchanged=sorted([*plan.unchanged, *done]),
+            )
+        started = progress.started_at if progress is not None else self.engine.clock()
+        state.set_backfill_progress(
+            conn_id, BackfillProgress(started_at=started, cursor=None, done=0, total=plan.writes)
+        )
+        return plan
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -197,12 +233,14 @@ class ConnectionRun:
             report.failed[source_id] = "refused by Close before; not sent again until it changes"
         total, done = plan.writes, 0
         records = state.records(conn_id) if plan.updates else {}
-        for payload, is_new in [(p, True) for p in plan.creates] + [
-            (p, False) for p in plan.updates
-        ]:
+        upserts = sorted(
+            [(p, True) for p in plan.creates] + [(p, False) for p in plan.updates],
+            key=lambda item: item[0].source_id,
+        )
+        for payload, is_new in upserts:
             self._upsert(payload, is_new, records.get(payload.source_id))
             done += 1
-            self._progress(done, total)
+            self._progress(done, total, payload.source_id)
         for deletion in plan.deletes:
             self._check_lock()
             self._authed(
@@ -212,7 +250,7 @@ class ConnectionRun:
             state.forget(conn_id, deletion.source_id)
             report.deleted += 1
             done += 1
-            self._progress(done, total)
+            self._progress(done, total, None)
 
     def _upsert(self, payload: LinkPayload, is_new: bool, old: LinkRecord | None) -> None:
         self._check_lock()
@@ -241,7 +279,19 @@ class ConnectionRun:
         if self.lock is not None and self.lock.lost.is_set():
             raise LockLost("the run lock was lost; stopping before the next write")
 
-    def _progress(self, done: int, total: int) -> None:
+    def _progress(self, done: int, total: int, cursor: str | None) -> None:
+        if self.report.mode is RunMode.BACKFILL:
+            state, conn_id = self.engine.state, self.connection.id
+            current = state.backfill_progress(conn_id)
+            state.set_backfill_progress(
+                conn_id,
+                BackfillProgress(
+                    started_at=current.started_at if current else self.engine.clock(),
+                    cursor=cursor or (current.cursor if current else None),
+                    done=done,
+                    total=total,
+                ),
+            )
         if self.progress is not None:
             self.progress(done, total)
 

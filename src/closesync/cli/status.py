@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from closesync.cli.common import load_services, print_json, print_table, when
@@ -33,7 +34,7 @@ def connection_status(services: Any, connection: Connection) -> dict[str, Any]:
         "last_run": last.model_dump(mode="json") if last else None,
         "held_deletions": held.model_dump(mode="json") if held else None,
         "last_error": last_error,
-        "backfill": backfill,
+        "backfill": asdict(backfill) if backfill else None,
     }
 
 
