@@ -101,6 +101,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, the body waits for the client's
+    # delayed ACK (40 ms on Linux) on every keep-alive request. Real APIs do not add that.
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         super().setup()
