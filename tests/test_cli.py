@@ -1,0 +1,179 @@
+"""The `closesync` command line, run in-process against the sandbox and a real Redis."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from closesync.cli.main import main
+from closesync.sandbox import Sandbox, SandboxConfig
+from closesync.sandbox.records import SeededUser
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    sb = Sandbox.start(SandboxConfig(seed=5, users=2, event_types=6, freeze_clock=True))
+    try:
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture
+def env(sandbox: Sandbox, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
+    """Point closesync at the sandbox and at a fresh key prefix on the test Redis."""
+    for name, value in sandbox.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("REDIS_PREFIX", f"cli-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("INLINE_WAIT_BUDGET_SECONDS", "0")
+    monkeypatch.delenv("CLOSESYNC_ENCRYPTION_KEYS", raising=False)
+    return sandbox
+
+
+def _add(user: SeededUser, *extra: str) -> list[str]:
+    return [
+        "connections", "add",
+        "--close-access-token", user.close_access_token,
+        "--calendly-token", user.calendly_token,
+        *extra,
+    ]  # fmt: skip
+
+
+def _json(capsys: pytest.CaptureFixture[str]) -> Any:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_add_prints_id_and_lists_without_tokens(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`connections add --json` prints an object with an id; list/show never show a token."""
+    user = env.users[0]
+    assert main([*_add(user), "--json"]) == 0
+    added = _json(capsys)
+    assert added["id"].startswith("conn_")
+    assert added["close_user_id"] == user.close_user_id
+    assert main(["connections", "list", "--json"]) == 0
+    assert main(["connections", "show", added["id"], "--json"]) == 0
+    assert main(["connections", "list"]) == 0
+    out = capsys.readouterr().out
+    assert added["id"] in out
+    for token in (user.close_access_token, user.calendly_token):
+        assert token not in out
+
+
+def test_cli_add_same_close_user_updates_the_connection(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Adding a Close user twice updates the one connection instead of making a second."""
+    user = env.users[0]
+    main([*_add(user), "--json"])
+    first = _json(capsys)
+    main([*_add(user), "--name", "renamed", "--json"])
+    second = _json(capsys)
+    assert second["id"] == first["id"]
+    assert second["updated"] is True
+    main(["connections", "list", "--json"])
+    listed = _json(capsys)
+    assert [c["name"] for c in listed] == ["renamed"]
+
+
+def test_cli_add_bad_token_one_line_error_nothing_stored(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused token exits 2 with one line naming the API and stores nothing."""
+    user = env.users[0]
+    code = main(
+        ["connections", "add", "--close-access-token", "close_at_bogus",
+         "--calendly-token", user.calendly_token]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.count("\n") == 1
+    assert "Close access token was refused" in captured.err
+    assert "GET /me/ answered 401" in captured.err
+    assert "close_at_bogus" not in captured.err
+    main(["connections", "list", "--json"])
+    assert _json(capsys) == []
+
+
+def test_cli_sync_dry_run_then_sync_then_status(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dry run writes nothing; sync creates; status shows the last run's counts."""
+    user = env.users[0]
+    main([*_add(user), "--json"])
+    conn = _json(capsys)
+    assert main(["sync", conn["id"], "--dry-run"]) == 0
+    assert "create " in capsys.readouterr().out
+    assert [link for link in env.world.close_links(user.close_user_id)] == []
+    assert main(["sync", "--all", "--json"]) == 0
+    result = _json(capsys)
+    assert result["ok"] is True
+    created = result["connections"][0]["created"]
+    assert created > 0
+    assert main(["status", "--json"]) == 0
+    status = _json(capsys)
+    row = status["connections"][0]
+    assert row["state"] == "active"
+    assert row["last_run"]["created"] == created
+    assert main(["status"]) == 0
+    assert conn["id"] in capsys.readouterr().out
+
+
+def test_cli_sync_failure_exits_one_and_status_shows_the_error(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A connection that failed makes `sync` exit 1; `status` shows the error naming its cause."""
+    user = env.users[0]
+    main([*_add(user), "--json"])
+    capsys.readouterr()
+    env.world.add_fault(api="calendly", kind="html", path_prefix="/event_types", count=20)
+    assert main(["sync", "--all"]) == 1
+    assert "Calendly GET /event_types answered 502 with an HTML page" in capsys.readouterr().out
+    main(["status", "--json"])
+    status = _json(capsys)
+    assert "answered 502" in status["connections"][0]["last_error"]
+
+
+def test_cli_usage_errors_exit_two(env: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    """No target, ids with --all, or an unknown id: exit 2 and a clear message."""
+    assert main(["sync"]) == 2
+    assert "--all" in capsys.readouterr().err
+    assert main(["sync", "conn_000000000000", "--all"]) == 2
+    capsys.readouterr()
+    assert main(["sync", "conn_000000000000"]) == 2
+    assert "conn_000000000000" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["sync", "--no-such-flag"])
+    assert exited.value.code == 2
+
+
+def test_cli_pause_resume_and_remove(env: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pause keeps a connection out of `sync --all`; remove forgets it."""
+    main([*_add(env.users[0]), "--json"])
+    conn = _json(capsys)
+    assert main(["connections", "pause", conn["id"]]) == 0
+    capsys.readouterr()
+    main(["sync", "--all", "--json"])
+    result = _json(capsys)
+    assert result["connections"] == []
+    assert main(["connections", "resume", conn["id"]]) == 0
+    assert main(["connections", "remove", conn["id"]]) == 0
+    capsys.readouterr()
+    assert main(["connections", "show", conn["id"]]) == 2
+
+
+def test_cli_redis_unreachable_exits_one_naming_redis(
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that cannot be reached gives one line naming it, without its password."""
+    monkeypatch.setenv("REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")
+    assert main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert "Redis at redis://127.0.0.1:1/0" in err or "127.0.0.1:1" in err
+    assert "hunter2" not in err
