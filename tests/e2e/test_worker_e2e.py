@@ -86,7 +86,8 @@ def test_worker_sigkill_mid_run_redelivered_run_completes(
     sandbox.world.update_config(latency_ms=0)
     deployment.start("worker", "--concurrency", "1")
     wait_for("the redelivered run to finish", lambda: converged(sandbox, user), 40)
-    reports = deployment.services.state.reports(conn_id)
+    # The report is pushed just after the last write reached Close.
+    reports = wait_for("the run's report", lambda: deployment.services.state.reports(conn_id), 10)
     # One finished run: the killed one never finished, so this is the redelivered task.
     assert [r.outcome.value for r in reports] == ["ok"]
     assert len(our_links(sandbox, user)) == total
