@@ -12,12 +12,13 @@ import requests
 from cryptography.fernet import Fernet
 
 from closesync.cli.main import main
+from closesync.connection_store import ConnectionStore
 from closesync.errors import EncryptionError
 from closesync.orgmode import Organizations
 from closesync.sandbox import Sandbox
 from closesync.secretbox import FernetBox, generate_key
 from closesync.services import Services
-from closesync.state import ConnectionStore, Keys
+from closesync.state import Keys
 from tests._oauth import follow, sandbox_env, services_for, web_process
 from tests._sandbox import running_sandbox
 

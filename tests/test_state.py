@@ -10,12 +10,14 @@ import redis
 from pydantic import SecretStr
 
 from closesync.connection import Connection, ConnectionState, Grant, Grants
+from closesync.connection_store import ConnectionStore
 from closesync.errors import ConnectionNotFound, EncryptionError, StoreUnavailable
 from closesync.plan import LinkRecord
 from closesync.redis_conn import connect, embedded, guard, redacted_url
 from closesync.report import RunReport
 from closesync.secretbox import FernetBox, PlainBox, generate_key
-from closesync.state import BackfillProgress, ConnectionStore, HeldDeletions, Keys, SyncState
+from closesync.state import Keys
+from closesync.sync_state import BackfillProgress, HeldDeletions, SyncState
 
 ACCESS = "tok_access_5b1e9"
 REFRESH = "tok_refresh_77c0a"

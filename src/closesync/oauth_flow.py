@@ -104,7 +104,7 @@ class PendingFlow:
     redirect_uri: str
     code_verifier: str | None = field(default=None, repr=False)
     # Close grant and user of the first step, waiting for the Calendly step (grant fields as
-    # `closesync.state.grant_json` writes them). Never printed.
+    # `closesync.connection_store.grant_json` writes them). Never printed.
     close: dict[str, Any] | None = field(default=None, repr=False)
     # A name the user gave the connection when starting (`closesync connect --name`).
     name: str | None = None

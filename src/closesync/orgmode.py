@@ -24,11 +24,11 @@ from closesync.calendly.client import CalendlyClient
 from closesync.calendly.models import uuid_of
 from closesync.close.models import Me
 from closesync.connection import Connection, ConnectionState, Grant, Grants, new_connection_id
+from closesync.connection_store import grant_json
 from closesync.credentials import TokenKeeper, shared_lock_key
 from closesync.locks import RedisLock
 from closesync.redis_conn import guard
 from closesync.retry import WaitBudget
-from closesync.state import grant_json
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from closesync.plan import (
     missing_from_listing,
 )
 from closesync.report import RunMode, RunReport
-from closesync.state import BackfillProgress
+from closesync.sync_state import BackfillProgress
 
 if TYPE_CHECKING:
     from closesync.engine import Clients, LockHandle, Progress, SyncEngine

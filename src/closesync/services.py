@@ -18,6 +18,7 @@ from redis import Redis
 from closesync.calendly.client import CalendlyClient, CalendlyOAuth
 from closesync.close.client import CloseClient, CloseOAuth
 from closesync.connection import Connection
+from closesync.connection_store import ConnectionStore
 from closesync.credentials import TokenKeeper, shared_lock_key
 from closesync.engine import Clients, EngineConfig, LockHandle, SyncEngine
 from closesync.http import ApiHttp, new_session
@@ -29,7 +30,8 @@ from closesync.redis_conn import connect, embedded
 from closesync.retry import WaitBudget
 from closesync.secretbox import SecretBox, box_from_settings
 from closesync.settings import Settings
-from closesync.state import ConnectionStore, Keys, SyncState
+from closesync.state import Keys
+from closesync.sync_state import SyncState
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
