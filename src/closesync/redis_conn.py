@@ -29,11 +29,13 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from closesync.errors import ConfigError, StoreUnavailable
 
@@ -45,6 +47,8 @@ SOCKET_TIMEOUT_SECONDS = 5.0
 # Seconds an idle pooled connection may sit before it is PINGed on reuse: catches connections a
 # load balancer or a Redis restart silently dropped, at the cost of one PING per idle period.
 HEALTH_CHECK_INTERVAL_SECONDS = 30
+# The Sentinel master name when a sentinel:// URL names none (Redis's own example name).
+DEFAULT_SENTINEL_MASTER = "mymaster"
 # Seconds `embedded()` waits for a freshly started server to answer PING.
 EMBEDDED_START_TIMEOUT_SECONDS = 10.0
 
@@ -52,8 +56,11 @@ EMBEDDED_START_TIMEOUT_SECONDS = 10.0
 def redacted_url(url: str) -> str:
     """The URL without its password (in the netloc or a `password=` query parameter).
 
-    `redis://:s3cret@host:6379/0` -> `redis://host:6379/0`; a user name is kept.
+    `redis://:s3cret@host:6379/0` -> `redis://host:6379/0`; a user name is kept. A Sentinel URL
+    (`sentinel://…;sentinel://…`) is redacted part by part.
     """
+    if ";" in url:
+        return ";".join(redacted_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
@@ -83,17 +90,20 @@ def _reason(error: BaseException) -> str:
 def connect(url: str) -> redis.Redis:
     """A client for `url` (decoded strings, bounded timeouts) that has answered one PING."""
     shown = redacted_url(url)
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+        "socket_connect_timeout": SOCKET_TIMEOUT_SECONDS,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_SECONDS,
+        # No silent command retries: a SET NX retried after its reply was lost (lock, tick
+        # claim) would report our own claim as someone else's. Callers retry whole steps.
+        "retry": Retry(NoBackoff(), 0),
+    }
     try:
-        client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=SOCKET_TIMEOUT_SECONDS,
-            socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
-            health_check_interval=HEALTH_CHECK_INTERVAL_SECONDS,
-            # No silent command retries: a SET NX retried after its reply was lost (lock, tick
-            # claim) would report our own claim as someone else's. Callers retry whole steps.
-            retry=Retry(NoBackoff(), 0),
-        )
+        if url.startswith("sentinel://"):
+            client = _sentinel_master(url, options)
+        else:
+            client = redis.Redis.from_url(url, **options)
     except ValueError as error:  # redis-py's own complaint about the URL's shape
         raise ConfigError(f"REDIS_URL {shown} is not a Redis URL: {error}") from None
     try:
@@ -102,6 +112,38 @@ def connect(url: str) -> redis.Redis:
         client.close()
         raise StoreUnavailable(f"Redis at {shown} cannot be reached: {_reason(error)}") from error
     return client
+
+
+def _sentinel_master(url: str, options: dict[str, Any]) -> redis.Redis:
+    """The master behind `sentinel://host:26379;sentinel://host2:26379/0?master_name=name`.
+
+    The same URL kombu takes for the Celery broker (closesync.worker.celery_app), so one
+    REDIS_URL serves the queues and the state. A password in the URL is the master's.
+    """
+    hosts: list[tuple[str, int]] = []
+    master, db, password = DEFAULT_SENTINEL_MASTER, 0, None
+    for part in url.split(";"):
+        pieces = urlsplit(part)
+        if pieces.scheme != "sentinel" or not pieces.hostname:
+            raise ValueError(f"every part must look like sentinel://host:port, not {pieces.scheme}")
+        hosts.append((pieces.hostname, pieces.port or 26379))
+        password = pieces.password or password
+        path = pieces.path.strip("/")
+        if path:
+            db = int(path) if path.isdigit() else db
+        for key, value in parse_qsl(pieces.query):
+            if key == "master_name":
+                master = value
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        hosts,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+    )
+    # redis-py leaves master_for untyped; it returns a redis.Redis bound to the current master.
+    master_client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master, db=db, password=password, **options
+    )
+    return master_client
 
 
 class _Guard(contextlib.ContextDecorator):

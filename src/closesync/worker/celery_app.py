@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from celery import Celery
 
 from closesync.errors import ConfigError
+from closesync.redis_conn import DEFAULT_SENTINEL_MASTER
 from closesync.settings import Settings
 
 SYNC_QUEUE = "sync"
@@ -26,7 +27,6 @@ SYNC_CONNECTION = "closesync.sync_connection"
 BACKFILL = "closesync.backfill"
 DRIFT_CHECK = "closesync.drift_check"
 DRIFT_CONNECTION = "closesync.drift_connection"
-DEFAULT_SENTINEL_MASTER = "mymaster"
 # Seconds a task result is kept in Redis: only eager tests and `celery inspect` look at them.
 RESULT_EXPIRES_SECONDS = 3600
 
