@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from closesync.calendly.client import CalendlyClient
 from closesync.close.client import CloseClient
 from closesync.connection import Connection, ConnectionState
+from closesync.connection_store import ConnectionStore
 from closesync.credentials import TokenKeeper
 from closesync.errors import (
     ApiError,
@@ -40,6 +41,7 @@ from closesync.http import ApiHttp
 from closesync.mapping import MappingOptions
 from closesync.plan import MassDeleteRule
 from closesync.report import Outcome, RunMode, RunReport
+from closesync.sync_state import SyncState
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,8 @@ class SyncEngine:
         self,
         *,
         config: EngineConfig,
-        connections: Any,
-        state: Any,
+        connections: ConnectionStore,
+        state: SyncState,
         run_lock: Callable[[str, int], AbstractContextManager[LockHandle]],
         clients_for: Callable[[Connection], Clients],
         clock: Callable[[], float] = time.time,
