@@ -215,7 +215,12 @@ def _render(demo: Demo, elapsed: float, tty: bool) -> None:
     if tty:
         sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
     else:
-        sys.stdout.write(" | ".join(lines[3 : 3 + len(demo.connections)]) + "\n")
+        # Without a terminal, print a frame only when the table changed.
+        frame = "\n".join([*lines[2 : 3 + len(demo.connections)], *demo.log[-1:]])
+        if frame == demo.last_frame:
+            return
+        demo.last_frame = frame
+        sys.stdout.write(f"--- {elapsed:5.1f} s\n{frame}\n")
     sys.stdout.flush()
 
 

@@ -13,6 +13,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("--seconds", type=float, default=75.0, help="stop after this long")
     parser.add_argument("--users", type=int, default=3, help="sandbox users (one connection each)")
     parser.add_argument("--seed", type=int, default=7, help="sandbox seed")
+    parser.add_argument(
+        "--change-every", type=float, default=9.0, help="seconds between two Calendly edits"
+    )
     parser.set_defaults(func=cmd_demo)
 
 
@@ -24,6 +27,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         users=args.users,
         seed=args.seed,
+        change_every=args.change_every,
         data_dir=f"{settings.data_dir}/demo",
     )
     return run_demo(options, settings.redis_url)
