@@ -11,20 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from pydantic import SecretStr
 
 from closesync.calendly.models import EventType
-from closesync.connection import Connection, Grant, Grants, new_connection_id
 from closesync.engine import SyncEngine
 from closesync.mapping import MappingOptions, map_event_types
 from closesync.report import RunMode, RunReport
 from closesync.sandbox import (
-    CALENDLY_CLIENT_ID,
-    CALENDLY_CLIENT_SECRET,
-    CLOSE_CLIENT_ID,
-    CLOSE_CLIENT_SECRET,
     Sandbox,
 )
+from closesync.sandbox.connections import sandbox_connection, sandbox_settings
 from closesync.sandbox.records import SeededUser
 from closesync.services import Services
 from closesync.settings import Settings
@@ -37,16 +32,9 @@ def settings_for(sandbox: Sandbox, redis_url: str, prefix: str, **overrides: Any
     values: dict[str, Any] = {
         "redis_url": redis_url,
         "redis_prefix": prefix,
-        "close_api_url": sandbox.close_api_url,
-        "close_oauth_url": sandbox.close_oauth_url,
-        "calendly_api_url": sandbox.calendly_api_url,
-        "calendly_auth_url": sandbox.calendly_auth_url,
-        "close_client_id": CLOSE_CLIENT_ID,
-        "close_client_secret": CLOSE_CLIENT_SECRET,
-        "calendly_client_id": CALENDLY_CLIENT_ID,
-        "calendly_client_secret": CALENDLY_CLIENT_SECRET,
         "http_connect_timeout": 2.0,
         "http_read_timeout": 5.0,
+        **sandbox_settings(sandbox),
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -74,28 +62,10 @@ class Harness:
 
     def add(self, user: SeededUser, **grant_overrides: Any) -> str:
         """Store a connection for a sandbox user pair (as `connections add` would)."""
-        now = time.time()
-        connection = Connection(
-            id=new_connection_id(),
-            name=user.email,
-            close_user_id=user.close_user_id,
-            close_organization_id=user.close_organization_id,
-            close_email=user.email,
-            calendly_user_uri=user.calendly_user_uri,
-            calendly_email=user.email,
-            created_at=now,
-            updated_at=now,
-        )
-        close = {
-            "access_token": SecretStr(user.close_access_token),
-            "refresh_token": SecretStr(user.close_refresh_token),
-            "expires_at": now + 3000,
-        }
-        close.update(grant_overrides)
-        grants = Grants(
-            close=Grant(kind="oauth", **close),
-            calendly=Grant(kind="pat", access_token=SecretStr(user.calendly_token)),
-        )
+        connection, grants = sandbox_connection(user, time.time())
+        if grant_overrides:
+            close = grants.close.model_copy(update=grant_overrides)
+            grants = grants.model_copy(update={"close": close})
         self.services.connections.save(connection, grants)
         return connection.id
 

@@ -25,7 +25,12 @@ from closesync.calendly.models import TokenResponse as CalendlyToken
 from closesync.close.client import CloseClient
 from closesync.close.models import Me
 from closesync.close.models import TokenResponse as CloseToken
-from closesync.connection import Connection, ConnectionState, Grant, Grants, new_connection_id
+from closesync.connection import (
+    Connection,
+    Grant,
+    Grants,
+    connection_from,
+)
 from closesync.errors import ApiError, ConfigError, GrantRevoked
 from closesync.oauth_flow import FlowStates, PendingFlow, Provider, Purpose, redirect_uri
 from closesync.orgmode import Organizations
@@ -229,19 +234,16 @@ class Connector:
         close_grant = Grant.model_validate(flow.close["grant"])
         existing: Connection | None = self.services.connections.find_by_close_user(me.id)
         now = time.time()
-        connection = Connection(
-            id=existing.id if existing else new_connection_id(),
-            name=flow.name or (existing.name if existing else None) or me.email,
-            state=ConnectionState.ACTIVE,
+        connection = connection_from(
+            existing=existing,
             close_user_id=me.id,
-            close_organization_id=me.organization_id,
             close_email=me.email,
+            close_organization_id=me.organization_id,
             calendly_user_uri=user.uri,
-            calendly_organization_uri=user.current_organization,
             calendly_email=user.email,
-            options=existing.options if existing else Connection.model_fields["options"].default,
-            created_at=existing.created_at if existing else now,
-            updated_at=now,
+            calendly_organization_uri=user.current_organization,
+            name=flow.name,
+            now=now,
         )
         self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
         log.info("connection authorized", extra={"connection_id": connection.id})

@@ -85,3 +85,38 @@ class Connection(BaseModel):
     @property
     def calendly_user_uuid(self) -> str:
         return self.calendly_user_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def connection_from(
+    *,
+    existing: Connection | None,
+    close_user_id: str,
+    close_email: str | None,
+    close_organization_id: str | None,
+    calendly_user_uri: str,
+    calendly_email: str | None,
+    calendly_organization_uri: str | None,
+    name: str | None,
+    now: float,
+    calendly_grant_ref: str | None = None,
+) -> Connection:
+    """The connection to store for a Close user who (re)connected a Calendly user.
+
+    `existing` is that Close user's connection, if any: it keeps its id, options and creation
+    time, so connecting again updates rather than duplicates. The state becomes active again.
+    """
+    return Connection(
+        id=existing.id if existing else new_connection_id(),
+        name=name or (existing.name if existing else None) or close_email,
+        state=ConnectionState.ACTIVE,
+        close_user_id=close_user_id,
+        close_organization_id=close_organization_id,
+        close_email=close_email,
+        calendly_user_uri=calendly_user_uri,
+        calendly_organization_uri=calendly_organization_uri,
+        calendly_email=calendly_email,
+        options=existing.options if existing else ConnectionOptions(),
+        created_at=existing.created_at if existing else now,
+        updated_at=now,
+        calendly_grant_ref=calendly_grant_ref,
+    )

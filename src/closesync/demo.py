@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
-
 from closesync.calendly.models import EventType
-from closesync.connection import Connection, Grant, Grants, new_connection_id
 from closesync.mapping import MappingOptions, map_event_types
 from closesync.redis_conn import embedded
 from closesync.sandbox import (
@@ -33,6 +30,7 @@ from closesync.sandbox import (
     Sandbox,
     SandboxConfig,
 )
+from closesync.sandbox.connections import sandbox_connection, sandbox_settings
 from closesync.sandbox.records import SeededUser
 from closesync.services import Services
 from closesync.settings import Settings
@@ -110,15 +108,8 @@ def _settings(sandbox: Sandbox, redis_url: str) -> Settings:
         _env_file=None,
         redis_url=redis_url,
         redis_prefix=DEMO_PREFIX,
-        close_api_url=sandbox.close_api_url,
-        close_oauth_url=sandbox.close_oauth_url,
-        calendly_api_url=sandbox.calendly_api_url,
-        calendly_auth_url=sandbox.calendly_auth_url,
-        close_client_id=CLOSE_CLIENT_ID,
-        close_client_secret=CLOSE_CLIENT_SECRET,
-        calendly_client_id=CALENDLY_CLIENT_ID,
-        calendly_client_secret=CALENDLY_CLIENT_SECRET,
         sync_cron=DEMO_CRON,
+        **sandbox_settings(sandbox),
     )
 
 
@@ -147,25 +138,7 @@ def _seed(demo: Demo) -> None:
     """One connection per sandbox user, as `closesync connections add` would store it."""
     now = time.time()
     for user in demo.sandbox.users:
-        connection = Connection(
-            id=new_connection_id(),
-            name=user.name,
-            close_user_id=user.close_user_id,
-            close_organization_id=user.close_organization_id,
-            close_email=user.email,
-            calendly_user_uri=user.calendly_user_uri,
-            calendly_email=user.email,
-            created_at=now,
-            updated_at=now,
-        )
-        grants = Grants(
-            close=Grant(
-                access_token=SecretStr(user.close_access_token),
-                refresh_token=SecretStr(user.close_refresh_token),
-                expires_at=now + 3600,
-            ),
-            calendly=Grant(kind="pat", access_token=SecretStr(user.calendly_token)),
-        )
+        connection, grants = sandbox_connection(user, now, name=user.name)
         demo.services.connections.save(connection, grants)
         demo.connections[connection.id] = user
 

@@ -23,7 +23,12 @@ from typing import Any
 from closesync.calendly.client import CalendlyClient
 from closesync.calendly.models import uuid_of
 from closesync.close.models import Me
-from closesync.connection import Connection, ConnectionState, Grant, Grants, new_connection_id
+from closesync.connection import (
+    Connection,
+    Grant,
+    Grants,
+    connection_from,
+)
 from closesync.connection_store import grant_json
 from closesync.credentials import TokenKeeper, shared_lock_key
 from closesync.locks import RedisLock
@@ -268,19 +273,16 @@ class Organizations:
         info = self.info(ref) or {}
         existing: Connection | None = self.connections.find_by_close_user(close_user_id)
         now = time.time()
-        connection = Connection(
-            id=existing.id if existing else new_connection_id(),
-            name=name or (existing.name if existing else None) or close_email,
-            state=ConnectionState.ACTIVE,
+        connection = connection_from(
+            existing=existing,
             close_user_id=close_user_id,
-            close_organization_id=close_organization_id,
             close_email=close_email,
+            close_organization_id=close_organization_id,
             calendly_user_uri=member.uri,
-            calendly_organization_uri=info.get("organization_uri"),
             calendly_email=member.email,
-            options=existing.options if existing else Connection.model_fields["options"].default,
-            created_at=existing.created_at if existing else now,
-            updated_at=now,
+            calendly_organization_uri=info.get("organization_uri"),
+            name=name,
+            now=now,
             calendly_grant_ref=ref,
         )
         self.connections.save_shared(connection, grant)

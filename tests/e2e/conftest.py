@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from pydantic import SecretStr
 
-from closesync.connection import Connection, ConnectionState, Grant, Grants
 from closesync.mapping import clean_name, source_id_for
 from closesync.sandbox import (
     CALENDLY_CLIENT_ID,
@@ -34,6 +32,7 @@ from closesync.sandbox import (
     SandboxConfig,
     SeededUser,
 )
+from closesync.sandbox.connections import sandbox_connection
 from closesync.services import Services
 from closesync.settings import Settings
 from tests.redis_server import RedisServer
@@ -136,30 +135,9 @@ class Deployment:
 
     def add_connection(self, user: SeededUser) -> str:
         """Store a connection for a seeded sandbox user pair, as `connections add` would."""
-        now = time.time()
-        conn_id = "conn_" + uuid.uuid4().hex[:12]
-        grants = Grants(
-            close=Grant(
-                kind="oauth",
-                access_token=SecretStr(user.close_access_token),
-                refresh_token=SecretStr(user.close_refresh_token),
-                expires_at=now + 3600,
-            ),
-            calendly=Grant(kind="pat", access_token=SecretStr(user.calendly_token)),
-        )
-        connection = Connection(
-            id=conn_id,
-            state=ConnectionState.ACTIVE,
-            close_user_id=user.close_user_id,
-            close_organization_id=user.close_organization_id,
-            close_email=user.email,
-            calendly_user_uri=user.calendly_user_uri,
-            calendly_email=user.email,
-            created_at=now,
-            updated_at=now,
-        )
+        connection, grants = sandbox_connection(user, time.time())
         self.services.connections.save(connection, grants)
-        return conn_id
+        return connection.id
 
 
 @pytest.fixture

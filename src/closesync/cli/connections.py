@@ -16,7 +16,13 @@ from pydantic import SecretStr
 from closesync.calendly.client import CalendlyClient
 from closesync.cli.common import load_services, print_json, print_table, when
 from closesync.close.client import CloseClient
-from closesync.connection import Connection, ConnectionState, Grant, Grants, new_connection_id
+from closesync.connection import (
+    Connection,
+    ConnectionState,
+    Grant,
+    Grants,
+    connection_from,
+)
 from closesync.errors import ApiError, AuthFailed, ConfigError, Forbidden
 from closesync.retry import WaitBudget
 
@@ -120,19 +126,16 @@ def cmd_add(args: argparse.Namespace) -> int:
         ),
     )
     existing: Connection | None = services.connections.find_by_close_user(me.id)
-    connection = Connection(
-        id=existing.id if existing else new_connection_id(),
-        name=args.name or (existing.name if existing else None) or me.email,
-        state=ConnectionState.ACTIVE,
+    connection = connection_from(
+        existing=existing,
         close_user_id=me.id,
-        close_organization_id=me.organization_id,
         close_email=me.email,
+        close_organization_id=me.organization_id,
         calendly_user_uri=user.uri,
-        calendly_organization_uri=user.current_organization,
         calendly_email=user.email,
-        options=existing.options if existing else Connection.model_fields["options"].default,
-        created_at=existing.created_at if existing else now,
-        updated_at=now,
+        calendly_organization_uri=user.current_organization,
+        name=args.name,
+        now=now,
     )
     services.connections.save(connection, grants)
     if args.json:
