@@ -177,3 +177,19 @@ def test_cli_redis_unreachable_exits_one_naming_redis(
     err = capsys.readouterr().err
     assert "Redis at redis://127.0.0.1:1/0" in err or "127.0.0.1:1" in err
     assert "hunter2" not in err
+
+
+def test_cli_add_token_with_odd_characters_names_the_option(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pasted token with a curly quote is refused before any call, naming the option only."""
+    user = env.users[0]
+    code = main(
+        ["connections", "add", "--close-access-token", "close_at_x’",
+         "--calendly-token", user.calendly_token]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--close-access-token is not a token" in err
+    assert "close_at_x" not in err
+    assert env.world.request_counts() == {}

@@ -446,3 +446,17 @@ def test_api_http_remaining_zero_waits_before_next_call_to_group(
     assert http.calls == 3  # waited, not refused and retried
     counts = sb.world.request_counts()
     assert sum(n for key, n in counts.items() if key.startswith("close GET")) == 3
+
+
+def test_api_http_token_with_non_latin1_character_fails_without_echoing_it(
+    sb: Sandbox, fake: FakeClock
+) -> None:
+    """A token HTTP headers cannot carry becomes AuthFailed naming the call, not the token."""
+    http = api_http("Close", sb.close_api_url, fake)
+    token = "close_at_s3cret’"
+    with pytest.raises(AuthFailed) as caught:
+        http.request("GET", "/me/", endpoint="/me/", headers={"Authorization": f"Bearer {token}"})
+    assert "Close GET /me/ could not be sent" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    assert "s3cret" not in repr(caught.value)
+    assert caught.value.__cause__ is None

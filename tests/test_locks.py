@@ -109,3 +109,12 @@ def test_lock_acquire_wait_cancelled_returns_false(redis_client: redis.Redis) ->
     started = time.monotonic()
     assert RedisLock(redis_client, KEY, 10).acquire_wait(5.0, cancel=cancel) is False
     assert time.monotonic() - started < 1.0
+
+
+def test_lock_held_turns_false_once_ttl_passed_without_renewal(redis_client: redis.Redis) -> None:
+    """held() is False once the TTL ran out, even before any renewer noticed."""
+    lock = RedisLock(redis_client, "test:held", ttl_seconds=0.2)
+    assert lock.acquire()
+    assert lock.held() is True
+    assert wait_until(lambda: not lock.held())
+    assert lock.lost.is_set() is False

@@ -180,3 +180,12 @@ def test_plan_and_mapping_import_no_io_library() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plan_listed_doubtful_type_resets_the_missing_count() -> None:
+    """A listing that showed the event type (even unmappable) breaks the "twice in a row"."""
+    plan = make_plan(
+        desired={}, records={"u1:a": record("a", missing=1)}, facts=facts("a", doubtful=("a",))
+    )
+    assert plan.deletes == []
+    assert plan.missing_counts == {"u1:a": 0}

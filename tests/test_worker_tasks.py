@@ -9,7 +9,7 @@ import redis
 from pydantic import SecretStr
 
 from closesync.connection import Connection, ConnectionState, Grant, Grants
-from closesync.report import Outcome, RunReport
+from closesync.report import Outcome, RunMode, RunReport
 from closesync.services import Services
 from closesync.settings import Settings
 from closesync.state import Keys
@@ -157,3 +157,19 @@ def test_enqueue_tick_two_enqueuers_same_tick_one_message(
     assert enqueue_tick(services, app, "sync", now) == ("2026-03-04T10:05:00+00:00", True)  # type: ignore[arg-type]
     assert enqueue_tick(services, app, "sync", later) == ("2026-03-04T10:05:00+00:00", False)  # type: ignore[arg-type]
     assert [name for name, _, _ in app.sent] == ["closesync.sync_all"]
+
+
+def test_verdict_busy_backfill_or_drift_comes_back_busy_sync_does_not() -> None:
+    """A backfill or drift check that found a run in progress retries; a sync leaves it a rerun."""
+    for mode, retried in ((RunMode.BACKFILL, True), (RunMode.DRIFT, True), (RunMode.SYNC, False)):
+        busy = RunReport(
+            connection_id="conn_x",
+            mode=mode,
+            started_at=0.0,
+            outcome=Outcome.SKIPPED,
+            failure="locked",
+        )
+        decision = verdict(busy, 0, half)
+        assert decision.retry is retried
+        if retried:
+            assert decision.countdown == 15.75

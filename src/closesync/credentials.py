@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 from pydantic import SecretStr
 
 from closesync.connection import Grant, Grants
-from closesync.errors import AuthFailed, GrantRevoked
+from closesync.errors import AuthFailed, ConfigError, GrantRevoked, TransientError
 
 Side = Literal["close", "calendly"]
 
@@ -102,18 +102,26 @@ class TokenKeeper:
 
     def refresh(self, failed_token: str) -> str:
         """Replace `failed_token` with a fresh access token, once across all processes."""
-        if self._grant.refresh_token is None or self._refresher is None:
+        label = self._label()
+        if self._grant.refresh_token is None:
             raise GrantRevoked(
-                f"{self._label()} access token was refused and there is no refresh token",
-                api=self._label(),
+                f"{label} access token was refused and there is no refresh token",
+                api=label,
                 method="POST",
                 endpoint="token refresh",
             )
+        if self._refresher is None:
+            # A deployment mistake, not the user's: the connection must not leave the schedule.
+            side = label.upper()
+            raise ConfigError(
+                f"{label} access token expired and cannot be refreshed: "
+                f"{side}_CLIENT_ID and {side}_CLIENT_SECRET are not set"
+            )
         lock = self._lock_factory(grant_lock_name(self.side, self.lock_key))
         if not lock.acquire_wait(REFRESH_WAIT_SECONDS):
-            raise AuthFailed(
-                f"{self._label()} token refresh is held by another process for too long",
-                api=self._label(),
+            raise TransientError(
+                f"{label} token refresh is held by another process for too long",
+                api=label,
                 method="POST",
                 endpoint="token refresh",
             )
@@ -124,7 +132,24 @@ class TokenKeeper:
                 self._grant = stored
                 return stored.access_token.get_secret_value()
             assert stored.refresh_token is not None  # noqa: S101 - checked above on our copy
-            answer = self._refresher.refresh(stored.refresh_token.get_secret_value())
+            presented = stored.refresh_token.get_secret_value()
+            try:
+                answer = self._refresher.refresh(presented)
+            except GrantRevoked:
+                # Someone may have rotated the grant without our lock (e.g. its lock expired
+                # during a slow refresh): if the stored refresh token changed, use that grant.
+                current = self._load()
+                if current.refresh_token is not None and (
+                    current.refresh_token.get_secret_value() != presented
+                ):
+                    self._grant = current
+                    return current.access_token.get_secret_value()
+                raise
+            except AuthFailed as error:
+                # The token endpoint refused closesync itself (invalid_client): configuration.
+                raise ConfigError(
+                    f"{label} refused closesync's OAuth client credentials: {error}"
+                ) from None
             new = Grant(
                 kind="oauth",
                 access_token=SecretStr(answer.access_token),

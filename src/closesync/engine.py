@@ -23,19 +23,22 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from closesync.calendly.client import CalendlyClient
 from closesync.close.client import CloseClient
 from closesync.connection import Connection, ConnectionState
 from closesync.connection_store import ConnectionStore
 from closesync.credentials import TokenKeeper
 from closesync.errors import (
-    ApiError,
     AuthFailed,
+    CloseSyncError,
     Forbidden,
     RateLimited,
     Rejected,
     RetryableError,
     RunLocked,
+    StoreUnavailable,
 )
 from closesync.http import ApiHttp
 from closesync.mapping import MappingOptions
@@ -69,10 +72,9 @@ class Clients:
 
 
 class LockHandle(Protocol):
-    """What a held run lock offers the run: `lost.is_set()` once it can no longer be trusted."""
+    """What a held run lock offers the run: `held()` is False once it can no longer be trusted."""
 
-    @property
-    def lost(self) -> Any: ...
+    def held(self) -> bool: ...
 
 
 class LockLost(RunLocked):
@@ -124,8 +126,9 @@ class SyncEngine:
     ) -> RunReport:
         """Run one connection once and return its report (kept unless a dry run).
 
-        API errors end up in the report, never raised; a Redis failure (StoreUnavailable) is
-        raised, since then nothing can be recorded.
+        Every closesync error of the run (API, Redis, decryption, stored state that no longer
+        parses) ends up in the report as a failure, never raised; only an error that prevents
+        even reading the connection or storing the report is raised.
         """
         from closesync.run import ConnectionRun
 
@@ -138,14 +141,22 @@ class SyncEngine:
         if dry_run:
             run = ConnectionRun(self, connection, report, None, allow_mass_delete, progress)
             return self._conclude(connection, report, run, run.dry_run, keep=False)
-        try:
-            with self.run_lock(connection_id, self.config.run_lock_ttl) as lock:
-                run = ConnectionRun(self, connection, report, lock, allow_mass_delete, progress)
-                return self._conclude(connection, report, run, run.execute, keep=True)
-        except RunLocked:
-            # The run in progress picks this request up when it ends (see the Celery task).
-            self.state.request_rerun(connection_id)
-            return self._skip(report, "another run of this connection is in progress")
+        for attempt in (1, 2):
+            try:
+                with self.run_lock(connection_id, self.config.run_lock_ttl) as lock:
+                    if attempt == 2:
+                        # Our own request below: we are the run it asked for.
+                        self.state.pop_rerun(connection_id)
+                    run = ConnectionRun(self, connection, report, lock, allow_mass_delete, progress)
+                    return self._conclude(connection, report, run, run.execute, keep=True)
+            except RunLocked:
+                if attempt == 1:
+                    # The run in progress runs once more when it ends (see the Celery task).
+                    # Its holder may have ended just before the request landed, finding none:
+                    # so try the lock once more before leaving it the request.
+                    self.state.request_rerun(connection_id)
+        report.failure = "locked"
+        return self._skip(report, "another run of this connection is in progress")
 
     def _skip(self, report: RunReport, why: str) -> RunReport:
         report.outcome = Outcome.SKIPPED
@@ -164,8 +175,14 @@ class SyncEngine:
     ) -> RunReport:
         try:
             body()
-        except (ApiError, LockLost) as error:
+        except (CloseSyncError, ValidationError) as error:
             self._fail(connection, report, error)
+        except BaseException as error:
+            # A time limit, an interruption or a bug: the report must not say "ok".
+            report.outcome = Outcome.FAILED
+            report.failure = "error"
+            report.errors.append(f"run interrupted: {type(error).__name__}")
+            raise
         finally:
             report.api_calls = run.api_calls()
             report.finished_at = self.clock()
@@ -193,11 +210,15 @@ class SyncEngine:
 
     def _fail(self, connection: Connection, report: RunReport, error: Exception) -> None:
         report.outcome = Outcome.FAILED
-        report.errors.append(str(error))
+        report.errors.append(
+            f"stored state could not be read: {error.error_count()} invalid field(s)"
+            if isinstance(error, ValidationError)
+            else str(error)
+        )
         report.failure = failure_kind(error)
         if isinstance(error, RateLimited):
             report.retry_after = error.wait_seconds
-        if isinstance(error, AuthFailed):
+        if isinstance(error, AuthFailed) and not report.dry_run:
             # Reached only after one refresh was tried (or none was possible): the user must
             # authorize again; the connection leaves the schedule until then.
             self.connections.set_state(
@@ -214,7 +235,7 @@ def failure_kind(error: BaseException) -> str:
     """The retry class of a failure, for the caller that decides on retries."""
     if isinstance(error, RateLimited):
         return "rate_limited"
-    if isinstance(error, RetryableError):
+    if isinstance(error, (RetryableError, StoreUnavailable)):
         return "transient"
     if isinstance(error, AuthFailed):
         return "auth"

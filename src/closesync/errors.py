@@ -3,6 +3,7 @@
     CloseSyncError
     ├── ConfigError                 bad usage or configuration: stop, exit code 2
     ├── StoreUnavailable            Redis cannot be reached or answered an error: stop, retry later
+    ├── CorruptState                a value stored in Redis does not parse: stop, report it
     ├── RunLocked                   another run holds this connection's lock: run again after it
     ├── ConnectionNotFound          no connection with that id
     ├── EncryptionError             a stored secret cannot be decrypted or no key is set
@@ -40,6 +41,10 @@ class StoreUnavailable(CloseSyncError):
 
 class RunLocked(CloseSyncError):
     """Another process is running this connection right now."""
+
+
+class CorruptState(CloseSyncError):
+    """A value stored in Redis no longer parses (hand-edited, truncated, or from a bad release)."""
 
 
 class ConnectionNotFound(CloseSyncError):

@@ -366,6 +366,15 @@ class ApiHttp:
                 method=method,
                 endpoint=endpoint,
             ) from None
+        except UnicodeError:
+            # A header value (a token) requests cannot encode; its text holds the value: drop it.
+            raise AuthFailed(
+                f"{where} could not be sent: the credentials contain characters an HTTP header "
+                "cannot carry",
+                api=self.api,
+                method=method,
+                endpoint=endpoint,
+            ) from None
         except requests.RequestException as exc:
             raise TransientError(
                 f"{where} failed: {type(exc).__name__}",

@@ -57,6 +57,9 @@ class RedisLock:
         self.token = secrets.token_hex(16)
         # Set by `hold()`'s renewer when the lock was found taken or expired.
         self.lost = threading.Event()
+        # Monotonic time until which the lock is surely still ours: the TTL counted from before
+        # the last successful SET/renewal was sent, less a margin for clock drift.
+        self.valid_until = 0.0
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
@@ -67,7 +70,23 @@ class RedisLock:
     @guard("taking a lock")
     def acquire(self) -> bool:
         """Take the lock if it is free; never waits."""
-        return bool(self.redis.set(self.key, self.token, nx=True, px=self._ttl_ms))
+        sent = time.monotonic()
+        taken = bool(self.redis.set(self.key, self.token, nx=True, px=self._ttl_ms))
+        if taken:
+            self._valid_from(sent)
+        return taken
+
+    def _valid_from(self, sent: float) -> None:
+        margin = min(1.0, self.ttl_seconds / 10)
+        self.valid_until = sent + self.ttl_seconds - margin
+
+    def held(self) -> bool:
+        """Whether the lock is surely still ours: not found lost, and within its TTL.
+
+        Checked before every write, so that a process paused past its TTL (GC, swap, a stopped
+        VM) stops writing even before its renewer wakes up to notice.
+        """
+        return not self.lost.is_set() and time.monotonic() < self.valid_until
 
     @guard("taking a lock")
     def acquire_wait(self, timeout: float, cancel: threading.Event | None = None) -> bool:
@@ -93,7 +112,11 @@ class RedisLock:
     @guard("renewing a lock")
     def renew(self) -> bool:
         """Reset the TTL if the lock is still ours; False if it expired or someone else holds it."""
-        return bool(self._renew(keys=[self.key], args=[self.token, self._ttl_ms]))
+        sent = time.monotonic()
+        renewed = bool(self._renew(keys=[self.key], args=[self.token, self._ttl_ms]))
+        if renewed:
+            self._valid_from(sent)
+        return renewed
 
     @guard("releasing a lock")
     def release(self) -> bool:
@@ -102,11 +125,9 @@ class RedisLock:
 
 
 def _renew_until(lock: RedisLock, every: float, stop: threading.Event) -> None:
-    last_renewed = time.monotonic()
     while not stop.wait(every):
         try:
             if lock.renew():
-                last_renewed = time.monotonic()
                 continue
             log.warning("lock lost: it expired or another process took it", extra={"key": lock.key})
             lock.lost.set()
@@ -114,7 +135,7 @@ def _renew_until(lock: RedisLock, every: float, stop: threading.Event) -> None:
         except Exception:
             # Redis may come back before the TTL runs out; once it has run out, the lock is gone.
             log.warning("could not renew lock", extra={"key": lock.key}, exc_info=True)
-            if time.monotonic() - last_renewed >= lock.ttl_seconds:
+            if time.monotonic() >= lock.valid_until:
                 lock.lost.set()
                 return
 

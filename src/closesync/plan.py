@@ -164,11 +164,12 @@ def make_plan(
         else:
             plan.kept[source_id] = "missing from one complete listing"
             plan.missing_counts[source_id] = record.missing + 1
-    # A record seen again in the listing starts counting from zero.
-    for source_id in desired:
-        record = records.get(source_id)
-        if record is not None and record.missing:
-            plan.missing_counts[source_id] = 0
+    # A record whose event type a complete listing showed (desired, doubtful or not synced)
+    # starts counting from zero: "missing twice" means twice in a row.
+    if facts.complete:
+        for source_id, record in records.items():
+            if record.missing and uuid_of(record.event_type_uri) in facts.listed_uuids:
+                plan.missing_counts[source_id] = 0
     threshold = rule.threshold(len(records))
     if len(deletes) > threshold and not allow_mass_delete:
         reason = (

@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from closesync.errors import ConfigError, StoreUnavailable
+from closesync.errors import ConfigError, CorruptState, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,17 @@ class _Guard(contextlib.ContextDecorator):
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if error is None or not isinstance(error, redis.exceptions.RedisError):
+        if error is None:
             return
         while_ = f" while {self.action}" if self.action else ""
+        if isinstance(error, ValueError | TypeError):
+            # Inside a store method these come from parsing what Redis held (JSON, pydantic):
+            # name the step, never the value (it may be a sealed or plain secret).
+            raise CorruptState(
+                f"Redis holds a value closesync cannot read{while_} ({type(error).__name__})"
+            ) from None
+        if not isinstance(error, redis.exceptions.RedisError):
+            return
         if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
             message = f"Redis cannot be reached{while_}: {_reason(error)}"
         else:

@@ -212,6 +212,8 @@ class ConnectionRun:
         """A link this OAuth application made for this connection's Calendly user."""
         if link.source != "THIRD_PARTY" or not link.source_id:
             return False
+        if link.user_id is not None and link.user_id != self.connection.close_user_id:
+            return False
         client_id = self.engine.config.close_client_id
         if client_id is not None and link.oauth_client_id not in (None, client_id):
             return False
@@ -276,7 +278,7 @@ class ConnectionRun:
     def _check_lock(self) -> None:
         from closesync.engine import LockLost
 
-        if self.lock is not None and self.lock.lost.is_set():
+        if self.lock is not None and not self.lock.held():
             raise LockLost("the run lock was lost; stopping before the next write")
 
     def _progress(self, done: int, total: int, cursor: str | None) -> None:

@@ -122,8 +122,12 @@ class Services:
         """The clients of one run, refreshing tokens through the single-flight keepers."""
         s = self.settings
 
+        # The refresh lock must outlive the slowest token call it guards (connect + read
+        # timeout), or a second process could present the same single-use refresh token.
+        refresh_ttl = 2 * (s.http_connect_timeout + s.http_read_timeout) + 5
+
         def lock_factory(name: str) -> RedisLock:
-            return RedisLock(self.redis, self.keys.refresh_lock(name), ttl_seconds=30)
+            return RedisLock(self.redis, self.keys.refresh_lock(name), ttl_seconds=refresh_ttl)
 
         close_tokens = TokenKeeper(
             connection_id=connection.id,

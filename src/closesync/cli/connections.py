@@ -73,8 +73,21 @@ def public(connection: Connection) -> dict[str, Any]:
     return connection.model_dump(mode="json")
 
 
+def _check_token_shape(option: str, value: str | None) -> None:
+    """A token is printable ASCII without spaces; say which option is wrong, never its value."""
+    if value is not None and not (value.isascii() and value.isprintable() and " " not in value):
+        raise ConfigError(f"{option} is not a token: it holds spaces or non-ASCII characters")
+
+
 def _resolve(services: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """Both users behind the given tokens; a refused token becomes a one-line ConfigError."""
+    for option in (
+        "close_access_token",
+        "close_refresh_token",
+        "calendly_token",
+        "calendly_refresh_token",
+    ):
+        _check_token_shape("--" + option.replace("_", "-"), getattr(args, option))
     settings = services.settings
     budget = WaitBudget(settings.inline_wait_budget_seconds)
     close_token: str = args.close_access_token

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from closesync import __version__
 from closesync.errors import (
     ApiError,
+    CloseSyncError,
     ConfigError,
     ConnectionNotFound,
     EncryptionError,
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ConnectionNotFound, EncryptionError) as error:
         sys.stderr.write(f"closesync: {error}\n")
         return EXIT_USAGE
-    except (StoreUnavailable, ApiError) as error:
+    except (StoreUnavailable, ApiError, CloseSyncError) as error:
         sys.stderr.write(f"closesync: {error}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:

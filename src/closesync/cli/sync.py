@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from closesync.cli.common import load_services, print_json
-from closesync.errors import ConfigError
+from closesync.errors import CloseSyncError, ConfigError
 from closesync.report import Outcome, RunMode, RunReport
 
 
@@ -101,19 +102,33 @@ def _run_all(
     show_progress = not args.json and sys.stderr.isatty()
     for connection_id in ids:
         progress = _bar(connection_id) if show_progress else None
-        report = engine.run(
-            connection_id,
-            mode=mode,
-            allow_mass_delete=allow_mass_delete,
-            progress=progress,
-            dry_run=dry,
-        )
+        try:
+            report = engine.run(
+                connection_id,
+                mode=mode,
+                allow_mass_delete=allow_mass_delete,
+                progress=progress,
+                dry_run=dry,
+            )
+        except CloseSyncError as error:
+            # This connection could not even be read or recorded; the others still run.
+            report = RunReport(
+                connection_id=connection_id,
+                mode=mode,
+                dry_run=dry,
+                started_at=time.time(),
+                outcome=Outcome.FAILED,
+                failure="error",
+                errors=[str(error)],
+            )
         if show_progress:
             sys.stderr.write("\r\x1b[K")
         reports.append(report)
         if not args.json:
             _print_report(report)
-    failed = [r for r in reports if r.outcome is Outcome.FAILED]
+    # A connection another process is running was not synced by this command: say so in the
+    # exit code too (the run in progress picks the request up when it ends).
+    failed = [r for r in reports if r.outcome is Outcome.FAILED or r.failure == "locked"]
     if args.json:
         print_json(
             {

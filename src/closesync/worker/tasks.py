@@ -23,6 +23,7 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from closesync.connection import ConnectionState
+from closesync.errors import StoreUnavailable
 from closesync.logs import bind
 from closesync.observability import cron_checkin
 from closesync.report import Outcome, RunMode, RunReport
@@ -42,6 +43,10 @@ MAX_RATE_LIMIT_RETRIES = 16
 MAX_RERUNS = 3
 # Seconds before a run stopped by the soft time limit resumes (a backfill resumes where it was).
 RESUME_AFTER_SECONDS = 1.0
+# A backfill or drift check that found a sync running comes back after this many seconds (the
+# holder's rerun would be a plain sync), at most this many times.
+LOCKED_RETRY_SECONDS = 15.0
+MAX_LOCKED_RETRIES = 20
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,11 @@ class Verdict:
 
 def verdict(report: RunReport, retries: int, rand: Random) -> Verdict:
     """Retry or give up, from the report of a run that was the `retries`-th retry."""
+    if report.outcome is Outcome.SKIPPED and report.failure == "locked":
+        # A sync asked the holder to run once more; a backfill or drift check must run itself.
+        if report.mode is RunMode.SYNC or retries >= MAX_LOCKED_RETRIES:
+            return Verdict(False, reason="another run holds the connection")
+        return Verdict(True, rate_limit_delay(LOCKED_RETRY_SECONDS, rand), "connection busy")
     if report.outcome is not Outcome.FAILED:
         return Verdict(False, reason=report.outcome.value)
     if report.failure == "rate_limited":
@@ -141,7 +151,15 @@ def run_connection(task: Task[Any, Any], connection_id: str, mode: RunMode) -> s
     engine = services.engine(wait_budget=services.settings.task_inline_wait_seconds)
     with bind(connection_id=connection_id, task_id=task.request.id):
         try:
-            report = engine.run(connection_id, mode=mode)
+            try:
+                report = engine.run(connection_id, mode=mode)
+            except StoreUnavailable as error:
+                # Redis went away before the run could even be recorded: nothing was lost.
+                countdown = transient_delay(task.request.retries, random.random)
+                log.warning("Redis unavailable; retrying in %.1f s: %s", countdown, error)
+                if task.request.retries >= MAX_TRANSIENT_RETRIES:
+                    raise
+                raise task.retry(countdown=countdown, max_retries=None) from None
             reruns = 0
             # SKIPPED means another run holds the lock: it, not this task, owns the rerun.
             while (
