@@ -217,3 +217,23 @@ def test_shared_grant_refreshed_by_four_processes_at_once_is_never_lost(
     assert oauth is not None
     # The stored refresh token is the live one: it refreshes again.
     assert oauth.refresh(after.refresh_token.get_secret_value()).access_token
+
+
+def test_daily_pass_pairs_a_waiting_user_without_the_organization_reconnecting(
+    sb: Sandbox, services: Services
+) -> None:
+    """The drift check's pairing pass pairs a waiting Close user once a member has the email."""
+    from closesync.worker.tasks import pair_organizations
+
+    late = sb.users[3]
+    set_close_email(sb, late.close_user_id, "later@example.com")
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, "later@example.com")
+    assert services.connections.list() == []
+    assert pair_organizations(services) == 0
+    newcomer = sb.world.create_user(email="Later@Example.com", name="Later Comer")
+    assert pair_organizations(services) == 1
+    [connection] = services.connections.list()
+    assert connection.calendly_user_uri == newcomer.calendly_user_uri
+    assert Organizations(services).waiting() == []

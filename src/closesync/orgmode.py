@@ -31,7 +31,6 @@ from closesync.connection import (
 )
 from closesync.connection_store import grant_json
 from closesync.credentials import TokenKeeper, shared_lock_key
-from closesync.locks import RedisLock
 from closesync.redis_conn import guard
 from closesync.retry import WaitBudget
 
@@ -143,16 +142,12 @@ class Organizations:
     def client(self, ref: str) -> CalendlyClient:
         """A Calendly client on the shared credential, refreshing under its shared lock."""
         services = self.services
-
-        def lock_factory(name: str) -> RedisLock:
-            return RedisLock(services.redis, services.keys.refresh_lock(name), ttl_seconds=30)
-
         keeper = TokenKeeper(
             connection_id=ref,
             side="calendly",
             store=_SharedGrantStore(self.connections, ref),
             refresher=services.calendly_oauth(),
-            lock_factory=lock_factory,
+            lock_factory=services.refresh_lock,
             lock_key=shared_lock_key(ref),
         )
         budget = WaitBudget(services.settings.inline_wait_budget_seconds)

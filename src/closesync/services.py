@@ -113,6 +113,16 @@ class Services:
             client_secret=s.calendly_client_secret.get_secret_value(),
         )
 
+    def refresh_lock(self, name: str) -> RedisLock:
+        """The single-flight lock of one grant's token refresh.
+
+        It must outlive the slowest token call it guards (connect + read timeout, twice for
+        margin), or a second process could present the same single-use refresh token.
+        """
+        s = self.settings
+        ttl = 2 * (s.http_connect_timeout + s.http_read_timeout) + 5
+        return RedisLock(self.redis, self.keys.refresh_lock(name), ttl_seconds=ttl)
+
     def clients_for(
         self,
         connection: Connection,
@@ -122,12 +132,7 @@ class Services:
         """The clients of one run, refreshing tokens through the single-flight keepers."""
         s = self.settings
 
-        # The refresh lock must outlive the slowest token call it guards (connect + read
-        # timeout), or a second process could present the same single-use refresh token.
-        refresh_ttl = 2 * (s.http_connect_timeout + s.http_read_timeout) + 5
-
-        def lock_factory(name: str) -> RedisLock:
-            return RedisLock(self.redis, self.keys.refresh_lock(name), ttl_seconds=refresh_ttl)
+        lock_factory = self.refresh_lock
 
         close_tokens = TokenKeeper(
             connection_id=connection.id,

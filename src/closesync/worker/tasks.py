@@ -23,7 +23,7 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from closesync.connection import ConnectionState
-from closesync.errors import StoreUnavailable
+from closesync.errors import CloseSyncError, StoreUnavailable
 from closesync.logs import bind
 from closesync.observability import cron_checkin
 from closesync.report import Outcome, RunMode, RunReport
@@ -142,6 +142,28 @@ def fan_out(services: Services, app: Celery, *, tick: str, slot: str, cron: str,
     return count
 
 
+def pair_organizations(services: Services) -> int:
+    """Re-read every connected Calendly organization's members and pair waiting Close users.
+
+    Members join Calendly after the Close user authorized; without this daily pass they would
+    wait until an admin connects the organization again. A failure is logged, never raised: the
+    drift check of the connections that exist must still run.
+    """
+    from closesync.orgmode import Organizations
+
+    organizations = Organizations(services)
+    if not organizations.refs():
+        return 0
+    try:
+        paired = organizations.pair_waiting()
+    except CloseSyncError as error:
+        log.warning("pairing organization members failed: %s", error)
+        return 0
+    for connection in paired:
+        log.info("paired a waiting Close user", extra={"connection_id": connection.id})
+    return len(paired)
+
+
 # --- running a connection -------------------------------------------------------------------------
 
 
@@ -222,10 +244,11 @@ def backfill(self: Task[Any, Any], connection_id: str) -> str:
 
 @shared_task(bind=True, name=names.DRIFT_CHECK)
 def drift_check(self: Task[Any, Any], slot: str) -> int:
-    """Fan out one drift_connection per active connection for the daily tick `slot`."""
+    """Pair waiting organization users, then fan out one drift_connection per connection."""
     services = get_services()
     cron = services.settings.drift_cron
     with cron_checkin("closesync-drift-check", cron):
+        pair_organizations(services)
         return fan_out(
             services, self.app, tick="drift", slot=slot, cron=cron, task=names.DRIFT_CONNECTION
         )
