@@ -17,7 +17,7 @@ from closesync.redis_conn import embedded
 from closesync.sandbox import Sandbox, SandboxConfig
 from tests.sync_harness import Harness
 
-SIZES = [(1, 10), (1, 250), (10, 20), (50, 10)]
+SIZES = [(1, 10), (1, 250), (10, 20), (50, 10), (200, 5)]
 
 
 def measure(redis_url: str, users: int, types: int) -> list[str]:
