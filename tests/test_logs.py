@@ -98,3 +98,31 @@ def test_redact_keeps_ids_masks_token_shapes() -> None:
         "conn_0123456789ab run_0123456789ab 3f2b6c1e-9a4d-4c1b-8e2f-0a1b2c3d4e5f "
         '[redacted] [redacted] redis://:[redacted]@redis:6379/0 "client_secret": "[redacted]"'
     )
+
+
+def test_redact_masks_base64url_tokens_even_without_digits() -> None:
+    """Opaque base64url tokens are masked whether or not they hold a digit or a dash."""
+    for token in (
+        "Zm9vYmFyYmF6cXV4cXV1eA",  # digits
+        "abcDEFghiJKLmnoPQRstuVWX",  # no digit, mixed case
+        "ab-CD_ef-GH_ij-KL_mn-OP",  # dashes and underscores
+        "oa2at_abc123abc123abc123",  # short, prefixed
+    ):
+        assert token not in redact(f"refresh failed for {token}: 400")
+
+
+def test_redact_masks_oauth_code_and_state_in_query_strings() -> None:
+    """The one-time values of an OAuth callback never reach a log line."""
+    line = redact("GET /oauth/close/callback?code=abcDEF&state=xyz HTTP/1.1")
+    assert line == "GET /oauth/close/callback?code=[redacted]&state=[redacted] HTTP/1.1"
+
+
+def test_redact_keeps_urls_source_ids_close_ids_and_exception_names() -> None:
+    """What an operator must read stays: URLs with uuids, source_ids, Close ids, class names."""
+    text = (
+        "https://api.calendly.com/event_types/3f2b6c1e-9a4d-4c1b-8e2f-0a1b2c3d4e5f "
+        "3f2b6c1e-9a4d-4c1b-8e2f-0a1b2c3d4e5f:0a2b6c1e-9a4d-4c1b-8e2f-0a1b2c3d4e5f "
+        "user_5ubbbPIa84yRnBUbHoWC8FJo schlnk_abc123def456ghi ConnectionRefusedError "
+        "scheduling_link_integration redis://127.0.0.1:6379/15"
+    )
+    assert redact(text) == text

@@ -37,25 +37,36 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
 }
 
 # Names whose values are secrets whatever they look like (in extra fields, headers, query
-# strings, JSON bodies): tokens, passwords, keys, cookies, the Sentry DSN.
+# strings, JSON bodies): tokens, passwords, keys, cookies, the Sentry DSN, and the one-time
+# values of an OAuth flow (authorization code, PKCE verifier, state).
 SECRET_NAME = re.compile(
-    r"token|secret|passw|authorization|api[_-]?key|cookie|dsn|credential|encryption[_-]?keys?",
+    r"token|secret|passw|authorization|api[_-]?key|cookie|dsn|credential|encryption[_-]?keys?"
+    r"|verifier|^code$|^state$|^oauth_state$",
     re.IGNORECASE,
+)
+# Long identifiers that are not secrets and that operators need to read: uuids (Calendly),
+# closesync's own ids, Close object ids, and source_ids made of two uuids.
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_CAMEL_CASE = re.compile(r"(?:[A-Z][a-z]+)+")
+_READABLE = re.compile(
+    rf"{_UUID}|(?:conn|run)_[0-9a-f]{{12}}"
+    r"|(?:user|orga|schlnk|oa2client|membership|lead|acti)_[A-Za-z0-9]{10,40}"
 )
 _PATTERNS = (
     # `Authorization: Bearer abc`, `Basic abc`.
     re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"),
     # key=value and "key": "value" where the key names a secret.
     re.compile(
-        r"(?i)([\"']?[\w-]*(?:token|secret|passw\w*|api[_-]?key|authorization)[\"']?"
-        r"\s*[=:]\s*[\"']?)([^\"'&\s,;}]+)"
+        r"(?i)([\"']?[\w-]*(?:token|secret|passw\w*|api[_-]?key|authorization|verifier)[\"']?"
+        r"\s*[=:]\s*[\"']?|(?<![\w-])(?:code|state)=)([^\"'&\s,;}]+)"
     ),
     # JWTs.
     re.compile(r"\beyJ[\w-]+\.[\w-]+\.[\w-]*"),
     # A password in a URL's userinfo: redis://:pw@host.
     re.compile(r"(?<=://)([^/@\s:]*:)[^/@\s]+(?=@)"),
-    # Opaque tokens: a run of 24+ letters and digits (uuids, ids and run ids have at most 12).
-    re.compile(r"[A-Za-z0-9_.~+/-]*[A-Za-z0-9]{24,}[A-Za-z0-9_.~+/=-]*"),
+    # Opaque tokens: a run of 20+ token characters (base64url included; "/" and "." split runs
+    # so that URLs stay readable). Which runs are masked: see _mask_unless_readable.
+    re.compile(r"[A-Za-z0-9_~+=-]{20,}"),
 )
 
 
@@ -66,7 +77,22 @@ def redact(text: str) -> str:
     text = named.sub(lambda m: m.group(1) + MASK, text)
     text = jwt.sub(MASK, text)
     text = userinfo.sub(lambda m: m.group(1) + MASK, text)
-    return opaque.sub(MASK, text)
+    return opaque.sub(_mask_unless_readable, text)
+
+
+def _mask_unless_readable(match: re.Match[str]) -> str:
+    """Mask a long run that looks random: it holds a digit, or both letter cases.
+
+    Words joined by underscores (`scheduling_link_integration`), CamelCase names of exception
+    classes (`ConnectionRefusedError`) and readable identifiers (uuids, conn_/run_ ids, Close
+    object ids) stay.
+    """
+    value = match.group(0)
+    if _READABLE.fullmatch(value) or _CAMEL_CASE.fullmatch(value):
+        return value
+    has_digit = any(c.isdigit() for c in value)
+    mixed_case = any(c.islower() for c in value) and any(c.isupper() for c in value)
+    return MASK if has_digit or mixed_case else value
 
 
 def scrub(value: Any, name: str = "") -> Any:

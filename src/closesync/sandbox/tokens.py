@@ -2,7 +2,9 @@
 
 Holds no lock of its own: the World calls it with its one lock held. Token values carry a
 recognisable prefix (`cal_pat_`, `cal_at_`, `cal_rt_`, `close_at_`, `close_rt_`, `api_`,
-`cal_code_`, `close_code_`) and 32 hex digits drawn from the seeded random generator.
+`cal_code_`, `close_code_`) and 32 base64url characters (letters, digits, `-`, `_`) drawn from
+the seeded random generator: the alphabet of real opaque tokens, so that the tests searching
+logs and Sentry events for tokens meet the hard cases (no digit, dashes) too.
 
 Documented choices (unknown in the docs): refreshing rotates the refresh token and leaves
 the previous access token valid until it expires; reusing a spent refresh token fails with
@@ -92,7 +94,8 @@ class TokenStore:
         self.codes: dict[str, AuthCode] = {}
 
     def _value(self, api: str, kind: str) -> str:
-        return f"{_PREFIX[(api, kind)]}{self._rng.getrandbits(128):032x}"
+        raw = base64.urlsafe_b64encode(self._rng.randbytes(24)).decode()
+        return f"{_PREFIX[(api, kind)]}{raw}"
 
     def issue(
         self,
