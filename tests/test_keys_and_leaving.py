@@ -99,7 +99,13 @@ def test_keys_rotate_reseals_every_grant_so_the_old_key_can_go(
     assert main(["connections", "show", connection.id, "--json"]) == 0
     capsys.readouterr()
     assert main(["keys", "rotate", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"re_encrypted": 3, "keys": 2}
+    assert json.loads(capsys.readouterr().out) == {
+        "re_encrypted": 3,
+        "keys": 2,
+        "current": 3,
+        "older_key": 0,
+        "unreadable": 0,
+    }
     only_new = ConnectionStore(services.redis, services.keys, FernetBox([new_key]))
     assert only_new.grants(connection.id) == before
     only_old = ConnectionStore(services.redis, services.keys, FernetBox([old_key]))
@@ -107,6 +113,29 @@ def test_keys_rotate_reseals_every_grant_so_the_old_key_can_go(
         only_old.grants(connection.id)
     monkeypatch.setenv("CLOSESYNC_ENCRYPTION_KEYS", new_key)
     assert main(["sync", connection.id]) == 0
+
+
+def test_keys_check_finds_grants_still_under_an_older_key(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    old_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before rotation `keys check` says a grant needs the old key (exit 1); after, exit 0."""
+    with web_process(services) as web, requests.Session() as browser:
+        connect(sb, web.url, browser, "/connect", sb.users[1].email)
+    new_key = generate_key()
+    monkeypatch.setenv("CLOSESYNC_ENCRYPTION_KEYS", f"{new_key},{old_key}")
+    assert main(["keys", "check"]) == 1
+    assert "1 with an older key" in capsys.readouterr().out
+    assert main(["keys", "rotate"]) == 0
+    out = capsys.readouterr().out
+    assert "1 grant(s) sealed with the first key, 0 with an older key" in out
+    assert "keys after the first can now be removed" in out
+    assert main(["keys", "check", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"current": 1, "older_key": 0, "unreadable": 0}
 
 
 def test_keys_rotate_without_keys_refuses(

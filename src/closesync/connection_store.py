@@ -6,6 +6,7 @@ record; the grants sit under their own key, sealed, and are opened only by `gran
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import redis
 
 from closesync.connection import Connection, ConnectionState, Grant, Grants
-from closesync.errors import ConnectionNotFound
+from closesync.errors import ConnectionNotFound, EncryptionError
 from closesync.redis_conn import guard
 from closesync.secretbox import FernetBox, SecretBox
 from closesync.state import Keys, as_text, watched
@@ -225,8 +226,8 @@ class ConnectionStore:
             raise _not_found(conn_id)
 
     @guard("re-encrypting grants")
-    def rotate_keys(self, box: FernetBox) -> int:
-        """Re-seal every stored grant under `box`'s first key; how many were re-sealed.
+    def sealed_keys(self) -> builtins.list[str]:
+        """Every key holding a sealed grant.
 
         Connections' grants, the shared organization credentials and the grants of Close users
         waiting for a Calendly match; an OAuth flow under way lives minutes and is left to expire.
@@ -242,17 +243,49 @@ class ConnectionStore:
             self.keys.waiting_close_grant(as_text(f))
             for f in self.redis.hkeys(self.keys.waiting_close())
         ]
+        return sorted(sealed_keys)
+
+    @guard("re-encrypting stored grants")
+    def rotate_keys(self, box: FernetBox) -> int:
+        """Re-seal every stored grant under `box`'s first key; how many were re-sealed.
+
+        A value no configured key opens is left as it is (and found by `check_keys`), so that
+        one bad value does not stop the rotation of all the others.
+        """
         count = 0
-        for key in sorted(sealed_keys):
+        for key in self.sealed_keys():
 
             def apply(pipe: redis.client.Pipeline, key: str = key) -> bool:
                 sealed = pipe.get(key)
                 if sealed is None:
                     return False
+                rotated = box.rotate(as_text(sealed))
                 pipe.multi()
-                pipe.set(key, box.rotate(as_text(sealed)))
+                pipe.set(key, rotated)
                 return True
 
-            if watched(self.redis, key, apply):
-                count += 1
+            try:
+                if watched(self.redis, key, apply):
+                    count += 1
+            except EncryptionError:
+                continue
         return count
+
+    @guard("checking stored grants")
+    def check_keys(self, box: FernetBox, first: FernetBox) -> dict[str, int]:
+        """How many sealed grants open with the first key alone, need an older key, or none."""
+        counts = {"current": 0, "older_key": 0, "unreadable": 0}
+        for key in self.sealed_keys():
+            sealed = self.redis.get(key)
+            if sealed is None:
+                continue
+            for name, candidate in (("current", first), ("older_key", box)):
+                try:
+                    candidate.open(as_text(sealed))
+                except EncryptionError:
+                    continue
+                counts[name] += 1
+                break
+            else:
+                counts["unreadable"] += 1
+        return counts

@@ -1,7 +1,10 @@
 """`closesync keys generate|rotate`: make a Fernet key, re-encrypt every stored grant.
 
 Rotation (decisions.md): put the new key first in CLOSESYNC_ENCRYPTION_KEYS and keep the old one
-after it, run `closesync keys rotate`, then drop the old key. Neither command prints a token;
+after it, roll that list out to EVERY process (workers, scheduler, web), run `closesync keys
+rotate`, check with `closesync keys check` that nothing is sealed under an older key, then drop
+the old key. A process still on the old list would keep sealing refreshed grants under the old
+key, and dropping it too early would make those unreadable. Neither command prints a token;
 `generate` prints only the new key, which is meant for the operator's secret store.
 """
 
@@ -28,28 +31,64 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     rotate.add_argument("--json", action="store_true", help="print JSON")
     rotate.set_defaults(func=cmd_rotate)
 
+    check = commands.add_parser(
+        "check", help="count grants sealed under the first key, an older key, or none"
+    )
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(func=cmd_check)
+
 
 def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(generate_key() + "\n")
     return 0
 
 
-def cmd_rotate(args: argparse.Namespace) -> int:
+def _boxes(what: str) -> tuple[Any, FernetBox, FernetBox]:
     settings = load_settings()
     keys = settings.encryption_keys()
     if not keys:
         raise ConfigError(
             "CLOSESYNC_ENCRYPTION_KEYS is not set: put the new key first (and the old ones after "
-            "it) before `closesync keys rotate`; `closesync keys generate` makes one"
+            f"it) before `closesync keys {what}`; `closesync keys generate` makes one"
         )
-    box = FernetBox(keys)
-    services = load_services(settings)
+    return load_services(settings), FernetBox(keys), FernetBox(keys[:1])
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    services, box, first = _boxes("rotate")
     count = services.connections.rotate_keys(box)
+    counts = services.connections.check_keys(box, first)
     if args.json:
-        print_json({"re_encrypted": count, "keys": box.key_count})
-    else:
+        print_json({"re_encrypted": count, "keys": box.key_count, **counts})
+        return 0 if counts["unreadable"] == 0 else 1
+    sys.stdout.write(
+        f"re-encrypted {count} stored grant(s) with the first of {box.key_count} key(s)\n"
+    )
+    return _report(counts)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    services, box, first = _boxes("check")
+    counts = services.connections.check_keys(box, first)
+    if args.json:
+        print_json(counts)
+        return 0 if counts["older_key"] == counts["unreadable"] == 0 else 1
+    return _report(counts)
+
+
+def _report(counts: dict[str, int]) -> int:
+    sys.stdout.write(
+        f"{counts['current']} grant(s) sealed with the first key, {counts['older_key']} with an "
+        f"older key, {counts['unreadable']} that no configured key opens\n"
+    )
+    if counts["unreadable"]:
+        sys.stdout.write("some grants cannot be read: those connections must be connected again\n")
+        return 1
+    if counts["older_key"]:
         sys.stdout.write(
-            f"re-encrypted {count} stored grant(s) with the first of {box.key_count} key(s); "
-            "keys after the first can now be removed\n"
+            "keep the older keys: some process still seals with them; roll the key list out "
+            "everywhere and rotate again\n"
         )
+        return 1
+    sys.stdout.write("keys after the first can now be removed\n")
     return 0
