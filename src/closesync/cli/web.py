@@ -1,9 +1,12 @@
-"""`closesync web`: serve the connect pages and OAuth callbacks (Procfile `web`)."""
+"""`closesync web`: serve the connect pages and OAuth callbacks (Procfile `web`).
+
+Logging goes through `closesync.logs.configure` (JSON lines, context and token redaction) and
+Sentry starts when SENTRY_DSN is set, as for every long-running process (`cli/daemon.py`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Any
@@ -25,20 +28,25 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    from closesync.logs import configure
+    from closesync.observability import init_sentry
     from closesync.web import WebServer
 
     settings = load_settings()
+    configure(settings.log_level, settings.log_format)
+    init_sentry(settings)
     services = load_services(settings)
     platform_port = os.environ.get("PORT")
     port = args.port or (int(platform_port) if platform_port else None)
     if port is None:
         port = urlsplit(settings.public_base_url).port or DEFAULT_PORT
     host = args.host or ("0.0.0.0" if platform_port else "127.0.0.1")
-    logging.basicConfig(level=settings.log_level)
     server = WebServer((host, port), services, settings.public_base_url)
+    bound = server.server_address[1]  # the port taken, when asked for 0
     sys.stderr.write(
-        f"closesync web on {host}:{port}; users connect at {settings.public_base_url}/connect\n"
+        f"closesync web on {host}:{bound}; users connect at {settings.public_base_url}/connect\n"
     )
+    sys.stderr.flush()
     try:
         server.serve_forever()
     finally:
