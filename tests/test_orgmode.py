@@ -15,7 +15,9 @@ import requests
 
 from closesync.cli.main import main
 from closesync.connection import Connection
-from closesync.orgmode import Member, Organizations, match
+from closesync.credentials import grant_lock_name, shared_lock_key
+from closesync.errors import GrantRevoked
+from closesync.orgmode import Member, OrganizationBusy, Organizations, match
 from closesync.retry import WaitBudget
 from closesync.sandbox import Sandbox
 from closesync.secretbox import generate_key
@@ -237,3 +239,91 @@ def test_daily_pass_pairs_a_waiting_user_without_the_organization_reconnecting(
     [connection] = services.connections.list()
     assert connection.calendly_user_uri == newcomer.calendly_user_uri
     assert Organizations(services).waiting() == []
+
+
+def test_match_email_does_not_fold_non_ascii_lookalikes() -> None:
+    """Only ASCII case is ignored: a Kelvin sign (U+212A) is not the letter k."""
+    members = [Member("u1", "\u212aate@example.com", "Lookalike")]
+    assert match("kate@example.com", members) is None
+    assert match("KATE@example.com", [Member("u2", "kate@example.com", "Kate")]) is not None
+
+
+def test_orgmode_reconnect_with_member_listing_failing_keeps_the_organization_working(
+    sb: Sandbox, services: Services
+) -> None:
+    """Reconnecting while member listing answers 503 keeps the new grant stored and working."""
+    no_wait = Services.build(
+        services.settings.model_copy(update={"inline_wait_budget_seconds": 0}),
+        redis_client=services.redis,
+    )
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+    [connection] = services.connections.list()
+    ref = connection.calendly_grant_ref
+    assert ref is not None
+    old = services.connections.shared_grant(ref)
+    # The role check lists memberships once; the pairing pass after storing gets the 503.
+    sb.world.add_fault(
+        api="calendly", kind="503", path_prefix="/organization_memberships", skip=1, count=5
+    )
+    with web_process(no_wait) as web, requests.Session() as browser:
+        answer = connect_org(sb, web.url, browser)
+    assert answer.status_code == 200
+    assert "pairing deferred (the daily check pairs later)" in answer.text
+    new = services.connections.shared_grant(ref)
+    assert new.access_token != old.access_token
+    sb.world.clear_faults()
+    report = services.engine(wait_budget=5).run(connection.id)
+    assert report.outcome.value == "ok"
+    oauth = services.calendly_oauth()
+    assert oauth is not None
+    assert old.refresh_token is not None
+    with pytest.raises(GrantRevoked):  # the replaced grant was revoked, after the new one
+        oauth.refresh(old.refresh_token.get_secret_value())
+
+
+def test_orgmode_reconnect_waits_for_the_shared_refresh_lock(
+    sb: Sandbox, services: Services
+) -> None:
+    """Replacing the shared grant takes its refresh lock: while held elsewhere, nothing changes."""
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+    [ref] = Organizations(services).refs()
+    old = services.connections.shared_grant(ref)
+    held = services.refresh_lock(grant_lock_name("calendly", shared_lock_key(ref)))
+    assert held.acquire()
+    orgs = Organizations(services)
+    try:
+        with pytest.raises(OrganizationBusy):
+            orgs.connect(sb.world.calendly_org_uri, "owner", None, old, wait_seconds=0)
+    finally:
+        held.release()
+    assert services.connections.shared_grant(ref).access_token == old.access_token
+
+
+def test_orgmode_organization_outside_allowlist_is_refused_and_revoked(
+    sb: Sandbox, services: Services
+) -> None:
+    """CALENDLY_ORGANIZATION_URIS refuses another organization (grant revoked, nothing stored)."""
+
+    def with_allowlist(value: str) -> Services:
+        settings = services.settings.model_copy(update={"calendly_organization_uris": value})
+        return Services.build(settings, redis_client=services.redis)
+
+    other = f"{sb.calendly_api_url}/organizations/ANOTHERORGANIZATION"
+    with sb.world.lock:
+        before = set(sb.world.tokens.tokens)
+    with web_process(with_allowlist(other)) as web, requests.Session() as browser:
+        refused = connect_org(sb, web.url, browser)
+    assert refused.status_code == 403
+    assert "not one this closesync serves" in refused.text
+    assert list(services.redis.scan_iter(f"{services.keys.prefix}:*")) == []
+    with sb.world.lock:
+        issued = [t for v, t in sb.world.tokens.tokens.items() if v not in before]
+    assert issued
+    assert all(t.revoked for t in issued)
+    allowed = with_allowlist(f"{other}, {sb.world.calendly_org_uri}/ ")
+    with web_process(allowed) as web, requests.Session() as browser:
+        assert "Organization connected" in connect_org(sb, web.url, browser).text
+    assert len(Organizations(services).refs()) == 1

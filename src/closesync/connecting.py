@@ -5,8 +5,14 @@ Personal mode: Close first, then Calendly (PKCE); the connection is stored only 
 callbacks succeeded; the Close grant waits between the two steps inside the sealed pending flow.
 Organization mode (a shared Calendly credential exists): the Close step alone pairs the user by
 email (`closesync.orgmode`). Every failure (a denied consent, an unknown, expired or replayed
-`state`, a refused code) raises `FlowError` with a message fit for the user, and stores nothing:
-tokens obtained before the failure are revoked at the provider, best effort.
+`state`, a callback from another browser than the one that started the flow, a refused code)
+raises `FlowError` with a message fit for the user, and stores nothing: tokens obtained before
+the failure are revoked at the provider, best effort. A grant once stored is never revoked by a
+later failure of the same step (an organization's members failing to list after it connected).
+
+Every flow is bound (`oauth_flow.binding_matches`): `start` takes the starter's secret, the
+Close -> Calendly hop carries its digest, and a callback presenting another secret is refused
+before any code is redeemed.
 
 Nothing here prints or logs a token, a code or a `state`.
 """
@@ -32,15 +38,38 @@ from closesync.connection import (
     connection_from,
 )
 from closesync.errors import ApiError, ConfigError, GrantRevoked
-from closesync.oauth_flow import FlowStates, PendingFlow, Provider, Purpose, redirect_uri
-from closesync.orgmode import Organizations
+from closesync.oauth_flow import (
+    FlowStates,
+    PendingFlow,
+    Provider,
+    Purpose,
+    binding_digest,
+    binding_matches,
+    redirect_uri,
+)
+from closesync.orgmode import OrganizationBusy, Organizations
 from closesync.retry import WaitBudget
 
 log = logging.getLogger(__name__)
 
-FlowErrorKind = Literal["denied", "state", "code", "provider", "not_admin"]
+FlowErrorKind = Literal[
+    "denied", "state", "browser", "code", "provider", "not_admin", "not_allowed"
+]
 _ADMIN_ROLES = ("owner", "admin")
 _LABEL = {"close": "Close", "calendly": "Calendly"}
+# The error codes of RFC 6749 §4.1.2.1: the only `error` values a page may name. Anything else is
+# attacker-controllable text (content spoofing) and is reported as "returned an error".
+KNOWN_ERRORS = frozenset(
+    {
+        "access_denied",
+        "invalid_request",
+        "unauthorized_client",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+    }
+)
 
 
 class FlowError(Exception):
@@ -104,22 +133,28 @@ class Connector:
                 f"set {' and '.join(missing)} (the OAuth application's credentials) to connect"
             )
 
-    def start(self, purpose: Purpose = "personal", name: str | None = None) -> str:
-        """A new flow's first authorize URL: Close for a person, Calendly for an organization."""
+    def start(self, purpose: Purpose, binding: str, name: str | None = None) -> str:
+        """A new flow's first authorize URL: Close for a person, Calendly for an organization.
+
+        `binding` is the starter's secret (browser cookie, terminal run); only a callback that
+        presents it again can finish the flow. Both OAuth apps are checked for a personal flow,
+        so a missing Calendly app is said now, not after the user approved Close.
+        """
         provider: Provider = "close" if purpose == "personal" else "calendly"
-        self.require_apps(provider)
+        self.require_apps(*(("close", "calendly") if purpose == "personal" else ("calendly",)))
         flow = PendingFlow(
             provider=provider,
             purpose=purpose,
             redirect_uri=redirect_uri(self.base_url, provider),
             name=name,
+            binding=binding_digest(binding),
         )
         return self.states.start(self.settings, flow)[1]
 
     # -- finishing ---------------------------------------------------------------------------
 
-    def callback(self, provider: Provider, params: dict[str, str]) -> Step:
-        """Finish one step from the callback's query parameters."""
+    def callback(self, provider: Provider, params: dict[str, str], binding: str | None) -> Step:
+        """Finish one step from the callback's query parameters and the caller's binding."""
         flow = self.states.take(params.get("state"))
         if flow is None or flow.provider != provider:
             if flow is not None:
@@ -128,6 +163,16 @@ class Connector:
                 "state",
                 "This authorization is unknown, has expired or was already used. Nothing was "
                 "stored; please start again.",
+            )
+        if not binding_matches(flow, binding):
+            # Login CSRF: someone else's flow (maybe holding their Close grant) handed to this
+            # browser. The flow is consumed and its grant revoked; the code is never redeemed.
+            self._revoke_pending(flow)
+            log.warning("refused a callback from another browser than the flow's")
+            raise FlowError(
+                "browser",
+                "This authorization was not started in this browser, so it was refused and "
+                "nothing was stored. If you meant to connect, start again from the beginning.",
             )
         error = params.get("error")
         if error or not params.get("code"):
@@ -138,7 +183,12 @@ class Connector:
                     f"You declined access to {_LABEL[provider]}. Nothing was stored; start again "
                     "whenever you like.",
                 )
-            said = f"answered {error}" if error else "sent no authorization code"
+            if error in KNOWN_ERRORS:
+                said = f"answered {error}"
+            elif error:
+                said = "returned an error"
+            else:
+                said = "sent no authorization code"
             raise FlowError(
                 "provider",
                 f"{_LABEL[provider]} {said}. Nothing was stored; please start again.",
@@ -210,6 +260,7 @@ class Connector:
             redirect_uri=redirect_uri(self.base_url, "calendly"),
             close=close_part,
             name=flow.name,
+            binding=flow.binding,
         )
         url = self.states.start(self.settings, nxt)[1]
         return Step("next", "Close is authorized; now authorize Calendly.", next_url=url)
@@ -221,14 +272,14 @@ class Connector:
         client = self._calendly_client(grant)
         try:
             user = client.get_current_user()
-            if flow.purpose == "organization":
-                return self._organization(
-                    client, user.uri, user.email, user.current_organization, grant
-                )
         except ApiError as error:
             self._revoke("calendly", grant)
             self._revoke_pending(flow)
             raise FlowError("provider", f"Calendly did not answer who you are: {error}") from None
+        if flow.purpose == "organization":
+            return self._organization(
+                client, user.uri, user.email, user.current_organization, grant
+            )
         assert flow.close is not None  # noqa: S101 - checked above for personal flows
         me = Me.model_validate(flow.close["me"])
         close_grant = Grant.model_validate(flow.close["grant"])
@@ -262,16 +313,33 @@ class Connector:
         organization_uri: str | None,
         grant: Grant,
     ) -> Step:
+        allowed = self.settings.calendly_organizations()
+        if organization_uri is not None and allowed and organization_uri.rstrip("/") not in allowed:
+            self._revoke("calendly", grant)
+            log.warning("refused a Calendly organization outside CALENDLY_ORGANIZATION_URIS")
+            raise FlowError(
+                "not_allowed",
+                "This Calendly organization is not one this closesync serves "
+                "(CALENDLY_ORGANIZATION_URIS). Nothing was stored.",
+            )
         role = None
         if organization_uri is not None:
-            role = next(
-                (
-                    m.role
-                    for m in client.iter_organization_memberships(organization_uri, email)
-                    if m.user.uri == user_uri
-                ),
-                None,
-            )
+            try:
+                role = next(
+                    (
+                        m.role
+                        for m in client.iter_organization_memberships(organization_uri, email)
+                        if m.user.uri == user_uri
+                    ),
+                    None,
+                )
+            except ApiError as error:
+                self._revoke("calendly", grant)
+                raise FlowError(
+                    "provider",
+                    f"Calendly did not say whether you administer the organization: {error}. "
+                    "Nothing was stored; please try again.",
+                ) from None
         if organization_uri is None or role not in _ADMIN_ROLES:
             self._revoke("calendly", grant)
             raise FlowError(
@@ -279,8 +347,23 @@ class Connector:
                 "Only an owner or admin of the Calendly organization can connect it. Nothing "
                 "was stored.",
             )
-        ref = self.orgs.connect(organization_uri, user_uri, email, grant)
-        paired = self.orgs.pair_waiting()
+        try:
+            ref = self.orgs.connect(organization_uri, user_uri, email, grant)
+        except OrganizationBusy as error:
+            self._revoke("calendly", grant)  # not stored: the lock was never ours
+            raise FlowError(
+                "provider", f"Not connected: {error}. Nothing was stored; please try again."
+            ) from None
+        # From here the grant is stored and shared: nothing below may revoke it.
+        try:
+            paired = self.orgs.pair_waiting()
+        except ApiError as error:
+            log.warning("pairing after an organization connected failed: %s", error)
+            return Step(
+                "organization",
+                f"The Calendly organization is connected ({ref}); pairing deferred (the daily "
+                f"check pairs later): {error}.",
+            )
         return Step(
             "organization",
             f"The Calendly organization is connected ({ref}); {len(paired)} waiting Close "

@@ -3,8 +3,12 @@ pending flow kept in Redis between the redirect and the callback.
 
 `state` binds a callback to the flow that started it (RFC 6749 §10.12): it is random, kept in
 Redis only as a SHA-256 digest, lives `STATE_TTL_SECONDS`, and is consumed with GETDEL, so a
-replayed or forged callback finds nothing. What a pending flow carries (the PKCE verifier, the
-Close grant waiting for its Calendly side) is sealed by the store's SecretBox like every grant.
+replayed or forged callback finds nothing. A flow is also bound to whoever started it (login
+CSRF: a `state` handed to someone else must not finish there): it carries the SHA-256 digest of
+a `binding` secret, a cookie of the browser for `closesync web`, a per-run secret for the
+terminal flow, and a callback presenting another secret is refused (`binding_matches`).
+What a pending flow carries (the PKCE verifier, the Close grant waiting for its Calendly side)
+is sealed by the store's SecretBox like every grant.
 
 This module does not call the providers nor store connections: `closesync.connecting` does.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import secrets
 from dataclasses import asdict, dataclass, field
@@ -42,6 +47,23 @@ _REAL_CLOSE_API_HOST = "api.close.com"
 def new_state() -> str:
     """A fresh, unguessable `state` value (256 bits)."""
     return secrets.token_urlsafe(32)
+
+
+def new_binding() -> str:
+    """A fresh browser (or terminal run) binding secret (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def binding_digest(binding: str) -> str:
+    """What a pending flow stores of its binding secret: never the secret itself."""
+    return hashlib.sha256(binding.encode()).hexdigest()
+
+
+def binding_matches(flow: PendingFlow, binding: str | None) -> bool:
+    """Whether `binding` is the secret the flow was started with (constant-time compare)."""
+    if not flow.binding or not binding:
+        return False
+    return hmac.compare_digest(flow.binding, binding_digest(binding))
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -108,6 +130,9 @@ class PendingFlow:
     close: dict[str, Any] | None = field(default=None, repr=False)
     # A name the user gave the connection when starting (`closesync connect --name`).
     name: str | None = None
+    # `binding_digest` of the secret of the browser (or terminal run) that started the flow; a
+    # callback must present that secret. None (never written by this version) matches nothing.
+    binding: str | None = None
 
 
 class FlowStates:

@@ -3,11 +3,15 @@
 An owner or admin authorizes once (`closesync connect --organization`, or /connect/organization
 on the web process); the grant is stored once, sealed, under the organization's ref (its uuid).
 Each Close user who authorizes Close is then paired with the Calendly member of the same email,
-compared case-insensitively; the resulting connections keep no Calendly grant of their own but
-`calendly_grant_ref`, so they all read, refresh and rotate the ONE shared grant under ONE refresh
-lock (`credentials.shared_lock_key`). A Close user with no matching member waits (their Close
-grant sealed) until a later pairing pass finds one; `closesync status` lists who is unmatched on
-either side from the member list as last fetched, without calling Calendly.
+compared ignoring ASCII case only (`same_email`); the resulting connections keep no Calendly
+grant of their own but `calendly_grant_ref`, so they all read, refresh and rotate the ONE shared
+grant under ONE refresh lock (`credentials.shared_lock_key`). Reconnecting replaces the grant
+under that lock, so a refresh in flight cannot write the old grant back, and revokes the old
+grant only once the new one is stored. Which organizations may connect at all is
+CALENDLY_ORGANIZATION_URIS (checked by `closesync.connecting`). A Close user with no matching
+member waits (their Close grant sealed) until a later pairing pass finds one; `closesync status`
+lists who is unmatched on either side from the member list as last fetched, without calling
+Calendly.
 
 Pairing decides nothing about the sync; it must never print or log a token.
 """
@@ -30,7 +34,13 @@ from closesync.connection import (
     connection_from,
 )
 from closesync.connection_store import grant_json
-from closesync.credentials import TokenKeeper, shared_lock_key
+from closesync.credentials import (
+    REFRESH_WAIT_SECONDS,
+    TokenKeeper,
+    grant_lock_name,
+    shared_lock_key,
+)
+from closesync.errors import CloseSyncError, ConnectionNotFound, EncryptionError
 from closesync.redis_conn import guard
 from closesync.retry import WaitBudget
 
@@ -56,14 +66,30 @@ class Waiting:
     at: float
 
 
+# A-Z -> a-z and nothing else: str.lower()/casefold() also fold lookalikes such as the Kelvin
+# sign (U+212A) into "k", which would let a crafted address pair with someone else's.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def email_key(email: str) -> str:
+    """An email as pairing compares it: surrounding spaces dropped, ASCII letters lowercased."""
+    return email.strip().translate(_ASCII_LOWER)
+
+
 def same_email(a: str | None, b: str | None) -> bool:
-    """Emails compared as people mean them: ignoring case and surrounding spaces."""
-    return bool(a and b) and a.strip().casefold() == b.strip().casefold()  # type: ignore[union-attr]
+    """Emails compared as people mean them: ignoring ASCII case and surrounding spaces."""
+    if not a or not b:
+        return False
+    return email_key(a) == email_key(b)
 
 
 def match(email: str | None, members: list[Member]) -> Member | None:
     """The member with `email`, ignoring case; None when there is none."""
     return next((m for m in members if same_email(m.email, email)), None)
+
+
+class OrganizationBusy(CloseSyncError):
+    """The shared grant's refresh lock stayed held: the credential was not replaced."""
 
 
 class _SharedGrantStore:
@@ -102,12 +128,55 @@ class Organizations:
         raw = self.redis.get(self.keys.calendly_org(ref))
         return None if raw is None else dict(json.loads(raw))
 
-    @guard("storing a Calendly organization credential")
     def connect(
-        self, organization_uri: str, owner_uri: str, owner_email: str | None, grant: Grant
+        self,
+        organization_uri: str,
+        owner_uri: str,
+        owner_email: str | None,
+        grant: Grant,
+        *,
+        wait_seconds: float = REFRESH_WAIT_SECONDS,
     ) -> str:
-        """Store (or replace) the organization's shared credential; its ref is returned."""
+        """Store (or replace) the organization's shared credential; its ref is returned.
+
+        Under the shared refresh lock, so that a refresh in flight cannot write the replaced
+        grant back over the new one; the replaced grant is revoked afterwards, best effort.
+        OrganizationBusy (nothing stored) when the lock stays held.
+        """
         ref = uuid_of(organization_uri)
+        lock = self.services.refresh_lock(grant_lock_name("calendly", shared_lock_key(ref)))
+        if not lock.acquire_wait(wait_seconds):
+            raise OrganizationBusy(
+                "the organization's Calendly credential is being refreshed right now"
+            )
+        try:
+            old = self._stored_grant(ref)
+            self._store(ref, organization_uri, owner_uri, owner_email, grant)
+        finally:
+            lock.release()
+        if old is not None and old.access_token != grant.access_token:
+            from closesync.connecting import revoke_grant  # connecting imports this module
+
+            revoke_grant(self.services, "calendly", old)
+        return ref
+
+    def _stored_grant(self, ref: str) -> Grant | None:
+        """The shared grant now stored, if any and readable (a replaced one is revoked)."""
+        try:
+            grant: Grant = self.connections.shared_grant(ref)
+        except (ConnectionNotFound, EncryptionError):
+            return None
+        return grant
+
+    @guard("storing a Calendly organization credential")
+    def _store(
+        self,
+        ref: str,
+        organization_uri: str,
+        owner_uri: str,
+        owner_email: str | None,
+        grant: Grant,
+    ) -> None:
         info = {
             "ref": ref,
             "organization_uri": organization_uri,
@@ -120,7 +189,6 @@ class Organizations:
             pipe.set(self.keys.calendly_org_grant(ref), self.box.seal(grant_json(grant)))
             pipe.sadd(self.keys.calendly_orgs(), ref)
             pipe.execute()
-        return ref
 
     @guard("forgetting a Calendly organization")
     def forget(self, ref: str) -> None:

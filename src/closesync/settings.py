@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     # Redirect URIs are built from it: {public_base_url}/oauth/close/callback and .../calendly/...
     public_base_url: str = "http://127.0.0.1:8700"
 
+    # Comma-separated Calendly organization URIs (https://api.calendly.com/organizations/…) that
+    # may be connected in organization mode. Empty: any organization whose owner or admin
+    # authorizes; then pairing trusts whatever emails that organization's members claim, so a
+    # foreign organization listing a colleague's email would receive their Close pairing.
+    calendly_organization_uris: str = ""
+
     # Comma-separated Fernet keys: the first encrypts, all decrypt (so keys can rotate).
     closesync_encryption_keys: SecretStr | None = None
 
@@ -110,6 +116,11 @@ class Settings(BaseSettings):
     def http_timeout(self) -> tuple[float, float]:
         """(connect, read) timeout for every HTTP call."""
         return (self.http_connect_timeout, self.http_read_timeout)
+
+    def calendly_organizations(self) -> list[str]:
+        """The allowed Calendly organization URIs (trailing slash ignored); empty: any."""
+        raw = self.calendly_organization_uris
+        return [uri.strip().rstrip("/") for uri in raw.split(",") if uri.strip()]
 
     def encryption_keys(self) -> list[str]:
         """The configured Fernet keys, first one used to encrypt."""

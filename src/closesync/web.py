@@ -6,9 +6,17 @@ Calendly owner or admin connect the shared organization credential, the two call
 `closesync.connecting`, and GET /healthz answers whether Redis does. Redirect URIs are built
 from PUBLIC_BASE_URL, which must be where this process is reached.
 
+/connect and /connect/organization set a fresh random cookie (`closesync_flow`: HttpOnly,
+SameSite=Lax so the providers' top-level redirects back carry it, Secure when PUBLIC_BASE_URL is
+https) whose digest the pending flow keeps; a callback arriving without that cookie (a flow
+started by someone else and handed over: login CSRF) is refused and nothing is stored.
+
 stdlib `http.server` is enough for a handful of redirects per user; `WebApp.handle` is plain
 request -> response so tests can drive it over loopback. Pages never echo a query parameter
-(a code or `state` could end up in a screenshot); access logs show the path only.
+(a code or `state` could end up in a screenshot; an `error` is named only when it is one of
+RFC 6749's codes); access logs show the path only. Only GET is served, HEAD on /healthz alone
+(a HEAD must not consume a flow), and an idle connection is dropped after
+`REQUEST_TIMEOUT_SECONDS` so slow clients cannot pin the server's threads.
 """
 
 from __future__ import annotations
@@ -17,22 +25,39 @@ import html
 import logging
 import threading
 from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from closesync.connecting import Connector, FlowError
 from closesync.errors import CloseSyncError, ConfigError
+from closesync.oauth_flow import STATE_TTL_SECONDS, Purpose, new_binding
 
 log = logging.getLogger(__name__)
 
-_STATUS_OF = {"denied": 403, "state": 400, "code": 400, "provider": 502, "not_admin": 403}
+# The cookie binding a flow to the browser that started it.
+FLOW_COOKIE = "closesync_flow"
+# Seconds a connection may sit idle (reading a request, writing an answer) before it is dropped.
+REQUEST_TIMEOUT_SECONDS = 30.0
+
+_STATUS_OF = {
+    "denied": 403,
+    "state": 400,
+    "browser": 403,
+    "code": 400,
+    "provider": 502,
+    "not_admin": 403,
+    "not_allowed": 403,
+}
 _TITLES = {
     "denied": "Access declined",
     "state": "This link is no longer valid",
+    "browser": "This link was started in another browser",
     "code": "The authorization expired",
     "provider": "The provider did not answer as expected",
     "not_admin": "An owner or admin is needed",
+    "not_allowed": "This organization cannot be connected here",
 }
 
 
@@ -68,16 +93,21 @@ class WebApp:
 
     def __init__(self, services: Any, base_url: str | None = None) -> None:
         self.services = services
-        self.connector = Connector(services, base_url or services.settings.public_base_url)
+        base = base_url or services.settings.public_base_url
+        self.connector = Connector(services, base)
+        self.secure_cookie = urlsplit(base).scheme == "https"
 
-    def handle(self, method: str, target: str) -> Response:
+    def handle(self, method: str, target: str, cookie_header: str | None = None) -> Response:
+        """Answer one request; `cookie_header` is the request's Cookie header, if any."""
         split = urlsplit(target)
         path = split.path.rstrip("/") or "/"
         params = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        if method not in ("GET", "HEAD"):
-            return page(405, "Method not allowed", "Only GET is served here.")
+        if method != "GET" and not (method == "HEAD" and path == "/healthz"):
+            answer = page(405, "Method not allowed", "Only GET is served here.")
+            answer.headers["Allow"] = "GET"
+            return answer
         try:
-            return self._route(path, params)
+            return self._route(path, params, _flow_cookie(cookie_header))
         except FlowError as error:
             again = "/connect/organization" if "organization" in path else "/connect"
             return page(
@@ -89,19 +119,25 @@ class WebApp:
             log.warning("web request failed: %s", error)
             return page(503, "Temporarily unavailable", "Please try again in a moment.")
 
-    def _route(self, path: str, params: dict[str, str]) -> Response:
+    def _route(self, path: str, params: dict[str, str], binding: str | None) -> Response:
         if path == "/healthz":
             self.services.redis.ping()
             return Response(200, b"ok\n", {"Content-Type": "text/plain"})
-        if path in ("/", "/connect"):
-            return redirect(self.connector.start("personal"))
-        if path == "/connect/organization":
-            return redirect(self.connector.start("organization"))
+        if path in ("/", "/connect", "/connect/organization"):
+            fresh = new_binding()
+            purpose: Purpose = "organization" if path == "/connect/organization" else "personal"
+            answer = redirect(self.connector.start(purpose, fresh))
+            answer.headers["Set-Cookie"] = self._cookie(fresh, 2 * STATE_TTL_SECONDS)
+            return answer
         if path == "/oauth/close/callback":
-            return self._step(self.connector.callback("close", params))
+            return self._step(self.connector.callback("close", params, binding))
         if path == "/oauth/calendly/callback":
-            return self._step(self.connector.callback("calendly", params))
+            return self._step(self.connector.callback("calendly", params, binding))
         return page(404, "Not found", "There is nothing here; start at /connect.")
+
+    def _cookie(self, value: str, max_age: int) -> str:
+        secure = "; Secure" if self.secure_cookie else ""
+        return f"{FLOW_COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
 
     def _step(self, step: Any) -> Response:
         if step.outcome == "next":
@@ -111,11 +147,31 @@ class WebApp:
             "waiting": "Almost there",
             "organization": "Organization connected",
         }
-        return page(200, titles[step.outcome], step.message)
+        answer = page(200, titles[step.outcome], step.message)
+        answer.headers["Set-Cookie"] = self._cookie("", 0)  # the flow is over
+        return answer
+
+
+def _flow_cookie(header: str | None) -> str | None:
+    """The flow cookie's value in a Cookie header; None when absent or unparseable."""
+    if not header:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(header)
+    except CookieError:
+        return None
+    morsel = jar.get(FLOW_COOKIE)
+    return morsel.value if morsel is not None and morsel.value else None
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: WebServer
+
+    def setup(self) -> None:
+        # StreamRequestHandler applies `timeout` to the socket: reads and writes alike.
+        self.timeout = self.server.request_timeout  # type: ignore[misc]
+        super().setup()
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -128,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         try:
-            response = self.server.app.handle(method, self.path)
+            response = self.server.app.handle(method, self.path, self.headers.get("Cookie"))
         except Exception:  # a bug must not show a traceback (it may hold a code) to the user
             log.exception("web request crashed")
             response = page(500, "Something went wrong", "Please start again at /connect.")
@@ -148,8 +204,15 @@ class _Handler(BaseHTTPRequestHandler):
 class WebServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], services: Any, base_url: str | None = None):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        services: Any,
+        base_url: str | None = None,
+        request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+    ):
         """Bind `address`; callbacks go to `base_url` (default: the address bound)."""
+        self.request_timeout = request_timeout
         super().__init__(address, _Handler)
         self.app = WebApp(services, base_url or self.url)
 

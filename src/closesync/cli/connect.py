@@ -6,6 +6,13 @@ be a redirect URI of both OAuth applications), and goes from Close to Calendly i
 tab: the Close callback redirects straight on to Calendly. `--organization` connects a Calendly
 organization's shared credential instead (an owner or admin must authorize).
 
+Binding: each run makes a secret of its own, and the loopback server finishes only the flows
+this run started (`oauth_flow.binding_matches`); no cookie is needed, since the browser goes
+straight from the printed URL to the provider. A stray local request (an unknown `state`, a
+flow started elsewhere) gets an error page and does not end the operator's flow; any other
+failure while finishing a callback (Redis down, a missing key or setting) ends the command at
+once with its message (exit 2 for configuration and encryption errors, 1 otherwise).
+
 Output names the connection, never a token (`--json` included).
 """
 
@@ -24,7 +31,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from closesync.cli.common import load_services, print_json
 from closesync.connecting import Connector, FlowError, Step, step_json
-from closesync.oauth_flow import Provider, Purpose
+from closesync.errors import CloseSyncError, ConfigError, EncryptionError
+from closesync.logs import redact
+from closesync.oauth_flow import Provider, Purpose, new_binding
 from closesync.web import Response, page, redirect
 
 # The loopback port both OAuth applications must list in their redirect URIs.
@@ -33,6 +42,8 @@ DEFAULT_PORT = 8765
 DEFAULT_TIMEOUT = 300.0
 
 Announce = Callable[[Provider, str], None]
+# FlowError kinds of a callback that was not this run's flow: answered, but the run goes on.
+_NOT_OURS = ("state", "browser")
 _PATHS: dict[str, Provider] = {
     "/oauth/close/callback": "close",
     "/oauth/calendly/callback": "calendly",
@@ -72,7 +83,9 @@ class _Callbacks(ThreadingHTTPServer):
     def __init__(self, port: int, connector_for: Callable[[str], Connector]) -> None:
         super().__init__(("127.0.0.1", port), _Handler)
         self.connector = connector_for(f"http://127.0.0.1:{self.server_address[1]}")
-        self.results: queue.Queue[Step | FlowError] = queue.Queue()
+        # The secret binding this run's flows to this run (never leaves the process).
+        self.binding = new_binding()
+        self.results: queue.Queue[Step | Exception] = queue.Queue()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -87,10 +100,18 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             params = {k: v[0] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
             try:
-                step = self.server.connector.callback(provider, params)
+                step = self.server.connector.callback(provider, params, self.server.binding)
             except FlowError as error:
-                self.server.results.put(error)
+                if error.kind not in _NOT_OURS:
+                    self.server.results.put(error)
                 response = page(400, "Not connected", str(error))
+            except Exception as error:  # ended the flow: the command says why, not a traceback
+                self.server.results.put(error)
+                response = page(
+                    500,
+                    "Not connected",
+                    "closesync could not finish this authorization; the terminal says why.",
+                )
             else:
                 self.server.results.put(step)
                 response = (
@@ -124,7 +145,7 @@ def run_connect(
     thread.start()
     try:
         provider: Provider = "close" if purpose == "personal" else "calendly"
-        announce(provider, server.connector.start(purpose, name))
+        announce(provider, server.connector.start(purpose, server.binding, name))
         while True:
             try:
                 result = server.results.get(timeout=timeout)
@@ -132,7 +153,7 @@ def run_connect(
                 raise TimeoutError(
                     f"no authorization arrived within {timeout:g} s; nothing was stored"
                 ) from None
-            if isinstance(result, FlowError):
+            if isinstance(result, Exception):
                 raise result
             if result.next_url is None:
                 return result
@@ -159,8 +180,9 @@ def _announcer(open_browser: bool) -> Announce:
 def cmd_connect(args: argparse.Namespace) -> int:
     services = load_services()
     purpose: Purpose = "organization" if args.organization else "personal"
+    # Both apps for a personal flow: a missing one must not surface after Close was approved.
     Connector(services, "http://127.0.0.1").require_apps(
-        "close" if purpose == "personal" else "calendly"
+        *(("close", "calendly") if purpose == "personal" else ("calendly",))
     )
     try:
         step = run_connect(
@@ -172,10 +194,13 @@ def cmd_connect(args: argparse.Namespace) -> int:
             announce=_announcer(not args.no_browser),
         )
     except (FlowError, TimeoutError) as error:
-        if args.json:
-            print_json({"outcome": "failed", "message": str(error)})
-        sys.stderr.write(f"closesync: {error}\n")
-        return 1
+        return _failed(args, str(error), 1)
+    except (ConfigError, EncryptionError) as error:
+        return _failed(args, str(error), 2)
+    except CloseSyncError as error:
+        return _failed(args, str(error), 1)
+    except Exception as error:  # a bug while finishing a callback: one line, nothing secret
+        return _failed(args, redact(f"finishing the authorization failed: {error!r}"), 1)
     if args.json:
         print_json(step_json(step))
     else:
@@ -183,3 +208,10 @@ def cmd_connect(args: argparse.Namespace) -> int:
             step.message + (f" ({step.connection.id})" if step.connection else "") + "\n"
         )
     return 0
+
+
+def _failed(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.json:
+        print_json({"outcome": "failed", "message": message})
+    sys.stderr.write(f"closesync: {message}\n")
+    return code
