@@ -35,7 +35,7 @@ from closesync.connection import (
     Connection,
     Grant,
     Grants,
-    connection_from,
+    connection_between,
 )
 from closesync.errors import ApiError, ConfigError, GrantRevoked
 from closesync.oauth_flow import (
@@ -285,17 +285,7 @@ class Connector:
         close_grant = Grant.model_validate(flow.close["grant"])
         existing: Connection | None = self.services.connections.find_by_close_user(me.id)
         now = time.time()
-        connection = connection_from(
-            existing=existing,
-            close_user_id=me.id,
-            close_email=me.email,
-            close_organization_id=me.organization_id,
-            calendly_user_uri=user.uri,
-            calendly_email=user.email,
-            calendly_organization_uri=user.current_organization,
-            name=flow.name,
-            now=now,
-        )
+        connection = connection_between(existing, me, user, name=flow.name, now=now)
         self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
         log.info("connection authorized", extra={"connection_id": connection.id})
         verb = "Updated" if existing else "Connected"

@@ -13,6 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from closesync.calendly.models import User
+from closesync.close.models import Me
+
 
 class ConnectionState(StrEnum):
     ACTIVE = "active"  # scheduled and synced
@@ -119,4 +122,21 @@ def connection_from(
         created_at=existing.created_at if existing else now,
         updated_at=now,
         calendly_grant_ref=calendly_grant_ref,
+    )
+
+
+def connection_between(
+    existing: Connection | None, me: Me, user: User, *, name: str | None, now: float
+) -> Connection:
+    """`connection_from` for a Close user (`GET /me/`) and a Calendly user (`GET /users/me`)."""
+    return connection_from(
+        existing=existing,
+        close_user_id=me.id,
+        close_email=me.email,
+        close_organization_id=me.organization_id,
+        calendly_user_uri=user.uri,
+        calendly_email=user.email,
+        calendly_organization_uri=user.current_organization,
+        name=name,
+        now=now,
     )

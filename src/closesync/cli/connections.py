@@ -21,7 +21,7 @@ from closesync.connection import (
     ConnectionState,
     Grant,
     Grants,
-    connection_from,
+    connection_between,
 )
 from closesync.errors import ApiError, AuthFailed, ConfigError, Forbidden
 from closesync.retry import WaitBudget
@@ -139,17 +139,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         ),
     )
     existing: Connection | None = services.connections.find_by_close_user(me.id)
-    connection = connection_from(
-        existing=existing,
-        close_user_id=me.id,
-        close_email=me.email,
-        close_organization_id=me.organization_id,
-        calendly_user_uri=user.uri,
-        calendly_email=user.email,
-        calendly_organization_uri=user.current_organization,
-        name=args.name,
-        now=now,
-    )
+    connection = connection_between(existing, me, user, name=args.name, now=now)
     services.connections.save(connection, grants)
     if args.json:
         print_json({**public(connection), "updated": existing is not None})
