@@ -30,6 +30,8 @@ from closesync.calendly.models import uuid_of
 from closesync.close.models import LinkPayload
 from closesync.mapping import fingerprint, parse_source_id
 
+# Stands for the connection's id in a held-deletions reason; the run puts the real id in.
+CONNECTION_ID = "<connection id>"
 # Complete listings in a row that must miss an event type (still existing elsewhere) before its
 # link is deleted. Two: one glitch of Calendly's listing never deletes a link.
 MISSING_LISTINGS_BEFORE_DELETE = 2
@@ -174,7 +176,8 @@ def make_plan(
     if len(deletes) > threshold and not allow_mass_delete:
         reason = (
             f"{len(deletes)} deletions of {len(records)} links exceed the mass-delete limit "
-            f"of {threshold:g}; run `closesync sync --allow-mass-delete` to let them through"
+            f"of {threshold:g}; run `closesync sync --allow-mass-delete {CONNECTION_ID}` to let "
+            "them through"
         )
         return _with(plan, held=deletes, held_reason=reason)
     return _with(plan, deletes=deletes)

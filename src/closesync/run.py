@@ -19,6 +19,7 @@ from closesync.credentials import TokenKeeper
 from closesync.errors import ApiError, AuthFailed, GrantRevoked, NotFound, Rejected
 from closesync.mapping import MappingOptions, fingerprint, map_event_types, parse_source_id
 from closesync.plan import (
+    CONNECTION_ID,
     LinkRecord,
     ListingFacts,
     Plan,
@@ -75,7 +76,7 @@ class ConnectionRun:
         report.created, report.updated = len(plan.creates), len(plan.updates)
         report.deleted, report.unchanged = len(plan.deletes), len(plan.unchanged)
         report.held_deletions = [d.source_id for d in plan.held]
-        report.held_reason = plan.held_reason
+        report.held_reason = self._held_reason(plan)
 
     def execute(self) -> None:
         """Plan, then apply the plan to Close and record each accepted write."""
@@ -227,8 +228,8 @@ class ConnectionRun:
         state, conn_id, report = self.engine.state, self.connection.id, self.report
         report.unchanged = len(plan.unchanged)
         report.held_deletions = [d.source_id for d in plan.held]
-        report.held_reason = plan.held_reason
-        state.set_held(conn_id, report.held_deletions, plan.held_reason, self.engine.clock())
+        report.held_reason = self._held_reason(plan)
+        state.set_held(conn_id, report.held_deletions, report.held_reason, self.engine.clock())
         if plan.missing_counts:
             state.set_missing(conn_id, plan.missing_counts)
         for source_id in plan.still_rejected:
@@ -274,6 +275,12 @@ class ConnectionRun:
             report.created += 1
         else:
             report.updated += 1
+
+    def _held_reason(self, plan: Plan) -> str | None:
+        """The plan's reason for holding deletions, naming this connection in its command."""
+        if plan.held_reason is None:
+            return None
+        return plan.held_reason.replace(CONNECTION_ID, self.connection.id)
 
     def _check_lock(self) -> None:
         from closesync.engine import LockLost

@@ -23,7 +23,7 @@ def connection_status(services: Any, connection: Connection) -> dict[str, Any]:
     state = services.state
     last: RunReport | None = state.last_report(connection.id)
     reports: list[RunReport] = state.reports(connection.id, 20)
-    last_error = next((r.error for r in reports if r.error), None)
+    errored = next((r for r in reports if r.error), None)
     held = state.held(connection.id)
     backfill = state.backfill_progress(connection.id)
     return {
@@ -32,8 +32,9 @@ def connection_status(services: Any, connection: Connection) -> dict[str, Any]:
         "state": connection.state.value,
         "state_reason": connection.state_reason,
         "last_run": last.model_dump(mode="json") if last else None,
-        "held_deletions": held.model_dump(mode="json") if held else None,
-        "last_error": last_error,
+        "held_deletions": asdict(held) if held else None,
+        "last_error": errored.error if errored else None,
+        "last_error_at": errored.finished_at if errored else None,
         "backfill": asdict(backfill) if backfill else None,
     }
 
@@ -78,7 +79,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if row["held_deletions"]:
             sys.stdout.write(f"{row['id']}: held deletions: {row['held_deletions']['reason']}\n")
         if row["last_error"]:
-            sys.stdout.write(f"{row['id']}: last error: {row['last_error']}\n")
+            at = when(row["last_error_at"])
+            sys.stdout.write(f"{row['id']}: last error (run at {at}): {row['last_error']}\n")
         if row["backfill"]:
             progress = row["backfill"]
             sys.stdout.write(
