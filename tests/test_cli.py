@@ -193,3 +193,38 @@ def test_cli_add_token_with_odd_characters_names_the_option(
     assert "--close-access-token is not a token" in err
     assert "close_at_x" not in err
     assert env.world.request_counts() == {}
+
+
+def test_cli_status_shows_held_deletions_with_the_command_to_release_them(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Held mass deletions appear in status (text and JSON) with the connection's own command."""
+    world = env.world
+    user = world.create_user()
+    made = [world.create_event_type(user.calendly_user_uuid, name=f"H{i}") for i in range(10)]
+    main([*_add(user), "--json"])
+    conn = _json(capsys)["id"]
+    assert main(["sync", conn]) == 0
+    for event_type in made[:8]:
+        world.delete_event_type(event_type["uri"].rsplit("/", 1)[-1])
+    assert main(["sync", conn]) == 0
+    assert f"closesync sync --allow-mass-delete {conn}" in capsys.readouterr().out
+    assert main(["status", "--json"]) == 0
+    row = _json(capsys)["connections"][0]
+    assert len(row["held_deletions"]["source_ids"]) == 8
+    assert main(["status"]) == 0
+    assert f"{conn}: held deletions:" in capsys.readouterr().out
+    assert main(["sync", conn, "--allow-mass-delete"]) == 0
+    capsys.readouterr()
+    main(["status", "--json"])
+    assert _json(capsys)["connections"][0]["held_deletions"] is None
+
+
+def test_cli_empty_settings_in_the_environment_mean_unset(
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`LOG_FORMAT=` and `SENTRY_DSN=` as .env.example writes them are the defaults, not errors."""
+    monkeypatch.setenv("LOG_FORMAT", "")
+    monkeypatch.setenv("SENTRY_DSN", "")
+    assert main(["status", "--json"]) == 0
+    assert _json(capsys) == {"connections": []}

@@ -14,7 +14,12 @@ class Settings(BaseSettings):
     """Everything closesync can be told from outside."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        # `NAME=` (as .env.example writes optional settings) means "not set": the default.
+        env_ignore_empty=True,
     )
 
     # --- Where things are -------------------------------------------------------------------
