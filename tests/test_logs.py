@@ -126,3 +126,10 @@ def test_redact_keeps_urls_source_ids_close_ids_and_exception_names() -> None:
         "scheduling_link_integration redis://127.0.0.1:6379/15"
     )
     assert redact(text) == text
+
+
+def test_redact_keeps_plain_numbers() -> None:
+    """A long run of digits (a duration's decimals, a timestamp in ms) is a number, not a token."""
+    assert redact("task succeeded in 0.0012345678901234567s") == (
+        "task succeeded in 0.0012345678901234567s"
+    )

@@ -47,6 +47,7 @@ SECRET_NAME = re.compile(
 # Long identifiers that are not secrets and that operators need to read: uuids (Calendly),
 # closesync's own ids, Close object ids, and source_ids made of two uuids.
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_NUMBER = re.compile(r"\d+(?:[a-z]{1,2})?")
 _CAMEL_CASE = re.compile(r"(?:[A-Z][a-z]+)+")
 _READABLE = re.compile(
     rf"{_UUID}|(?:conn|run)_[0-9a-f]{{12}}"
@@ -90,6 +91,8 @@ def _mask_unless_readable(match: re.Match[str]) -> str:
     value = match.group(0)
     if _READABLE.fullmatch(value) or _CAMEL_CASE.fullmatch(value):
         return value
+    if _NUMBER.fullmatch(value):
+        return value  # a number, perhaps with a unit (a duration's decimals, ms), not a token
     has_digit = any(c.isdigit() for c in value)
     mixed_case = any(c.islower() for c in value) and any(c.isupper() for c in value)
     return MASK if has_digit or mixed_case else value
