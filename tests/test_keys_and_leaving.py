@@ -104,6 +104,7 @@ def test_keys_rotate_reseals_every_grant_so_the_old_key_can_go(
         "keys": 2,
         "current": 3,
         "older_key": 0,
+        "unencrypted": 0,
         "unreadable": 0,
     }
     only_new = ConnectionStore(services.redis, services.keys, FernetBox([new_key]))
@@ -132,10 +133,15 @@ def test_keys_check_finds_grants_still_under_an_older_key(
     assert "1 with an older key" in capsys.readouterr().out
     assert main(["keys", "rotate"]) == 0
     out = capsys.readouterr().out
-    assert "1 grant(s) sealed with the first key, 0 with an older key" in out
+    assert "1 grant(s) sealed with the first key, 0 with an older key, 0 unencrypted" in out
     assert "keys after the first can now be removed" in out
     assert main(["keys", "check", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"current": 1, "older_key": 0, "unreadable": 0}
+    assert json.loads(capsys.readouterr().out) == {
+        "current": 1,
+        "older_key": 0,
+        "unencrypted": 0,
+        "unreadable": 0,
+    }
 
 
 def test_keys_rotate_without_keys_refuses(

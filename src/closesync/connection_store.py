@@ -17,7 +17,7 @@ import redis
 from closesync.connection import Connection, ConnectionState, Grant, Grants
 from closesync.errors import ConnectionNotFound, EncryptionError
 from closesync.redis_conn import guard
-from closesync.secretbox import FernetBox, SecretBox
+from closesync.secretbox import PLAIN_PREFIX, FernetBox, SecretBox
 from closesync.state import Keys, as_text, watched
 
 Side = Literal["close", "calendly"]
@@ -273,11 +273,15 @@ class ConnectionStore:
 
     @guard("checking stored grants")
     def check_keys(self, box: FernetBox, first: FernetBox) -> dict[str, int]:
-        """How many sealed grants open with the first key alone, need an older key, or none."""
-        counts = {"current": 0, "older_key": 0, "unreadable": 0}
+        """How many sealed grants open with the first key alone, need an older key, are stored
+        unencrypted (sandbox, before any key was set), or open with no configured key."""
+        counts = {"current": 0, "older_key": 0, "unencrypted": 0, "unreadable": 0}
         for key in self.sealed_keys():
             sealed = self.redis.get(key)
             if sealed is None:
+                continue
+            if as_text(sealed).startswith(PLAIN_PREFIX):
+                counts["unencrypted"] += 1
                 continue
             for name, candidate in (("current", first), ("older_key", box)):
                 try:

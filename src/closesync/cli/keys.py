@@ -72,17 +72,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     counts = services.connections.check_keys(box, first)
     if args.json:
         print_json(counts)
-        return 0 if counts["older_key"] == counts["unreadable"] == 0 else 1
+        return 0 if counts["older_key"] == counts["unencrypted"] == counts["unreadable"] == 0 else 1
     return _report(counts)
 
 
 def _report(counts: dict[str, int]) -> int:
     sys.stdout.write(
         f"{counts['current']} grant(s) sealed with the first key, {counts['older_key']} with an "
-        f"older key, {counts['unreadable']} that no configured key opens\n"
+        f"older key, {counts['unencrypted']} unencrypted, {counts['unreadable']} that no "
+        "configured key opens\n"
     )
     if counts["unreadable"]:
         sys.stdout.write("some grants cannot be read: those connections must be connected again\n")
+        return 1
+    if counts["unencrypted"]:
+        sys.stdout.write(
+            "some grants are stored unencrypted: `closesync keys rotate` encrypts them\n"
+        )
         return 1
     if counts["older_key"]:
         sys.stdout.write(
