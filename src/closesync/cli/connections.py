@@ -189,7 +189,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print_json(public(connection))
         return 0
     for key, value in public(connection).items():
-        sys.stdout.write(f"{key:24} {value}\n")
+        shown = when(value) if key.endswith("_at") and isinstance(value, float) else value
+        sys.stdout.write(f"{key:26} {shown}\n")
     return 0
 
 
