@@ -19,18 +19,16 @@ from closesync.errors import (
     Rejected,
     TransientError,
 )
-from closesync.http import (
+from closesync.http import ApiHttp, field_errors_of, raise_for_response
+from closesync.oauth_tokens import is_invalid_grant
+from closesync.ratelimits import (
     FALLBACK_RATE_LIMIT_WAIT,
-    ApiHttp,
     RateLimitInfo,
-    field_errors_of,
     parse_calendly_ratelimit,
     parse_close_ratelimit,
     parse_retry_after,
-    raise_for_response,
     wait_from_429,
 )
-from closesync.oauth_tokens import is_invalid_grant
 from closesync.retry import WaitBudget, rate_limit_delay, transient_delay
 from closesync.sandbox import Sandbox
 from tests._sandbox import FakeClock, api_http, running_sandbox
