@@ -228,3 +228,33 @@ def test_cli_empty_settings_in_the_environment_mean_unset(
     monkeypatch.setenv("SENTRY_DSN", "")
     assert main(["status", "--json"]) == 0
     assert _json(capsys) == {"connections": []}
+
+
+def test_cli_connection_options_override_the_settings_per_connection(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`connections set ID --secret exclude` drops that user's secret types; `default` restores."""
+    world = env.world
+    user = world.create_user()
+    world.create_event_type(user.calendly_user_uuid, name="Open call")
+    world.create_event_type(user.calendly_user_uuid, name="Hidden call", secret=True)
+    main([*_add(user), "--json"])
+    conn = _json(capsys)["id"]
+
+    def names() -> set[str]:
+        links = world.close_links(user.close_user_id)
+        return {link["name"] for link in links if link["source"] == "THIRD_PARTY"}
+
+    assert main(["sync", conn]) == 0
+    assert names() == {"Open call", "Hidden call"}
+    capsys.readouterr()
+    assert main(["connections", "set", conn, "--secret", "exclude", "--json"]) == 0
+    assert _json(capsys)["options"] == {"include_secret": False, "include_one_off": None}
+    assert main(["sync", conn]) == 0
+    assert names() == {"Open call"}
+    assert main(["connections", "set", conn, "--secret", "default"]) == 0
+    assert main(["sync", conn]) == 0
+    assert names() == {"Open call", "Hidden call"}
+    capsys.readouterr()
+    assert main(["connections", "set", conn]) == 2
+    assert "--secret" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import redis
 
-from closesync.connection import Connection, ConnectionState, Grant, Grants
+from closesync.connection import Connection, ConnectionOptions, ConnectionState, Grant, Grants
 from closesync.errors import ConnectionNotFound, EncryptionError
 from closesync.redis_conn import guard
 from closesync.secretbox import PLAIN_PREFIX, FernetBox, SecretBox
@@ -192,6 +192,14 @@ class ConnectionStore:
             lambda c: c.model_copy(
                 update={"state": state, "state_reason": reason, "updated_at": at}
             ),
+        )
+
+    @guard("changing a connection's options")
+    def set_options(self, conn_id: str, options: ConnectionOptions) -> Connection:
+        """Replace the connection's own mapping options (None fields follow the global setting)."""
+        at = time.time()
+        return self._modify(
+            conn_id, lambda c: c.model_copy(update={"options": options, "updated_at": at})
         )
 
     def _modify(self, conn_id: str, change: Callable[[Connection], Connection]) -> Connection:

@@ -18,6 +18,7 @@ from closesync.cli.common import load_services, print_json, print_table, when
 from closesync.close.client import CloseClient
 from closesync.connection import (
     Connection,
+    ConnectionOptions,
     ConnectionState,
     Grant,
     Grants,
@@ -46,6 +47,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     listing = commands.add_parser("list", help="every connection")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=cmd_list)
+
+    options = commands.add_parser(
+        "set", help="this connection's own choices of what to sync (default: the settings)"
+    )
+    options.add_argument("id", metavar="ID", help="connection id (conn_…)")
+    for flag, what in (("--secret", "secret event types"), ("--one-off", "one-off meetings")):
+        options.add_argument(
+            flag,
+            choices=("include", "exclude", "default"),
+            help=f"sync {what} for this connection, or follow the setting (default)",
+        )
+    options.add_argument("--json", action="store_true", help="print JSON")
+    options.set_defaults(func=cmd_set)
 
     for name, func, text in (
         ("show", cmd_show, "one connection"),
@@ -222,6 +236,31 @@ def _set_state(args: argparse.Namespace, state: ConnectionState) -> int:
         print_json(public(connection))
     else:
         sys.stdout.write(f"{connection.id} is {connection.state.value}\n")
+    return 0
+
+
+_CHOICE = {"include": True, "exclude": False, "default": None}
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    if args.secret is None and args.one_off is None:
+        raise ConfigError("say what to change: --secret and/or --one-off include|exclude|default")
+    services = load_services()
+    current: Connection = services.connections.get(args.id)
+    options = ConnectionOptions(
+        include_secret=current.options.include_secret
+        if args.secret is None
+        else _CHOICE[args.secret],
+        include_one_off=current.options.include_one_off
+        if args.one_off is None
+        else _CHOICE[args.one_off],
+    )
+    connection: Connection = services.connections.set_options(args.id, options)
+    if args.json:
+        print_json(public(connection))
+    else:
+        shown = {k: "default" if v is None else v for k, v in options.model_dump().items()}
+        sys.stdout.write(f"{connection.id}: {shown}\n")
     return 0
 
 
