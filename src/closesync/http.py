@@ -242,7 +242,6 @@ class ApiHttp:
         group: str,
         **kwargs: Any,
     ) -> Any:
-        where = f"{self.api} {method} {endpoint}"
         self.calls += 1
         self.calls_by_endpoint[group] = self.calls_by_endpoint.get(group, 0) + 1
         try:
@@ -258,42 +257,32 @@ class ApiHttp:
                 allow_redirects=False,
             )
             body = response.content
-        except requests.Timeout as exc:
-            raise TransientError(
-                f"{where} timed out ({type(exc).__name__})",
-                api=self.api,
-                method=method,
-                endpoint=endpoint,
-            ) from None
-        except requests.ConnectionError as exc:
-            raise TransientError(
-                f"{where} failed: connection error ({_transport_reason(exc)})",
-                api=self.api,
-                method=method,
-                endpoint=endpoint,
-            ) from None
-        except UnicodeError:
-            # A header value (a token) requests cannot encode; its text holds the value: drop it.
-            raise AuthFailed(
-                f"{where} could not be sent: the credentials contain characters an HTTP header "
-                "cannot carry",
-                api=self.api,
-                method=method,
-                endpoint=endpoint,
-            ) from None
-        except requests.RequestException as exc:
-            raise TransientError(
-                f"{where} failed: {type(exc).__name__}",
-                api=self.api,
-                method=method,
-                endpoint=endpoint,
-            ) from None
+        except (requests.RequestException, UnicodeError) as exc:
+            raise self._transport_error(exc, method, endpoint) from None
         info = rate_limit_of(self.api, response.headers)
         if info is not None and info.remaining == 0 and info.reset_seconds:
             self._blocked_until[group] = self.clock() + info.reset_seconds
         return raise_for_response(
             self.api, method, endpoint, response.status_code, response.headers, body
         )
+
+    def _transport_error(self, exc: BaseException, method: str, endpoint: str) -> ApiError:
+        """The typed error of a call that got no response; never the exception's own text."""
+        where = f"{self.api} {method} {endpoint}"
+        kwargs: dict[str, Any] = {"api": self.api, "method": method, "endpoint": endpoint}
+        if isinstance(exc, UnicodeError):
+            # A header value (a token) requests cannot encode; its text holds the value: drop it.
+            return AuthFailed(
+                f"{where} could not be sent: the credentials contain characters an HTTP header "
+                "cannot carry",
+                **kwargs,
+            )
+        if isinstance(exc, requests.Timeout):
+            return TransientError(f"{where} timed out ({type(exc).__name__})", **kwargs)
+        if isinstance(exc, requests.ConnectionError):
+            reason = _transport_reason(exc)
+            return TransientError(f"{where} failed: connection error ({reason})", **kwargs)
+        return TransientError(f"{where} failed: {type(exc).__name__}", **kwargs)
 
 
 def _transport_reason(exc: BaseException) -> str:
