@@ -75,8 +75,7 @@ class ConnectionRun:
         report.planned = describe(plan)
         report.created, report.updated = len(plan.creates), len(plan.updates)
         report.deleted, report.unchanged = len(plan.deletes), len(plan.unchanged)
-        report.held_deletions = [d.source_id for d in plan.held]
-        report.held_reason = self._held_reason(plan)
+        self._report_held(plan)
 
     def execute(self) -> None:
         """Plan, then apply the plan to Close and record each accepted write."""
@@ -227,8 +226,7 @@ class ConnectionRun:
         """Write the plan to Close, recording each accepted write at once."""
         state, conn_id, report = self.engine.state, self.connection.id, self.report
         report.unchanged = len(plan.unchanged)
-        report.held_deletions = [d.source_id for d in plan.held]
-        report.held_reason = self._held_reason(plan)
+        self._report_held(plan)
         state.set_held(conn_id, report.held_deletions, report.held_reason, self.engine.clock())
         if plan.missing_counts:
             state.set_missing(conn_id, plan.missing_counts)
@@ -276,11 +274,14 @@ class ConnectionRun:
         else:
             report.updated += 1
 
-    def _held_reason(self, plan: Plan) -> str | None:
-        """The plan's reason for holding deletions, naming this connection in its command."""
-        if plan.held_reason is None:
-            return None
-        return plan.held_reason.replace(CONNECTION_ID, self.connection.id)
+    def _report_held(self, plan: Plan) -> None:
+        """Put the held deletions in the report, the reason naming this connection's command."""
+        self.report.held_deletions = [d.source_id for d in plan.held]
+        self.report.held_reason = (
+            None
+            if plan.held_reason is None
+            else plan.held_reason.replace(CONNECTION_ID, self.connection.id)
+        )
 
     def _check_lock(self) -> None:
         from closesync.engine import LockLost
