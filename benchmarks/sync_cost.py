@@ -13,7 +13,7 @@ import time
 import tracemalloc
 import uuid
 
-from closesync.redis_conn import embedded
+from closesync.store.client import embedded
 from closesync.sandbox import Sandbox, SandboxConfig
 from tests.sync_harness import Harness
 

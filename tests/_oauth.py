@@ -21,9 +21,9 @@ from closesync.sandbox import (
     CLOSE_CLIENT_SECRET,
     Sandbox,
 )
-from closesync.services import Services
 from closesync.settings import Settings
-from closesync.web import WebServer
+from closesync.web.app import WebServer
+from closesync.wiring.services import Services
 
 
 def sandbox_env(sb: Sandbox, redis_url: str, prefix: str, keys: str | None) -> dict[str, str]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from closesync.http import ApiHttp
-from closesync.retry import WaitBudget
+from closesync.apis.http import ApiHttp
+from closesync.core.retry import WaitBudget
 from closesync.sandbox import Sandbox, SandboxConfig
 
 # Short timeouts: every server here is on loopback; a hang test waits for the read timeout.

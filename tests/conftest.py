@@ -15,7 +15,7 @@ import pytest
 import redis
 from hypothesis import settings
 
-from closesync.state import Keys
+from closesync.store.keys import Keys
 
 try:  # tests/ may or may not be a package (tests/__init__.py); resolve the helper either way.
     from tests.redis_server import RedisServer, RedisServerError, answers

@@ -12,17 +12,17 @@ from typing import Any
 
 import redis
 
-from closesync.calendly.models import EventType
-from closesync.engine import SyncEngine
-from closesync.mapping import MappingOptions, map_event_types
-from closesync.report import RunMode, RunReport
+from closesync.core.calendly_payloads import EventType
+from closesync.core.mapping import MappingOptions, map_event_types
+from closesync.core.report import RunMode, RunReport
 from closesync.sandbox import (
     Sandbox,
 )
 from closesync.sandbox.connections import sandbox_connection, sandbox_settings
 from closesync.sandbox.records import SeededUser
-from closesync.services import Services
 from closesync.settings import Settings
+from closesync.sync.engine import SyncEngine
+from closesync.wiring.services import Services
 
 LinkView = tuple[str, str, str | None, str, int | None]
 

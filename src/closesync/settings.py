@@ -6,8 +6,10 @@ down. Every default carries its unit, its purpose and its trade-off.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from closesync.core.errors import ConfigError
 
 
 class Settings(BaseSettings):
@@ -133,3 +135,15 @@ class Settings(BaseSettings):
             return []
         raw = self.closesync_encryption_keys.get_secret_value()
         return [key.strip() for key in raw.split(",") if key.strip()]
+
+
+def load_settings() -> Settings:
+    """Settings from the environment and .env; a bad value becomes a ConfigError naming it."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc']).upper()}: {item['msg']}"
+            for item in error.errors(include_url=False, include_input=False)
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

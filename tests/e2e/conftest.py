@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from closesync.mapping import clean_name, source_id_for
+from closesync.core.mapping import clean_name, source_id_for
 from closesync.sandbox import (
     CALENDLY_CLIENT_ID,
     CALENDLY_CLIENT_SECRET,
@@ -33,8 +33,8 @@ from closesync.sandbox import (
     SeededUser,
 )
 from closesync.sandbox.connections import sandbox_connection
-from closesync.services import Services
 from closesync.settings import Settings
+from closesync.wiring.services import Services
 from tests.redis_server import RedisServer
 
 CLOSESYNC = str(Path(sys.executable).with_name("closesync"))

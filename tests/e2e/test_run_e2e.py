@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from closesync.sandbox import Sandbox
-from closesync.services import Services
+from closesync.wiring.services import Services
 from tests.e2e.conftest import Deployment, converged, wait_for
 from tests.redis_server import answers
 

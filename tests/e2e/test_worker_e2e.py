@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from closesync.connection import ConnectionState
+from closesync.core.connection import ConnectionState
 from closesync.sandbox import Sandbox
 from tests.e2e.conftest import Deployment, converged, expected_links, our_links, wait_for
 

@@ -1,4 +1,4 @@
-"""What the commands share: loading settings and services, printing tables and JSON."""
+"""What the commands share: printing tables and JSON."""
 
 from __future__ import annotations
 
@@ -7,30 +7,6 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
-
-from pydantic import ValidationError
-
-from closesync.errors import ConfigError
-from closesync.settings import Settings
-
-
-def load_settings() -> Settings:
-    """Settings from the environment and .env; a bad value becomes a ConfigError naming it."""
-    try:
-        return Settings()
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc']).upper()}: {item['msg']}"
-            for item in error.errors(include_url=False, include_input=False)
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from None
-
-
-def load_services(settings: Settings | None = None) -> Any:
-    """The services for `settings` (imported lazily: the sandbox command needs none of them)."""
-    from closesync.services import Services
-
-    return Services.build(settings or load_settings())
 
 
 def print_json(value: Any) -> None:

@@ -29,12 +29,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from closesync.cli.common import load_services, print_json
-from closesync.connecting import Connector, FlowError, Step, step_json
-from closesync.errors import CloseSyncError, ConfigError, EncryptionError
-from closesync.logs import redact
-from closesync.oauth_flow import Provider, Purpose, new_binding
-from closesync.web import Response, page, redirect
+from closesync.cli.common import print_json
+from closesync.connect.connector import Connector, FlowError, Step, step_json
+from closesync.connect.oauth_flow import Provider, Purpose, new_binding
+from closesync.core.errors import CloseSyncError, ConfigError, EncryptionError
+from closesync.web.app import Response, page, redirect
+from closesync.wiring.logs import redact
+from closesync.wiring.services import load_services
 
 # The loopback port both OAuth applications must list in their redirect URIs.
 DEFAULT_PORT = 8765

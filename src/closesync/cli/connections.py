@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from closesync.calendly.client import CalendlyClient
-from closesync.cli.common import load_services, print_json, print_table, when
-from closesync.close.client import CloseClient
-from closesync.connection import (
+from closesync.apis.calendly.client import CalendlyClient
+from closesync.apis.close.client import CloseClient
+from closesync.cli.common import print_json, print_table, when
+from closesync.core.connection import (
     Connection,
     ConnectionOptions,
     ConnectionState,
@@ -24,8 +24,9 @@ from closesync.connection import (
     Grants,
     connection_between,
 )
-from closesync.errors import ApiError, AuthFailed, ConfigError, Forbidden
-from closesync.retry import WaitBudget
+from closesync.core.errors import ApiError, AuthFailed, ConfigError, Forbidden
+from closesync.core.retry import WaitBudget
+from closesync.wiring.services import load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -209,7 +210,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from closesync.leaving import delete_our_links, revoke_connection
+    from closesync.connect.leaving import delete_our_links, revoke_connection
 
     services = load_services()
     connection: Connection = services.connections.get(args.id)

@@ -18,8 +18,8 @@ import threading
 from types import FrameType
 from typing import Any
 
-from closesync.cli.common import load_services, load_settings
-from closesync.settings import Settings
+from closesync.settings import Settings, load_settings
+from closesync.wiring.services import load_services
 
 # Seconds `closesync run` waits for its scheduler child to stop before killing it.
 CHILD_STOP_SECONDS = 10.0
@@ -61,8 +61,8 @@ def prepare_process(settings: Settings) -> None:
     """Logging and Sentry, as every long-running process needs them."""
     from celery.signals import setup_logging
 
-    from closesync.logs import configure
-    from closesync.observability import init_sentry
+    from closesync.wiring.logs import configure
+    from closesync.wiring.observability import init_sentry
 
     configure(settings.log_level, settings.log_format)
     # Any receiver on setup_logging stops Celery from configuring logging itself.
@@ -76,7 +76,7 @@ def _keep_our_logging(**_: Any) -> None:
 
 def _pin_redis_url(settings: Settings) -> Settings:
     """Resolve REDIS_URL (starting the embedded Redis if unset) for this process and children."""
-    from closesync.services import redis_url_of
+    from closesync.wiring.services import redis_url_of
 
     url = redis_url_of(settings)
     os.environ["REDIS_URL"] = url
@@ -107,7 +107,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_scheduler(args: argparse.Namespace) -> int:
     settings = _pin_redis_url(load_settings())
     prepare_process(settings)
-    from closesync.services import Services
+    from closesync.wiring.services import Services
     from closesync.worker.celery_app import create_app
     from closesync.worker.scheduler import run_scheduler
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from closesync.cli.common import load_settings
+from closesync.settings import load_settings
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from closesync.demo import DemoOptions, run_demo
+    from closesync.cli.demo_runner import DemoOptions, run_demo
 
     settings = load_settings()
     options = DemoOptions(

@@ -14,9 +14,11 @@ import argparse
 import sys
 from typing import Any
 
-from closesync.cli.common import load_services, load_settings, print_json
-from closesync.errors import ConfigError
-from closesync.secretbox import FernetBox, generate_key
+from closesync.cli.common import print_json
+from closesync.core.errors import ConfigError
+from closesync.settings import load_settings
+from closesync.store.secretbox import FernetBox, generate_key
+from closesync.wiring.services import load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from closesync import __version__
-from closesync.errors import (
+from closesync.core.errors import (
     ApiError,
     CloseSyncError,
     ConfigError,

@@ -7,9 +7,10 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from closesync.cli.common import load_services, print_json, print_table, when
-from closesync.connection import Connection
-from closesync.report import RunReport
+from closesync.cli.common import print_json, print_table, when
+from closesync.core.connection import Connection
+from closesync.core.report import RunReport
+from closesync.wiring.services import load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -91,7 +92,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _unmatched(services: Any) -> dict[str, Any] | None:
     """Calendly organization mode: who is unmatched on either side (None outside that mode)."""
-    from closesync.orgmode import Organizations
+    from closesync.connect.organizations import Organizations
 
     orgs = Organizations(services)
     return orgs.unmatched() if orgs.refs() or orgs.waiting() else None

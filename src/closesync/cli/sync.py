@@ -12,9 +12,10 @@ import sys
 import time
 from typing import Any
 
-from closesync.cli.common import load_services, print_json
-from closesync.errors import CloseSyncError, ConfigError
-from closesync.report import Outcome, RunMode, RunReport
+from closesync.cli.common import print_json
+from closesync.core.errors import CloseSyncError, ConfigError
+from closesync.core.report import Outcome, RunMode, RunReport
+from closesync.wiring.services import load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -64,7 +65,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.enqueue:
         from closesync.worker.enqueue import enqueue_sync
 
-        return enqueue_sync(services, ids if not args.all else None, json_output=args.json)
+        return _print_enqueued(enqueue_sync(services, ids if not args.all else None), args.json)
     return _run_all(
         services,
         ids,
@@ -81,7 +82,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.enqueue:
         from closesync.worker.enqueue import enqueue_backfill
 
-        return enqueue_backfill(services, ids, json_output=args.json)
+        return _print_enqueued(enqueue_backfill(services, ids), args.json)
     if args.dry_run:
         # A backfill's plan is the drift check's: Close as it is against what is desired.
         return _run_all(services, ids, RunMode.DRIFT, args, dry=True)
@@ -170,3 +171,24 @@ def _print_report(report: RunReport) -> None:
         sys.stdout.write(f"    failed {key}: {error}\n")
     for error in report.errors:
         sys.stdout.write(f"    error: {error}\n")
+
+
+def _print_enqueued(done: dict[str, object], json_output: bool) -> int:
+    """What `--enqueue` put on the queues, as JSON or a line per task."""
+    if json_output:
+        print_json(done)
+        return 0
+    if "tick" in done:
+        slot = done["slot"]
+        if done["enqueued"]:
+            sys.stdout.write(f"enqueued the sync tick {slot}\n")
+        else:
+            sys.stdout.write(f"the sync tick {slot} was already enqueued\n")
+        return 0
+    ids = done["enqueued"]
+    assert isinstance(ids, list)  # noqa: S101 - enqueue_sync/enqueue_backfill return a list here
+    for connection_id in ids:
+        sys.stdout.write(f"enqueued {done['task']} of {connection_id}\n")
+    if not ids:
+        sys.stdout.write("no active connections\n")
+    return 0

@@ -12,7 +12,8 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from closesync.cli.common import load_services, load_settings
+from closesync.settings import load_settings
+from closesync.wiring.services import load_services
 
 # Port when neither --port, PORT (set by Heroku-like platforms) nor PUBLIC_BASE_URL gives one.
 DEFAULT_PORT = 8700
@@ -28,9 +29,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from closesync.logs import configure
-    from closesync.observability import init_sentry
-    from closesync.web import WebServer
+    from closesync.web.app import WebServer
+    from closesync.wiring.logs import configure
+    from closesync.wiring.observability import init_sentry
 
     settings = load_settings()
     configure(settings.log_level, settings.log_format)

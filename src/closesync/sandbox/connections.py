@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from closesync.connection import Connection, Grant, Grants, new_connection_id
+from closesync.core.connection import Connection, Grant, Grants, new_connection_id
 from closesync.sandbox.config import (
     CALENDLY_CLIENT_ID,
     CALENDLY_CLIENT_SECRET,

@@ -15,9 +15,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
 
-from closesync.errors import ConfigError
-from closesync.redis_conn import DEFAULT_SENTINEL_MASTER
+from closesync.core.errors import ConfigError
 from closesync.settings import Settings
+from closesync.store.client import DEFAULT_SENTINEL_MASTER
 
 SYNC_QUEUE = "sync"
 BACKFILL_QUEUE = "backfill"
@@ -118,7 +118,7 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "enable_utc": True,
         # Keep retrying the broker at startup: in compose, Redis may come up after the worker.
         "broker_connection_retry_on_startup": True,
-        # closesync.logs owns the root logger (JSON lines, redaction).
+        # closesync.wiring.logs owns the root logger (JSON lines, redaction).
         "worker_hijack_root_logger": False,
         # A worker replaces its pool processes now and then, returning leaked memory.
         "worker_max_tasks_per_child": 1000,
@@ -128,7 +128,7 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
 def create_app(settings: Settings, broker_url: str | None = None) -> Celery:
     """A Celery app for `settings`; `broker_url` defaults to REDIS_URL (or the embedded one)."""
     if broker_url is None:
-        from closesync.services import redis_url_of
+        from closesync.wiring.services import redis_url_of
 
         broker_url = redis_url_of(settings)
     app = Celery("closesync", include=["closesync.worker.tasks"])

@@ -7,7 +7,6 @@ and claim it with SET NX, so however many of them fire for one tick, one `sync_a
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -16,9 +15,8 @@ from typing import Literal
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from closesync.cli.common import print_json
-from closesync.errors import StoreUnavailable
-from closesync.services import Services
+from closesync.core.errors import StoreUnavailable
+from closesync.wiring.services import Services
 from closesync.worker import celery_app as names
 from closesync.worker.celery_app import create_app
 from closesync.worker.schedule import current_slot, interval_after, tick_ttl
@@ -65,46 +63,32 @@ def enqueue_tick(
     return slot, True
 
 
-def enqueue_sync(services: Services, ids: list[str] | None, *, json_output: bool = False) -> int:
-    """`sync --enqueue`: the current tick (ids None, i.e. --all) or these connections now."""
+def enqueue_sync(services: Services, ids: list[str] | None) -> dict[str, object]:
+    """`sync --enqueue`: the current tick (ids None, i.e. --all) or these connections now.
+
+    What was enqueued: `{"tick", "slot", "enqueued": bool}` for a tick, else
+    `{"task": "sync", "enqueued": [ids]}`; the CLI prints it.
+    """
     app = create_app(services.settings)
     try:
         if ids is None:
             slot, enqueued = enqueue_tick(services, app, "sync")
-            if json_output:
-                print_json({"tick": "sync", "slot": slot, "enqueued": enqueued})
-            elif enqueued:
-                sys.stdout.write(f"enqueued the sync tick {slot}\n")
-            else:
-                sys.stdout.write(f"the sync tick {slot} was already enqueued\n")
-            return 0
+            return {"tick": "sync", "slot": slot, "enqueued": enqueued}
         with _broker("enqueueing syncs"):
             for connection_id in ids:
                 app.send_task(names.SYNC_CONNECTION, args=[connection_id, None])
-        _print_ids("sync", ids, json_output)
-        return 0
+        return {"task": "sync", "enqueued": ids}
     finally:
         app.close()
 
 
-def enqueue_backfill(services: Services, ids: list[str], *, json_output: bool = False) -> int:
+def enqueue_backfill(services: Services, ids: list[str]) -> dict[str, object]:
     """`backfill --enqueue`: one backfill task per connection, on the backfill queue."""
     app = create_app(services.settings)
     try:
         with _broker("enqueueing backfills"):
             for connection_id in ids:
                 app.send_task(names.BACKFILL, args=[connection_id])
-        _print_ids("backfill", ids, json_output)
-        return 0
+        return {"task": "backfill", "enqueued": ids}
     finally:
         app.close()
-
-
-def _print_ids(what: str, ids: list[str], json_output: bool) -> None:
-    if json_output:
-        print_json({"task": what, "enqueued": ids})
-        return
-    for connection_id in ids:
-        sys.stdout.write(f"enqueued {what} of {connection_id}\n")
-    if not ids:
-        sys.stdout.write("no active connections\n")

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from apscheduler.triggers.cron import CronTrigger
 
-from closesync.errors import ConfigError
+from closesync.core.errors import ConfigError
 
 _WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
 # How far back `previous_fire` looks before giving up: a cron that never fired within about a

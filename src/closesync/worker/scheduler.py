@@ -22,9 +22,9 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from celery import Celery
 
-from closesync.errors import StoreUnavailable
-from closesync.locks import RedisLock
-from closesync.services import Services
+from closesync.core.errors import StoreUnavailable
+from closesync.store.locks import RedisLock
+from closesync.wiring.services import Services
 from closesync.worker.enqueue import Tick, cron_of, enqueue_tick
 from closesync.worker.schedule import cron_trigger
 

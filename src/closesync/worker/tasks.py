@@ -22,13 +22,13 @@ from typing import Any
 from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from closesync.connection import ConnectionState
-from closesync.errors import CloseSyncError, StoreUnavailable
-from closesync.logs import bind
-from closesync.observability import cron_checkin
-from closesync.report import Outcome, RunMode, RunReport
-from closesync.retry import Random, rate_limit_delay, transient_delay
-from closesync.services import Services
+from closesync.core.connection import ConnectionState
+from closesync.core.errors import CloseSyncError, StoreUnavailable
+from closesync.core.report import Outcome, RunMode, RunReport
+from closesync.core.retry import Random, rate_limit_delay, transient_delay
+from closesync.wiring.logs import bind
+from closesync.wiring.observability import cron_checkin
+from closesync.wiring.services import Services
 from closesync.worker import celery_app as names
 from closesync.worker.schedule import interval_after, spread_offset, spread_window, tick_ttl
 
@@ -92,7 +92,7 @@ def get_services() -> Services:
     global _services  # noqa: PLW0603 - one per process by design; tests inject with use_services
     with _services_lock:
         if _services is None:
-            from closesync.cli.common import load_settings
+            from closesync.settings import load_settings
 
             _services = Services.build(load_settings())
         return _services
@@ -149,7 +149,7 @@ def pair_organizations(services: Services) -> int:
     wait until an admin connects the organization again. A failure is logged, never raised: the
     drift check of the connections that exist must still run.
     """
-    from closesync.orgmode import Organizations
+    from closesync.connect.organizations import Organizations
 
     organizations = Organizations(services)
     if not organizations.refs():

@@ -1,0 +1,175 @@
+"""Access tokens for one side of one connection, refreshed single-flight across every process.
+
+Both providers rotate refresh tokens: a refresh returns a new refresh token and revokes the old
+one. Two workers refreshing the same grant at once would lose it, so a refresh happens only under
+a Redis lock per grant, re-reads the stored grant first (another process may have refreshed it
+already), and stores the rotated grant before the new access token is used. A refresh answered
+`invalid_grant` raises `GrantRevoked`: the caller marks the connection needs_reauth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+from pydantic import SecretStr
+
+from closesync.core.connection import Grant, Grants
+from closesync.core.errors import AuthFailed, ConfigError, GrantRevoked, TransientError
+
+Side = Literal["close", "calendly"]
+
+# Refresh an access token that expires within this many seconds, rather than risk a 401 mid-run.
+EXPIRY_MARGIN_SECONDS = 120.0
+# Seconds to wait for another process's refresh of the same grant before giving up.
+REFRESH_WAIT_SECONDS = 30.0
+
+
+class TokenAnswer(Protocol):
+    @property
+    def access_token(self) -> str: ...
+    @property
+    def refresh_token(self) -> str | None: ...
+    @property
+    def expires_in(self) -> int | None: ...
+
+
+class Refresher(Protocol):
+    def refresh(self, refresh_token: str) -> TokenAnswer: ...
+
+
+class GrantStore(Protocol):
+    def grants(self, connection_id: str) -> Grants: ...
+
+    def update_grant(self, connection_id: str, side: Side, grant: Grant) -> None: ...
+
+
+class Lock(Protocol):
+    def acquire_wait(self, timeout: float) -> bool: ...
+
+    def release(self) -> bool: ...
+
+
+def shared_lock_key(ref: str) -> str:
+    """The `lock_key` of a shared (organization) grant: one refresh lock for all its users."""
+    return f"shared:{ref}"
+
+
+def grant_lock_name(side: Side, connection_id: str) -> str:
+    """Name of the refresh lock of a grant: per connection and side (never the token itself)."""
+    digest = hashlib.sha256(f"{side}:{connection_id}".encode()).hexdigest()[:16]
+    return f"{side}:{digest}"
+
+
+class TokenKeeper:
+    """Hands out a valid access token for one side of one connection."""
+
+    def __init__(
+        self,
+        *,
+        connection_id: str,
+        side: Side,
+        store: GrantStore,
+        refresher: Refresher | None,
+        lock_factory: Callable[[str], Lock],
+        clock: Callable[[], float] = time.time,
+        lock_key: str | None = None,
+    ) -> None:
+        self.connection_id = connection_id
+        # What the refresh lock is named after: the connection, or a grant it shares with others.
+        self.lock_key = lock_key or connection_id
+        self.side = side
+        self._store = store
+        self._refresher = refresher
+        self._lock_factory = lock_factory
+        self._clock = clock
+        self._grant = self._load()
+        self.refreshes = 0
+
+    def current(self) -> str:
+        """The access token in hand, without refreshing it."""
+        return self._grant.access_token.get_secret_value()
+
+    def access_token(self) -> str:
+        """The current access token, refreshed first when it is about to expire."""
+        if self._grant.refresh_token is not None and self._grant.expires_within(
+            self._clock(), EXPIRY_MARGIN_SECONDS
+        ):
+            self.refresh(self._grant.access_token.get_secret_value())
+        return self._grant.access_token.get_secret_value()
+
+    def refresh(self, failed_token: str) -> str:
+        """Replace `failed_token` with a fresh access token, once across all processes."""
+        label = self._label()
+        if self._grant.refresh_token is None:
+            raise GrantRevoked(
+                f"{label} access token was refused and there is no refresh token",
+                api=label,
+                method="POST",
+                endpoint="token refresh",
+            )
+        if self._refresher is None:
+            # A deployment mistake, not the user's: the connection must not leave the schedule.
+            side = label.upper()
+            raise ConfigError(
+                f"{label} access token expired and cannot be refreshed: "
+                f"{side}_CLIENT_ID and {side}_CLIENT_SECRET are not set"
+            )
+        lock = self._lock_factory(grant_lock_name(self.side, self.lock_key))
+        if not lock.acquire_wait(REFRESH_WAIT_SECONDS):
+            raise TransientError(
+                f"{label} token refresh is held by another process for too long",
+                api=label,
+                method="POST",
+                endpoint="token refresh",
+            )
+        try:
+            stored = self._load()
+            if stored.access_token.get_secret_value() != failed_token:
+                # Another process refreshed while we waited: use its token.
+                self._grant = stored
+                return stored.access_token.get_secret_value()
+            assert stored.refresh_token is not None  # noqa: S101 - checked above on our copy
+            presented = stored.refresh_token.get_secret_value()
+            try:
+                answer = self._refresher.refresh(presented)
+            except GrantRevoked:
+                # Someone may have rotated the grant without our lock (e.g. its lock expired
+                # during a slow refresh): if the stored refresh token changed, use that grant.
+                current = self._load()
+                if current.refresh_token is not None and (
+                    current.refresh_token.get_secret_value() != presented
+                ):
+                    self._grant = current
+                    return current.access_token.get_secret_value()
+                raise
+            except AuthFailed as error:
+                # The token endpoint refused closesync itself (invalid_client): configuration.
+                raise ConfigError(
+                    f"{label} refused closesync's OAuth client credentials: {error}"
+                ) from None
+            new = Grant(
+                kind="oauth",
+                access_token=SecretStr(answer.access_token),
+                # Rotation: keep the new refresh token; a provider that does not rotate keeps ours.
+                refresh_token=SecretStr(answer.refresh_token)
+                if answer.refresh_token
+                else stored.refresh_token,
+                expires_at=self._clock() + answer.expires_in if answer.expires_in else None,
+            )
+            # Stored before use: if we crash now, the next process has the rotated grant.
+            self._store.update_grant(self.connection_id, self.side, new)
+            self._grant = new
+            self.refreshes += 1
+            return answer.access_token
+        finally:
+            lock.release()
+
+    def _load(self) -> Grant:
+        grants = self._store.grants(self.connection_id)
+        return grants.close if self.side == "close" else grants.calendly
+
+    def _label(self) -> str:
+        return "Close" if self.side == "close" else "Calendly"

@@ -1,0 +1,300 @@
+"""The one HTTP layer both API clients stand on.
+
+It owns the things every call needs and no client should repeat: connect and read timeouts, the
+mapping of a response to the typed errors of `closesync.core.errors` (the only place that does it),
+honouring the rate-limit headers of both APIs (read by `closesync.core.ratelimits`), waiting out
+rate limits and transient errors within a `WaitBudget`, and counting calls. It knows nothing of
+event types or links.
+
+`sleep`, `rand` and `clock` are injected so tests run with a fake clock instead of patching time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from closesync import __version__
+from closesync.core.errors import (
+    ApiError,
+    AuthFailed,
+    BadResponse,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Rejected,
+    RetryableError,
+    TransientError,
+)
+from closesync.core.ratelimits import rate_limit_of, wait_from_429
+from closesync.core.retry import Random, WaitBudget, rate_limit_delay, transient_delay
+
+# Connect fast or not at all; a listing page of 100 event types can take a few seconds to build.
+DEFAULT_TIMEOUT = (5.0, 30.0)
+# Attempts per call when the budget still allows waiting (first try included).
+DEFAULT_MAX_ATTEMPTS = 5
+
+
+def _decode_json(body: bytes) -> Any:
+    """The JSON value of a body, or raise ValueError."""
+    return json.loads(body.decode("utf-8"))
+
+
+def _describe_body(body: bytes, content_type: str) -> tuple[str, Any]:
+    """A short description of a body for error messages, and its JSON value when it has one."""
+    if not body.strip():
+        return "an empty body", None
+    try:
+        value = _decode_json(body)
+    except (ValueError, UnicodeDecodeError):
+        if "html" in content_type.lower() or body.lstrip()[:1] == b"<":
+            return "an HTML page instead of JSON", None
+        if "json" in content_type.lower():
+            return "a truncated or invalid JSON body", None
+        return "a non-JSON body", None
+    return "", value
+
+
+def _error_text(value: Any) -> str:
+    """The human part of an error body of either API, shortened."""
+    if not isinstance(value, dict):
+        return ""
+    parts: list[str] = []
+    for key in ("title", "message", "error", "error_description"):
+        text = value.get(key)
+        if isinstance(text, str) and text:
+            parts.append(text)
+    errors = value.get("errors")
+    if isinstance(errors, list):
+        parts.extend(str(e) for e in errors if e)
+    return "; ".join(parts)[:300]
+
+
+def field_errors_of(value: Any) -> dict[str, str]:
+    """Close's `field-errors` or Calendly's `details` as {field: message}."""
+    result: dict[str, str] = {}
+    if not isinstance(value, dict):
+        return result
+    close_fields = value.get("field-errors")
+    if isinstance(close_fields, dict):
+        for name, message in close_fields.items():
+            result[str(name)] = str(message)
+    details = value.get("details")
+    if isinstance(details, list):
+        for item in details:
+            if isinstance(item, dict):
+                name = str(item.get("parameter") or "request")
+                result[name] = str(item.get("message") or "")
+    return result
+
+
+def raise_for_response(
+    api: str,
+    method: str,
+    endpoint: str,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> Any:
+    """Return the JSON value of a successful response, or raise the error class it calls for.
+
+    The single place where a status, headers and body become a typed error. A 204 or an empty
+    2xx body where none is expected returns None; the caller checks the shape.
+    """
+    where = f"{api} {method} {endpoint}"
+    content_type = headers.get("Content-Type", "")
+    description, value = _describe_body(body, content_type)
+    kwargs: dict[str, Any] = {"api": api, "method": method, "endpoint": endpoint, "status": status}
+    if 200 <= status < 300:
+        if status == 204 or not body.strip():
+            return None
+        if description:
+            raise BadResponse(f"{where} answered {status} with {description}", **kwargs)
+        return value
+    detail = f" with {description}" if description else ""
+    text = _error_text(value)
+    said = f": {text}" if text else ""
+    message = f"{where} answered {status}{detail}{said}"
+    if status == 429:
+        wait = wait_from_429(api, headers)
+        raise RateLimited(f"{message} (wait {wait:g} s)", wait_seconds=wait, **kwargs)
+    if status == 401:
+        raise AuthFailed(message, **kwargs)
+    if status == 403:
+        raise Forbidden(message, **kwargs)
+    if status == 404:
+        raise NotFound(message, **kwargs)
+    if status in (400, 409, 422):
+        raise Rejected(message, field_errors=field_errors_of(value), **kwargs)
+    if status >= 500 or status == 408:
+        raise TransientError(message, **kwargs)
+    raise ApiError(message, **kwargs)
+
+
+def new_session() -> requests.Session:
+    """A session with closesync's User-Agent; connection pooling is per session."""
+    session = requests.Session()
+    session.headers["User-Agent"] = f"closesync/{__version__}"
+    return session
+
+
+@dataclass
+class ApiHttp:
+    """Calls one API: timeouts, error mapping, inline waiting within a budget, call counting.
+
+    One instance serves one connection's run (its budget and counters are per run). `group` names
+    the rate-limit bucket of a call (Close buckets per endpoint group); when an earlier response
+    said a group has no requests left, the next call to it waits for the reset first.
+    """
+
+    api: str
+    base_url: str
+    session: requests.Session = field(default_factory=new_session)
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT
+    budget: WaitBudget = field(default_factory=lambda: WaitBudget(60.0))
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    rand: Random = random.random
+    calls: int = 0
+    calls_by_endpoint: dict[str, int] = field(default_factory=dict)
+    _blocked_until: dict[str, float] = field(default_factory=dict)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        endpoint: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        form: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        url: str | None = None,
+    ) -> Any:
+        """Make one call, retrying what may be retried within the budget; return the JSON body.
+
+        `path` is appended to the base URL unless a full `url` is given (a `next_page` link).
+        `endpoint` is the path template used in messages and as the rate-limit group.
+        """
+        endpoint = endpoint or path
+        group = f"{method} {endpoint}"
+        attempt = 0
+        while True:
+            self._wait_for_group(group, method, endpoint)
+            try:
+                return self._once(
+                    method,
+                    url or self.base_url.rstrip("/") + path,
+                    endpoint,
+                    group,
+                    params=params,
+                    json_body=json_body,
+                    form=form,
+                    headers=headers,
+                    auth=auth,
+                )
+            except RetryableError as error:
+                attempt += 1
+                if isinstance(error, RateLimited):
+                    delay = rate_limit_delay(error.wait_seconds, self.rand)
+                else:
+                    delay = transient_delay(attempt - 1, self.rand)
+                if attempt >= self.max_attempts or not self.budget.allows(delay):
+                    raise
+                self.budget.spend(delay)
+                self.sleep(delay)
+
+    def _wait_for_group(self, group: str, method: str, endpoint: str) -> None:
+        """Honour a reset announced by an earlier response before calling that group again."""
+        until = self._blocked_until.get(group)
+        if until is None:
+            return
+        wait = until - self.clock()
+        if wait <= 0:
+            del self._blocked_until[group]
+            return
+        if not self.budget.allows(wait):
+            raise RateLimited(
+                f"{self.api} {method} {endpoint} is out of requests for {wait:.2f} s",
+                wait_seconds=wait,
+                api=self.api,
+                method=method,
+                endpoint=endpoint,
+                status=None,
+            )
+        self.budget.spend(wait)
+        self.sleep(wait)
+        self._blocked_until.pop(group, None)
+
+    def _once(
+        self,
+        method: str,
+        url: str,
+        endpoint: str,
+        group: str,
+        **kwargs: Any,
+    ) -> Any:
+        self.calls += 1
+        self.calls_by_endpoint[group] = self.calls_by_endpoint.get(group, 0) + 1
+        try:
+            response = self.session.request(
+                method,
+                url,
+                params=kwargs["params"],
+                json=kwargs["json_body"],
+                data=kwargs["form"],
+                headers=kwargs["headers"],
+                auth=kwargs["auth"],
+                timeout=self.timeout,
+                allow_redirects=False,
+            )
+            body = response.content
+        except (requests.RequestException, UnicodeError) as exc:
+            raise self._transport_error(exc, method, endpoint) from None
+        info = rate_limit_of(self.api, response.headers)
+        if info is not None and info.remaining == 0 and info.reset_seconds:
+            self._blocked_until[group] = self.clock() + info.reset_seconds
+        return raise_for_response(
+            self.api, method, endpoint, response.status_code, response.headers, body
+        )
+
+    def _transport_error(self, exc: BaseException, method: str, endpoint: str) -> ApiError:
+        """The typed error of a call that got no response; never the exception's own text."""
+        where = f"{self.api} {method} {endpoint}"
+        kwargs: dict[str, Any] = {"api": self.api, "method": method, "endpoint": endpoint}
+        if isinstance(exc, UnicodeError):
+            # A header value (a token) requests cannot encode; its text holds the value: drop it.
+            return AuthFailed(
+                f"{where} could not be sent: the credentials contain characters an HTTP header "
+                "cannot carry",
+                **kwargs,
+            )
+        if isinstance(exc, requests.Timeout):
+            return TransientError(f"{where} timed out ({type(exc).__name__})", **kwargs)
+        if isinstance(exc, requests.ConnectionError):
+            reason = _transport_reason(exc)
+            return TransientError(f"{where} failed: connection error ({reason})", **kwargs)
+        return TransientError(f"{where} failed: {type(exc).__name__}", **kwargs)
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """A short cause for a transport failure, without URLs (which may carry query secrets)."""
+    text = str(exc)
+    for needle, reason in (
+        ("reset by peer", "connection reset by peer"),
+        ("Connection refused", "connection refused"),
+        ("RemoteDisconnected", "remote end closed the connection"),
+        ("IncompleteRead", "response ended early"),
+        ("Name or service not known", "host name not found"),
+    ):
+        if needle in text:
+            return reason
+    return type(exc).__name__

@@ -1,1 +1,0 @@
-"""Calendly: the source of event types."""

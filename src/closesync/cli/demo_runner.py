@@ -1,0 +1,269 @@
+"""`closesync demo`: the whole system on one machine, converging while Calendly changes.
+
+It starts the sandbox (both APIs), an embedded Redis unless REDIS_URL is set, seeds a
+connection per sandbox user, starts a real worker and a real scheduler as child processes (the
+same `closesync worker` and `closesync scheduler` a deployment runs), changes event types in the
+sandbox while they run, and shows the Close side converging in a live table. It stops by itself
+after a bounded time, or on Ctrl-C, and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from closesync.core.calendly_payloads import EventType
+from closesync.core.mapping import MappingOptions, map_event_types
+from closesync.sandbox import (
+    CALENDLY_CLIENT_ID,
+    CALENDLY_CLIENT_SECRET,
+    CLOSE_CLIENT_ID,
+    CLOSE_CLIENT_SECRET,
+    Sandbox,
+    SandboxConfig,
+)
+from closesync.sandbox.connections import sandbox_connection, sandbox_settings
+from closesync.sandbox.records import SeededUser
+from closesync.settings import Settings
+from closesync.store.client import embedded
+from closesync.wiring.services import Services
+
+# A tick every 5 seconds: fast enough to watch, slow enough to read.
+DEMO_CRON = "*/5 * * * * *"
+DEMO_PREFIX = "closesync-demo"
+
+
+@dataclass
+class DemoOptions:
+    seconds: float = 75.0
+    users: int = 3
+    event_types: int = 6
+    seed: int = 7
+    data_dir: str = "var/demo"
+    # Seconds between two scripted changes in the sandbox's Calendly.
+    change_every: float = 9.0
+
+
+@dataclass
+class Demo:
+    options: DemoOptions
+    sandbox: Sandbox
+    services: Services
+    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    connections: dict[str, SeededUser] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    last_frame: str = ""
+
+    # -- the Close side against the Calendly side ----------------------------------------------
+
+    def expected(self, user: SeededUser) -> dict[str, tuple[Any, ...]]:
+        world = self.sandbox.world
+        types = [
+            EventType.model_validate(i)
+            for i in world.list_event_types(user.calendly_user_uuid, None)
+        ]
+        links = map_event_types(user.calendly_user_uuid, types, MappingOptions()).links
+        return {
+            sid: (p.name, p.url, p.description, p.duration_in_minutes) for sid, p in links.items()
+        }
+
+    def in_close(self, user: SeededUser) -> dict[str, tuple[Any, ...]]:
+        return {
+            link["source_id"]: (
+                link["name"],
+                link["url"],
+                link["description"],
+                link["duration_in_minutes"],
+            )
+            for link in self.sandbox.world.close_links(user.close_user_id)
+            if link["source"] == "THIRD_PARTY"
+        }
+
+    def rows(self) -> list[tuple[str, str, int, int, bool, str]]:
+        rows = []
+        for conn_id, user in self.connections.items():
+            want, have = self.expected(user), self.in_close(user)
+            last = self.services.state.last_report(conn_id)
+            outcome = (
+                f"{last.outcome.value} +{last.created} ~{last.updated} -{last.deleted}"
+                if last
+                else "-"
+            )
+            rows.append((conn_id, user.email, len(want), len(have), want == have, outcome))
+        return rows
+
+    def converged(self) -> bool:
+        return all(row[4] for row in self.rows())
+
+
+def _settings(sandbox: Sandbox, redis_url: str) -> Settings:
+    return Settings(
+        _env_file=None,
+        redis_url=redis_url,
+        redis_prefix=DEMO_PREFIX,
+        sync_cron=DEMO_CRON,
+        **sandbox_settings(sandbox),
+    )
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOSE", "CALENDLY", "REDIS"))}
+    env.update(
+        REDIS_URL=settings.redis_url or "",
+        REDIS_PREFIX=settings.redis_prefix,
+        CLOSE_API_URL=settings.close_api_url,
+        CLOSE_OAUTH_URL=settings.close_oauth_url,
+        CALENDLY_API_URL=settings.calendly_api_url,
+        CALENDLY_AUTH_URL=settings.calendly_auth_url,
+        CLOSE_CLIENT_ID=CLOSE_CLIENT_ID,
+        CLOSE_CLIENT_SECRET=CLOSE_CLIENT_SECRET,
+        CALENDLY_CLIENT_ID=CALENDLY_CLIENT_ID,
+        CALENDLY_CLIENT_SECRET=CALENDLY_CLIENT_SECRET,
+        SYNC_CRON=DEMO_CRON,
+        LOG_LEVEL="WARNING",
+        LOG_FORMAT="json",
+        SENTRY_DSN="",
+    )
+    return env
+
+
+def _seed(demo: Demo) -> None:
+    """One connection per sandbox user, as `closesync connections add` would store it."""
+    now = time.time()
+    for user in demo.sandbox.users:
+        connection, grants = sandbox_connection(user, now, name=user.name)
+        demo.services.connections.save(connection, grants)
+        demo.connections[connection.id] = user
+
+
+def _changes(demo: Demo) -> list[tuple[str, Callable[[], object]]]:
+    """The scripted edits made in Calendly while the system runs."""
+    world = demo.sandbox.world
+    first, second = demo.sandbox.users[0], demo.sandbox.users[-1]
+    mine = [
+        e["uri"].rsplit("/", 1)[-1] for e in world.list_event_types(first.calendly_user_uuid, True)
+    ]
+    theirs = [
+        e["uri"].rsplit("/", 1)[-1] for e in world.list_event_types(second.calendly_user_uuid, True)
+    ]
+    return [
+        (
+            f"{first.name}: rename an event type to 'Discovery call (renamed)'",
+            lambda: world.update_event_type(mine[0], name="Discovery call (renamed)"),
+        ),
+        (
+            f"{second.name}: create 'Demo: pricing walkthrough'",
+            lambda: world.create_event_type(
+                second.calendly_user_uuid, name="Demo: pricing walkthrough"
+            ),
+        ),
+        (
+            f"{first.name}: deactivate an event type",
+            lambda: world.update_event_type(mine[-1], active=False),
+        ),
+        (f"{second.name}: delete an event type", lambda: world.delete_event_type(theirs[0])),
+        (
+            f"{first.name}: change a duration to 45 minutes",
+            lambda: world.update_event_type(mine[1], duration=45),
+        ),
+    ]
+
+
+def _render(demo: Demo, elapsed: float, tty: bool) -> None:
+    lines = [f"closesync demo - {elapsed:5.1f} s - a scheduled sync every 5 s (Ctrl-C to stop)", ""]
+    lines.append(
+        f"{'CONNECTION':18} {'USER':22} {'CALENDLY':>8} {'CLOSE':>6}  {'STATE':9} LAST RUN"
+    )
+    for conn_id, email, want, have, same, outcome in demo.rows():
+        state = "in sync" if same else "syncing"
+        lines.append(f"{conn_id:18} {email:22} {want:>8} {have:>6}  {state:9} {outcome}")
+    lines += ["", "Changes made in Calendly:"] + [f"  {entry}" for entry in demo.log[-6:]]
+    if tty:
+        sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+    else:
+        # Without a terminal, print a frame only when the table changed.
+        frame = "\n".join([*lines[2 : 3 + len(demo.connections)], *demo.log[-1:]])
+        if frame == demo.last_frame:
+            return
+        demo.last_frame = frame
+        sys.stdout.write(f"--- {elapsed:5.1f} s\n{frame}\n")
+    sys.stdout.flush()
+
+
+def _start_children(demo: Demo, env: dict[str, str], logs: Path) -> None:
+    for role in ("worker", "scheduler"):
+        out = (logs / f"{role}.log").open("wb")
+        demo.children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "closesync", role], env=env, stdout=out, stderr=out
+            )
+        )
+
+
+def _stop_children(demo: Demo) -> None:
+    for child in demo.children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for child in demo.children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def run_demo(options: DemoOptions, redis_url: str | None) -> int:
+    """Run the demo; 0 when every connection ended in sync."""
+    data = Path(options.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    url = redis_url or embedded(str(data))
+    sandbox = Sandbox.start(
+        SandboxConfig(seed=options.seed, users=options.users, event_types=options.event_types)
+    )
+    settings = _settings(sandbox, url)
+    demo = Demo(options, sandbox, Services.build(settings))
+    for key in demo.services.redis.scan_iter(f"{DEMO_PREFIX}:*"):
+        demo.services.redis.delete(key)
+    tty = sys.stdout.isatty()
+    try:
+        _seed(demo)
+        _start_children(demo, _child_env(settings), data)
+        changes = _changes(demo)
+        started = time.monotonic()
+        next_change = started + options.change_every
+        while time.monotonic() - started < options.seconds:
+            now = time.monotonic()
+            if changes and now >= next_change:
+                text, change = changes.pop(0)
+                change()
+                demo.log.append(f"{now - started:5.1f} s  {text}")
+                next_change = now + options.change_every
+            _render(demo, now - started, tty)
+            if not changes and demo.converged():
+                break
+            for child in demo.children:
+                if child.poll() is not None:
+                    sys.stderr.write(f"closesync demo: a child process exited; see {data}/*.log\n")
+                    return 1
+            time.sleep(1.0)
+        ok = demo.converged()
+        _render(demo, time.monotonic() - started, tty)
+        sys.stdout.write(
+            "\nEvery connection's Close links equal its Calendly event types.\n"
+            if ok
+            else f"\nNot converged yet; logs are in {data}/.\n"
+        )
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        _stop_children(demo)
+        sandbox.stop()

@@ -1,1 +1,0 @@
-"""Close: the target, where scheduling links live."""

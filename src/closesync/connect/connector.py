@@ -1,0 +1,412 @@
+"""A connection that a user makes themselves: the OAuth steps shared by `closesync web` and
+`closesync connect`, from starting a flow to storing the connection.
+
+Personal mode: Close first, then Calendly (PKCE); the connection is stored only when both callbacks
+succeeded; the Close grant waits between the two steps inside the sealed pending flow. Organization
+mode (a shared Calendly credential exists): the Close step alone pairs the user by email
+(`closesync.connect.organizations`). Every failure (a denied consent, an unknown, expired or
+replayed `state`, a callback from another browser than the one that started the flow, a refused
+code) raises `FlowError` with a message fit for the user, and stores nothing: tokens obtained
+before the failure are revoked at the provider, best effort. A grant once stored is never revoked
+by a later failure of the same step (an organization's members failing to list after it connected).
+
+Every flow is bound (`oauth_flow.binding_matches`): `start` takes the starter's secret, the
+Close -> Calendly hop carries its digest, and a callback presenting another secret is refused
+before any code is redeemed.
+
+Nothing here prints or logs a token, a code or a `state`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import SecretStr
+
+from closesync.apis.calendly.client import CalendlyClient
+from closesync.apis.close.client import CloseClient
+from closesync.connect.oauth_flow import (
+    FlowStates,
+    PendingFlow,
+    Provider,
+    Purpose,
+    binding_digest,
+    binding_matches,
+    redirect_uri,
+)
+from closesync.connect.organizations import OrganizationBusy, Organizations
+from closesync.core.calendly_payloads import TokenResponse as CalendlyToken
+from closesync.core.close_payloads import Me
+from closesync.core.close_payloads import TokenResponse as CloseToken
+from closesync.core.connection import (
+    Connection,
+    Grant,
+    Grants,
+    connection_between,
+)
+from closesync.core.errors import ApiError, ConfigError, GrantRevoked
+from closesync.core.retry import WaitBudget
+
+log = logging.getLogger(__name__)
+
+FlowErrorKind = Literal[
+    "denied", "state", "browser", "code", "provider", "not_admin", "not_allowed"
+]
+_ADMIN_ROLES = ("owner", "admin")
+_LABEL = {"close": "Close", "calendly": "Calendly"}
+# The error codes of RFC 6749 §4.1.2.1: the only `error` values a page may name. Anything else is
+# attacker-controllable text (content spoofing) and is reported as "returned an error".
+KNOWN_ERRORS = frozenset(
+    {
+        "access_denied",
+        "invalid_request",
+        "unauthorized_client",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+    }
+)
+
+
+class FlowError(Exception):
+    """An authorization that cannot finish; `str()` is a message for the user."""
+
+    def __init__(self, kind: FlowErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a callback led to: a stored connection, the next authorize URL, or a wait."""
+
+    outcome: Literal["connected", "next", "waiting", "organization"]
+    message: str
+    connection: Connection | None = None
+    next_url: str | None = None
+    paired: int = 0
+
+
+def _grant(answer: CloseToken | CalendlyToken) -> Grant:
+    return Grant(
+        kind="oauth",
+        access_token=SecretStr(answer.access_token),
+        refresh_token=SecretStr(answer.refresh_token) if answer.refresh_token else None,
+        expires_at=time.time() + answer.expires_in if answer.expires_in else None,
+    )
+
+
+def _grant_fields(grant: Grant) -> dict[str, Any]:
+    return {
+        "kind": grant.kind,
+        "access_token": grant.access_token.get_secret_value(),
+        "refresh_token": grant.refresh_token.get_secret_value() if grant.refresh_token else None,
+        "expires_at": grant.expires_at,
+    }
+
+
+class Connector:
+    """Starts and finishes authorizations for callbacks under `base_url`."""
+
+    def __init__(self, services: Any, base_url: str) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.base_url = base_url
+        self.states = FlowStates(services.redis, services.keys, services.box)
+        self.orgs = Organizations(services)
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def require_apps(self, *providers: Provider) -> None:
+        """ConfigError naming the missing OAuth application settings."""
+        missing = []
+        if "close" in providers and self.services.close_oauth() is None:
+            missing.append("CLOSE_CLIENT_ID and CLOSE_CLIENT_SECRET")
+        if "calendly" in providers and self.services.calendly_oauth() is None:
+            missing.append("CALENDLY_CLIENT_ID and CALENDLY_CLIENT_SECRET")
+        if missing:
+            raise ConfigError(
+                f"set {' and '.join(missing)} (the OAuth application's credentials) to connect"
+            )
+
+    def start(self, purpose: Purpose, binding: str, name: str | None = None) -> str:
+        """A new flow's first authorize URL: Close for a person, Calendly for an organization.
+
+        `binding` is the starter's secret (browser cookie, terminal run); only a callback that
+        presents it again can finish the flow. Both OAuth apps are checked for a personal flow,
+        so a missing Calendly app is said now, not after the user approved Close.
+        """
+        provider: Provider = "close" if purpose == "personal" else "calendly"
+        self.require_apps(*(("close", "calendly") if purpose == "personal" else ("calendly",)))
+        flow = PendingFlow(
+            provider=provider,
+            purpose=purpose,
+            redirect_uri=redirect_uri(self.base_url, provider),
+            name=name,
+            binding=binding_digest(binding),
+        )
+        return self.states.start(self.settings, flow)[1]
+
+    # -- finishing ---------------------------------------------------------------------------
+
+    def callback(self, provider: Provider, params: dict[str, str], binding: str | None) -> Step:
+        """Finish one step from the callback's query parameters and the caller's binding."""
+        flow = self.states.take(params.get("state"))
+        if flow is None or flow.provider != provider:
+            if flow is not None:
+                self._revoke_pending(flow)
+            raise FlowError(
+                "state",
+                "This authorization is unknown, has expired or was already used. Nothing was "
+                "stored; please start again.",
+            )
+        if not binding_matches(flow, binding):
+            # Login CSRF: someone else's flow (maybe holding their Close grant) handed to this
+            # browser. The flow is consumed and its grant revoked; the code is never redeemed.
+            self._revoke_pending(flow)
+            log.warning("refused a callback from another browser than the flow's")
+            raise FlowError(
+                "browser",
+                "This authorization was not started in this browser, so it was refused and "
+                "nothing was stored. If you meant to connect, start again from the beginning.",
+            )
+        error = params.get("error")
+        if error or not params.get("code"):
+            self._revoke_pending(flow)
+            if error == "access_denied":
+                raise FlowError(
+                    "denied",
+                    f"You declined access to {_LABEL[provider]}. Nothing was stored; start again "
+                    "whenever you like.",
+                )
+            if error in KNOWN_ERRORS:
+                said = f"answered {error}"
+            elif error:
+                said = "returned an error"
+            else:
+                said = "sent no authorization code"
+            raise FlowError(
+                "provider",
+                f"{_LABEL[provider]} {said}. Nothing was stored; please start again.",
+            )
+        code = params["code"]
+        if provider == "close":
+            return self._close_step(flow, code)
+        return self._calendly_step(flow, code)
+
+    def _exchange(self, flow: PendingFlow, code: str) -> Grant:
+        try:
+            if flow.provider == "close":
+                close = self.services.close_oauth()
+                self.require_apps("close")
+                answer: CloseToken | CalendlyToken = close.exchange_code(code, flow.redirect_uri)
+            else:
+                calendly = self.services.calendly_oauth()
+                self.require_apps("calendly")
+                answer = calendly.exchange_code(code, flow.redirect_uri, flow.code_verifier)
+        except GrantRevoked:
+            self._revoke_pending(flow)
+            raise FlowError(
+                "code",
+                f"The {_LABEL[flow.provider]} authorization code has expired or was already "
+                "used. Nothing was stored; please start again.",
+            ) from None
+        except ApiError as error:
+            self._revoke_pending(flow)
+            raise FlowError(
+                "provider", f"Could not finish: {error}. Nothing was stored; please start again."
+            ) from None
+        return _grant(answer)
+
+    def _close_step(self, flow: PendingFlow, code: str) -> Step:
+        grant = self._exchange(flow, code)
+        try:
+            me = self._close_client(grant).get_me()
+        except ApiError as error:
+            self._revoke("close", grant)
+            raise FlowError("provider", f"Close did not answer who you are: {error}") from None
+        if self.orgs.refs():
+            try:
+                connection = self.orgs.pair_close_user(me, grant, flow.name)
+            except ApiError as error:
+                self._revoke("close", grant)
+                raise FlowError(
+                    "provider",
+                    f"The Calendly organization's members could not be listed: {error}. Nothing "
+                    "was stored; please try again later.",
+                ) from None
+            if connection is None:
+                return Step(
+                    "waiting",
+                    f"Close is connected for {me.email or me.id}, but no member of the Calendly "
+                    "organization has that email yet: you will be paired when one does.",
+                )
+            return Step(
+                "connected",
+                f"Connected: Close {me.email or me.id} <- Calendly {connection.calendly_email}.",
+                connection=connection,
+            )
+        if self.services.calendly_oauth() is None:
+            self._revoke("close", grant)
+            self.require_apps("calendly")
+        close_part = {"grant": _grant_fields(grant), "me": me.model_dump(mode="json")}
+        nxt = PendingFlow(
+            provider="calendly",
+            purpose="personal",
+            redirect_uri=redirect_uri(self.base_url, "calendly"),
+            close=close_part,
+            name=flow.name,
+            binding=flow.binding,
+        )
+        url = self.states.start(self.settings, nxt)[1]
+        return Step("next", "Close is authorized; now authorize Calendly.", next_url=url)
+
+    def _calendly_step(self, flow: PendingFlow, code: str) -> Step:
+        if flow.purpose == "personal" and flow.close is None:
+            raise FlowError("state", "This Calendly authorization has no Close step; start again.")
+        grant = self._exchange(flow, code)
+        client = self._calendly_client(grant)
+        try:
+            user = client.get_current_user()
+        except ApiError as error:
+            self._revoke("calendly", grant)
+            self._revoke_pending(flow)
+            raise FlowError("provider", f"Calendly did not answer who you are: {error}") from None
+        if flow.purpose == "organization":
+            return self._organization(
+                client, user.uri, user.email, user.current_organization, grant
+            )
+        assert flow.close is not None  # noqa: S101 - checked above for personal flows
+        me = Me.model_validate(flow.close["me"])
+        close_grant = Grant.model_validate(flow.close["grant"])
+        existing: Connection | None = self.services.connections.find_by_close_user(me.id)
+        now = time.time()
+        connection = connection_between(existing, me, user, name=flow.name, now=now)
+        self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
+        log.info("connection authorized", extra={"connection_id": connection.id})
+        verb = "Updated" if existing else "Connected"
+        return Step(
+            "connected",
+            f"{verb}: Close {me.email or me.id} <- Calendly {user.email or user.uri}.",
+            connection=connection,
+        )
+
+    def _organization(
+        self,
+        client: CalendlyClient,
+        user_uri: str,
+        email: str | None,
+        organization_uri: str | None,
+        grant: Grant,
+    ) -> Step:
+        allowed = self.settings.calendly_organizations()
+        if organization_uri is not None and allowed and organization_uri.rstrip("/") not in allowed:
+            self._revoke("calendly", grant)
+            log.warning("refused a Calendly organization outside CALENDLY_ORGANIZATION_URIS")
+            raise FlowError(
+                "not_allowed",
+                "This Calendly organization is not one this closesync serves "
+                "(CALENDLY_ORGANIZATION_URIS). Nothing was stored.",
+            )
+        role = None
+        if organization_uri is not None:
+            try:
+                role = next(
+                    (
+                        m.role
+                        for m in client.iter_organization_memberships(organization_uri, email)
+                        if m.user.uri == user_uri
+                    ),
+                    None,
+                )
+            except ApiError as error:
+                self._revoke("calendly", grant)
+                raise FlowError(
+                    "provider",
+                    f"Calendly did not say whether you administer the organization: {error}. "
+                    "Nothing was stored; please try again.",
+                ) from None
+        if organization_uri is None or role not in _ADMIN_ROLES:
+            self._revoke("calendly", grant)
+            raise FlowError(
+                "not_admin",
+                "Only an owner or admin of the Calendly organization can connect it. Nothing "
+                "was stored.",
+            )
+        try:
+            ref = self.orgs.connect(organization_uri, user_uri, email, grant)
+        except OrganizationBusy as error:
+            self._revoke("calendly", grant)  # not stored: the lock was never ours
+            raise FlowError(
+                "provider", f"Not connected: {error}. Nothing was stored; please try again."
+            ) from None
+        # From here the grant is stored and shared: nothing below may revoke it.
+        try:
+            paired = self.orgs.pair_waiting()
+        except ApiError as error:
+            log.warning("pairing after an organization connected failed: %s", error)
+            return Step(
+                "organization",
+                f"The Calendly organization is connected ({ref}); pairing deferred (the daily "
+                f"check pairs later): {error}.",
+            )
+        return Step(
+            "organization",
+            f"The Calendly organization is connected ({ref}); {len(paired)} waiting Close "
+            "user(s) were paired.",
+            paired=len(paired),
+        )
+
+    # -- clients and revocation ----------------------------------------------------------------
+
+    def _budget(self) -> WaitBudget:
+        return WaitBudget(self.settings.inline_wait_budget_seconds)
+
+    def _close_client(self, grant: Grant) -> CloseClient:
+        token = grant.access_token.get_secret_value()
+        http = self.services.api_http("Close", self.settings.close_api_url, self._budget())
+        return CloseClient(http=http, token=lambda: token)
+
+    def _calendly_client(self, grant: Grant) -> CalendlyClient:
+        token = grant.access_token.get_secret_value()
+        http = self.services.api_http("Calendly", self.settings.calendly_api_url, self._budget())
+        return CalendlyClient(http=http, token=lambda: token)
+
+    def _revoke_pending(self, flow: PendingFlow) -> None:
+        """Revoke the Close grant a failed Calendly step was carrying: it is never stored."""
+        if flow.close is not None:
+            self._revoke("close", Grant.model_validate(flow.close["grant"]))
+
+    def _revoke(self, provider: Provider, grant: Grant) -> None:
+        revoke_grant(self.services, provider, grant)
+
+
+def revoke_grant(services: Any, provider: Provider, grant: Grant) -> bool:
+    """Revoke a grant's tokens at the provider, best effort; whether every call succeeded."""
+    oauth = services.close_oauth() if provider == "close" else services.calendly_oauth()
+    if oauth is None or grant.kind != "oauth":
+        return False
+    ok = True
+    tokens = [grant.refresh_token, grant.access_token]
+    for token in (t for t in tokens if t is not None):
+        try:
+            oauth.revoke(token.get_secret_value())
+        except ApiError as error:
+            ok = False
+            log.warning("revoking a %s token failed: %s", _LABEL[provider], error)
+    return ok
+
+
+def step_json(step: Step) -> dict[str, Any]:
+    """A step as printed by `--json`: public fields only."""
+    value: dict[str, Any] = {"outcome": step.outcome, "message": step.message}
+    if step.connection is not None:
+        value["connection"] = step.connection.model_dump(mode="json")
+        value["id"] = step.connection.id
+    if step.outcome == "organization":
+        value["paired"] = step.paired
+    return value

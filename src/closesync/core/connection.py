@@ -1,0 +1,142 @@
+"""A connection: one Close user's OAuth grant paired with one Calendly user. Pure data, no I/O.
+
+Public fields (ids, names, state, per-connection settings) are kept apart from the grants
+(tokens), so that listing or printing a connection can never show a token, and so that the store
+can encrypt the grants without its callers knowing.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from closesync.core.calendly_payloads import User
+from closesync.core.close_payloads import Me
+
+
+class ConnectionState(StrEnum):
+    ACTIVE = "active"  # scheduled and synced
+    PAUSED = "paused"  # kept, not scheduled, until `closesync connections resume`
+    NEEDS_REAUTH = "needs_reauth"  # a grant was refused; the user must authorize again
+
+
+def new_connection_id() -> str:
+    """A short, stable, printable id (decisions.md): `conn_` + 12 hex."""
+    return "conn_" + secrets.token_hex(6)
+
+
+class Grant(BaseModel):
+    """OAuth or personal-access credentials of one side. Tokens are SecretStr: never printed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["oauth", "pat"] = "oauth"
+    access_token: SecretStr
+    refresh_token: SecretStr | None = None
+    # Unix time (seconds) after which the access token is expired; None = does not expire.
+    expires_at: float | None = None
+
+    def expires_within(self, now: float, margin: float) -> bool:
+        """Whether the access token expires before `now + margin`."""
+        return self.expires_at is not None and self.expires_at <= now + margin
+
+
+class Grants(BaseModel):
+    """Both sides' credentials of one connection; stored encrypted, never listed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    close: Grant
+    calendly: Grant
+
+
+class ConnectionOptions(BaseModel):
+    """Per-connection overrides of the global mapping settings (None = use the global one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    include_secret: bool | None = None
+    include_one_off: bool | None = None
+
+
+class Connection(BaseModel):
+    """Everything about a connection except its tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str | None = None
+    state: ConnectionState = ConnectionState.ACTIVE
+    close_user_id: str
+    close_organization_id: str | None = None
+    close_email: str | None = None
+    calendly_user_uri: str
+    calendly_organization_uri: str | None = None
+    calendly_email: str | None = None
+    options: ConnectionOptions = ConnectionOptions()
+    created_at: float
+    updated_at: float
+    # Why the connection left the active state (e.g. which grant was refused), if it did.
+    state_reason: str | None = None
+    # Calendly organization mode: the id of the shared organization credential this connection
+    # reads its Calendly grant from (`closesync.connect.organizations`); None = its own grant.
+    calendly_grant_ref: str | None = None
+
+    @property
+    def calendly_user_uuid(self) -> str:
+        return self.calendly_user_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def connection_from(
+    *,
+    existing: Connection | None,
+    close_user_id: str,
+    close_email: str | None,
+    close_organization_id: str | None,
+    calendly_user_uri: str,
+    calendly_email: str | None,
+    calendly_organization_uri: str | None,
+    name: str | None,
+    now: float,
+    calendly_grant_ref: str | None = None,
+) -> Connection:
+    """The connection to store for a Close user who (re)connected a Calendly user.
+
+    `existing` is that Close user's connection, if any: it keeps its id, options and creation
+    time, so connecting again updates rather than duplicates. The state becomes active again.
+    """
+    return Connection(
+        id=existing.id if existing else new_connection_id(),
+        name=name or (existing.name if existing else None) or close_email,
+        state=ConnectionState.ACTIVE,
+        close_user_id=close_user_id,
+        close_organization_id=close_organization_id,
+        close_email=close_email,
+        calendly_user_uri=calendly_user_uri,
+        calendly_organization_uri=calendly_organization_uri,
+        calendly_email=calendly_email,
+        options=existing.options if existing else ConnectionOptions(),
+        created_at=existing.created_at if existing else now,
+        updated_at=now,
+        calendly_grant_ref=calendly_grant_ref,
+    )
+
+
+def connection_between(
+    existing: Connection | None, me: Me, user: User, *, name: str | None, now: float
+) -> Connection:
+    """`connection_from` for a Close user (`GET /me/`) and a Calendly user (`GET /users/me`)."""
+    return connection_from(
+        existing=existing,
+        close_user_id=me.id,
+        close_email=me.email,
+        close_organization_id=me.organization_id,
+        calendly_user_uri=user.uri,
+        calendly_email=user.email,
+        calendly_organization_uri=user.current_organization,
+        name=name,
+        now=now,
+    )

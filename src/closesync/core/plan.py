@@ -1,0 +1,196 @@
+"""The plan: what to write to Close so its links equal the desired ones. Pure: no I/O, no clock.
+
+Inputs are what mapping wants (`desired`), what closesync recorded after Close accepted earlier
+writes (`records`: per source_id the payload fingerprint and how many complete listings in a row
+have missed its event type), what the Calendly listing showed (`ListingFacts`) and, for links whose
+event type was missing from a complete listing, what a direct fetch said (`Verdict`).
+
+The rules, all in `make_plan`:
+
+- create: desired, no record; update: desired, recorded fingerprint differs; unchanged: same.
+- A payload that Close rejected (400) is not sent again until it changes (`rejected`).
+- Nothing is deleted unless the listing was complete (every page answered 2xx).
+- A link whose event type was listed but is not synced (inactive, secret when excluded, one-off)
+  is deleted at once: the complete listing itself says so.
+- A link whose event type was listed but could not be mapped or parsed is kept: doubt.
+- A link whose event type is missing from the listing is deleted at once when a direct fetch shows
+  it gone (404, `deleted_at`, inactive); otherwise (it still exists, or the fetch failed) only once
+  it has been missing from two complete listings in a row.
+- Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), all
+  of them are held (and reported) unless the run was allowed to mass-delete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from closesync.core.calendly_payloads import uuid_of
+from closesync.core.close_payloads import LinkPayload
+from closesync.core.mapping import fingerprint, parse_source_id
+
+# Stands for the connection's id in a held-deletions reason; the run puts the real id in.
+CONNECTION_ID = "<connection id>"
+# Complete listings in a row that must miss an event type (still existing elsewhere) before its
+# link is deleted. Two: one glitch of Calendly's listing never deletes a link.
+MISSING_LISTINGS_BEFORE_DELETE = 2
+
+
+@dataclass(frozen=True)
+class LinkRecord:
+    """What closesync knows of one link it wrote: Close accepted this payload fingerprint."""
+
+    fingerprint: str
+    event_type_uri: str
+    # Complete listings in a row that did not contain the event type.
+    missing: int = 0
+
+
+class Verdict(StrEnum):
+    """What a direct fetch of a missing event type showed."""
+
+    GONE = "gone"  # 404, deleted_at set, or inactive: delete now
+    EXISTS = "exists"  # still there (e.g. the user left a team event type): wait for 2 listings
+    UNKNOWN = "unknown"  # the fetch failed: treat as exists
+
+
+@dataclass(frozen=True)
+class ListingFacts:
+    """What one Calendly listing showed, beyond the desired links."""
+
+    complete: bool
+    # The uuid of every event type the listing returned, synced or not.
+    listed_uuids: frozenset[str] = frozenset()
+    # Listed event types that could not be mapped or parsed: their links are kept.
+    doubtful_uuids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class MassDeleteRule:
+    minimum: int = 5
+    fraction: float = 0.5
+
+    def threshold(self, recorded_links: int) -> float:
+        return max(float(self.minimum), self.fraction * recorded_links)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    source_id: str
+    event_type_uri: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    creates: list[LinkPayload] = field(default_factory=list)
+    updates: list[LinkPayload] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deletes: list[Deletion] = field(default_factory=list)
+    held: list[Deletion] = field(default_factory=list)
+    held_reason: str | None = None
+    # Payloads Close refused before and that have not changed since: not sent again.
+    still_rejected: list[str] = field(default_factory=list)
+    # Links kept although their event type is not desired now, with why.
+    kept: dict[str, str] = field(default_factory=dict)
+    # New `missing` counts of kept records (source_id -> count); absent = unchanged.
+    missing_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def writes(self) -> int:
+        return len(self.creates) + len(self.updates) + len(self.deletes)
+
+
+def missing_from_listing(
+    records: Mapping[str, LinkRecord], desired: Mapping[str, LinkPayload], facts: ListingFacts
+) -> list[str]:
+    """Recorded links whose event type a complete listing did not show: they need a direct fetch."""
+    if not facts.complete:
+        return []
+    return sorted(
+        source_id
+        for source_id, record in records.items()
+        if source_id not in desired and uuid_of(record.event_type_uri) not in facts.listed_uuids
+    )
+
+
+def make_plan(
+    *,
+    desired: Mapping[str, LinkPayload],
+    records: Mapping[str, LinkRecord],
+    facts: ListingFacts,
+    verdicts: Mapping[str, Verdict] | None = None,
+    rejected: Mapping[str, str] | None = None,
+    rule: MassDeleteRule | None = None,
+    allow_mass_delete: bool = False,
+    force: bool = False,
+) -> Plan:
+    """Compare desired links with the records and decide every write.
+
+    `force` (backfill) pushes every desired link whatever the fingerprints say.
+    """
+    verdicts = verdicts or {}
+    rejected = rejected or {}
+    rule = rule or MassDeleteRule()
+    plan = Plan()
+    for source_id in sorted(desired):
+        payload = desired[source_id]
+        record = records.get(source_id)
+        current = fingerprint(payload)
+        if rejected.get(source_id) == current and not force:
+            plan.still_rejected.append(source_id)
+        elif record is None:
+            plan.creates.append(payload)
+        elif record.fingerprint != current or force:
+            plan.updates.append(payload)
+        else:
+            plan.unchanged.append(source_id)
+    deletes: list[Deletion] = []
+    for source_id in sorted(set(records) - set(desired)):
+        record = records[source_id]
+        uri = record.event_type_uri
+        uuid = uuid_of(uri)
+        if not facts.complete:
+            plan.kept[source_id] = "listing incomplete"
+        elif parse_source_id(source_id) is None:
+            plan.kept[source_id] = "source_id not in closesync's format"
+        elif uuid in facts.doubtful_uuids:
+            plan.kept[source_id] = "event type could not be read or mapped"
+        elif uuid in facts.listed_uuids:
+            deletes.append(Deletion(source_id, uri, "event type listed but not synced"))
+        elif verdicts.get(source_id) is Verdict.GONE:
+            deletes.append(Deletion(source_id, uri, "event type gone"))
+        elif record.missing + 1 >= MISSING_LISTINGS_BEFORE_DELETE:
+            deletes.append(Deletion(source_id, uri, "missing from two complete listings"))
+        else:
+            plan.kept[source_id] = "missing from one complete listing"
+            plan.missing_counts[source_id] = record.missing + 1
+    # A record whose event type a complete listing showed (desired, doubtful or not synced)
+    # starts counting from zero: "missing twice" means twice in a row.
+    if facts.complete:
+        for source_id, record in records.items():
+            if record.missing and uuid_of(record.event_type_uri) in facts.listed_uuids:
+                plan.missing_counts[source_id] = 0
+    threshold = rule.threshold(len(records))
+    if len(deletes) > threshold and not allow_mass_delete:
+        reason = (
+            f"{len(deletes)} deletions of {len(records)} links exceed the mass-delete limit "
+            f"of {threshold:g}; run `closesync sync --allow-mass-delete {CONNECTION_ID}` to let "
+            "them through"
+        )
+        return _with(plan, held=deletes, held_reason=reason)
+    return _with(plan, deletes=deletes)
+
+
+def _with(plan: Plan, **changes: object) -> Plan:
+    return replace(plan, **changes)  # type: ignore[arg-type]
+
+
+def describe(plan: Plan) -> list[str]:
+    """A plan as lines a person reads: `create <source_id> 'name'`."""
+    lines = [f"create {p.source_id} {p.name!r}" for p in plan.creates]
+    lines += [f"update {p.source_id} {p.name!r}" for p in plan.updates]
+    lines += [f"delete {d.source_id} ({d.reason})" for d in plan.deletes]
+    lines += [f"hold {d.source_id} ({d.reason})" for d in plan.held]
+    return lines

@@ -1,0 +1,177 @@
+"""Everything closesync keeps in Redis, and the only module that names a Redis key.
+
+Every key starts with a prefix (`settings.redis_prefix`, default `closesync`, written `{p}`), so
+one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12 hex).
+
+    {p}:connections                 SET     ids of every stored connection               no TTL
+    {p}:conn:{id}                   STRING  JSON Connection (public fields, no secret)   no TTL
+    {p}:conn:{id}:grants            STRING  Grants JSON sealed by a SecretBox            no TTL
+    {p}:close-user:{close_user_id}  STRING  -> connection id: adding the same Close user
+                                            again updates its connection, no duplicate   no TTL
+    {p}:conn:{id}:links             HASH    source_id -> JSON LinkRecord {fingerprint,
+                                            event_type_uri, missing}: what Close accepted no TTL
+    {p}:conn:{id}:rejected          HASH    source_id -> JSON {fingerprint, error}: a
+                                            payload Close refused, not resent unchanged  no TTL
+    {p}:conn:{id}:held              STRING  JSON {source_ids, reason, at}: deletions held
+                                            by the mass-delete guard; absent = none      no TTL
+    {p}:conn:{id}:reports           LIST    RunReport JSON, newest first, LTRIMmed to
+                                            settings.reports_kept                        no TTL
+    {p}:conn:{id}:lock              STRING  run lock: random token of the holder   PX run_lock_ttl
+    {p}:conn:{id}:rerun             STRING  "1": a sync was asked for while one ran;
+                                            the running one runs again once          EX 1 day
+    {p}:conn:{id}:backfill          HASH    backfill progress: cursor, done, total,
+                                            started_at                                   no TTL
+    {p}:refresh-lock:{grant_key}    STRING  single-flight token refresh of one grant
+                                            (grant_key: credentials.grant_lock_name,
+                                            side + hash of the id): holder's token  PX ~30 s
+    {p}:tick:{name}:{slot}          STRING  "1": this scheduled tick was enqueued once     EX ttl
+    {p}:scheduler:leader            STRING  token of the scheduler allowed to enqueue      PX ttl
+    {p}:oauth-state:{digest}        STRING  an OAuth flow under way, sealed JSON (provider,
+                                            redirect URI, PKCE verifier, the Close grant
+                                            awaiting its Calendly side); digest = sha256 of
+                                            the `state` parameter; GETDEL = single use  EX 600 s
+    {p}:calendly-orgs               SET     refs (organization uuids) of the shared Calendly
+                                            organization credentials (organization mode) no TTL
+    {p}:calendly-org:{ref}          STRING  JSON public facts of the organization and of
+                                            the owner/admin who authorized it           no TTL
+    {p}:calendly-org:{ref}:grant    STRING  the shared Calendly Grant JSON, sealed; read
+                                            and refreshed by every connection whose
+                                            calendly_grant_ref is {ref}, under ONE refresh
+                                            lock (credentials.shared_lock_key)          no TTL
+    {p}:calendly-org:{ref}:members  STRING  JSON [{uri, email, name}] of the members as
+                                            last listed, for `closesync status`          no TTL
+    {p}:waiting-close               HASH    close_user_id -> JSON {email, organization_id,
+                                            at}: Close users who authorized in organization
+                                            mode but match no Calendly member (yet)     no TTL
+    {p}:waiting-close:{user}:grant  STRING  that Close user's Grant JSON, sealed         no TTL
+
+A connection whose `calendly_grant_ref` is set stores only its Close grant in `:grants` (sealed
+JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
+Calendly side at the shared `calendly-org:{ref}:grant`.
+
+Writes that must not be seen half-done (saving a connection, replacing the records) are one
+MULTI/EXEC; read-modify-writes of a connection or of its grants WATCH their key, so a concurrent
+token refresh is never overwritten by a stale copy (a refresh token is single-use: losing the new
+one means the user must authorize again). `SyncState` writes for one connection assume the caller
+holds that connection's run lock (`closesync.store.locks`). Every Redis error leaves this module as
+StoreUnavailable.
+
+The stores live beside this module: `closesync.store.connections` (connections and their sealed
+grants) and `closesync.store.sync_state` (link records, reports, flags, ticks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+
+T = TypeVar("T")
+# redis-py's stubs type hash mappings with invariant keys; our field maps are plain str -> str.
+Fields = dict[Any, Any]
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply as text whether or not the client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def watched(client: redis.Redis, key: str, apply: Callable[[redis.client.Pipeline], T]) -> T:
+    """Run `apply` (read, then `pipe.multi()`, then queue writes) until no one changed `key`."""
+    while True:
+        with client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                result = apply(pipe)
+                pipe.execute()
+                return result
+            except redis.WatchError:
+                continue
+
+
+class Keys:
+    """Every key name closesync uses, under one prefix. Nothing else formats a key."""
+
+    def __init__(self, prefix: str = "closesync") -> None:
+        self.prefix = prefix
+
+    def connections(self) -> str:
+        return f"{self.prefix}:connections"
+
+    def conn(self, conn_id: str) -> str:
+        return f"{self.prefix}:conn:{conn_id}"
+
+    def grants(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:grants"
+
+    def close_user(self, close_user_id: str) -> str:
+        return f"{self.prefix}:close-user:{close_user_id}"
+
+    def links(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:links"
+
+    def rejected(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:rejected"
+
+    def held(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:held"
+
+    def reports(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:reports"
+
+    def run_lock(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:lock"
+
+    def rerun(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:rerun"
+
+    def backfill(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:backfill"
+
+    def refresh_lock(self, grant_key: str) -> str:
+        return f"{self.prefix}:refresh-lock:{grant_key}"
+
+    def tick(self, name: str, slot: str) -> str:
+        return f"{self.prefix}:tick:{name}:{slot}"
+
+    def scheduler_leader(self) -> str:
+        return f"{self.prefix}:scheduler:leader"
+
+    def oauth_state(self, digest: str) -> str:
+        return f"{self.prefix}:oauth-state:{digest}"
+
+    def calendly_orgs(self) -> str:
+        return f"{self.prefix}:calendly-orgs"
+
+    def calendly_org(self, ref: str) -> str:
+        return f"{self.prefix}:calendly-org:{ref}"
+
+    def calendly_org_grant(self, ref: str) -> str:
+        return f"{self.calendly_org(ref)}:grant"
+
+    def calendly_org_members(self, ref: str) -> str:
+        return f"{self.calendly_org(ref)}:members"
+
+    def waiting_close(self) -> str:
+        return f"{self.prefix}:waiting-close"
+
+    def waiting_close_grant(self, close_user_id: str) -> str:
+        return f"{self.waiting_close()}:{close_user_id}:grant"
+
+    def of_connection(self, conn_id: str) -> list[str]:
+        """Every key of one connection, but the Close user index and the refresh locks.
+
+        A refresh lock is named by an opaque grant key and lives seconds; it is left to expire.
+        """
+        return [
+            self.conn(conn_id),
+            self.grants(conn_id),
+            self.links(conn_id),
+            self.rejected(conn_id),
+            self.held(conn_id),
+            self.reports(conn_id),
+            self.run_lock(conn_id),
+            self.rerun(conn_id),
+            self.backfill(conn_id),
+        ]

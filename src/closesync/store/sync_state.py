@@ -1,0 +1,209 @@
+"""What closesync knows of each connection's links and runs: records, rejections, held
+deletions, reports, rerun flags, backfill progress and scheduler ticks.
+
+The key layout is in `closesync.store.keys`. Writes for one connection assume the caller holds that
+connection's run lock (`closesync.store.locks`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import redis
+
+from closesync.core.plan import LinkRecord
+from closesync.core.report import RunReport
+from closesync.store.client import guard
+from closesync.store.keys import Fields, Keys, as_text
+
+# Seconds a rerun flag lives: a flag left by a crashed run only causes one extra run, but none
+# should linger for ever on a connection that is never run again.
+RERUN_TTL_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class HeldDeletions:
+    """Deletions the mass-delete guard held back, waiting for `--allow-mass-delete`."""
+
+    source_ids: list[str]
+    reason: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class BackfillProgress:
+    """How far a backfill got, so an interrupted one can resume from `cursor`."""
+
+    started_at: float
+    cursor: str | None = None
+    done: int = 0
+    total: int | None = None
+
+
+class SyncState:
+    """Per-connection sync bookkeeping: link records, rejections, holds, reports, flags."""
+
+    def __init__(self, redis: redis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    # --- link records ---------------------------------------------------------------------------
+
+    @guard("reading link records")
+    def records(self, conn_id: str) -> dict[str, LinkRecord]:
+        raw = self.redis.hgetall(self.keys.links(conn_id))
+        return {as_text(sid): LinkRecord(**json.loads(value)) for sid, value in raw.items()}
+
+    @guard("recording a write")
+    def record_write(self, conn_id: str, source_id: str, record: LinkRecord) -> None:
+        """Close accepted `record`: remember it, and forget any earlier rejection of the link."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.links(conn_id), source_id, json.dumps(asdict(record)))
+            pipe.hdel(self.keys.rejected(conn_id), source_id)
+            pipe.execute()
+
+    @guard("forgetting a link")
+    def forget(self, conn_id: str, source_id: str) -> None:
+        self.redis.hdel(self.keys.links(conn_id), source_id)
+
+    @guard("recording missing counts")
+    def set_missing(self, conn_id: str, counts: dict[str, int]) -> None:
+        """Set `missing` of existing records; a source_id without a record is ignored."""
+        if not counts:
+            return
+        key = self.keys.links(conn_id)
+        ordered = sorted(counts)
+        current = self.redis.hmget(key, ordered)
+        updates: Fields = {
+            source_id: json.dumps({**json.loads(raw), "missing": counts[source_id]})
+            for source_id, raw in zip(ordered, current, strict=True)
+            if raw is not None
+        }
+        if updates:
+            self.redis.hset(key, mapping=updates)
+
+    @guard("replacing link records")
+    def replace_records(self, conn_id: str, records: dict[str, LinkRecord]) -> None:
+        """Swap every record at once (backfill rebuilds them from what Close holds)."""
+        key = self.keys.links(conn_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if records:
+                encoded: Fields = {sid: json.dumps(asdict(rec)) for sid, rec in records.items()}
+                pipe.hset(key, mapping=encoded)
+            pipe.execute()
+
+    # --- rejections -----------------------------------------------------------------------------
+
+    def _rejections(self, conn_id: str) -> dict[str, dict[str, str]]:
+        raw = self.redis.hgetall(self.keys.rejected(conn_id))
+        return {as_text(sid): json.loads(value) for sid, value in raw.items()}
+
+    @guard("reading rejections")
+    def rejected(self, conn_id: str) -> dict[str, str]:
+        """source_id -> fingerprint of the payload Close refused."""
+        return {sid: entry["fingerprint"] for sid, entry in self._rejections(conn_id).items()}
+
+    @guard("reading rejections")
+    def rejected_errors(self, conn_id: str) -> dict[str, str]:
+        """source_id -> why Close refused it."""
+        return {sid: entry["error"] for sid, entry in self._rejections(conn_id).items()}
+
+    @guard("recording a rejection")
+    def record_rejection(self, conn_id: str, source_id: str, fingerprint: str, error: str) -> None:
+        entry = json.dumps({"fingerprint": fingerprint, "error": error})
+        self.redis.hset(self.keys.rejected(conn_id), source_id, entry)
+
+    # --- held deletions -------------------------------------------------------------------------
+
+    @guard("recording held deletions")
+    def set_held(self, conn_id: str, source_ids: list[str], reason: str | None, at: float) -> None:
+        """Remember the held deletions; an empty list clears them."""
+        if not source_ids:
+            self.redis.delete(self.keys.held(conn_id))
+            return
+        held = {"source_ids": source_ids, "reason": reason, "at": at}
+        self.redis.set(self.keys.held(conn_id), json.dumps(held))
+
+    @guard("reading held deletions")
+    def held(self, conn_id: str) -> HeldDeletions | None:
+        raw = self.redis.get(self.keys.held(conn_id))
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return HeldDeletions(list(data["source_ids"]), data["reason"], float(data["at"]))
+
+    # --- reports --------------------------------------------------------------------------------
+
+    @guard("storing a run report")
+    def push_report(self, conn_id: str, report: RunReport, keep: int) -> None:
+        """Prepend the report and keep only the newest `keep`."""
+        key = self.keys.reports(conn_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, report.model_dump_json())
+            pipe.ltrim(key, 0, max(keep, 1) - 1)
+            pipe.execute()
+
+    @guard("reading run reports")
+    def reports(self, conn_id: str, limit: int = 20) -> list[RunReport]:
+        """Newest first."""
+        if limit <= 0:
+            return []
+        raw = self.redis.lrange(self.keys.reports(conn_id), 0, limit - 1)
+        return [RunReport.model_validate_json(item) for item in raw]
+
+    @guard("reading the last run report")
+    def last_report(self, conn_id: str) -> RunReport | None:
+        raw = self.redis.lindex(self.keys.reports(conn_id), 0)
+        return None if raw is None else RunReport.model_validate_json(raw)
+
+    # --- rerun flag -----------------------------------------------------------------------------
+
+    @guard("requesting a rerun")
+    def request_rerun(self, conn_id: str) -> None:
+        self.redis.set(self.keys.rerun(conn_id), "1", ex=RERUN_TTL_SECONDS)
+
+    @guard("reading the rerun flag")
+    def pop_rerun(self, conn_id: str) -> bool:
+        """Whether a rerun was requested; the request is consumed."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(self.keys.rerun(conn_id))
+            pipe.delete(self.keys.rerun(conn_id))
+            value, _ = pipe.execute()
+        return value is not None
+
+    # --- backfill progress ----------------------------------------------------------------------
+
+    @guard("reading backfill progress")
+    def backfill_progress(self, conn_id: str) -> BackfillProgress | None:
+        raw = self.redis.hgetall(self.keys.backfill(conn_id))
+        if not raw:
+            return None
+        return BackfillProgress(
+            started_at=float(raw["started_at"]),
+            cursor=as_text(raw.get("cursor") or "") or None,
+            done=int(raw.get("done", 0)),
+            total=int(raw["total"]) if raw.get("total") else None,
+        )
+
+    @guard("recording backfill progress")
+    def set_backfill_progress(self, conn_id: str, progress: BackfillProgress) -> None:
+        fields: Fields = {
+            "started_at": repr(progress.started_at),
+            "cursor": progress.cursor or "",
+            "done": str(progress.done),
+            "total": "" if progress.total is None else str(progress.total),
+        }
+        self.redis.hset(self.keys.backfill(conn_id), mapping=fields)
+
+    @guard("clearing backfill progress")
+    def clear_backfill(self, conn_id: str) -> None:
+        self.redis.delete(self.keys.backfill(conn_id))
+
+    # --- scheduler ticks ------------------------------------------------------------------------
+
+    @guard("claiming a scheduler tick")
+    def claim_tick(self, name: str, slot: str, ttl_seconds: int) -> bool:
+        """True for exactly one caller per (name, slot) within `ttl_seconds`."""
+        return bool(self.redis.set(self.keys.tick(name, slot), "1", nx=True, ex=ttl_seconds))

@@ -1,0 +1,248 @@
+"""Runs one connection: list Calendly, map, plan, write to Close, record. The sync's one shell.
+
+The decisions live in `mapping` and `plan` (pure); this module does the I/O around them in the
+order that keeps the promises of the sync:
+
+- nothing is written twice: a fingerprint is recorded only after Close accepted the write, and a
+  run whose desired links match the records writes nothing to Close;
+- nothing is lost: a rate limit or transient error stops the run for a retry, and what was
+  written before it stays recorded; a 400 on one link is recorded against it and the rest go on;
+- nothing is deleted on doubt: deletions follow only a complete listing (see `plan`).
+
+One run per connection at a time: the run lock (renewed while the run lasts) is checked before
+every write, so a run that lost its lock stops writing. The engine does not decide retries: it
+records what happened in the `RunReport` and the caller (CLI or Celery task) decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from closesync.apis.calendly.client import CalendlyClient
+from closesync.apis.close.client import CloseClient
+from closesync.apis.credentials import TokenKeeper
+from closesync.apis.http import ApiHttp
+from closesync.core.connection import Connection, ConnectionState
+from closesync.core.errors import (
+    AuthFailed,
+    CloseSyncError,
+    Forbidden,
+    RateLimited,
+    Rejected,
+    RetryableError,
+    RunLocked,
+    StoreUnavailable,
+)
+from closesync.core.mapping import MappingOptions
+from closesync.core.plan import MassDeleteRule
+from closesync.core.report import Outcome, RunMode, RunReport
+from closesync.store.connections import ConnectionStore
+from closesync.store.sync_state import SyncState
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Clients:
+    """The API clients of one connection's run, sharing its wait budget and call counters."""
+
+    calendly: CalendlyClient
+    close: CloseClient
+    calendly_http: ApiHttp
+    close_http: ApiHttp
+    calendly_tokens: TokenKeeper
+    close_tokens: TokenKeeper
+
+    def api_calls(self) -> dict[str, int]:
+        """Calls made so far, per `api METHOD endpoint`."""
+        calls: dict[str, int] = {}
+        for name, http in (("calendly", self.calendly_http), ("close", self.close_http)):
+            for group, count in http.calls_by_endpoint.items():
+                calls[f"{name} {group}"] = count
+        return calls
+
+
+class LockHandle(Protocol):
+    """What a held run lock offers the run: `held()` is False once it can no longer be trusted."""
+
+    def held(self) -> bool: ...
+
+
+class LockLost(RunLocked):
+    """The run lock expired or was taken while the run lasted; the run stops writing."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs of the settings."""
+
+    mapping: MappingOptions
+    mass_delete: MassDeleteRule
+    reports_kept: int = 20
+    run_lock_ttl: int = 30
+    # Our OAuth application's id, to recognise our links in Close (None: any THIRD_PARTY link
+    # whose source_id has closesync's format for this Calendly user).
+    close_client_id: str | None = None
+    calendly_api_url: str = "https://api.calendly.com"
+
+
+class SyncEngine:
+    """Runs connections; holds no state between runs."""
+
+    def __init__(
+        self,
+        *,
+        config: EngineConfig,
+        connections: ConnectionStore,
+        state: SyncState,
+        run_lock: Callable[[str, int], AbstractContextManager[LockHandle]],
+        clients_for: Callable[[Connection], Clients],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.connections = connections
+        self.state = state
+        self.run_lock = run_lock
+        self.clients_for = clients_for
+        self.clock = clock
+
+    def run(
+        self,
+        connection_id: str,
+        *,
+        mode: RunMode = RunMode.SYNC,
+        dry_run: bool = False,
+        allow_mass_delete: bool = False,
+        progress: Progress | None = None,
+    ) -> RunReport:
+        """Run one connection once and return its report (kept unless a dry run).
+
+        Every closesync error of the run (API, Redis, decryption, stored state that no longer
+        parses) ends up in the report as a failure, never raised; only an error that prevents
+        even reading the connection or storing the report is raised.
+        """
+        from closesync.sync.run import ConnectionRun
+
+        connection = self.connections.get(connection_id)
+        report = RunReport(
+            connection_id=connection_id, mode=mode, dry_run=dry_run, started_at=self.clock()
+        )
+        if connection.state is not ConnectionState.ACTIVE:
+            return self._skip(report, f"connection is {connection.state.value}; not synced")
+        if dry_run:
+            run = ConnectionRun(self, connection, report, None, allow_mass_delete, progress)
+            return self._conclude(connection, report, run, run.dry_run, keep=False)
+        for attempt in (1, 2):
+            try:
+                with self.run_lock(connection_id, self.config.run_lock_ttl) as lock:
+                    if attempt == 2:
+                        # Our own request below: we are the run it asked for.
+                        self.state.pop_rerun(connection_id)
+                    run = ConnectionRun(self, connection, report, lock, allow_mass_delete, progress)
+                    return self._conclude(connection, report, run, run.execute, keep=True)
+            except RunLocked:
+                if attempt == 1:
+                    # The run in progress runs once more when it ends (see the Celery task).
+                    # Its holder may have ended just before the request landed, finding none:
+                    # so try the lock once more before leaving it the request.
+                    self.state.request_rerun(connection_id)
+        report.failure = "locked"
+        return self._skip(report, "another run of this connection is in progress")
+
+    def _skip(self, report: RunReport, why: str) -> RunReport:
+        report.outcome = Outcome.SKIPPED
+        report.errors.append(why)
+        report.finished_at = self.clock()
+        return report
+
+    def _conclude(
+        self,
+        connection: Connection,
+        report: RunReport,
+        run: Any,
+        body: Callable[[], None],
+        *,
+        keep: bool,
+    ) -> RunReport:
+        try:
+            body()
+        except (CloseSyncError, ValidationError) as error:
+            self._fail(connection, report, error)
+        except BaseException as error:
+            # A time limit, an interruption or a bug: the report must not say "ok".
+            report.outcome = Outcome.FAILED
+            report.failure = "error"
+            report.errors.append(f"run interrupted: {type(error).__name__}")
+            raise
+        finally:
+            report.api_calls = run.api_calls()
+            report.finished_at = self.clock()
+            if report.failed and report.outcome is Outcome.OK:
+                report.outcome = Outcome.PARTIAL
+            if keep:
+                self.state.push_report(connection.id, report, self.config.reports_kept)
+        log.info(
+            "run finished: %s",
+            report.outcome.value,
+            extra={
+                "connection_id": connection.id,
+                "run_id": report.run_id,
+                "mode": report.mode.value,
+                # "created" would clash with LogRecord.created (logging raises KeyError).
+                "links_created": report.created,
+                "updated": report.updated,
+                "deleted": report.deleted,
+                "unchanged": report.unchanged,
+                "failed": len(report.failed),
+                "held": len(report.held_deletions),
+            },
+        )
+        return report
+
+    def _fail(self, connection: Connection, report: RunReport, error: Exception) -> None:
+        report.outcome = Outcome.FAILED
+        report.errors.append(
+            f"stored state could not be read: {error.error_count()} invalid field(s)"
+            if isinstance(error, ValidationError)
+            else str(error)
+        )
+        report.failure = failure_kind(error)
+        if isinstance(error, RateLimited):
+            report.retry_after = error.wait_seconds
+        if isinstance(error, AuthFailed) and not report.dry_run:
+            # Reached only after one refresh was tried (or none was possible): the user must
+            # authorize again; the connection leaves the schedule until then.
+            self.connections.set_state(
+                connection.id, ConnectionState.NEEDS_REAUTH, reason=str(error)
+            )
+        log.warning(
+            "run failed: %s",
+            error,
+            extra={"connection_id": connection.id, "run_id": report.run_id},
+        )
+
+
+def failure_kind(error: BaseException) -> str:
+    """The retry class of a failure, for the caller that decides on retries."""
+    if isinstance(error, RateLimited):
+        return "rate_limited"
+    if isinstance(error, (RetryableError, StoreUnavailable)):
+        return "transient"
+    if isinstance(error, AuthFailed):
+        return "auth"
+    if isinstance(error, Forbidden):
+        return "forbidden"
+    if isinstance(error, Rejected):
+        return "rejected"
+    if isinstance(error, RunLocked):
+        return "locked"
+    return "error"

@@ -1,0 +1,212 @@
+"""Builds closesync's parts from the settings: Redis, the stores, the API clients, the engine.
+
+The CLI commands and the Celery tasks both start here, so that a run is wired the same way
+whether a person or a worker starts it. Nothing here decides anything about the sync.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from redis import Redis
+
+from closesync.apis.calendly.client import CalendlyClient, CalendlyOAuth
+from closesync.apis.close.client import CloseClient, CloseOAuth
+from closesync.apis.credentials import TokenKeeper, shared_lock_key
+from closesync.apis.http import ApiHttp, new_session
+from closesync.apis.oauth_tokens import token_http
+from closesync.core.connection import Connection
+from closesync.core.mapping import MappingOptions
+from closesync.core.plan import MassDeleteRule
+from closesync.core.retry import WaitBudget
+from closesync.settings import Settings, load_settings
+from closesync.store.client import connect, embedded
+from closesync.store.connections import ConnectionStore
+from closesync.store.keys import Keys
+from closesync.store.locks import RedisLock, hold
+from closesync.store.secretbox import SecretBox, box_from_settings
+from closesync.store.sync_state import SyncState
+from closesync.sync.engine import Clients, EngineConfig, LockHandle, SyncEngine
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def points_at_sandbox(settings: Settings) -> bool:
+    """Whether every API URL is on loopback: the sandbox, where tokens need no encryption."""
+    urls = (
+        settings.close_api_url,
+        settings.close_oauth_url,
+        settings.calendly_api_url,
+        settings.calendly_auth_url,
+    )
+    return all(urlsplit(url).hostname in _LOOPBACK for url in urls)
+
+
+def redis_url_of(settings: Settings) -> str:
+    """REDIS_URL, or the embedded Redis in DATA_DIR when it is unset."""
+    return settings.redis_url or embedded(settings.data_dir)
+
+
+@dataclass
+class Services:
+    """Everything a command or a task needs, built once per process."""
+
+    settings: Settings
+    redis: Redis
+    keys: Keys
+    box: SecretBox
+    connections: ConnectionStore
+    state: SyncState
+
+    @classmethod
+    def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Services:
+        """Connect to Redis and build the stores; raises ConfigError or StoreUnavailable."""
+        box = box_from_settings(settings, allow_plain=points_at_sandbox(settings))
+        client = redis_client if redis_client is not None else connect(redis_url_of(settings))
+        keys = Keys(settings.redis_prefix)
+        return cls(
+            settings=settings,
+            redis=client,
+            keys=keys,
+            box=box,
+            connections=ConnectionStore(client, keys, box),
+            state=SyncState(client, keys),
+        )
+
+    # -- API clients -------------------------------------------------------------------------
+
+    def api_http(self, api: str, base_url: str, budget: WaitBudget, **kwargs: object) -> ApiHttp:
+        """An ApiHttp with the configured timeouts, sharing `budget`."""
+        return ApiHttp(
+            api=api,
+            base_url=base_url,
+            session=new_session(),
+            timeout=self.settings.http_timeout,
+            budget=budget,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def close_oauth(self) -> CloseOAuth | None:
+        """Close's token endpoint client, when the app's credentials are configured."""
+        s = self.settings
+        if not s.close_client_id or s.close_client_secret is None:
+            return None
+        return CloseOAuth(
+            http=token_http("Close", s.close_oauth_url, timeout=s.http_timeout),
+            client_id=s.close_client_id,
+            client_secret=s.close_client_secret.get_secret_value(),
+        )
+
+    def calendly_oauth(self) -> CalendlyOAuth | None:
+        """Calendly's token endpoint client, when the app's credentials are configured."""
+        s = self.settings
+        if not s.calendly_client_id or s.calendly_client_secret is None:
+            return None
+        return CalendlyOAuth(
+            http=token_http("Calendly", s.calendly_auth_url, timeout=s.http_timeout),
+            client_id=s.calendly_client_id,
+            client_secret=s.calendly_client_secret.get_secret_value(),
+        )
+
+    def refresh_lock(self, name: str) -> RedisLock:
+        """The single-flight lock of one grant's token refresh.
+
+        It must outlive the slowest token call it guards (connect + read timeout, twice for
+        margin), or a second process could present the same single-use refresh token.
+        """
+        s = self.settings
+        ttl = 2 * (s.http_connect_timeout + s.http_read_timeout) + 5
+        return RedisLock(self.redis, self.keys.refresh_lock(name), ttl_seconds=ttl)
+
+    def clients_for(
+        self,
+        connection: Connection,
+        budget: WaitBudget,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> Clients:
+        """The clients of one run, refreshing tokens through the single-flight keepers."""
+        s = self.settings
+
+        lock_factory = self.refresh_lock
+
+        close_tokens = TokenKeeper(
+            connection_id=connection.id,
+            side="close",
+            store=self.connections,
+            refresher=self.close_oauth(),
+            lock_factory=lock_factory,
+        )
+        calendly_tokens = TokenKeeper(
+            connection_id=connection.id,
+            side="calendly",
+            store=self.connections,
+            refresher=self.calendly_oauth(),
+            lock_factory=lock_factory,
+            # Organization mode: every connection of the organization refreshes under one lock.
+            lock_key=(
+                shared_lock_key(connection.calendly_grant_ref)
+                if connection.calendly_grant_ref
+                else None
+            ),
+        )
+        rand = random.random
+        calendly_http = self.api_http(
+            "Calendly", s.calendly_api_url, budget, sleep=sleep, rand=rand
+        )
+        close_http = self.api_http("Close", s.close_api_url, budget, sleep=sleep, rand=rand)
+        return Clients(
+            calendly=CalendlyClient(http=calendly_http, token=calendly_tokens.access_token),
+            close=CloseClient(http=close_http, token=close_tokens.access_token),
+            calendly_http=calendly_http,
+            close_http=close_http,
+            calendly_tokens=calendly_tokens,
+            close_tokens=close_tokens,
+        )
+
+    # -- the engine --------------------------------------------------------------------------
+
+    def engine_config(self) -> EngineConfig:
+        s = self.settings
+        return EngineConfig(
+            mapping=MappingOptions(
+                include_secret=s.include_secret_event_types,
+                include_one_off=s.include_one_off_event_types,
+            ),
+            mass_delete=MassDeleteRule(minimum=s.mass_delete_min, fraction=s.mass_delete_fraction),
+            reports_kept=s.reports_kept,
+            run_lock_ttl=s.run_lock_ttl_seconds,
+            close_client_id=s.close_client_id,
+            calendly_api_url=s.calendly_api_url,
+        )
+
+    def engine(
+        self, *, wait_budget: float, sleep: Callable[[float], None] = time.sleep
+    ) -> SyncEngine:
+        """An engine whose runs may each wait `wait_budget` seconds inline for the APIs."""
+
+        def clients_for(connection: Connection) -> Clients:
+            return self.clients_for(connection, WaitBudget(wait_budget), sleep)
+
+        return SyncEngine(
+            config=self.engine_config(),
+            connections=self.connections,
+            state=self.state,
+            run_lock=self.run_lock,
+            clients_for=clients_for,
+        )
+
+    @contextmanager
+    def run_lock(self, connection_id: str, ttl: int) -> Iterator[LockHandle]:
+        """The per-connection run lock, renewed while held."""
+        with hold(self.redis, self.keys.run_lock(connection_id), ttl) as lock:
+            yield lock
+
+
+def load_services(settings: Settings | None = None) -> Services:
+    """The services for `settings`, or for the settings of the environment and .env."""
+    return Services.build(settings or load_settings())

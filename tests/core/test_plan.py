@@ -1,0 +1,191 @@
+"""The pure planner: literal inputs, literal plans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from closesync.core.close_payloads import LinkPayload
+from closesync.core.mapping import fingerprint
+from closesync.core.plan import (
+    LinkRecord,
+    ListingFacts,
+    MassDeleteRule,
+    Verdict,
+    describe,
+    make_plan,
+    missing_from_listing,
+)
+
+USER = "u1"
+BASE = "https://api.calendly.com/event_types"
+
+
+def link(et: str, name: str = "Intro") -> LinkPayload:
+    return LinkPayload(
+        source_id=f"{USER}:{et}",
+        name=name,
+        url=f"https://calendly.com/x/{et}",
+        description=None,
+        source_type="One-on-One",
+        duration_in_minutes=30,
+    )
+
+
+def record(et: str, name: str = "Intro", missing: int = 0) -> LinkRecord:
+    return LinkRecord(fingerprint(link(et, name)), f"{BASE}/{et}", missing)
+
+
+def facts(*listed: str, doubtful: tuple[str, ...] = (), complete: bool = True) -> ListingFacts:
+    return ListingFacts(complete, frozenset(listed), frozenset(doubtful))
+
+
+def test_plan_new_changed_and_same_links_sort_into_create_update_unchanged() -> None:
+    """No record: create; other fingerprint: update; same: unchanged."""
+    desired = {p.source_id: p for p in (link("a"), link("b", "New name"), link("c"))}
+    records = {"u1:b": record("b"), "u1:c": record("c")}
+    plan = make_plan(desired=desired, records=records, facts=facts("a", "b", "c"))
+    assert [p.source_id for p in plan.creates] == ["u1:a"]
+    assert [p.source_id for p in plan.updates] == ["u1:b"]
+    assert plan.unchanged == ["u1:c"]
+    assert plan.deletes == []
+    assert plan.writes == 2
+
+
+def test_plan_force_pushes_unchanged_links() -> None:
+    """A backfill pushes every desired link whatever the fingerprints say."""
+    desired = {"u1:a": link("a")}
+    plan = make_plan(desired=desired, records={"u1:a": record("a")}, facts=facts("a"), force=True)
+    assert [p.source_id for p in plan.updates] == ["u1:a"]
+
+
+def test_plan_rejected_payload_is_not_sent_again_until_it_changes() -> None:
+    """A payload Close refused is held back; once it changes it is sent."""
+    desired = {"u1:a": link("a")}
+    same = make_plan(
+        desired=desired, records={}, facts=facts("a"), rejected={"u1:a": fingerprint(link("a"))}
+    )
+    assert same.still_rejected == ["u1:a"]
+    assert same.creates == []
+    changed = make_plan(desired=desired, records={}, facts=facts("a"), rejected={"u1:a": "old"})
+    assert [p.source_id for p in changed.creates] == ["u1:a"]
+
+
+def test_plan_incomplete_listing_deletes_nothing() -> None:
+    """Without a complete listing every recorded link is kept."""
+    records = {"u1:a": record("a", missing=5)}
+    plan = make_plan(desired={}, records=records, facts=facts(complete=False))
+    assert plan.deletes == []
+    assert plan.kept == {"u1:a": "listing incomplete"}
+    assert missing_from_listing(records, {}, facts(complete=False)) == []
+
+
+def test_plan_listed_but_not_synced_is_deleted_at_once() -> None:
+    """An event type the complete listing shows (inactive, say) but not desired: delete now."""
+    plan = make_plan(desired={}, records={"u1:a": record("a")}, facts=facts("a"))
+    assert [(d.source_id, d.reason) for d in plan.deletes] == [
+        ("u1:a", "event type listed but not synced")
+    ]
+
+
+def test_plan_doubtful_event_type_keeps_its_link() -> None:
+    """A listed event type that could not be mapped keeps its link."""
+    plan = make_plan(desired={}, records={"u1:a": record("a")}, facts=facts("a", doubtful=("a",)))
+    assert plan.deletes == []
+    assert plan.kept == {"u1:a": "event type could not be read or mapped"}
+
+
+def test_plan_missing_type_deleted_when_fetch_shows_it_gone() -> None:
+    """Missing from the listing and gone on a direct fetch: delete in this run."""
+    records = {"u1:a": record("a")}
+    assert missing_from_listing(records, {}, facts()) == ["u1:a"]
+    plan = make_plan(desired={}, records=records, facts=facts(), verdicts={"u1:a": Verdict.GONE})
+    assert [d.reason for d in plan.deletes] == ["event type gone"]
+
+
+def test_plan_missing_type_that_exists_waits_for_a_second_listing() -> None:
+    """Missing but still existing: kept with missing=1, deleted when missed a second time."""
+    first = make_plan(
+        desired={}, records={"u1:a": record("a")}, facts=facts(), verdicts={"u1:a": Verdict.EXISTS}
+    )
+    assert first.deletes == []
+    assert first.missing_counts == {"u1:a": 1}
+    second = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=1)},
+        facts=facts(),
+        verdicts={"u1:a": Verdict.UNKNOWN},
+    )
+    assert [d.reason for d in second.deletes] == ["missing from two complete listings"]
+
+
+def test_plan_seen_again_resets_the_missing_count() -> None:
+    """A link whose event type is listed again starts counting from zero."""
+    plan = make_plan(
+        desired={"u1:a": link("a")}, records={"u1:a": record("a", missing=1)}, facts=facts("a")
+    )
+    assert plan.missing_counts == {"u1:a": 0}
+    assert plan.unchanged == ["u1:a"]
+
+
+def test_plan_foreign_source_id_is_never_deleted() -> None:
+    """A record whose source_id is not in closesync's format is kept."""
+    records = {"manual-thing": LinkRecord("f", f"{BASE}/zz", 3)}
+    plan = make_plan(desired={}, records=records, facts=facts(), verdicts={})
+    assert plan.deletes == []
+    assert plan.kept == {"manual-thing": "source_id not in closesync's format"}
+
+
+def test_plan_mass_delete_over_threshold_is_held() -> None:
+    """Six of ten links going exceeds max(5, 0.5 x 10) = 5: all six are held with a reason."""
+    records = {f"u1:{i}": record(str(i)) for i in range(10)}
+    desired = {f"u1:{i}": link(str(i)) for i in range(6, 10)}
+    plan = make_plan(desired=desired, records=records, facts=facts(*map(str, range(10))))
+    assert plan.deletes == []
+    assert len(plan.held) == 6
+    assert plan.held_reason is not None
+    assert "6 deletions of 10 links exceed the mass-delete limit of 5" in plan.held_reason
+    allowed = make_plan(
+        desired=desired,
+        records=records,
+        facts=facts(*map(str, range(10))),
+        allow_mass_delete=True,
+    )
+    assert len(allowed.deletes) == 6
+    assert allowed.held == []
+
+
+def test_plan_mass_delete_threshold_arithmetic() -> None:
+    """The limit is max(minimum, fraction x recorded links)."""
+    rule = MassDeleteRule(minimum=5, fraction=0.5)
+    assert rule.threshold(4) == 5
+    assert rule.threshold(30) == 15
+    assert MassDeleteRule(minimum=0, fraction=0.1).threshold(50) == 5
+
+
+def test_plan_describe_lists_each_write() -> None:
+    """describe() turns a plan into readable lines."""
+    plan = make_plan(desired={"u1:a": link("a")}, records={"u1:b": record("b")}, facts=facts("b"))
+    assert describe(plan) == [
+        "create u1:a 'Intro'",
+        "delete u1:b (event type listed but not synced)",
+    ]
+
+
+def test_plan_and_mapping_import_no_io_library() -> None:
+    """The pure core imports nothing of requests, redis or celery."""
+    code = (
+        "import sys, closesync.core.plan, closesync.core.mapping\n"
+        "bad = {m.split('.')[0] for m in sys.modules} & {'requests', 'redis', 'celery', 'kombu'}\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plan_listed_doubtful_type_resets_the_missing_count() -> None:
+    """A listing that showed the event type (even unmappable) breaks the "twice in a row"."""
+    plan = make_plan(
+        desired={}, records={"u1:a": record("a", missing=1)}, facts=facts("a", doubtful=("a",))
+    )
+    assert plan.deletes == []
+    assert plan.missing_counts == {"u1:a": 0}

@@ -1,0 +1,339 @@
+"""The sync engine against the sandbox over loopback HTTP and a real Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from closesync.core.connection import ConnectionState
+from closesync.core.report import Outcome, RunMode
+from closesync.sandbox import Sandbox, SandboxConfig
+from tests.sync_harness import Harness
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    sb = Sandbox.start(SandboxConfig(seed=7, users=3, event_types=8, freeze_clock=True))
+    try:
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture
+def harness(sandbox: Sandbox, redis_url: str) -> Harness:
+    return Harness.build(sandbox, redis_url, f"test-{uuid.uuid4().hex[:8]}")
+
+
+def _types(harness: Harness, user_index: int = 0) -> list[str]:
+    user = harness.sandbox.users[user_index]
+    return [et.uuid for et in harness.calendly_types(user) if et.active]
+
+
+def test_engine_first_run_creates_the_mapped_links(harness: Harness) -> None:
+    """A first run makes Close hold exactly the mapping of the user's event types."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    report = harness.run(conn)
+    assert report.outcome is Outcome.OK, report.errors
+    assert report.created == len(harness.expected(user)) > 0
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_second_run_unchanged_makes_no_close_call(harness: Harness) -> None:
+    """Nothing changed in Calendly: one listing call and zero Close calls."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    harness.sandbox.world.reset_request_counts()
+    report = harness.run(conn)
+    assert report.outcome is Outcome.OK
+    assert report.unchanged == len(harness.expected(user))
+    assert harness.close_writes() == 0
+    counts = harness.sandbox.world.request_counts()
+    assert counts == {"calendly GET /event_types": 1}
+
+
+def test_engine_listing_of_250_types_costs_three_calls(harness: Harness) -> None:
+    """Unchanged runs cost one Calendly list call per 100 event types."""
+    user = harness.sandbox.world.create_user()
+    for i in range(250):
+        harness.sandbox.world.create_event_type(user.calendly_user_uuid, name=f"Type {i:03}")
+    conn = harness.add(user)
+    first = harness.run(conn)
+    assert first.created == 250
+    harness.sandbox.world.reset_request_counts()
+    harness.run(conn)
+    assert harness.sandbox.world.request_counts() == {"calendly GET /event_types": 3}
+
+
+def test_engine_rename_updates_only_that_link(harness: Harness) -> None:
+    """A renamed event type is one update; the rest stay unchanged."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    target = _types(harness)[0]
+    harness.sandbox.world.update_event_type(target, name="Renamed call")
+    report = harness.run(conn)
+    assert (report.created, report.updated, report.deleted) == (0, 1, 0)
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_deleted_type_is_deleted_at_once(harness: Harness) -> None:
+    """A deleted event type (direct fetch shows deleted_at) loses its link in the same run."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    harness.sandbox.world.delete_event_type(_types(harness)[0])
+    report = harness.run(conn)
+    assert report.deleted == 1
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_purged_type_is_deleted_at_once(harness: Harness) -> None:
+    """An event type whose direct fetch answers 404 loses its link in the same run."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    harness.sandbox.world.delete_event_type(_types(harness)[0], purge=True)
+    assert harness.run(conn).deleted == 1
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_deactivated_type_is_deleted(harness: Harness) -> None:
+    """An event type listed as inactive is not synced, so its link goes."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    harness.sandbox.world.update_event_type(_types(harness)[0], active=False)
+    assert harness.run(conn).deleted == 1
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_left_team_type_waits_for_two_listings(harness: Harness) -> None:
+    """A type that left the user's list but still exists is deleted on the second listing."""
+    world = harness.sandbox.world
+    user, other = harness.sandbox.users[0], harness.sandbox.users[1]
+    team = world.create_event_type(
+        other.calendly_user_uuid,
+        name="Team intro",
+        kind="group",
+        pooling_type="round_robin",
+        members=[user.calendly_user_uuid],
+    )
+    conn = harness.add(user)
+    harness.run(conn)
+    team_uuid = team["uri"].rsplit("/", 1)[-1]
+    assert any(sid.endswith(team_uuid) for sid in harness.close_side(user))
+    world.change_members(team_uuid, add=[], remove=[user.calendly_user_uuid])
+    first = harness.run(conn)
+    assert first.deleted == 0
+    assert any(sid.endswith(team_uuid) for sid in harness.close_side(user))
+    second = harness.run(conn)
+    assert second.deleted == 1
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_failing_page_deletes_nothing(harness: Harness) -> None:
+    """A listing with a failed page is incomplete: the run fails and no link is deleted."""
+    world = harness.sandbox.world
+    user = world.create_user()
+    for i in range(150):
+        world.create_event_type(user.calendly_user_uuid, name=f"T{i:03}")
+    conn = harness.add(user)
+    harness.run(conn)
+    for et in harness.calendly_types(user)[:3]:
+        world.delete_event_type(et.uuid)
+    world.add_fault(api="calendly", kind="502", path_prefix="/event_types", page=2, count=50)
+    report = harness.engine(wait_budget=0).run(conn)
+    assert report.outcome is Outcome.FAILED
+    assert report.failure == "transient"
+    assert "Calendly GET /event_types answered 502" in (report.error or "")
+    assert len(harness.close_side(user)) == 150
+
+
+def test_engine_mass_delete_is_held_then_allowed(harness: Harness) -> None:
+    """Deleting most links is held and reported until --allow-mass-delete lets it through."""
+    world = harness.sandbox.world
+    user = world.create_user()
+    uuids = [
+        world.create_event_type(user.calendly_user_uuid, name=f"M{i}")["uri"].rsplit("/", 1)[-1]
+        for i in range(10)
+    ]
+    conn = harness.add(user)
+    harness.run(conn)
+    for et_uuid in uuids[:8]:
+        world.delete_event_type(et_uuid)
+    held = harness.run(conn)
+    assert held.outcome is Outcome.OK
+    assert held.deleted == 0
+    assert len(held.held_deletions) == 8
+    assert "mass-delete" in (held.held_reason or "")
+    stored = harness.services.state.held(conn)
+    assert stored is not None
+    assert len(stored.source_ids) == 8
+    allowed = harness.run(conn, allow_mass_delete=True)
+    assert allowed.deleted == 8
+    assert harness.services.state.held(conn) is None
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_rate_limit_stops_run_and_keeps_written_links(harness: Harness) -> None:
+    """A 429 past the wait budget stops the run; what was written stays, nothing is rewritten."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    expected = harness.expected(user)
+    harness.sandbox.world.add_fault(
+        api="close", kind="429", method="POST", path_prefix="/api/v1/scheduling_link", reset=120
+    )
+    # Let the first two writes through by queueing the fault behind them is not possible; the
+    # first write fails instead, so nothing is written in this run.
+    failed = harness.engine(wait_budget=5).run(conn)
+    assert failed.outcome is Outcome.FAILED
+    assert failed.failure == "rate_limited"
+    assert failed.retry_after == pytest.approx(120)
+    assert "Close POST /scheduling_link/integration/ answered 429" in (failed.error or "")
+    done = harness.run(conn)
+    assert done.outcome is Outcome.OK
+    assert done.created == len(expected)
+    assert harness.close_side(user) == expected
+
+
+def test_engine_transient_error_mid_run_resumes_without_rewrites(harness: Harness) -> None:
+    """A run stopped by 503s after some writes resumes; every link is written exactly once."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    expected = harness.expected(user)
+    world = harness.sandbox.world
+    engine = harness.engine(wait_budget=0)
+    # Fail the third write: the first two are accepted and recorded.
+    world.add_fault(api="close", kind="503", method="POST", count=1, skip=2)
+    first = engine.run(conn)
+    assert first.outcome is Outcome.FAILED
+    assert first.created == 2
+    world.reset_request_counts()
+    second = harness.run(conn)
+    assert second.created == len(expected) - 2
+    writes = world.request_counts()["close POST /api/v1/scheduling_link/integration/"]
+    assert writes == len(expected) - 2
+    assert harness.close_side(user) == expected
+
+
+def test_engine_dry_run_writes_nothing(harness: Harness) -> None:
+    """--dry-run plans the creates and writes nothing to Close or Redis."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    report = harness.run(conn, dry_run=True)
+    assert report.created == len(harness.expected(user))
+    assert all(line.startswith("create ") for line in report.planned)
+    assert harness.close_side(user) == {}
+    assert harness.services.state.records(conn) == {}
+    assert harness.services.state.last_report(conn) is None
+
+
+def test_engine_expired_close_token_is_refreshed_once(harness: Harness) -> None:
+    """A 401 from Close refreshes the token once, stores the rotated grant and goes on."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.sandbox.world.expire_token(user.close_access_token)
+    report = harness.run(conn)
+    assert report.outcome is Outcome.OK, report.errors
+    grants = harness.services.connections.grants(conn)
+    assert grants.close.access_token.get_secret_value() != user.close_access_token
+    assert grants.close.refresh_token is not None
+    assert grants.close.refresh_token.get_secret_value() != user.close_refresh_token
+
+
+def test_engine_revoked_refresh_token_needs_reauth(harness: Harness) -> None:
+    """A refused refresh marks the connection needs_reauth; the others still sync."""
+    user, other = harness.sandbox.users[0], harness.sandbox.users[1]
+    conn, other_conn = harness.add(user), harness.add(other)
+    harness.sandbox.world.revoke_token(user.close_refresh_token)
+    harness.sandbox.world.expire_token(user.close_access_token)
+    report = harness.run(conn)
+    assert report.outcome is Outcome.FAILED
+    assert report.failure == "auth"
+    assert harness.services.connections.get(conn).state is ConnectionState.NEEDS_REAUTH
+    assert harness.run(conn).outcome is Outcome.SKIPPED
+    assert harness.run(other_conn).outcome is Outcome.OK
+
+
+def test_engine_locked_connection_is_skipped_and_rerun_requested(harness: Harness) -> None:
+    """A second run beside a running one does nothing and asks for one more run after it."""
+    conn = harness.add(harness.sandbox.users[0])
+    with harness.services.run_lock(conn, 30):
+        report = harness.run(conn)
+    assert report.outcome is Outcome.SKIPPED
+    assert harness.services.state.pop_rerun(conn) is True
+
+
+def test_engine_other_sources_are_never_touched(harness: Harness) -> None:
+    """MANUAL and CALENDLY links of the user survive every sync and backfill untouched."""
+    user = harness.sandbox.users[0]
+    world = harness.sandbox.world
+    manual = world.create_link(
+        user.close_user_id, source="MANUAL", name="Mine", url="https://x.test/a"
+    )
+    native = world.create_link(
+        user.close_user_id, source="CALENDLY", name="Native", url="https://x.test/b"
+    )
+    conn = harness.add(user)
+    harness.run(conn)
+    harness.backfill(conn)
+    ids = {link["id"] for link in world.close_links(user.close_user_id)}
+    assert {manual["id"], native["id"]} <= ids
+
+
+def test_engine_backfill_heals_wiped_redis(harness: Harness) -> None:
+    """After Redis lost the records, a backfill rebuilds them and leaves no duplicate."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    harness.services.state.replace_records(conn, {})
+    report = harness.backfill(conn)
+    assert report.outcome is Outcome.OK
+    assert harness.close_side(user) == harness.expected(user)
+    assert set(harness.services.state.records(conn)) == set(harness.expected(user))
+    harness.sandbox.world.reset_request_counts()
+    assert harness.run(conn).unchanged == len(harness.expected(user))
+    assert harness.close_writes() == 0
+
+
+def test_engine_drift_repairs_links_changed_in_close(harness: Harness) -> None:
+    """The drift check rewrites a link edited in Close and recreates one deleted there."""
+    user = harness.sandbox.users[0]
+    world = harness.sandbox.world
+    conn = harness.add(user)
+    harness.run(conn)
+    ours = [
+        link for link in world.close_links(user.close_user_id) if link["source"] == "THIRD_PARTY"
+    ]
+    world.update_link(ours[0]["id"], name="edited by hand")
+    world.delete_link(ours[1]["id"])
+    report = harness.engine().run(conn, mode=RunMode.DRIFT)
+    assert (report.created, report.updated) == (1, 1)
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_interrupted_backfill_resumes_after_its_cursor(harness: Harness) -> None:
+    """A backfill stopped after two pushes resumes without pushing those two again."""
+    user = harness.sandbox.users[0]
+    world = harness.sandbox.world
+    conn = harness.add(user)
+    harness.run(conn)
+    total = len(harness.expected(user))
+    world.add_fault(api="close", kind="503", method="POST", count=5, skip=2)
+    stopped = harness.engine(wait_budget=0).run(conn, mode=RunMode.BACKFILL)
+    assert stopped.outcome is Outcome.FAILED
+    progress = harness.services.state.backfill_progress(conn)
+    assert progress is not None
+    assert (progress.done, progress.total) == (2, total)
+    world.clear_faults()
+    world.reset_request_counts()
+    resumed = harness.backfill(conn)
+    assert resumed.outcome is Outcome.OK
+    assert world.request_counts()["close POST /api/v1/scheduling_link/integration/"] == total - 2
+    assert harness.services.state.backfill_progress(conn) is None
+    assert harness.close_side(user) == harness.expected(user)
