@@ -13,9 +13,10 @@ import time
 import tracemalloc
 import uuid
 
-from closesync.store.client import embedded
-from closesync.sandbox import Sandbox, SandboxConfig
 from tests.sync_harness import Harness
+
+from closesync.sandbox import Sandbox, SandboxConfig
+from closesync.store.embedded import embedded
 
 SIZES = [(1, 10), (1, 250), (10, 20), (50, 10), (200, 5)]
 

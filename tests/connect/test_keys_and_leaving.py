@@ -198,4 +198,4 @@ def test_remove_revoke_spares_shared_grant_until_last_user_leaves(
     assert json.loads(capsys.readouterr().out)["revoked"] == ["close", "calendly organization"]
     assert shared.refresh_token is not None
     assert sb.world.tokens.tokens[shared.refresh_token.get_secret_value()].revoked
-    assert Organizations(services).refs() == []
+    assert Organizations(services).credentials.refs() == []

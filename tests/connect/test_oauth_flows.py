@@ -21,8 +21,8 @@ import redis
 import requests
 
 from closesync.cli.connect import run_connect
-from closesync.connect.connector import Step
-from closesync.connect.oauth_flow import Provider
+from closesync.connect.steps import Step
+from closesync.core.connection import Side
 from closesync.core.errors import EncryptionError
 from closesync.sandbox import Sandbox
 from closesync.store.keys import Keys
@@ -92,7 +92,7 @@ def test_terminal_flow_no_browser_round_trip_stores_connection(
     user = sb.users[2]
     sb.world.set_oauth_next("close", user_email=user.email)
     sb.world.set_oauth_next("calendly", user_email=user.email)
-    urls: queue.Queue[tuple[Provider, str]] = queue.Queue()
+    urls: queue.Queue[tuple[Side, str]] = queue.Queue()
     result: list[Step | BaseException] = []
 
     def operator() -> None:
@@ -336,7 +336,7 @@ def test_web_idle_connection_is_dropped_after_the_request_timeout(services: Serv
 
 
 def _operator(
-    services: Services, urls: queue.Queue[tuple[Provider, str]]
+    services: Services, urls: queue.Queue[tuple[Side, str]]
 ) -> tuple[threading.Thread, list[Step | BaseException]]:
     result: list[Step | BaseException] = []
 
@@ -366,7 +366,7 @@ def test_terminal_flow_stray_request_gets_a_page_and_the_flow_goes_on(
     user = sb.users[1]
     sb.world.set_oauth_next("close", user_email=user.email)
     sb.world.set_oauth_next("calendly", user_email=user.email)
-    urls: queue.Queue[tuple[Provider, str]] = queue.Queue()
+    urls: queue.Queue[tuple[Side, str]] = queue.Queue()
     thread, result = _operator(services, urls)
     with requests.Session() as browser:
         _, url = urls.get(timeout=10)
@@ -388,7 +388,7 @@ def test_terminal_flow_store_error_in_callback_ends_the_command_at_once(
     sb: Sandbox, services: Services
 ) -> None:
     """An EncryptionError while finishing a callback answers a page and is raised, no timeout."""
-    urls: queue.Queue[tuple[Provider, str]] = queue.Queue()
+    urls: queue.Queue[tuple[Side, str]] = queue.Queue()
     thread, result = _operator(services, urls)
     _, url = urls.get(timeout=10)
     callback, state = _loopback_of(url)

@@ -15,7 +15,9 @@ import requests
 
 from closesync.apis.credentials import grant_lock_name, shared_lock_key
 from closesync.cli.main import main
-from closesync.connect.organizations import Member, OrganizationBusy, Organizations, match
+from closesync.connect.org_credentials import OrganizationBusy
+from closesync.connect.org_members import Member, match
+from closesync.connect.organizations import Organizations
 from closesync.core.connection import Connection
 from closesync.core.errors import GrantRevoked
 from closesync.core.retry import WaitBudget
@@ -110,14 +112,16 @@ def test_orgmode_waiting_close_user_paired_once_a_member_has_the_email(
         connect_org(sb, web.url, browser)
         assert "Almost there" in connect_close(sb, web.url, browser, "late@example.com")
         assert services.connections.list() == []
-        assert [w.close_user_id for w in Organizations(services).waiting()] == [late.close_user_id]
+        assert [w.close_user_id for w in Organizations(services).waiting_room.waiting()] == [
+            late.close_user_id
+        ]
         newcomer = sb.world.create_user(email="LATE@example.com", name="Late Comer")
         answer = connect_org(sb, web.url, browser)
     assert "1 waiting Close user(s) were paired" in answer.text
     [connection] = services.connections.list()
     assert connection.close_user_id == late.close_user_id
     assert connection.calendly_user_uri == newcomer.calendly_user_uri
-    assert Organizations(services).waiting() == []
+    assert Organizations(services).waiting_room.waiting() == []
 
 
 def test_status_lists_unmatched_users_on_both_sides(
@@ -238,7 +242,7 @@ def test_daily_pass_pairs_a_waiting_user_without_the_organization_reconnecting(
     assert pair_organizations(services) == 1
     [connection] = services.connections.list()
     assert connection.calendly_user_uri == newcomer.calendly_user_uri
-    assert Organizations(services).waiting() == []
+    assert Organizations(services).waiting_room.waiting() == []
 
 
 def test_match_email_does_not_fold_non_ascii_lookalikes() -> None:
@@ -289,14 +293,14 @@ def test_orgmode_reconnect_waits_for_the_shared_refresh_lock(
     """Replacing the shared grant takes its refresh lock: while held elsewhere, nothing changes."""
     with web_process(services) as web, requests.Session() as browser:
         connect_org(sb, web.url, browser)
-    [ref] = Organizations(services).refs()
+    [ref] = Organizations(services).credentials.refs()
     old = services.connections.shared_grant(ref)
     held = services.refresh_lock(grant_lock_name("calendly", shared_lock_key(ref)))
     assert held.acquire()
     orgs = Organizations(services)
     try:
         with pytest.raises(OrganizationBusy):
-            orgs.connect(sb.world.calendly_org_uri, "owner", None, old, wait_seconds=0)
+            orgs.credentials.connect(sb.world.calendly_org_uri, "owner", None, old, wait_seconds=0)
     finally:
         held.release()
     assert services.connections.shared_grant(ref).access_token == old.access_token
@@ -326,4 +330,4 @@ def test_orgmode_organization_outside_allowlist_is_refused_and_revoked(
     allowed = with_allowlist(f"{other}, {sb.world.calendly_org_uri}/ ")
     with web_process(allowed) as web, requests.Session() as browser:
         assert "Organization connected" in connect_org(sb, web.url, browser).text
-    assert len(Organizations(services).refs()) == 1
+    assert len(Organizations(services).credentials.refs()) == 1

@@ -8,10 +8,10 @@ import sys
 from closesync.core.close_payloads import LinkPayload
 from closesync.core.mapping import fingerprint
 from closesync.core.plan import (
+    FetchVerdict,
     LinkRecord,
     ListingFacts,
     MassDeleteRule,
-    Verdict,
     describe,
     make_plan,
     missing_from_listing,
@@ -99,14 +99,19 @@ def test_plan_missing_type_deleted_when_fetch_shows_it_gone() -> None:
     """Missing from the listing and gone on a direct fetch: delete in this run."""
     records = {"u1:a": record("a")}
     assert missing_from_listing(records, {}, facts()) == ["u1:a"]
-    plan = make_plan(desired={}, records=records, facts=facts(), verdicts={"u1:a": Verdict.GONE})
+    plan = make_plan(
+        desired={}, records=records, facts=facts(), verdicts={"u1:a": FetchVerdict.GONE}
+    )
     assert [d.reason for d in plan.deletes] == ["event type gone"]
 
 
 def test_plan_missing_type_that_exists_waits_for_a_second_listing() -> None:
     """Missing but still existing: kept with missing=1, deleted when missed a second time."""
     first = make_plan(
-        desired={}, records={"u1:a": record("a")}, facts=facts(), verdicts={"u1:a": Verdict.EXISTS}
+        desired={},
+        records={"u1:a": record("a")},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.EXISTS},
     )
     assert first.deletes == []
     assert first.missing_counts == {"u1:a": 1}
@@ -114,7 +119,7 @@ def test_plan_missing_type_that_exists_waits_for_a_second_listing() -> None:
         desired={},
         records={"u1:a": record("a", missing=1)},
         facts=facts(),
-        verdicts={"u1:a": Verdict.UNKNOWN},
+        verdicts={"u1:a": FetchVerdict.UNKNOWN},
     )
     assert [d.reason for d in second.deletes] == ["missing from two complete listings"]
 

@@ -13,7 +13,7 @@ from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.settings import Settings
 from closesync.store.keys import Keys
 from closesync.wiring.services import Services
-from closesync.worker.tasks import MAX_TRANSIENT_RETRIES, fan_out, verdict
+from closesync.worker.tasks import MAX_TRANSIENT_RETRIES, fan_out, retry_verdict
 
 
 def report(
@@ -35,31 +35,34 @@ def half() -> float:
 def test_verdict_ok_partial_skipped_not_retried() -> None:
     """Finished or skipped runs are never retried."""
     for outcome in (Outcome.OK, Outcome.PARTIAL, Outcome.SKIPPED):
-        assert verdict(report(outcome), 0, half).retry is False
+        assert retry_verdict(report(outcome), 0, half).retry is False
 
 
 def test_verdict_rate_limited_waits_what_api_asked_plus_jitter() -> None:
     """A 429 asking for 30 s comes back after 30 s plus half the 2 s jitter room."""
-    decision = verdict(report(Outcome.FAILED, "rate_limited", 30.0), 3, half)
+    decision = retry_verdict(report(Outcome.FAILED, "rate_limited", 30.0), 3, half)
     assert decision.retry is True
     assert decision.countdown == 31.0
 
 
 def test_verdict_transient_backs_off_exponentially_with_jitter() -> None:
     """Transient retry 3: step 8 s, half fixed, half drawn: 6 s with rand 0.5."""
-    decision = verdict(report(Outcome.FAILED, "transient"), 3, half)
+    decision = retry_verdict(report(Outcome.FAILED, "transient"), 3, half)
     assert decision == decision.__class__(True, 6.0, "transient error")
 
 
 def test_verdict_transient_after_max_retries_gives_up() -> None:
     """Past the cap the task gives up; the next tick tries again."""
-    assert verdict(report(Outcome.FAILED, "transient"), MAX_TRANSIENT_RETRIES, half).retry is False
+    assert (
+        retry_verdict(report(Outcome.FAILED, "transient"), MAX_TRANSIENT_RETRIES, half).retry
+        is False
+    )
 
 
 def test_verdict_auth_forbidden_rejected_locked_not_retried() -> None:
     """Errors a retry cannot fix are recorded, not retried."""
     for failure in ("auth", "forbidden", "rejected", "locked", "error"):
-        assert verdict(report(Outcome.FAILED, failure), 0, half).retry is False
+        assert retry_verdict(report(Outcome.FAILED, failure), 0, half).retry is False
 
 
 @dataclass
@@ -169,7 +172,7 @@ def test_verdict_busy_backfill_or_drift_comes_back_busy_sync_does_not() -> None:
             outcome=Outcome.SKIPPED,
             failure="locked",
         )
-        decision = verdict(busy, 0, half)
+        decision = retry_verdict(busy, 0, half)
         assert decision.retry is retried
         if retried:
             assert decision.countdown == 15.75

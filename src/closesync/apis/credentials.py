@@ -12,14 +12,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import SecretStr
 
-from closesync.core.connection import Grant, Grants
+from closesync.core.connection import SIDE_LABEL, Grant, Grants, Side
 from closesync.core.errors import AuthFailed, ConfigError, GrantRevoked, TransientError
-
-Side = Literal["close", "calendly"]
 
 # Refresh an access token that expires within this many seconds, rather than risk a 401 mid-run.
 EXPIRY_MARGIN_SECONDS = 120.0
@@ -172,4 +170,4 @@ class TokenKeeper:
         return grants.close if self.side == "close" else grants.calendly
 
     def _label(self) -> str:
-        return "Close" if self.side == "close" else "Calendly"
+        return SIDE_LABEL[self.side]

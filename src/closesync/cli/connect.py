@@ -30,22 +30,24 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from closesync.cli.common import print_json
-from closesync.connect.connector import Connector, FlowError, Step, step_json
-from closesync.connect.oauth_flow import Provider, Purpose, new_binding
+from closesync.connect.connector import Connector
+from closesync.connect.oauth_flow import Purpose, new_binding
+from closesync.connect.steps import FlowError, Step, step_json
+from closesync.core.connection import Side
 from closesync.core.errors import CloseSyncError, ConfigError, EncryptionError
 from closesync.web.app import Response, page, redirect
 from closesync.wiring.logs import redact
-from closesync.wiring.services import load_services
+from closesync.wiring.services import Services, load_services
 
 # The loopback port both OAuth applications must list in their redirect URIs.
 DEFAULT_PORT = 8765
 # Seconds to wait for each callback: time to sign in, pick an organization and approve.
 DEFAULT_TIMEOUT = 300.0
 
-Announce = Callable[[Provider, str], None]
+Announce = Callable[[Side, str], None]
 # FlowError kinds of a callback that was not this run's flow: answered, but the run goes on.
 _NOT_OURS = ("state", "browser")
-_PATHS: dict[str, Provider] = {
+_PATHS: dict[str, Side] = {
     "/oauth/close/callback": "close",
     "/oauth/calendly/callback": "calendly",
 }
@@ -132,7 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def run_connect(
-    services: Any,
+    services: Services,
     *,
     purpose: Purpose = "personal",
     name: str | None = None,
@@ -145,7 +147,7 @@ def run_connect(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        provider: Provider = "close" if purpose == "personal" else "calendly"
+        provider: Side = "close" if purpose == "personal" else "calendly"
         announce(provider, server.connector.start(purpose, server.binding, name))
         while True:
             try:
@@ -167,7 +169,7 @@ def run_connect(
 def _announcer(open_browser: bool) -> Announce:
     label = {"close": "Close", "calendly": "Calendly"}
 
-    def announce(provider: Provider, url: str) -> None:
+    def announce(provider: Side, url: str) -> None:
         sys.stderr.write(f"Authorize {label[provider]} in your browser:\n  {url}\n")
         sys.stderr.flush()
         if open_browser:

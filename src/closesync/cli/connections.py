@@ -16,6 +16,8 @@ from pydantic import SecretStr
 from closesync.apis.calendly.client import CalendlyClient
 from closesync.apis.close.client import CloseClient
 from closesync.cli.common import print_json, print_table, when
+from closesync.core.calendly_payloads import User
+from closesync.core.close_payloads import Me
 from closesync.core.connection import (
     Connection,
     ConnectionOptions,
@@ -26,7 +28,7 @@ from closesync.core.connection import (
 )
 from closesync.core.errors import ApiError, AuthFailed, ConfigError, Forbidden
 from closesync.core.retry import WaitBudget
-from closesync.wiring.services import load_services
+from closesync.wiring.services import Services, load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -94,7 +96,7 @@ def _check_token_shape(option: str, value: str | None) -> None:
         raise ConfigError(f"{option} is not a token: it holds spaces or non-ASCII characters")
 
 
-def _resolve(services: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def _resolve(services: Services, args: argparse.Namespace) -> tuple[Me, User]:
     """Both users behind the given tokens; a refused token becomes a one-line ConfigError."""
     for option in (
         "close_access_token",

@@ -32,7 +32,7 @@ from closesync.sandbox import (
 from closesync.sandbox.connections import sandbox_connection, sandbox_settings
 from closesync.sandbox.records import SeededUser
 from closesync.settings import Settings
-from closesync.store.client import embedded
+from closesync.store.embedded import embedded
 from closesync.wiring.services import Services
 
 # A tick every 5 seconds: fast enough to watch, slow enough to read.

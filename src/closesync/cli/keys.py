@@ -17,6 +17,7 @@ from typing import Any
 from closesync.cli.common import print_json
 from closesync.core.errors import ConfigError
 from closesync.settings import load_settings
+from closesync.store.key_rotation import check_keys, rotate_keys
 from closesync.store.secretbox import FernetBox, generate_key
 from closesync.wiring.services import load_services
 
@@ -58,8 +59,8 @@ def _boxes(what: str) -> tuple[Any, FernetBox, FernetBox]:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     services, box, first = _boxes("rotate")
-    count = services.connections.rotate_keys(box)
-    counts = services.connections.check_keys(box, first)
+    count = rotate_keys(services.redis, services.keys, box)
+    counts = check_keys(services.redis, services.keys, box, first)
     if args.json:
         print_json({"re_encrypted": count, "keys": box.key_count, **counts})
         return 0 if counts["unreadable"] == 0 else 1
@@ -71,7 +72,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     services, box, first = _boxes("check")
-    counts = services.connections.check_keys(box, first)
+    counts = check_keys(services.redis, services.keys, box, first)
     if args.json:
         print_json(counts)
         return 0 if counts["older_key"] == counts["unencrypted"] == counts["unreadable"] == 0 else 1

@@ -10,7 +10,7 @@ from typing import Any
 from closesync.cli.common import print_json, print_table, when
 from closesync.core.connection import Connection
 from closesync.core.report import RunReport
-from closesync.wiring.services import load_services
+from closesync.wiring.services import Services, load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.set_defaults(func=cmd_status)
 
 
-def connection_status(services: Any, connection: Connection) -> dict[str, Any]:
+def connection_status(services: Services, connection: Connection) -> dict[str, Any]:
     """Everything `status` shows of one connection, as JSON-ready values."""
     state = services.state
     last: RunReport | None = state.last_report(connection.id)
@@ -90,12 +90,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unmatched(services: Any) -> dict[str, Any] | None:
+def _unmatched(services: Services) -> dict[str, Any] | None:
     """Calendly organization mode: who is unmatched on either side (None outside that mode)."""
     from closesync.connect.organizations import Organizations
 
     orgs = Organizations(services)
-    return orgs.unmatched() if orgs.refs() or orgs.waiting() else None
+    return orgs.unmatched() if orgs.credentials.refs() or orgs.waiting_room.waiting() else None
 
 
 def _print_unmatched(unmatched: dict[str, Any] | None) -> None:

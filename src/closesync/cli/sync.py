@@ -15,7 +15,7 @@ from typing import Any
 from closesync.cli.common import print_json
 from closesync.core.errors import CloseSyncError, ConfigError
 from closesync.core.report import Outcome, RunMode, RunReport
-from closesync.wiring.services import load_services
+from closesync.wiring.services import Services, load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -47,7 +47,7 @@ def _targets(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _connection_ids(services: Any, args: argparse.Namespace) -> list[str]:
+def _connection_ids(services: Services, args: argparse.Namespace) -> list[str]:
     if args.all and args.ids:
         raise ConfigError("give connection ids or --all, not both")
     if not args.all and not args.ids:
@@ -90,7 +90,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _run_all(
-    services: Any,
+    services: Services,
     ids: list[str],
     mode: RunMode,
     args: argparse.Namespace,

@@ -21,30 +21,33 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
 
 from pydantic import SecretStr
 
 from closesync.apis.calendly.client import CalendlyClient
 from closesync.apis.close.client import CloseClient
+from closesync.connect.deps import ConnectServices
 from closesync.connect.oauth_flow import (
     FlowStates,
     PendingFlow,
-    Provider,
     Purpose,
     binding_digest,
     binding_matches,
     redirect_uri,
 )
-from closesync.connect.organizations import OrganizationBusy, Organizations
+from closesync.connect.org_credentials import OrganizationBusy
+from closesync.connect.organizations import Organizations
+from closesync.connect.revoke import revoke_grant
+from closesync.connect.steps import KNOWN_ERRORS, FlowError, Step
 from closesync.core.calendly_payloads import TokenResponse as CalendlyToken
 from closesync.core.close_payloads import Me
 from closesync.core.close_payloads import TokenResponse as CloseToken
 from closesync.core.connection import (
+    SIDE_LABEL,
     Connection,
     Grant,
     Grants,
+    Side,
     connection_between,
 )
 from closesync.core.errors import ApiError, ConfigError, GrantRevoked
@@ -52,43 +55,7 @@ from closesync.core.retry import WaitBudget
 
 log = logging.getLogger(__name__)
 
-FlowErrorKind = Literal[
-    "denied", "state", "browser", "code", "provider", "not_admin", "not_allowed"
-]
 _ADMIN_ROLES = ("owner", "admin")
-_LABEL = {"close": "Close", "calendly": "Calendly"}
-# The error codes of RFC 6749 §4.1.2.1: the only `error` values a page may name. Anything else is
-# attacker-controllable text (content spoofing) and is reported as "returned an error".
-KNOWN_ERRORS = frozenset(
-    {
-        "access_denied",
-        "invalid_request",
-        "unauthorized_client",
-        "unsupported_response_type",
-        "invalid_scope",
-        "server_error",
-        "temporarily_unavailable",
-    }
-)
-
-
-class FlowError(Exception):
-    """An authorization that cannot finish; `str()` is a message for the user."""
-
-    def __init__(self, kind: FlowErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class Step:
-    """What a callback led to: a stored connection, the next authorize URL, or a wait."""
-
-    outcome: Literal["connected", "next", "waiting", "organization"]
-    message: str
-    connection: Connection | None = None
-    next_url: str | None = None
-    paired: int = 0
 
 
 def _grant(answer: CloseToken | CalendlyToken) -> Grant:
@@ -100,19 +67,16 @@ def _grant(answer: CloseToken | CalendlyToken) -> Grant:
     )
 
 
-def _grant_fields(grant: Grant) -> dict[str, Any]:
-    return {
-        "kind": grant.kind,
-        "access_token": grant.access_token.get_secret_value(),
-        "refresh_token": grant.refresh_token.get_secret_value() if grant.refresh_token else None,
-        "expires_at": grant.expires_at,
-    }
+def _apps_missing(*providers: Side) -> ConfigError:
+    """The error naming the OAuth application settings of `providers` that are not set."""
+    names = " and ".join(f"{p.upper()}_CLIENT_ID and {p.upper()}_CLIENT_SECRET" for p in providers)
+    return ConfigError(f"set {names} (the OAuth application's credentials) to connect")
 
 
 class Connector:
     """Starts and finishes authorizations for callbacks under `base_url`."""
 
-    def __init__(self, services: Any, base_url: str) -> None:
+    def __init__(self, services: ConnectServices, base_url: str) -> None:
         self.services = services
         self.settings = services.settings
         self.base_url = base_url
@@ -121,17 +85,16 @@ class Connector:
 
     # -- starting ----------------------------------------------------------------------------
 
-    def require_apps(self, *providers: Provider) -> None:
+    def require_apps(self, *providers: Side) -> None:
         """ConfigError naming the missing OAuth application settings."""
-        missing = []
-        if "close" in providers and self.services.close_oauth() is None:
-            missing.append("CLOSE_CLIENT_ID and CLOSE_CLIENT_SECRET")
-        if "calendly" in providers and self.services.calendly_oauth() is None:
-            missing.append("CALENDLY_CLIENT_ID and CALENDLY_CLIENT_SECRET")
+        missing = [
+            p
+            for p in providers
+            if (self.services.close_oauth() if p == "close" else self.services.calendly_oauth())
+            is None
+        ]
         if missing:
-            raise ConfigError(
-                f"set {' and '.join(missing)} (the OAuth application's credentials) to connect"
-            )
+            raise _apps_missing(*missing)
 
     def start(self, purpose: Purpose, binding: str, name: str | None = None) -> str:
         """A new flow's first authorize URL: Close for a person, Calendly for an organization.
@@ -140,7 +103,7 @@ class Connector:
         presents it again can finish the flow. Both OAuth apps are checked for a personal flow,
         so a missing Calendly app is said now, not after the user approved Close.
         """
-        provider: Provider = "close" if purpose == "personal" else "calendly"
+        provider: Side = "close" if purpose == "personal" else "calendly"
         self.require_apps(*(("close", "calendly") if purpose == "personal" else ("calendly",)))
         flow = PendingFlow(
             provider=provider,
@@ -153,7 +116,7 @@ class Connector:
 
     # -- finishing ---------------------------------------------------------------------------
 
-    def callback(self, provider: Provider, params: dict[str, str], binding: str | None) -> Step:
+    def callback(self, provider: Side, params: dict[str, str], binding: str | None) -> Step:
         """Finish one step from the callback's query parameters and the caller's binding."""
         flow = self.states.take(params.get("state"))
         if flow is None or flow.provider != provider:
@@ -180,8 +143,8 @@ class Connector:
             if error == "access_denied":
                 raise FlowError(
                     "denied",
-                    f"You declined access to {_LABEL[provider]}. Nothing was stored; start again "
-                    "whenever you like.",
+                    f"You declined access to {SIDE_LABEL[provider]}. Nothing was stored; start "
+                    "again whenever you like.",
                 )
             if error in KNOWN_ERRORS:
                 said = f"answered {error}"
@@ -191,7 +154,7 @@ class Connector:
                 said = "sent no authorization code"
             raise FlowError(
                 "provider",
-                f"{_LABEL[provider]} {said}. Nothing was stored; please start again.",
+                f"{SIDE_LABEL[provider]} {said}. Nothing was stored; please start again.",
             )
         code = params["code"]
         if provider == "close":
@@ -200,19 +163,22 @@ class Connector:
 
     def _exchange(self, flow: PendingFlow, code: str) -> Grant:
         try:
+            answer: CloseToken | CalendlyToken
             if flow.provider == "close":
                 close = self.services.close_oauth()
-                self.require_apps("close")
-                answer: CloseToken | CalendlyToken = close.exchange_code(code, flow.redirect_uri)
+                if close is None:
+                    raise _apps_missing("close")
+                answer = close.exchange_code(code, flow.redirect_uri)
             else:
                 calendly = self.services.calendly_oauth()
-                self.require_apps("calendly")
+                if calendly is None:
+                    raise _apps_missing("calendly")
                 answer = calendly.exchange_code(code, flow.redirect_uri, flow.code_verifier)
         except GrantRevoked:
             self._revoke_pending(flow)
             raise FlowError(
                 "code",
-                f"The {_LABEL[flow.provider]} authorization code has expired or was already "
+                f"The {SIDE_LABEL[flow.provider]} authorization code has expired or was already "
                 "used. Nothing was stored; please start again.",
             ) from None
         except ApiError as error:
@@ -229,7 +195,7 @@ class Connector:
         except ApiError as error:
             self._revoke("close", grant)
             raise FlowError("provider", f"Close did not answer who you are: {error}") from None
-        if self.orgs.refs():
+        if self.orgs.credentials.refs():
             try:
                 connection = self.orgs.pair_close_user(me, grant, flow.name)
             except ApiError as error:
@@ -253,7 +219,7 @@ class Connector:
         if self.services.calendly_oauth() is None:
             self._revoke("close", grant)
             self.require_apps("calendly")
-        close_part = {"grant": _grant_fields(grant), "me": me.model_dump(mode="json")}
+        close_part = {"grant": grant.revealed(), "me": me.model_dump(mode="json")}
         nxt = PendingFlow(
             provider="calendly",
             purpose="personal",
@@ -338,7 +304,7 @@ class Connector:
                 "was stored.",
             )
         try:
-            ref = self.orgs.connect(organization_uri, user_uri, email, grant)
+            ref = self.orgs.credentials.connect(organization_uri, user_uri, email, grant)
         except OrganizationBusy as error:
             self._revoke("calendly", grant)  # not stored: the lock was never ours
             raise FlowError(
@@ -381,32 +347,5 @@ class Connector:
         if flow.close is not None:
             self._revoke("close", Grant.model_validate(flow.close["grant"]))
 
-    def _revoke(self, provider: Provider, grant: Grant) -> None:
+    def _revoke(self, provider: Side, grant: Grant) -> None:
         revoke_grant(self.services, provider, grant)
-
-
-def revoke_grant(services: Any, provider: Provider, grant: Grant) -> bool:
-    """Revoke a grant's tokens at the provider, best effort; whether every call succeeded."""
-    oauth = services.close_oauth() if provider == "close" else services.calendly_oauth()
-    if oauth is None or grant.kind != "oauth":
-        return False
-    ok = True
-    tokens = [grant.refresh_token, grant.access_token]
-    for token in (t for t in tokens if t is not None):
-        try:
-            oauth.revoke(token.get_secret_value())
-        except ApiError as error:
-            ok = False
-            log.warning("revoking a %s token failed: %s", _LABEL[provider], error)
-    return ok
-
-
-def step_json(step: Step) -> dict[str, Any]:
-    """A step as printed by `--json`: public fields only."""
-    value: dict[str, Any] = {"outcome": step.outcome, "message": step.message}
-    if step.connection is not None:
-        value["connection"] = step.connection.model_dump(mode="json")
-        value["id"] = step.connection.id
-    if step.outcome == "organization":
-        value["paired"] = step.paired
-    return value

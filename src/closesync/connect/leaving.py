@@ -10,18 +10,18 @@ credential is then forgotten too), never while other users still sync with it.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from closesync.connect.connector import revoke_grant
-from closesync.connect.organizations import Organizations
-from closesync.core.connection import Connection, Grants
-from closesync.core.mapping import parse_source_id
+from closesync.connect.deps import ConnectServices
+from closesync.connect.org_credentials import OrgCredentials
+from closesync.connect.revoke import revoke_grant
+from closesync.core.connection import Connection
+from closesync.core.mapping import is_our_link
 from closesync.core.retry import WaitBudget
 
 log = logging.getLogger(__name__)
 
 
-def delete_our_links(services: Any, connection: Connection) -> int:
+def delete_our_links(services: ConnectServices, connection: Connection) -> int:
     """Delete the THIRD_PARTY links of this app made for the connection's Calendly user."""
     clients = services.clients_for(
         connection, WaitBudget(services.settings.inline_wait_budget_seconds)
@@ -29,12 +29,7 @@ def delete_our_links(services: Any, connection: Connection) -> int:
     client_id = services.settings.close_client_id
     deleted = 0
     for link in clients.close.list_scheduling_links():
-        if link.source != "THIRD_PARTY" or not link.source_id:
-            continue
-        if client_id is not None and link.oauth_client_id not in (None, client_id):
-            continue
-        parsed = parse_source_id(link.source_id)
-        if parsed is None or parsed[0] != connection.calendly_user_uuid:
+        if not is_our_link(link, connection, client_id) or link.source_id is None:
             continue
         if clients.close.delete_link(link.source_id):
             deleted += 1
@@ -42,9 +37,9 @@ def delete_our_links(services: Any, connection: Connection) -> int:
     return deleted
 
 
-def revoke_connection(services: Any, connection: Connection) -> list[str]:
+def revoke_connection(services: ConnectServices, connection: Connection) -> list[str]:
     """Revoke the connection's grants at the providers; which sides were revoked."""
-    grants: Grants = services.connections.grants(connection.id)
+    grants = services.connections.grants(connection.id)
     revoked = []
     if revoke_grant(services, "close", grants.close):
         revoked.append("close")
@@ -53,7 +48,7 @@ def revoke_connection(services: Any, connection: Connection) -> list[str]:
         if revoke_grant(services, "calendly", grants.calendly):
             revoked.append("calendly")
         return revoked
-    orgs = Organizations(services)
+    orgs = OrgCredentials(services)
     others = [c for c in orgs.users(ref) if c.id != connection.id]
     if not others:
         if revoke_grant(services, "calendly", grants.calendly):

@@ -26,12 +26,12 @@ from urllib.parse import urlencode, urlsplit
 
 import redis
 
+from closesync.core.connection import Side
 from closesync.settings import Settings
 from closesync.store.client import guard
 from closesync.store.keys import Keys
 from closesync.store.secretbox import SecretBox
 
-Provider = Literal["close", "calendly"]
 # personal: a user connects their own accounts; organization: an owner or admin connects the
 # shared Calendly credential of their organization (`closesync.connect.organizations`).
 Purpose = Literal["personal", "organization"]
@@ -73,7 +73,7 @@ def pkce_pair() -> tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def redirect_uri(base_url: str, provider: Provider) -> str:
+def redirect_uri(base_url: str, provider: Side) -> str:
     """The callback URL of `provider` under `base_url` (PUBLIC_BASE_URL or a loopback)."""
     return f"{base_url.rstrip('/')}/oauth/{provider}/callback"
 
@@ -94,7 +94,7 @@ def calendly_authorize_endpoint(settings: Settings) -> str:
 
 
 def authorize_url(
-    settings: Settings, provider: Provider, state: str, callback: str, challenge: str | None
+    settings: Settings, provider: Side, state: str, callback: str, challenge: str | None
 ) -> str:
     """Where to send the user's browser to authorize `provider`."""
     if provider == "close":
@@ -121,12 +121,12 @@ def authorize_url(
 class PendingFlow:
     """One started authorization, as the callback will need it. Sealed in Redis: holds secrets."""
 
-    provider: Provider
+    provider: Side
     purpose: Purpose
     redirect_uri: str
     code_verifier: str | None = field(default=None, repr=False)
     # Close grant and user of the first step, waiting for the Calendly step (grant fields as
-    # `closesync.connection_store.grant_json` writes them). Never printed.
+    # `closesync.store.connections.grant_json` writes them). Never printed.
     close: dict[str, Any] | None = field(default=None, repr=False)
     # A name the user gave the connection when starting (`closesync connect --name`).
     name: str | None = None

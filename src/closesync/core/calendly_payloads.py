@@ -20,6 +20,11 @@ def uuid_of(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+def event_type_uri(api_url: str, uuid: str) -> str:
+    """The URI Calendly gives the event type `uuid` under the API at `api_url`."""
+    return f"{api_url.rstrip('/')}/event_types/{uuid}"
+
+
 class Profile(_Payload):
     """Who an event type belongs to: a User or a Team."""
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import secrets
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from closesync.core.calendly_payloads import User
 from closesync.core.close_payloads import Me
+
+# The two sides of a connection (and the two OAuth providers), with their names as users read them.
+Side = Literal["close", "calendly"]
+SIDE_LABEL: dict[Side, str] = {"close": "Close", "calendly": "Calendly"}
 
 
 class ConnectionState(StrEnum):
@@ -38,6 +42,15 @@ class Grant(BaseModel):
     refresh_token: SecretStr | None = None
     # Unix time (seconds) after which the access token is expired; None = does not expire.
     expires_at: float | None = None
+
+    def revealed(self) -> dict[str, Any]:
+        """The grant with its secrets in the clear: only ever handed to a SecretBox to seal."""
+        return {
+            "kind": self.kind,
+            "access_token": self.access_token.get_secret_value(),
+            "refresh_token": self.refresh_token.get_secret_value() if self.refresh_token else None,
+            "expires_at": self.expires_at,
+        }
 
     def expires_within(self, now: float, margin: float) -> bool:
         """Whether the access token expires before `now + margin`."""

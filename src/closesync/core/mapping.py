@@ -54,7 +54,8 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from closesync.core.calendly_payloads import EventType
-from closesync.core.close_payloads import LinkPayload
+from closesync.core.close_payloads import LinkPayload, SchedulingLink
+from closesync.core.connection import Connection
 
 # Below the sandbox's 255-character name limit (Close's real one is unknown): 55 of headroom.
 NAME_MAX = 200
@@ -132,6 +133,24 @@ def parse_source_id(source_id: str) -> tuple[str, str] | None:
     if sep and _is_path_safe(user_uuid) and _is_path_safe(event_type_uuid):
         return user_uuid, event_type_uuid
     return None
+
+
+def is_our_link(link: SchedulingLink, connection: Connection, close_client_id: str | None) -> bool:
+    """A link this OAuth application made for this connection's Calendly user.
+
+    The one definition of "ours": the sync adopts and deletes only such links, and so does
+    `connections remove --delete-links`. THIRD_PARTY, with a source_id of closesync's format for
+    this Calendly user, of this Close user (when Close says whose it is), and of our OAuth client
+    (when both Close and the settings name one).
+    """
+    if link.source != "THIRD_PARTY" or not link.source_id:
+        return False
+    if link.user_id is not None and link.user_id != connection.close_user_id:
+        return False
+    if close_client_id is not None and link.oauth_client_id not in (None, close_client_id):
+        return False
+    parsed = parse_source_id(link.source_id)
+    return parsed is not None and parsed[0] == connection.calendly_user_uuid
 
 
 def skip_reason_for(event_type: EventType, options: MappingOptions) -> SkipReason | None:

@@ -3,7 +3,7 @@
 Inputs are what mapping wants (`desired`), what closesync recorded after Close accepted earlier
 writes (`records`: per source_id the payload fingerprint and how many complete listings in a row
 have missed its event type), what the Calendly listing showed (`ListingFacts`) and, for links whose
-event type was missing from a complete listing, what a direct fetch said (`Verdict`).
+event type was missing from a complete listing, what a direct fetch said (`FetchVerdict`).
 
 The rules, all in `make_plan`:
 
@@ -47,7 +47,7 @@ class LinkRecord:
     missing: int = 0
 
 
-class Verdict(StrEnum):
+class FetchVerdict(StrEnum):
     """What a direct fetch of a missing event type showed."""
 
     GONE = "gone"  # 404, deleted_at set, or inactive: delete now
@@ -120,7 +120,7 @@ def make_plan(
     desired: Mapping[str, LinkPayload],
     records: Mapping[str, LinkRecord],
     facts: ListingFacts,
-    verdicts: Mapping[str, Verdict] | None = None,
+    verdicts: Mapping[str, FetchVerdict] | None = None,
     rejected: Mapping[str, str] | None = None,
     rule: MassDeleteRule | None = None,
     allow_mass_delete: bool = False,
@@ -159,7 +159,7 @@ def make_plan(
             plan.kept[source_id] = "event type could not be read or mapped"
         elif uuid in facts.listed_uuids:
             deletes.append(Deletion(source_id, uri, "event type listed but not synced"))
-        elif verdicts.get(source_id) is Verdict.GONE:
+        elif verdicts.get(source_id) is FetchVerdict.GONE:
             deletes.append(Deletion(source_id, uri, "event type gone"))
         elif record.missing + 1 >= MISSING_LISTINGS_BEFORE_DELETE:
             deletes.append(Deletion(source_id, uri, "missing from two complete listings"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Verdict:
+class RateVerdict:
     """The outcome for the tightest bucket; `reset` is seconds until its window ends."""
 
     allowed: bool
@@ -29,7 +29,9 @@ class FixedWindowLimiter:
     def __init__(self) -> None:
         self._used: dict[Hashable, tuple[float, int]] = {}
 
-    def hit(self, buckets: Sequence[tuple[Hashable, int]], window: float, now: float) -> Verdict:
+    def hit(
+        self, buckets: Sequence[tuple[Hashable, int]], window: float, now: float
+    ) -> RateVerdict:
         """Spend one request from each (key, limit) bucket if all have room."""
         start = math.floor(now / window) * window
         reset = max(start + window - now, 0.0)
@@ -45,7 +47,7 @@ class FixedWindowLimiter:
                 self._used[key] = (start, used + 1)
             states = [(key, limit, used + 1) for key, limit, used in states]
         _, limit, used = min(states, key=lambda state: state[1] - state[2])
-        return Verdict(allowed, limit, max(limit - used, 0), reset)
+        return RateVerdict(allowed, limit, max(limit - used, 0), reset)
 
     def reset(self) -> None:
         """Forget every count."""
@@ -63,7 +65,7 @@ def retry_after(seconds: float) -> int:
     return max(1, math.ceil(seconds - 1e-9))
 
 
-def close_header(verdict: Verdict) -> str:
+def close_header(verdict: RateVerdict) -> str:
     """Close's `RateLimit` header value."""
     return (
         f"limit={verdict.limit}, remaining={verdict.remaining}, "
@@ -71,7 +73,7 @@ def close_header(verdict: Verdict) -> str:
     )
 
 
-def calendly_headers(verdict: Verdict) -> dict[str, str]:
+def calendly_headers(verdict: RateVerdict) -> dict[str, str]:
     """Calendly's `X-RateLimit-*` headers; Reset is whole seconds until the window ends."""
     return {
         "X-RateLimit-Limit": str(verdict.limit),

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from closesync.sandbox.faults import FaultBook, FaultRule, fault_response, random_error
-from closesync.sandbox.ratelimit import FixedWindowLimiter, Verdict
+from closesync.sandbox.ratelimit import FixedWindowLimiter, RateVerdict
 from closesync.sandbox.routing import Response
 
 
@@ -63,7 +63,7 @@ class TrafficBook:
                 return random_error(api, self.fault_rng.choice((500, 502, 503)))
             return None
 
-    def hit_rate(self, buckets: list[tuple[Any, int]], window: float) -> Verdict:
+    def hit_rate(self, buckets: list[tuple[Any, int]], window: float) -> RateVerdict:
         """Spend one request from rate-limit buckets (see ratelimit.py)."""
         with self.lock:
             return self.limiter.hit(buckets, window, self.now())

@@ -6,43 +6,36 @@ record; the grants sit under their own key, sealed, and are opened only by `gran
 
 from __future__ import annotations
 
-import builtins
 import json
 import time
 from collections.abc import Callable
-from typing import Any, Literal
 
 import redis
 
-from closesync.core.connection import Connection, ConnectionOptions, ConnectionState, Grant, Grants
-from closesync.core.errors import ConnectionNotFound, EncryptionError
+from closesync.core.connection import (
+    Connection,
+    ConnectionOptions,
+    ConnectionState,
+    Grant,
+    Grants,
+    Side,
+)
+from closesync.core.errors import ConnectionNotFound
 from closesync.store.client import guard
 from closesync.store.keys import Keys, as_text, watched
-from closesync.store.secretbox import PLAIN_PREFIX, FernetBox, SecretBox
-
-Side = Literal["close", "calendly"]
-
-
-def _grant_dict(grant: Grant) -> dict[str, Any]:
-    """One grant with its secrets revealed: only ever handed to a SecretBox."""
-    return {
-        "kind": grant.kind,
-        "access_token": grant.access_token.get_secret_value(),
-        "refresh_token": (grant.refresh_token.get_secret_value() if grant.refresh_token else None),
-        "expires_at": grant.expires_at,
-    }
+from closesync.store.secretbox import SecretBox
 
 
 def _grants_json(grants: Grants) -> bytes:
     """Grants with their secrets revealed: only ever handed to a SecretBox."""
     return json.dumps(
-        {"close": _grant_dict(grants.close), "calendly": _grant_dict(grants.calendly)}
+        {"close": grants.close.revealed(), "calendly": grants.calendly.revealed()}
     ).encode()
 
 
 def grant_json(grant: Grant) -> bytes:
     """One grant with its secrets revealed: only ever handed to a SecretBox."""
-    return json.dumps(_grant_dict(grant)).encode()
+    return json.dumps(grant.revealed()).encode()
 
 
 def _not_found(conn_id: str) -> ConnectionNotFound:
@@ -70,7 +63,7 @@ class ConnectionStore:
         ref = connection.calendly_grant_ref
         if ref is None or not self.redis.exists(self.keys.calendly_org_grant(ref)):
             raise ValueError("save_shared needs a stored shared Calendly grant to refer to")
-        own = json.dumps({"close": _grant_dict(close), "calendly_ref": ref}).encode()
+        own = json.dumps({"close": close.revealed(), "calendly_ref": ref}).encode()
         self._save(connection, self.box.seal(own))
 
     def _save(self, connection: Connection, sealed_grants: str) -> None:
@@ -232,72 +225,3 @@ class ConnectionStore:
             pipe.execute()
         if raw is None:
             raise _not_found(conn_id)
-
-    @guard("re-encrypting grants")
-    def sealed_keys(self) -> builtins.list[str]:
-        """Every key holding a sealed grant.
-
-        Connections' grants, the shared organization credentials and the grants of Close users
-        waiting for a Calendly match; an OAuth flow under way lives minutes and is left to expire.
-        """
-        sealed_keys = [
-            self.keys.grants(as_text(m)) for m in self.redis.smembers(self.keys.connections())
-        ]
-        sealed_keys += [
-            self.keys.calendly_org_grant(as_text(m))
-            for m in self.redis.smembers(self.keys.calendly_orgs())
-        ]
-        sealed_keys += [
-            self.keys.waiting_close_grant(as_text(f))
-            for f in self.redis.hkeys(self.keys.waiting_close())
-        ]
-        return sorted(sealed_keys)
-
-    @guard("re-encrypting stored grants")
-    def rotate_keys(self, box: FernetBox) -> int:
-        """Re-seal every stored grant under `box`'s first key; how many were re-sealed.
-
-        A value no configured key opens is left as it is (and found by `check_keys`), so that
-        one bad value does not stop the rotation of all the others.
-        """
-        count = 0
-        for key in self.sealed_keys():
-
-            def apply(pipe: redis.client.Pipeline, key: str = key) -> bool:
-                sealed = pipe.get(key)
-                if sealed is None:
-                    return False
-                rotated = box.rotate(as_text(sealed))
-                pipe.multi()
-                pipe.set(key, rotated)
-                return True
-
-            try:
-                if watched(self.redis, key, apply):
-                    count += 1
-            except EncryptionError:
-                continue
-        return count
-
-    @guard("checking stored grants")
-    def check_keys(self, box: FernetBox, first: FernetBox) -> dict[str, int]:
-        """How many sealed grants open with the first key alone, need an older key, are stored
-        unencrypted (sandbox, before any key was set), or open with no configured key."""
-        counts = {"current": 0, "older_key": 0, "unencrypted": 0, "unreadable": 0}
-        for key in self.sealed_keys():
-            sealed = self.redis.get(key)
-            if sealed is None:
-                continue
-            if as_text(sealed).startswith(PLAIN_PREFIX):
-                counts["unencrypted"] += 1
-                continue
-            for name, candidate in (("current", first), ("older_key", box)):
-                try:
-                    candidate.open(as_text(sealed))
-                except EncryptionError:
-                    continue
-                counts[name] += 1
-                break
-            else:
-                counts["unreadable"] += 1
-        return counts

@@ -20,15 +20,9 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from closesync.apis.calendly.client import CalendlyClient
-from closesync.apis.close.client import CloseClient
-from closesync.apis.credentials import TokenKeeper
-from closesync.apis.http import ApiHttp
 from closesync.core.connection import Connection, ConnectionState
 from closesync.core.errors import (
     AuthFailed,
@@ -40,59 +34,13 @@ from closesync.core.errors import (
     RunLocked,
     StoreUnavailable,
 )
-from closesync.core.mapping import MappingOptions
-from closesync.core.plan import MassDeleteRule
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.store.connections import ConnectionStore
 from closesync.store.sync_state import SyncState
+from closesync.sync.parts import Clients, EngineConfig, LockHandle, Progress
+from closesync.sync.run import ConnectionRun
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
-
-
-@dataclass
-class Clients:
-    """The API clients of one connection's run, sharing its wait budget and call counters."""
-
-    calendly: CalendlyClient
-    close: CloseClient
-    calendly_http: ApiHttp
-    close_http: ApiHttp
-    calendly_tokens: TokenKeeper
-    close_tokens: TokenKeeper
-
-    def api_calls(self) -> dict[str, int]:
-        """Calls made so far, per `api METHOD endpoint`."""
-        calls: dict[str, int] = {}
-        for name, http in (("calendly", self.calendly_http), ("close", self.close_http)):
-            for group, count in http.calls_by_endpoint.items():
-                calls[f"{name} {group}"] = count
-        return calls
-
-
-class LockHandle(Protocol):
-    """What a held run lock offers the run: `held()` is False once it can no longer be trusted."""
-
-    def held(self) -> bool: ...
-
-
-class LockLost(RunLocked):
-    """The run lock expired or was taken while the run lasted; the run stops writing."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """What the engine needs of the settings."""
-
-    mapping: MappingOptions
-    mass_delete: MassDeleteRule
-    reports_kept: int = 20
-    run_lock_ttl: int = 30
-    # Our OAuth application's id, to recognise our links in Close (None: any THIRD_PARTY link
-    # whose source_id has closesync's format for this Calendly user).
-    close_client_id: str | None = None
-    calendly_api_url: str = "https://api.calendly.com"
 
 
 class SyncEngine:
@@ -130,8 +78,6 @@ class SyncEngine:
         parses) ends up in the report as a failure, never raised; only an error that prevents
         even reading the connection or storing the report is raised.
         """
-        from closesync.sync.run import ConnectionRun
-
         connection = self.connections.get(connection_id)
         report = RunReport(
             connection_id=connection_id, mode=mode, dry_run=dry_run, started_at=self.clock()
@@ -168,7 +114,7 @@ class SyncEngine:
         self,
         connection: Connection,
         report: RunReport,
-        run: Any,
+        run: ConnectionRun,
         body: Callable[[], None],
         *,
         keep: bool,

@@ -9,30 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from closesync.apis.calendly.client import EventTypeListing
 from closesync.apis.credentials import TokenKeeper
-from closesync.core.calendly_payloads import uuid_of
+from closesync.core.calendly_payloads import event_type_uri, uuid_of
 from closesync.core.close_payloads import LinkPayload, SchedulingLink
 from closesync.core.connection import Connection
 from closesync.core.errors import ApiError, AuthFailed, GrantRevoked, NotFound, Rejected
-from closesync.core.mapping import MappingOptions, fingerprint, map_event_types, parse_source_id
+from closesync.core.mapping import (
+    MappingOptions,
+    fingerprint,
+    is_our_link,
+    map_event_types,
+    parse_source_id,
+)
 from closesync.core.plan import (
     CONNECTION_ID,
+    FetchVerdict,
     LinkRecord,
     ListingFacts,
     Plan,
-    Verdict,
     describe,
     make_plan,
     missing_from_listing,
 )
 from closesync.core.report import RunMode, RunReport
 from closesync.store.sync_state import BackfillProgress
-
-if TYPE_CHECKING:
-    from closesync.sync.engine import Clients, LockHandle, Progress, SyncEngine
+from closesync.sync.parts import Clients, LockHandle, LockLost, Progress, RunDeps
 
 T = TypeVar("T")
 
@@ -42,7 +46,7 @@ class ConnectionRun:
 
     def __init__(
         self,
-        engine: SyncEngine,
+        engine: RunDeps,
         connection: Connection,
         report: RunReport,
         lock: LockHandle | None,
@@ -168,7 +172,7 @@ class ConnectionRun:
             else overrides.include_one_off,
         )
 
-    def _verdict(self, record: LinkRecord) -> Verdict:
+    def _verdict(self, record: LinkRecord) -> FetchVerdict:
         """A direct fetch of an event type missing from a complete listing."""
         uuid = uuid_of(record.event_type_uri)
         try:
@@ -176,49 +180,37 @@ class ConnectionRun:
                 self.clients.calendly_tokens, lambda: self.clients.calendly.get_event_type(uuid)
             )
         except NotFound:
-            return Verdict.GONE
+            return FetchVerdict.GONE
         except AuthFailed:
             raise
         except ApiError:
-            return Verdict.UNKNOWN
+            return FetchVerdict.UNKNOWN
         if event_type.deleted_at is not None or not event_type.active:
-            return Verdict.GONE
-        return Verdict.EXISTS
+            return FetchVerdict.GONE
+        return FetchVerdict.EXISTS
 
     def _records_from_close(self) -> dict[str, LinkRecord]:
         """Rebuild the records from the links Close holds (backfill, drift), and store them."""
         state = self.engine.state
         links = self._authed(self.clients.close_tokens, self.clients.close.list_scheduling_links)
         previous = state.records(self.connection.id)
-        base = self.engine.config.calendly_api_url.rstrip("/")
+        api_url = self.engine.config.calendly_api_url
         records: dict[str, LinkRecord] = {}
         for link in links:
-            if not self._is_ours(link):
+            if not is_our_link(link, self.connection, self.engine.config.close_client_id):
                 continue
-            assert link.source_id is not None  # noqa: S101 - _is_ours checked it
+            assert link.source_id is not None  # noqa: S101 - is_our_link checked it
             parsed = parse_source_id(link.source_id)
-            assert parsed is not None  # noqa: S101 - _is_ours checked it
+            assert parsed is not None  # noqa: S101 - is_our_link checked it
             old = previous.get(link.source_id)
             records[link.source_id] = LinkRecord(
                 fingerprint=fingerprint(_payload_of(link)),
-                event_type_uri=old.event_type_uri if old else f"{base}/event_types/{parsed[1]}",
+                event_type_uri=(old.event_type_uri if old else event_type_uri(api_url, parsed[1])),
                 missing=old.missing if old else 0,
             )
         if not self.report.dry_run:
             state.replace_records(self.connection.id, records)
         return records
-
-    def _is_ours(self, link: SchedulingLink) -> bool:
-        """A link this OAuth application made for this connection's Calendly user."""
-        if link.source != "THIRD_PARTY" or not link.source_id:
-            return False
-        if link.user_id is not None and link.user_id != self.connection.close_user_id:
-            return False
-        client_id = self.engine.config.close_client_id
-        if client_id is not None and link.oauth_client_id not in (None, client_id):
-            return False
-        parsed = parse_source_id(link.source_id)
-        return parsed is not None and parsed[0] == self.connection.calendly_user_uuid
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -284,8 +276,6 @@ class ConnectionRun:
         )
 
     def _check_lock(self) -> None:
-        from closesync.sync.engine import LockLost
-
         if self.lock is not None and not self.lock.held():
             raise LockLost("the run lock was lost; stopping before the next write")
 
@@ -319,8 +309,7 @@ class ConnectionRun:
 
 def _event_type_uri(run: ConnectionRun, source_id: str) -> str:
     parsed = parse_source_id(source_id)
-    uuid = parsed[1] if parsed else source_id
-    return f"{run.engine.config.calendly_api_url.rstrip('/')}/event_types/{uuid}"
+    return event_type_uri(run.engine.config.calendly_api_url, parsed[1] if parsed else source_id)
 
 
 def _payload_of(link: SchedulingLink) -> LinkPayload:

@@ -30,9 +30,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from closesync.connect.connector import Connector, FlowError
+from closesync.connect.connector import Connector
 from closesync.connect.oauth_flow import STATE_TTL_SECONDS, Purpose, new_binding
+from closesync.connect.steps import FlowError, Step
 from closesync.core.errors import CloseSyncError, ConfigError
+from closesync.wiring.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def redirect(url: str) -> Response:
 class WebApp:
     """Routes of the web process; holds no per-user state of its own (it is all in Redis)."""
 
-    def __init__(self, services: Any, base_url: str | None = None) -> None:
+    def __init__(self, services: Services, base_url: str | None = None) -> None:
         self.services = services
         base = base_url or services.settings.public_base_url
         self.connector = Connector(services, base)
@@ -139,8 +141,8 @@ class WebApp:
         secure = "; Secure" if self.secure_cookie else ""
         return f"{FLOW_COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
 
-    def _step(self, step: Any) -> Response:
-        if step.outcome == "next":
+    def _step(self, step: Step) -> Response:
+        if step.next_url is not None:
             return redirect(step.next_url)
         titles = {
             "connected": "Connected",
@@ -207,7 +209,7 @@ class WebServer(ThreadingHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
-        services: Any,
+        services: Services,
         base_url: str | None = None,
         request_timeout: float = REQUEST_TIMEOUT_SECONDS,
     ):

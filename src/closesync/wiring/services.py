@@ -25,13 +25,15 @@ from closesync.core.mapping import MappingOptions
 from closesync.core.plan import MassDeleteRule
 from closesync.core.retry import WaitBudget
 from closesync.settings import Settings, load_settings
-from closesync.store.client import connect, embedded
+from closesync.store.client import connect
 from closesync.store.connections import ConnectionStore
+from closesync.store.embedded import embedded
 from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock, hold
 from closesync.store.secretbox import SecretBox, box_from_settings
 from closesync.store.sync_state import SyncState
-from closesync.sync.engine import Clients, EngineConfig, LockHandle, SyncEngine
+from closesync.sync.engine import SyncEngine
+from closesync.sync.parts import Clients, EngineConfig, LockHandle
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

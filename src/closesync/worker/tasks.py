@@ -50,7 +50,7 @@ MAX_LOCKED_RETRIES = 20
 
 
 @dataclass(frozen=True)
-class Verdict:
+class RetryVerdict:
     """What to do after a run: retry after `countdown` seconds, or not."""
 
     retry: bool
@@ -58,27 +58,27 @@ class Verdict:
     reason: str = ""
 
 
-def verdict(report: RunReport, retries: int, rand: Random) -> Verdict:
+def retry_verdict(report: RunReport, retries: int, rand: Random) -> RetryVerdict:
     """Retry or give up, from the report of a run that was the `retries`-th retry."""
     if report.outcome is Outcome.SKIPPED and report.failure == "locked":
         # A sync asked the holder to run once more; a backfill or drift check must run itself.
         if report.mode is RunMode.SYNC or retries >= MAX_LOCKED_RETRIES:
-            return Verdict(False, reason="another run holds the connection")
-        return Verdict(True, rate_limit_delay(LOCKED_RETRY_SECONDS, rand), "connection busy")
+            return RetryVerdict(False, reason="another run holds the connection")
+        return RetryVerdict(True, rate_limit_delay(LOCKED_RETRY_SECONDS, rand), "connection busy")
     if report.outcome is not Outcome.FAILED:
-        return Verdict(False, reason=report.outcome.value)
+        return RetryVerdict(False, reason=report.outcome.value)
     if report.failure == "rate_limited":
         if retries >= MAX_RATE_LIMIT_RETRIES:
-            return Verdict(False, reason="rate limited too often; the next tick tries again")
+            return RetryVerdict(False, reason="rate limited too often; the next tick tries again")
         wait = report.retry_after if report.retry_after is not None else 1.0
-        return Verdict(True, rate_limit_delay(wait, rand), "rate limited")
+        return RetryVerdict(True, rate_limit_delay(wait, rand), "rate limited")
     if report.failure == "transient":
         if retries >= MAX_TRANSIENT_RETRIES:
-            return Verdict(False, reason="transient errors persist; the next tick tries again")
-        return Verdict(True, transient_delay(retries, rand), "transient error")
+            return RetryVerdict(False, reason="transient errors persist; the next tick tries again")
+        return RetryVerdict(True, transient_delay(retries, rand), "transient error")
     # auth (connection now needs_reauth), forbidden, rejected, locked, error: a retry would
     # meet the same answer. The report holds the cause for `closesync status`.
-    return Verdict(False, reason=report.failure or "failed")
+    return RetryVerdict(False, reason=report.failure or "failed")
 
 
 # --- services, one set per worker process ---------------------------------------------------------
@@ -152,7 +152,7 @@ def pair_organizations(services: Services) -> int:
     from closesync.connect.organizations import Organizations
 
     organizations = Organizations(services)
-    if not organizations.refs():
+    if not organizations.credentials.refs():
         return 0
     try:
         paired = organizations.pair_waiting()
@@ -196,7 +196,7 @@ def run_connection(task: Task[Any, Any], connection_id: str, mode: RunMode) -> s
             # The engine released the lock on the way out; what was written stays recorded.
             log.warning("run stopped by the soft time limit; resuming shortly")
             raise task.retry(countdown=RESUME_AFTER_SECONDS, max_retries=None) from None
-        decision = verdict(report, task.request.retries, random.random)
+        decision = retry_verdict(report, task.request.retries, random.random)
         if decision.retry:
             log.info(
                 "retrying in %.1f s: %s",

@@ -1,0 +1,67 @@
+"""Calendly organization mode, the waiting room: Close users who authorized before their match.
+
+A Close user whose email matches no member yet waits, their Close grant sealed, until a later
+pairing pass (after an organization connects, or the daily drift check) finds one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from redis import Redis
+
+from closesync.core.close_payloads import Me
+from closesync.core.connection import Grant
+from closesync.store.client import guard
+from closesync.store.connections import grant_json
+from closesync.store.keys import Keys
+from closesync.store.secretbox import SecretBox
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A Close user who authorized but matches no Calendly member yet."""
+
+    close_user_id: str
+    email: str | None
+    organization_id: str | None
+    at: float
+
+
+class WaitingRoom:
+    """The Close users waiting for a Calendly member of their email."""
+
+    def __init__(self, redis: Redis, keys: Keys, box: SecretBox) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.box = box
+
+    @guard("remembering a Close user waiting for a Calendly match")
+    def wait(self, me: Me, grant: Grant) -> None:
+        entry = {"email": me.email, "organization_id": me.organization_id, "at": time.time()}
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.waiting_close(), me.id, json.dumps(entry))
+            pipe.set(self.keys.waiting_close_grant(me.id), self.box.seal(grant_json(grant)))
+            pipe.execute()
+
+    @guard("reading the Close users waiting for a match")
+    def waiting(self) -> list[Waiting]:
+        raw = self.redis.hgetall(self.keys.waiting_close())
+        return sorted(
+            (Waiting(close_user_id=str(uid), **json.loads(v)) for uid, v in raw.items()),
+            key=lambda w: (w.at, w.close_user_id),
+        )
+
+    @guard("reading a waiting Close user's grant")
+    def grant(self, close_user_id: str) -> Grant | None:
+        sealed = self.redis.get(self.keys.waiting_close_grant(close_user_id))
+        return None if sealed is None else Grant.model_validate_json(self.box.open(str(sealed)))
+
+    @guard("forgetting a waiting Close user")
+    def unwait(self, close_user_id: str) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.waiting_close(), close_user_id)
+            pipe.delete(self.keys.waiting_close_grant(close_user_id))
+            pipe.execute()
