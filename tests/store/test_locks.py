@@ -118,3 +118,49 @@ def test_lock_held_turns_false_once_ttl_passed_without_renewal(redis_client: red
     assert lock.held() is True
     assert wait_until(lambda: not lock.held())
     assert lock.lost.is_set() is False
+
+
+def test_lock_ttl_under_one_millisecond_raises_value_error(redis_client: redis.Redis) -> None:
+    """A TTL that would reach Redis as 0 ms is refused before any command is sent."""
+    with pytest.raises(ValueError, match="at least 1 ms"):
+        RedisLock(redis_client, KEY, 0.0004)
+    assert redis_client.get(KEY) is None
+
+
+def test_lock_release_twice_second_returns_false(redis_client: redis.Redis) -> None:
+    """A lock released once neither releases nor renews again, nor touches the next holder."""
+    lock = RedisLock(redis_client, KEY, 10)
+    assert lock.acquire()
+    assert lock.release() is True
+    successor = RedisLock(redis_client, KEY, 10)
+    assert successor.acquire()
+    assert lock.release() is False
+    assert lock.renew() is False
+    assert redis_client.get(KEY) == successor.token
+
+
+def test_lock_on_bytes_client_token_round_trips(redis_url: str) -> None:
+    """On a client without decode_responses the token is stored, renewed and released as bytes."""
+    client = redis.Redis.from_url(redis_url, decode_responses=False)
+    try:
+        client.delete(KEY)
+        lock = RedisLock(client, KEY, 10)
+        assert lock.acquire()
+        assert client.get(KEY) == lock.token.encode()
+        assert RedisLock(client, KEY, 10).release() is False
+        client.pexpire(KEY, 500)
+        assert lock.renew() is True
+        assert client.pttl(KEY) > 5_000
+        assert lock.release() is True
+        assert client.get(KEY) is None
+    finally:
+        client.close()
+
+
+def test_hold_lock_deleted_by_someone_else_sets_lost(redis_client: redis.Redis) -> None:
+    """A lock deleted under its holder is reported lost, and exit creates or deletes nothing."""
+    with hold(redis_client, KEY, ttl=5, renew_every=0.02) as lock:
+        redis_client.delete(KEY)
+        assert lock.lost.wait(2.0)
+        assert lock.held() is False
+    assert redis_client.exists(KEY) == 0

@@ -1,10 +1,17 @@
 """Redis locks that expire: the per-connection run lock, the token refresh lock, the leader lock.
 
-A lock is a key holding the holder's random token, set with NX and a TTL in milliseconds. Renewal
-and release are Lua scripts that act only while the key still holds our token, so a process whose
-lock expired (a long GC pause, a partition) can never extend or delete the lock that someone else
-took since. A holder that crashes stops renewing; the key expires and another process may take it
-within the TTL (decisions.md: at most 60 s for the run lock).
+Built on redis-py's own `redis.lock.Lock`, a maintained implementation of the usual recipe, rather
+than on Lua scripts of closesync's own: a lock is a key holding the holder's random token, set with
+NX and a TTL in milliseconds, and renewal and release are Lua scripts that act only while the key
+still holds our token. So a process whose lock expired (a long GC pause, a partition) can never
+extend or delete the lock that someone else took since. A holder that crashes stops renewing; the
+key expires and another process may take it within the TTL (decisions.md: at most 60 s for the
+run lock).
+
+What `RedisLock` adds to redis-py's Lock: `held()`, which knows until when the lock is surely still
+ours; `renew()` and `release()` answering False instead of raising LockError when the lock is not
+ours; `acquire_wait()`, a wait that can be cancelled; and `hold()`, which renews the lock from a
+thread while a block runs.
 
 What a lock cannot do: stop a holder that lost it from continuing its work. `hold()` sets `lost`
 when a renewal finds the lock gone, and long work should check it between steps.
@@ -20,25 +27,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from closesync.core.errors import RunLocked
 from closesync.store.client import guard
 
 log = logging.getLogger(__name__)
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 # Seconds between two attempts of `acquire_wait`: first short, doubling up to the cap. See there.
 _POLL_FIRST = 0.01
@@ -49,36 +44,43 @@ class RedisLock:
     """One lock on `key`, held for `ttl_seconds` unless renewed. Not reentrant."""
 
     def __init__(self, redis: redis.Redis, key: str, ttl_seconds: float) -> None:
-        if ttl_seconds <= 0:
-            raise ValueError(f"a lock TTL must be positive, not {ttl_seconds}")
+        # redis-py sends the TTL as int(seconds * 1000) milliseconds; 0 ms would be refused by
+        # SET (and delete the key in PEXPIRE), so a TTL under 1 ms is refused here.
+        if int(ttl_seconds * 1000) < 1:
+            raise ValueError(f"a lock TTL must be at least 1 ms, not {ttl_seconds} s")
         self.redis = redis
         self.key = key
         self.ttl_seconds = ttl_seconds
+        # One token for the lifetime of this object, so the leader lock, released or lost and
+        # taken again, always holds the same one; redis-py would otherwise draw a new UUID.
         self.token = secrets.token_hex(16)
         # Set by `hold()`'s renewer when the lock was found taken or expired.
         self.lost = threading.Event()
         # Monotonic time until which the lock is surely still ours: the TTL counted from before
         # the last successful SET/renewal was sent, less a margin for clock drift.
         self.valid_until = 0.0
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        # thread_local=False: `hold()` acquires in one thread and renews in another, and the
+        # scheduler creates its leader lock in one thread and uses it in another; with redis-py's
+        # default each thread would see only the token it set itself, i.e. none.
+        self._lock = Lock(redis, key, timeout=ttl_seconds, blocking=False, thread_local=False)
 
     @property
-    def _ttl_ms(self) -> int:
-        return max(1, round(self.ttl_seconds * 1000))
+    def _ttl_sent(self) -> float:
+        """The TTL in seconds as redis-py sends it: truncated to whole milliseconds."""
+        return int(self.ttl_seconds * 1000) / 1000
 
     @guard("taking a lock")
     def acquire(self) -> bool:
         """Take the lock if it is free; never waits."""
         sent = time.monotonic()
-        taken = bool(self.redis.set(self.key, self.token, nx=True, px=self._ttl_ms))
+        taken = bool(self._lock.acquire(blocking=False, token=self.token))
         if taken:
             self._valid_from(sent)
         return taken
 
     def _valid_from(self, sent: float) -> None:
         margin = min(1.0, self.ttl_seconds / 10)
-        self.valid_until = sent + self.ttl_seconds - margin
+        self.valid_until = sent + self._ttl_sent - margin
 
     def held(self) -> bool:
         """Whether the lock is surely still ours: not found lost, and within its TTL.
@@ -97,6 +99,9 @@ class RedisLock:
         locks waited on (token refresh) are held for about one HTTP call, so a poll starting at
         10 ms and capped at 100 ms answers promptly for a few cheap commands. `cancel` ends the
         wait early (returns False).
+
+        Not redis-py's blocking acquire: it sleeps a fixed interval with `time.sleep`, which no
+        event can interrupt, so a cancelled wait would still sleep out its interval.
         """
         deadline = time.monotonic() + timeout
         pause = _POLL_FIRST
@@ -113,15 +118,28 @@ class RedisLock:
     def renew(self) -> bool:
         """Reset the TTL if the lock is still ours; False if it expired or someone else holds it."""
         sent = time.monotonic()
-        renewed = bool(self._renew(keys=[self.key], args=[self.token, self._ttl_ms]))
-        if renewed:
-            self._valid_from(sent)
-        return renewed
+        try:
+            # reacquire() sets the TTL back to the full timeout, exactly what closesync's own
+            # renewal script did; extend(replace_ttl=True) would too, but also refuses a key
+            # left without a TTL.
+            self._lock.reacquire()
+        except LockError:
+            # LockNotOwnedError: the key is gone or holds another token. LockError: never taken,
+            # or released. Caught here, since LockError is a RedisError that `guard` would turn
+            # into StoreUnavailable.
+            return False
+        self._valid_from(sent)
+        return True
 
     @guard("releasing a lock")
     def release(self) -> bool:
         """Delete the lock if it is still ours; False (and nothing deleted) otherwise."""
-        return bool(self._release(keys=[self.key], args=[self.token]))
+        try:
+            self._lock.release()
+        except LockError:
+            # As in renew(): not ours, or never taken / already released.
+            return False
+        return True
 
 
 def _renew_until(lock: RedisLock, every: float, stop: threading.Event) -> None:
