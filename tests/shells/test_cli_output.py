@@ -1,0 +1,125 @@
+"""The CLI's human output (tables), with and without a terminal."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from closesync.cli.common import print_table
+
+# An id longer than a narrow terminal, and values wider than rich's default 80 columns.
+LONG_ID = "conn_" + "0123456789ab" * 4
+WIDE = "https://api.calendly.com/users/" + "f" * 120
+ESCAPE = "\x1b"
+# An SGR sequence setting a foreground or background colour (bold, reset etc. are not colour).
+_SGR = re.compile(r"\x1b\[([0-9;]*)m")
+
+
+def _colours(text: str) -> list[str]:
+    """Every colour parameter of every SGR sequence in text."""
+    found = []
+    for params in _SGR.findall(text):
+        for param in params.split(";"):
+            if param and (30 <= int(param) <= 49 or 90 <= int(param) <= 107):
+                found.append(param)
+    return found
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich decides from the environment too: take out whatever a CI runner may have set."""
+    for name in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS"):
+        monkeypatch.delenv(name, raising=False)
+    # A CI runner's TERM may be "dumb", where rich draws neither colours nor live displays.
+    monkeypatch.setenv("TERM", "xterm-256color")
+
+
+@pytest.fixture
+def terminal_env(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make rich treat the captured stdout as a 200-column terminal."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def _table() -> tuple[list[str], list[list[object]]]:
+    return (
+        ["ID", "NAME", "STATE", "CALENDLY USER", "OUTCOME"],
+        [
+            [LONG_ID, "Sales [EU] :smile:", "active", WIDE, "ok"],
+            ["conn_aa", None, "needs_reauth", "", "failed"],
+        ],
+    )
+
+
+def test_print_table_not_a_terminal_plain_lines_with_every_id_in_full(
+    clean_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Piped: a header line and one line per row, no escapes, nothing wrapped, cut or padded."""
+    print_table(*_table())
+    out = capsys.readouterr().out
+    assert ESCAPE not in out
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert lines[0].split() == ["ID", "NAME", "STATE", "CALENDLY", "USER", "OUTCOME"]
+    assert lines[1].split("  ")[0] == LONG_ID
+    assert WIDE in lines[1]
+    # Markup-looking names are printed as they are, empty cells as '-'.
+    assert "Sales [EU] :smile:" in lines[1]
+    assert lines[2].split() == ["conn_aa", "-", "needs_reauth", "-", "failed"]
+    assert all(line == line.rstrip() for line in lines)
+    # The columns stay aligned, so `awk`/`cut` on the text see the same column at one offset.
+    assert lines[0].index("STATE") == lines[1].index("active") == lines[2].index("needs_reauth")
+
+
+def test_print_table_not_a_terminal_keeps_the_two_space_layout(
+    clean_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Piped output is the layout scripts were written against: columns two spaces apart."""
+    print_table(["ID", "STATE"], [["conn_1", "active"], ["conn_22", "paused"]])
+    assert capsys.readouterr().out == ("ID       STATE\nconn_1   active\nconn_22  paused\n")
+
+
+def test_print_table_narrow_terminal_folds_other_columns_and_keeps_the_id_whole(
+    terminal_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a narrow terminal the other columns fold (nothing is cut); the id stays on one line."""
+    monkeypatch.setenv("COLUMNS", "60")
+    print_table(["ID", "NAME", "CALENDLY USER"], [["conn_0123456789ab", "Sales team", WIDE]])
+    plain = _SGR.sub("", capsys.readouterr().out)
+    assert all(len(line) <= 60 for line in plain.splitlines())
+    assert plain.splitlines()[2].split()[0] == "conn_0123456789ab"
+    # Folded, not cut: all 120 f of the wide value are still there.
+    assert plain.count("f") == 120
+
+
+def test_print_table_no_color_terminal_has_no_colour_codes(
+    terminal_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NO_COLOR turns the state colours off on a terminal (the same table has them without it)."""
+    print_table(*_table())
+    coloured = capsys.readouterr().out
+    assert "\x1b[32mactive" in coloured
+    assert "\x1b[31mneeds_reauth" in coloured
+    assert "\x1b[32mok" in coloured
+    monkeypatch.setenv("NO_COLOR", "1")
+    print_table(*_table())
+    out = capsys.readouterr().out
+    assert _colours(out) == []
+    assert LONG_ID in out
+
+
+def test_cli_startup_does_not_import_rich() -> None:
+    """Building the parser (every command's startup) leaves rich unimported: it costs 30-60 ms."""
+    code = (
+        "import sys\n"
+        "from closesync.cli.main import build_parser\n"
+        "build_parser()\n"
+        "print(sorted(m for m in sys.modules if m == 'rich' or m.startswith('rich.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
