@@ -1,14 +1,17 @@
-"""The CLI's human output (tables), with and without a terminal."""
+"""The CLI's human output (tables, progress bar), with and without a terminal."""
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
 
 import pytest
+from rich.console import Console
 
 from closesync.cli.common import print_table
+from closesync.cli.sync import _bar
 
 # An id longer than a narrow terminal, and values wider than rich's default 80 columns.
 LONG_ID = "conn_" + "0123456789ab" * 4
@@ -109,6 +112,44 @@ def test_print_table_no_color_terminal_has_no_colour_codes(
     out = capsys.readouterr().out
     assert _colours(out) == []
     assert LONG_ID in out
+
+
+def test_bar_disabled_yields_no_callback_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without a terminal on stderr (or with --json) there is no bar and no output at all."""
+    with _bar("conn_x", enabled=False) as progress:
+        assert progress is None
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("force_terminal", "term"), [(False, "xterm-256color"), (True, "dumb")], ids=["pipe", "dumb"]
+)
+def test_bar_console_not_an_interactive_terminal_writes_nothing(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, force_terminal: bool, term: str
+) -> None:
+    """A bar asked for on a stderr that is not a terminal (or a dumb one) writes nothing at all."""
+    monkeypatch.setenv("TERM", term)
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=force_terminal)
+    with _bar("conn_x", enabled=True, console=console) as progress:
+        assert progress is None
+    assert stream.getvalue() == ""
+
+
+def test_bar_terminal_shows_id_and_done_of_total_then_erases_itself(clean_env: None) -> None:
+    """On a terminal the bar names the connection and counts writes, and is erased at the end."""
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=True, width=80)
+    with _bar("conn_0123456789ab", enabled=True, console=console) as progress:
+        assert progress is not None
+        progress(3, 7)
+    drawn = stream.getvalue()
+    assert "conn_0123456789ab" in drawn
+    assert "3/7" in drawn
+    # Transient: after its last drawing the bar's line is erased.
+    assert "\x1b[2K" in drawn[drawn.rindex("3/7") :]
 
 
 def test_cli_startup_does_not_import_rich() -> None:
