@@ -1,4 +1,4 @@
-"""The CLI's human output (tables, progress bar), with and without a terminal."""
+"""The CLI's human output (tables, progress bar, the demo's view), with and without a terminal."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import io
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
 from rich.console import Console
 
 from closesync.cli.common import print_table
+from closesync.cli.demo_runner import Demo, _render, _view
 from closesync.cli.sync import _bar
 
 # An id longer than a narrow terminal, and values wider than rich's default 80 columns.
@@ -164,3 +167,60 @@ def test_cli_startup_does_not_import_rich() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+@dataclass
+class _FakeDemo:
+    """What `_render` reads of a Demo: its rows, the log of edits and the last plain frame."""
+
+    table: list[tuple[str, str, int, int, bool, str]]
+    log: list[str] = field(default_factory=list)
+    last_frame: str = ""
+
+    def rows(self) -> list[tuple[str, str, int, int, bool, str]]:
+        return self.table
+
+
+def test_demo_render_without_terminal_prints_plain_frames_only_on_change(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without a terminal: a plain frame per change, none when nothing changed, no escapes."""
+    demo = _FakeDemo([("conn_0123456789ab", "user0@example.com", 4, 3, False, "-")])
+    _render(cast(Demo, demo), 1.0, None)
+    _render(cast(Demo, demo), 2.0, None)
+    demo.table = [("conn_0123456789ab", "user0@example.com", 4, 4, True, "ok +1 ~0 -0")]
+    demo.log.append("  3.0 s  Ada Lovelace: delete an event type")
+    _render(cast(Demo, demo), 3.0, None)
+    out = capsys.readouterr().out
+    assert ESCAPE not in out
+    assert out.count("--- ") == 2
+    assert "--- " + "  2.0 s" not in out
+    frames = out.split("--- ")[1:]
+    assert "syncing" in frames[0]
+    assert "in sync" in frames[1]
+    assert "ok +1 ~0 -0" in frames[1]
+    assert "Ada Lovelace: delete an event type" in frames[1]
+
+
+def test_demo_view_on_a_terminal_shows_every_connection_and_the_edits(clean_env: None) -> None:
+    """The live view: title, one row per connection with its counts and state, the last edits."""
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=True, width=100, color_system="standard")
+    rows = [
+        ("conn_0123456789ab", "user0@example.com", 4, 4, True, "ok +0 ~1 -0"),
+        ("conn_ba9876543210", "user1@example.com", 5, 4, False, "-"),
+    ]
+    log = [f"{i:5.1f} s  edit {i}" for i in range(8)]
+    console.print(_view(rows, log, 12.5))
+    drawn = stream.getvalue()
+    assert "\x1b[32min sync" in drawn
+    assert "\x1b[33msyncing" in drawn
+    plain = _SGR.sub("", drawn)
+    assert "closesync demo -  12.5 s" in plain
+    row = next(line for line in plain.splitlines() if "conn_0123456789ab" in line)
+    assert row.split() == [
+        "conn_0123456789ab", "user0@example.com", "4", "4", "in", "sync", "ok", "+0", "~1", "-0",
+    ]  # fmt: skip
+    # Only the last six edits are shown.
+    assert "edit 1" not in plain
+    assert all(f"edit {i}" in plain for i in range(2, 8))
