@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -123,6 +125,42 @@ def test_cli_sync_dry_run_then_sync_then_status(
     assert row["last_run"]["created"] == created
     assert main(["status"]) == 0
     assert conn["id"] in capsys.readouterr().out
+
+
+def test_cli_sync_stderr_not_a_terminal_writes_no_progress(
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With stderr piped there is no progress bar: stderr stays empty, stdout has the report."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(name, raising=False)
+    main([*_add(env.users[0]), "--json"])
+    conn = _json(capsys)["id"]
+    assert main(["sync", conn]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert re.match(rf"{conn}  sync  ok  created [1-9]\d*, ", captured.out)
+
+
+def test_cli_sync_stderr_a_terminal_shows_the_bar_and_leaves_stdout_plain(
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a terminal on stderr the bar names the connection and counts done/total of the
+    writes; the report on stdout is the same plain line as without one."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    main([*_add(env.users[0]), "--json"])
+    conn = _json(capsys)["id"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["sync", conn]) == 0
+    captured = capsys.readouterr()
+    line = re.match(rf"{conn}  sync  ok  created (\d+), ", captured.out)
+    assert line is not None
+    created = int(line.group(1))
+    assert created > 0
+    assert conn in captured.err
+    assert f"{created}/{created}" in captured.err
+    assert "\x1b" not in captured.out
 
 
 def test_cli_sync_failure_exits_one_and_status_shows_the_error(

@@ -19,6 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
 from closesync.core.calendly_payloads import EventType
 from closesync.core.mapping import MappingOptions, map_event_types
 from closesync.sandbox import (
@@ -176,24 +182,57 @@ def _changes(demo: Demo) -> list[tuple[str, Callable[[], object]]]:
     ]
 
 
-def _render(demo: Demo, elapsed: float, tty: bool) -> None:
-    lines = [f"closesync demo - {elapsed:5.1f} s - a scheduled sync every 5 s (Ctrl-C to stop)", ""]
-    lines.append(
-        f"{'CONNECTION':18} {'USER':22} {'CALENDLY':>8} {'CLOSE':>6}  {'STATE':9} LAST RUN"
+_STATE_STYLES = {"in sync": "green", "syncing": "yellow"}
+
+
+def _view(
+    rows: list[tuple[str, str, int, int, bool, str]], log: list[str], elapsed: float
+) -> Group:
+    """The live view on a terminal: a title, the table, and the last edits made in Calendly."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    # Ids are what people copy; the other columns fold first on a narrow terminal.
+    table.add_column("CONNECTION", no_wrap=True)
+    table.add_column("USER", overflow="fold")
+    table.add_column("CALENDLY", justify="right")
+    table.add_column("CLOSE", justify="right")
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("LAST RUN", overflow="fold")
+    for conn_id, email, want, have, same, outcome in rows:
+        state = "in sync" if same else "syncing"
+        # Text, not str: nothing from the data is read as rich markup.
+        table.add_row(
+            Text(conn_id),
+            Text(email),
+            str(want),
+            str(have),
+            Text(state, style=_STATE_STYLES[state]),
+            Text(outcome),
+        )
+    return Group(
+        Text(f"closesync demo - {elapsed:5.1f} s - a scheduled sync every 5 s (Ctrl-C to stop)"),
+        Text(""),
+        table,
+        Text(""),
+        Text("Changes made in Calendly:"),
+        *[Text(f"  {entry}") for entry in log[-6:]],
     )
-    for conn_id, email, want, have, same, outcome in demo.rows():
+
+
+def _render(demo: Demo, elapsed: float, live: Live | None) -> None:
+    rows = demo.rows()
+    if live is not None:
+        live.update(_view(rows, demo.log, elapsed), refresh=True)
+        return
+    # Without a terminal: plain lines, and a frame only when the table changed.
+    lines = [f"{'CONNECTION':18} {'USER':22} {'CALENDLY':>8} {'CLOSE':>6}  {'STATE':9} LAST RUN"]
+    for conn_id, email, want, have, same, outcome in rows:
         state = "in sync" if same else "syncing"
         lines.append(f"{conn_id:18} {email:22} {want:>8} {have:>6}  {state:9} {outcome}")
-    lines += ["", "Changes made in Calendly:"] + [f"  {entry}" for entry in demo.log[-6:]]
-    if tty:
-        sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
-    else:
-        # Without a terminal, print a frame only when the table changed.
-        frame = "\n".join([*lines[2 : 3 + len(demo.connections)], *demo.log[-1:]])
-        if frame == demo.last_frame:
-            return
-        demo.last_frame = frame
-        sys.stdout.write(f"--- {elapsed:5.1f} s\n{frame}\n")
+    frame = "\n".join([*lines, *demo.log[-1:]])
+    if frame == demo.last_frame:
+        return
+    demo.last_frame = frame
+    sys.stdout.write(f"--- {elapsed:5.1f} s\n{frame}\n")
     sys.stdout.flush()
 
 
@@ -220,6 +259,12 @@ def _stop_children(demo: Demo) -> None:
             child.wait()
 
 
+def _stop_live(live: Live | None) -> None:
+    """End the live view (it keeps its last frame), so what is written next lands below it."""
+    if live is not None:
+        live.stop()
+
+
 def run_demo(options: DemoOptions, redis_url: str | None) -> int:
     """Run the demo; 0 when every connection ended in sync."""
     data = Path(options.data_dir)
@@ -232,10 +277,13 @@ def run_demo(options: DemoOptions, redis_url: str | None) -> int:
     demo = Demo(options, sandbox, Services.build(settings))
     for key in demo.services.redis.scan_iter(f"{DEMO_PREFIX}:*"):
         demo.services.redis.delete(key)
-    tty = sys.stdout.isatty()
+    # On a terminal the table is redrawn in place; otherwise plain frames (a log, CI, a pipe).
+    live = Live(console=Console(), auto_refresh=False) if sys.stdout.isatty() else None
     try:
         _seed(demo)
         _start_children(demo, _child_env(settings), data)
+        if live is not None:
+            live.start()
         changes = _changes(demo)
         started = time.monotonic()
         next_change = started + options.change_every
@@ -246,16 +294,18 @@ def run_demo(options: DemoOptions, redis_url: str | None) -> int:
                 change()
                 demo.log.append(f"{now - started:5.1f} s  {text}")
                 next_change = now + options.change_every
-            _render(demo, now - started, tty)
+            _render(demo, now - started, live)
             if not changes and demo.converged():
                 break
             for child in demo.children:
                 if child.poll() is not None:
+                    _stop_live(live)
                     sys.stderr.write(f"closesync demo: a child process exited; see {data}/*.log\n")
                     return 1
             time.sleep(1.0)
         ok = demo.converged()
-        _render(demo, time.monotonic() - started, tty)
+        _render(demo, time.monotonic() - started, live)
+        _stop_live(live)
         sys.stdout.write(
             "\nEvery connection's Close links equal its Calendly event types.\n"
             if ok
@@ -265,5 +315,6 @@ def run_demo(options: DemoOptions, redis_url: str | None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        _stop_live(live)
         _stop_children(demo)
         sandbox.stop()

@@ -10,12 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from closesync.cli.common import print_json
 from closesync.core.errors import CloseSyncError, ConfigError
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.wiring.services import Services, load_services
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -102,28 +107,26 @@ def _run_all(
     reports: list[RunReport] = []
     show_progress = not args.json and sys.stderr.isatty()
     for connection_id in ids:
-        progress = _bar(connection_id) if show_progress else None
-        try:
-            report = engine.run(
-                connection_id,
-                mode=mode,
-                allow_mass_delete=allow_mass_delete,
-                progress=progress,
-                dry_run=dry,
-            )
-        except CloseSyncError as error:
-            # This connection could not even be read or recorded; the others still run.
-            report = RunReport(
-                connection_id=connection_id,
-                mode=mode,
-                dry_run=dry,
-                started_at=time.time(),
-                outcome=Outcome.FAILED,
-                failure="error",
-                errors=[str(error)],
-            )
-        if show_progress:
-            sys.stderr.write("\r\x1b[K")
+        with _bar(connection_id, show_progress) as progress:
+            try:
+                report = engine.run(
+                    connection_id,
+                    mode=mode,
+                    allow_mass_delete=allow_mass_delete,
+                    progress=progress,
+                    dry_run=dry,
+                )
+            except CloseSyncError as error:
+                # This connection could not even be read or recorded; the others still run.
+                report = RunReport(
+                    connection_id=connection_id,
+                    mode=mode,
+                    dry_run=dry,
+                    started_at=time.time(),
+                    outcome=Outcome.FAILED,
+                    failure="error",
+                    errors=[str(error)],
+                )
         reports.append(report)
         if not args.json:
             _print_report(report)
@@ -142,16 +145,43 @@ def _run_all(
     return 1 if failed else 0
 
 
-def _bar(connection_id: str) -> Any:
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // total if total else width
-        sys.stderr.write(
-            f"\r{connection_id} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-        )
-        sys.stderr.flush()
+@contextmanager
+def _bar(
+    connection_id: str, enabled: bool, console: Console | None = None
+) -> Iterator[Callable[[int, int], None] | None]:
+    """One connection's progress bar on stderr (its id, the bar, done/total), gone when it ends.
 
-    return show
+    Yields the engine's progress callback, or None (and writes nothing) when disabled or when
+    the console is not an interactive terminal (TTY_COMPATIBLE=0, TERM=dumb).
+    """
+    if not enabled:
+        yield None
+        return
+    # Imported here: this module is loaded at startup for every command, and rich costs ~30-60 ms.
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = console or Console(stderr=True)
+    if not console.is_interactive:
+        # rich would still print a blank line when the bar stops; a bar no one sees is nothing.
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        console=console,
+        # Erased when the run ends, so the report line printed next stands alone.
+        transient=True,
+        # The bar is on stderr; the reports on stdout must stay on stdout (a pipe, `tee`).
+        redirect_stdout=False,
+    ) as bar:
+        task = bar.add_task(connection_id, total=None)
+
+        def show(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield show
 
 
 def _print_report(report: RunReport) -> None:
