@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
+import pytest
 import requests
 
 from closesync.sandbox import Sandbox, SandboxConfig
@@ -69,7 +73,7 @@ def test_event_types_organization_as_owner_excludes_team_types(sandbox: Sandbox)
         sandbox, "/event_types", owner, organization=owner.calendly_organization_uri, count=100
     ).json()
     assert body["collection"]
-    assert all(e["profile"] is None or e["profile"]["type"] == "User" for e in body["collection"])
+    assert all(e["profile"]["type"] == "User" for e in body["collection"])
 
 
 def test_event_types_team_type_is_listed_under_every_member(sandbox: Sandbox) -> None:
@@ -212,3 +216,89 @@ def test_memberships_paging_lists_owner_first(sandbox: Sandbox) -> None:
     ).json()
     assert body["collection"][0]["role"] == "owner"
     assert body["pagination"]["next_page_token"] is not None
+
+
+def test_event_type_one_off_profile_is_the_owner_user_object(sandbox: Sandbox) -> None:
+    """An AdhocEventType carries a User profile, never null, as the current API document has it."""
+    user = sandbox.users[0]
+    created = sandbox.world.create_event_type(
+        user.calendly_user_uuid, name="One-off", type="AdhocEventType"
+    )
+    uuid = created["uri"].rsplit("/", 1)[1]
+    resource = cal_get(sandbox, f"/event_types/{uuid}", user).json()["resource"]
+    assert resource["profile"] == {
+        "type": "User",
+        "name": user.name,
+        "owner": user.calendly_user_uri,
+    }
+
+
+def test_event_types_every_listed_profile_is_an_object(sandbox: Sandbox) -> None:
+    """Across every kind of seeded type, each profile has a type, a name and an owner."""
+    for user in sandbox.users:
+        listing = cal_get(sandbox, "/event_types", user, user=user.calendly_user_uri, count=100)
+        profiles = [e["profile"] for e in listing.json()["collection"]]
+        assert profiles
+        for profile in profiles:
+            assert profile["type"] in ("User", "Team")
+            assert isinstance(profile["name"], str)
+            assert profile["owner"].startswith(f"{sandbox.calendly_api_url}/users/")
+
+
+def test_scope_missing_answers_403_with_required_scopes(sandbox: Sandbox) -> None:
+    """A token without event_types:read is refused with the scope it lacks in required_scopes."""
+    user = sandbox.users[0]
+    with sandbox.world.lock:
+        token = sandbox.world.tokens.issue(
+            "calendly", "pat", user.calendly_user_uuid, sandbox.world.now(), scope="users:read"
+        )
+    response = requests.get(
+        sandbox.calendly_api_url + "/event_types",
+        params={"user": user.calendly_user_uri},
+        headers={"Authorization": f"Bearer {token.value}"},
+        timeout=5,
+    )
+    assert response.status_code == 403
+    body = response.json()
+    assert body["title"] == "Insufficient scope"
+    assert body["required_scopes"] == ["event_types:read"]
+
+
+def _sort_key(event_type: dict[str, Any], field: str) -> Any:
+    if field == "name":
+        return (event_type["name"] or event_type["slug"]).lower()
+    return event_type[field]
+
+
+@pytest.mark.parametrize(
+    "sort",
+    ["position:desc", "position", "created_at:asc", "updated_at:desc,name:asc", "name:desc"],
+)
+def test_event_types_sort_by_a_documented_field_orders_the_listing(
+    sandbox: Sandbox, sort: str
+) -> None:
+    """Every sort field of the current document is accepted, and the listing follows it."""
+    user = sandbox.users[1]
+    response = cal_get(
+        sandbox, "/event_types", user, user=user.calendly_user_uri, count=100, sort=sort
+    )
+    assert response.status_code == 200, response.text
+    listed = response.json()["collection"]
+    assert len(listed) > 2
+    for before, after in itertools.pairwise(listed):
+        for field, _, direction in (part.partition(":") for part in sort.split(",")):
+            first, second = _sort_key(before, field), _sort_key(after, field)
+            if first != second:
+                assert (first < second) == (direction != "desc"), (field, before, after)
+                break
+
+
+@pytest.mark.parametrize("sort", ["color:asc", "name:up", "name:asc,", "position:asc:desc"])
+def test_event_types_sort_unknown_field_or_direction_answers_400(
+    sandbox: Sandbox, sort: str
+) -> None:
+    """A sort outside the documented fields and directions is a 400 naming the parameter."""
+    user = sandbox.users[0]
+    response = cal_get(sandbox, "/event_types", user, user=user.calendly_user_uri, sort=sort)
+    assert response.status_code == 400
+    assert response.json()["details"][0]["parameter"] == "sort"

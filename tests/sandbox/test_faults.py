@@ -169,3 +169,41 @@ def test_fault_skip_lets_first_matching_requests_through(sandbox: Sandbox) -> No
     sandbox.world.add_fault(api="close", kind="503", skip=2)
     codes = [_me(sandbox).status_code for _ in range(4)]
     assert codes == [200, 200, 503, 200]
+
+
+def _rate_headers(response: requests.Response) -> dict[str, str]:
+    """An answer's rate-limit headers; resets (which depend on timing) only as present."""
+    found = {}
+    for name, value in response.headers.items():
+        key = name.lower()
+        if key == "ratelimit":
+            found[key] = value.rsplit(", reset=", 1)[0]
+        elif key in ("retry-after", "x-ratelimit-reset"):
+            found[key] = "present"
+        elif key.startswith("x-ratelimit-"):
+            found[key] = value
+    return found
+
+
+@pytest.mark.parametrize("api", ["calendly", "close"])
+def test_fault_429_carries_the_same_rate_headers_as_a_natural_429(api: str) -> None:
+    """An injected 429 has the headers of an exhausted budget, with the configured limit."""
+    config = SandboxConfig(seed=1, freeze_clock=True, calendly_rate_limit=3, close_rate_limit=4)
+    with Sandbox.start(config) as sb:
+
+        def call() -> requests.Response:
+            return cal_get(sb, "/users/me", sb.users[0]) if api == "calendly" else _me(sb)
+
+        answers = [call() for _ in range(5)]
+        natural = answers[-1]
+        assert natural.status_code == 429
+        sb.world.add_fault(api=api, kind="429", reset=0.5)
+        injected = call()
+        assert injected.status_code == 429
+        assert _rate_headers(injected) == _rate_headers(natural)
+        expected = (
+            {"x-ratelimit-limit": "3", "x-ratelimit-remaining": "0", "x-ratelimit-reset": "present"}
+            if api == "calendly"
+            else {"ratelimit": "limit=4, remaining=0", "retry-after": "present"}
+        )
+        assert _rate_headers(natural) == expected

@@ -10,6 +10,11 @@ error body. Documented choices (unknown in the docs): 429s carry no Retry-After 
 must read X-RateLimit-Reset); unauthenticated answers carry no rate-limit headers; listing
 rules are those in event_types.py; a plain member may list only their own event types, an
 owner or admin any member's or the organization's; `count` outside 1..100 is a 400.
+
+As Calendly's current API document has it (where it differs from the 2023 copy): a token
+without the endpoint's scope gets 403 "Insufficient scope" with `required_scopes` (a list);
+`sort` takes comma-separated `field[:asc|desc]` terms over name, position, created_at and
+updated_at (direction asc when left out); any other field or direction is a 400.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from closesync.sandbox.event_types import SORT_FIELDS
 from closesync.sandbox.oauth_api import add_calendly_oauth
 from closesync.sandbox.paging import CALENDLY_DEFAULT_COUNT, decode_token, encode_token, page_url
 from closesync.sandbox.ratelimit import calendly_headers
@@ -29,13 +35,29 @@ _ADMINS = ("owner", "admin")
 
 
 def calendly_error(
-    status: int, title: str, message: str, details: list[dict[str, str]] | None = None
+    status: int,
+    title: str,
+    message: str,
+    details: list[dict[str, str]] | None = None,
+    **extra: Any,
 ) -> Response:
-    """Calendly's error body: {title, message, details: [{parameter, message}]}."""
+    """Calendly's error body: {title, message, details: [{parameter, message}]}, plus `extra`."""
     body: dict[str, Any] = {"title": title, "message": message}
     if details:
         body["details"] = details
+    body.update(extra)
     return json_response(status, body)
+
+
+def parse_sort(text: str) -> list[tuple[str, bool]] | None:
+    """`sort` as (field, descending) terms; None when a field or direction is not Calendly's."""
+    order = []
+    for term in text.split(","):
+        field, _, direction = term.strip().partition(":")
+        if field not in SORT_FIELDS or direction not in ("", "asc", "desc"):
+            return None
+        order.append((field, direction == "desc"))
+    return order
 
 
 def _invalid(parameter: str, message: str) -> Response:
@@ -83,7 +105,10 @@ class CalendlyApi:
                 )
             elif token.scope and scope not in token.scope.split():
                 response = calendly_error(
-                    403, "Insufficient scope", f"This request requires the {scope} scope."
+                    403,
+                    "Insufficient scope",
+                    f"This request requires the {scope} scope.",
+                    required_scopes=[scope],
                 )
             else:
                 response = handler(request, token)
@@ -144,9 +169,10 @@ class CalendlyApi:
         active_arg = request.arg("active")
         if active_arg not in (None, "true", "false"):
             return _invalid("active", "must be true or false")
-        sort = request.arg("sort") or "name:asc"
-        if sort not in ("name", "name:asc", "name:desc"):
-            return _invalid("sort", "supported fields are: name; directions: asc, desc")
+        order = parse_sort(request.arg("sort") or "name:asc")
+        if order is None:
+            fields = ", ".join(SORT_FIELDS)
+            return _invalid("sort", f"supported fields are: {fields}; directions: asc, desc")
         role = world.calendly_role(token.user)
         user_uri, org_uri = request.arg("user"), request.arg("organization")
         user_uuid: str | None = None
@@ -165,7 +191,7 @@ class CalendlyApi:
         else:
             return _invalid("user", "user or organization is required")
         active = None if active_arg is None else active_arg == "true"
-        items = world.list_event_types(user_uuid, active, descending=sort == "name:desc")
+        items = world.list_event_types(user_uuid, active, order)
         return self._page(request, items, *paging)
 
     def get_event_type(self, request: Request, token: Token) -> Response:

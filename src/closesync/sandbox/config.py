@@ -54,6 +54,10 @@ class SandboxConfig:
     auth_code_ttl: int = 60
     # Seconds a "hang" fault holds a request before dropping it; stop() releases it sooner.
     hang_seconds: float = 60
+    # Seconds a request body may take to arrive after its headers (one shorter than its
+    # Content-Length, a chunked body that stops); then 408 and the connection is closed. Ample
+    # for any loopback client, yet a stalled one cannot hold a server thread for good.
+    body_read_timeout: float = 10
     # True: the sandbox clock moves only through advance (fully deterministic tests);
     # False: it follows wall time too, as a long-running CLI sandbox should.
     freeze_clock: bool = False

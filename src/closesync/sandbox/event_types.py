@@ -5,14 +5,15 @@ so that each file stays one noun. Every method takes the World's lock.
 
 Documented choices (unknown in the docs): listings leave out soft-deleted types; inactive
 types are listed unless `active=true`; one-off (`AdhocEventType`) types are listed; team
-types are listed with `user=` for every member and never with `organization=`; sorting is
-by name (the slug when the name is null), ties broken by uri.
+types are listed with `user=` for every member and never with `organization=`; `name` sorts
+by the slug when the name is null; ties left by every sort term are broken by uri.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from closesync.sandbox.records import JSON, CalendlyUser, EventType
@@ -21,6 +22,14 @@ _EDITABLE = {"name", "description", "duration", "secret", "active", "slug", "int
 _KINDS = ("solo", "group")
 _POOLING = (None, "round_robin", "collective", "multi_pool")
 _TYPES = ("StandardEventType", "AdhocEventType")
+# The `sort` fields of GET /event_types in Calendly's current API document.
+_SORT_KEYS: dict[str, Callable[[EventType], Any]] = {
+    "name": lambda et: (et.name or et.slug).lower(),
+    "position": lambda et: et.position,
+    "created_at": lambda et: et.created_at,
+    "updated_at": lambda et: et.updated_at,
+}
+SORT_FIELDS = tuple(_SORT_KEYS)
 
 
 def slugify(text: str) -> str:
@@ -165,9 +174,13 @@ class EventTypeBook:
             return self.render_type(et) if et else None
 
     def list_event_types(
-        self, user_uuid: str | None, active: bool | None, descending: bool = False
+        self,
+        user_uuid: str | None,
+        active: bool | None,
+        order: Sequence[tuple[str, bool]] = (("name", False),),
     ) -> list[JSON]:
-        """A user's types (theirs and teams'), or with None the organization's own types."""
+        """A user's types (theirs and teams'), or with None the organization's own types, in
+        `order`: (field of SORT_FIELDS, descending) terms, the first one deciding first."""
         with self.lock:
             found = [
                 et
@@ -176,5 +189,8 @@ class EventTypeBook:
                 and (active is None or et.active == active)
                 and (user_uuid in et.members if user_uuid else not et.shared)
             ]
-            found.sort(key=lambda et: ((et.name or et.slug).lower(), et.uuid), reverse=descending)
+            found.sort(key=lambda et: et.uuid)
+            # Stable sorts applied last term first give the first term precedence.
+            for field_name, descending in reversed(order):
+                found.sort(key=_SORT_KEYS[field_name], reverse=descending)
             return [self.render_type(et) for et in found]

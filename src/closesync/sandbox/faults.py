@@ -5,6 +5,9 @@ without its query) and a listing page (1-based; page 1 is the one without `page_
 with `_skip=0`). It hits the next `count` matching requests. Faults apply to API endpoints
 (the OAuth ones included) and never to `/_sandbox/` admin endpoints. The transport faults
 `hang` and `reset` are carried out by server.py; everything else is an ordinary Response.
+An injected 429 carries the rate-limit headers a natural one does (ratelimit.py's formats, the
+configured limit, nothing remaining): Close `RateLimit` and `Retry-After`, Calendly
+`X-RateLimit-*` without `Retry-After`.
 
 Holds no lock: the World calls it under its one lock.
 """
@@ -15,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from closesync.sandbox.ratelimit import format_seconds, retry_after
+from closesync.sandbox.ratelimit import RateVerdict, calendly_headers, close_header, retry_after
 from closesync.sandbox.routing import Response, json_response, text_response
 
 KINDS = ("429", "500", "502", "503", "html", "truncated", "empty", "not_json", "hang", "reset")
@@ -108,13 +111,13 @@ class FaultBook:
         return None
 
 
-def fault_response(api: str, rule: FaultRule) -> Response:
-    """The answer a fault gives, in the vendor's style."""
+def fault_response(api: str, rule: FaultRule, rate_limit: int) -> Response:
+    """The answer a fault gives, in the vendor's style; `rate_limit` is the API's configured one."""
     kind = rule.kind
     if kind in ("hang", "reset"):
         return Response(0, action="hang" if kind == "hang" else "reset")
     if kind == "429":
-        return _too_many(api, rule)
+        return _too_many(api, rule, rate_limit)
     if kind in ("500", "502", "503"):
         status = int(kind)
         if rule.json_body is False:
@@ -134,16 +137,15 @@ def random_error(api: str, status: int) -> Response:
     return json_response(status, _error_body(api, status))
 
 
-def _too_many(api: str, rule: FaultRule) -> Response:
+def _too_many(api: str, rule: FaultRule, rate_limit: int) -> Response:
     wait = rule.reset if rule.reset is not None else rule.retry_after
     wait = 1.0 if wait is None else wait
-    headers: dict[str, str] = {"Retry-After": str(retry_after(wait))}
+    verdict = RateVerdict(allowed=False, limit=rate_limit, remaining=0, reset=wait)
+    headers: dict[str, str]
     if api == "close":
-        headers["RateLimit"] = f"limit=100, remaining=0, reset={format_seconds(wait)}"
+        headers = {"RateLimit": close_header(verdict), "Retry-After": str(retry_after(wait))}
     else:
-        headers["X-RateLimit-Limit"] = "500"
-        headers["X-RateLimit-Remaining"] = "0"
-        headers["X-RateLimit-Reset"] = str(retry_after(wait))
+        headers = calendly_headers(verdict)
     if not rule.json_body:
         return Response(429, b"", headers)
     body = (

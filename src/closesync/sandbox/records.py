@@ -5,9 +5,11 @@ constant fields (colours, booking method, custom questions) so that responses ca
 field api-facts.md lists. Records never render themselves with a lock held elsewhere: the
 World copies what it needs under its lock and calls these pure functions.
 
-Documented choice (unknown in the docs): one-off meetings (`AdhocEventType`) render with
-`profile: null`, to exercise the "profile may be null" fact; team types render a profile of
-type Team named after the team whose `owner` is the user who created the type.
+Every event type renders a profile object, as Calendly's current API document requires (the
+2023 copy let it be null): team types a profile of type Team named after the team, whose
+`owner` is the user who created the type; every other type a User profile of its owner.
+Documented choice (what a one-off meeting's profile holds is not documented): one-off meetings
+(`AdhocEventType`) get their host's User profile like any other type.
 """
 
 from __future__ import annotations
@@ -157,10 +159,8 @@ def render_event_type(et: EventType, base: str, owner: CalendlyUser | None) -> J
     """A Calendly `EventType` resource, including fields newer than the 2023 spec."""
     owner_slug = owner.slug if owner else "unknown"
     owner_uri = f"{base}/users/{et.owner_uuid}"
-    profile: JSON | None
-    if et.type == "AdhocEventType":
-        profile = None
-    elif et.shared:
+    profile: JSON
+    if et.shared:
         profile = {"type": "Team", "name": et.team_name or "Team", "owner": owner_uri}
     else:
         profile = {"type": "User", "name": owner.name if owner else "", "owner": owner_uri}

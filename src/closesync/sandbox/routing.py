@@ -45,7 +45,11 @@ class Request:
         """The JSON body; an empty body reads as {}. Raises ValueError when malformed."""
         if not self.body.strip():
             return {}
-        return json.loads(self.body)
+        try:
+            return json.loads(self.body)
+        except RecursionError as exc:
+            # Nesting deeper than the parser's stack is bad input, to be refused like any other.
+            raise ValueError("the JSON body nests too deeply") from exc
 
 
 @dataclass
@@ -82,11 +86,13 @@ Handler = Callable[[Request], Response]
 
 @dataclass(frozen=True)
 class Match:
-    """A path matched a template; `handler` is None when the method is not allowed there."""
+    """A path matched a template; `handler` is None when the method is not allowed there, and
+    `allowed` then lists the methods that are (for the 405's Allow header)."""
 
     template: str
     handler: Handler | None
     params: dict[str, str]
+    allowed: tuple[str, ...] = ()
 
 
 class Router:
@@ -103,7 +109,8 @@ class Router:
 
     def match(self, method: str, path: str) -> Match | None:
         """The route for this request, or None when no template fits the path."""
-        allowed: Match | None = None
+        first: Match | None = None
+        methods: list[str] = []
         for route_method, pattern, template, handler in self._routes:
             found = pattern.match(path)
             if not found:
@@ -111,5 +118,7 @@ class Router:
             params = {key: unquote(value) for key, value in found.groupdict().items()}
             if route_method == method:
                 return Match(template, handler, params)
-            allowed = allowed or Match(template, None, params)
-        return allowed
+            first = first or Match(template, None, params)
+            if route_method not in methods:
+                methods.append(route_method)
+        return None if first is None else Match(first.template, None, first.params, tuple(methods))

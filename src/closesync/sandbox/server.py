@@ -8,20 +8,31 @@ Transport faults are carried out here: `hang` holds the request until the sandbo
 (or `hang_seconds` pass) and then drops the connection; `reset` closes the socket with
 SO_LINGER 0 so the client sees ECONNRESET. stop() releases hung requests and closes kept
 -alive connections, so no test waits on a thread it cannot see.
+
+Bad HTTP is answered, never left hanging or turned into a traceback, always in the vendor's
+error shape (see `error_response`) and with the connection closed when its framing cannot be
+trusted: a Content-Length that is not one non-negative integer is a 400, one above
+MAX_BODY_BYTES a 413; a chunked body is read (malformed chunks are a 400); a body that does not
+arrive within `body_read_timeout` seconds is a 408. HEAD and OPTIONS are routed like any method;
+no emulated endpoint serves them, so they get a 405 with Allow. What http.server refuses itself
+(a bad request line, an unknown method) gets its status in the vendor's shape, not HTML.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import re
 import socket
 import struct
 import sys
 import threading
+import time
 import traceback
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from closesync.sandbox.admin_api import build_admin_router, handle_admin
@@ -33,6 +44,69 @@ from closesync.sandbox.records import SeededUser
 from closesync.sandbox.routing import Request, Response, Router, json_response
 from closesync.sandbox.seed import seed_world
 from closesync.sandbox.world import World
+
+# Bytes a request body may have; a larger one is refused (413) before it is read. Nothing
+# closesync sends comes near it, and reading a claimed terabyte would exhaust memory.
+MAX_BODY_BYTES = 10 * 1024 * 1024
+# Digits of a length beyond which it is above MAX_BODY_BYTES anyway (and int() stays cheap).
+_MAX_DIGITS = 15
+# Bytes of a chunk-size or trailer line in a chunked body.
+_MAX_LINE = 4096
+_DECIMAL = re.compile(r"[0-9]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+
+
+class BadBody(Exception):
+    """A request body that cannot be read as framed; `status` is what it is answered."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(api: str, status: int, message: str) -> Response:
+    """An error in the vendor's shape: Calendly {title, message}; Close {"error"}, or for a 400
+    Close's {"errors", "field-errors"}."""
+    if api == "calendly":
+        title = "Invalid Argument" if status == 400 else _phrase(status)
+        return json_response(status, {"title": title, "message": message})
+    if status == 400:
+        return json_response(400, {"errors": [message], "field-errors": {}})
+    return json_response(status, {"error": message})
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def body_framing(transfer_codings: list[str], lengths: list[str]) -> int | Literal["chunked"]:
+    """How the request body is framed: its length, or "chunked"; BadBody when neither holds.
+
+    Per RFC 9112 a Transfer-Encoding overrides any Content-Length; repeated or comma-joined
+    Content-Length values must all agree.
+    """
+    codings = [c.strip().lower() for value in transfer_codings for c in value.split(",")]
+    codings = [c for c in codings if c]
+    if codings:
+        if codings[-1] != "chunked":
+            raise BadBody(400, "Transfer-Encoding must end in chunked")
+        if codings != ["chunked"]:
+            raise BadBody(501, f"Transfer-Encoding {', '.join(codings)} is not supported")
+        return "chunked"
+    values = {part.strip() for value in lengths for part in value.split(",")}
+    if not values:
+        return 0
+    if len(values) > 1 or not all(_DECIMAL.fullmatch(v) for v in values):
+        shown = ", ".join(sorted(values))
+        raise BadBody(400, f"Content-Length must be one non-negative integer, not {shown!r}")
+    (value,) = values
+    if len(value) > _MAX_DIGITS or int(value) > MAX_BODY_BYTES:
+        raise BadBody(413, f"the request body may have at most {MAX_BODY_BYTES} bytes")
+    return int(value)
 
 
 class PortInUseError(OSError):
@@ -72,18 +146,16 @@ class ApiApp:
         if match is None:
             return _not_found(self.api)
         if match.handler is None:
-            return json_response(405, _error(self.api, "Method not allowed"))
+            response = error_response(self.api, 405, f"Method {request.method} not allowed")
+            response.headers["Allow"] = ", ".join(match.allowed)
+            return response
         request.params = match.params
         request.template = template
         return match.handler(request)
 
 
-def _error(api: str, message: str) -> dict[str, Any]:
-    return {"error": message} if api == "close" else {"title": "Not Found", "message": message}
-
-
 def _not_found(api: str) -> Response:
-    return json_response(404, _error(api, "The requested resource was not found."))
+    return error_response(api, 404, "The requested resource was not found.")
 
 
 class _Server(ThreadingHTTPServer):
@@ -120,14 +192,26 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve()
 
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+    # HEAD and OPTIONS are routed too, so they get the vendor's 405 rather than a 501 page.
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, unknown method, oversized headers) in
+        the vendor's JSON shape instead of its HTML page; the connection is then closed."""
+        app = self.server.app
+        api = app.api if app is not None else "close"
+        self._send(error_response(api, code, message or _phrase(code)), close=True)
 
     def _serve(self) -> None:
         app, world = self.server.app, self.server.world
         if app is None or world is None:
             raise RuntimeError("a sandbox server answered before Sandbox.start wired it")
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        try:
+            body = self._read_body(world.config.body_read_timeout)
+        except BadBody as exc:
+            # What follows the headers can no longer be told apart from the next request.
+            self._send(error_response(app.api, exc.status, exc.message), close=True)
+            return
         split = urlsplit(self.path)
         headers = {key.lower(): value for key, value in self.headers.items()}
         query = parse_qs(split.query, keep_blank_values=True)
@@ -136,7 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
             response = app.handle(request)
         except Exception:  # a sandbox bug must show, not kill the thread silently
             traceback.print_exc(file=sys.stderr)
-            response = json_response(500, {"error": "sandbox internal error"})
+            response = error_response(app.api, 500, "sandbox internal error")
         if response.action == "hang":
             world.stop_event.wait(world.config.hang_seconds)
             self.close_connection = True
@@ -147,13 +231,90 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
             self.close_connection = True
             return
-        self.send_response(response.status)
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
+        self._send(response)
+
+    def _send(self, response: Response, close: bool = False) -> None:
+        """Write `response`; `close` ends the connection after it (Connection: close)."""
+        try:
+            self.send_response(response.status)
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(response.body)))
+            if close:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(response.body)
+        except ConnectionError:  # the client left before its answer: nobody to tell
+            self.close_connection = True
+
+    def _read_body(self, timeout: float) -> bytes:
+        """The request body, framed by Content-Length or chunked, within `timeout` seconds."""
+        framing = body_framing(
+            self.headers.get_all("Transfer-Encoding") or [],
+            self.headers.get_all("Content-Length") or [],
+        )
+        if framing == 0:
+            return b""
+        deadline = time.monotonic() + timeout
+        try:
+            if framing == "chunked":
+                return self._read_chunked(deadline)
+            return self._read_exact(framing, deadline)
+        except TimeoutError as exc:
+            raise BadBody(408, f"the request body did not arrive within {timeout:g} s") from exc
+        finally:
+            with contextlib.suppress(OSError):  # the socket may be gone already
+                self.connection.settimeout(None)
+
+    def _arm(self, deadline: float) -> None:
+        """Let the next socket read wait only until `deadline`."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.connection.settimeout(left)
+
+    def _read_exact(self, size: int, deadline: float) -> bytes:
+        parts: list[bytes] = []
+        while size > 0:
+            self._arm(deadline)
+            part = self.rfile.read1(min(size, 65536))
+            if not part:
+                raise BadBody(400, f"the request body ended {size} bytes short of its length")
+            parts.append(part)
+            size -= len(part)
+        return b"".join(parts)
+
+    def _read_line(self, deadline: float) -> bytes:
+        """One line of chunked framing, without its line end; byte-wise, so the deadline holds."""
+        line = bytearray()
+        while not line.endswith(b"\n"):
+            if len(line) > _MAX_LINE:
+                raise BadBody(400, "a chunk-size or trailer line is too long")
+            line += self._read_exact(1, deadline)
+        return bytes(line).rstrip(b"\r\n")
+
+    def _read_chunked(self, deadline: float) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            size_text = self._read_line(deadline).split(b";", 1)[0].strip()
+            if not _HEX.fullmatch(size_text):
+                raise BadBody(400, f"{size_text!r} is not a chunk size in hexadecimal")
+            if len(size_text) > _MAX_DIGITS:
+                raise BadBody(413, f"the request body may have at most {MAX_BODY_BYTES} bytes")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            total += size
+            if total > MAX_BODY_BYTES:
+                raise BadBody(413, f"the request body may have at most {MAX_BODY_BYTES} bytes")
+            parts.append(self._read_exact(size, deadline))
+            if self._read_exact(2, deadline) != b"\r\n":
+                raise BadBody(400, "a chunk is not followed by CRLF")
+        while self._read_line(deadline):  # trailer fields, up to the empty line; ignored
+            pass
+        return b"".join(parts)
 
     def log_message(self, format: str, *args: Any) -> None:
         world = self.server.world

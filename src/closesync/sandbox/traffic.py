@@ -12,6 +12,7 @@ import threading
 from collections import Counter
 from typing import Any
 
+from closesync.sandbox.config import SandboxConfig
 from closesync.sandbox.faults import FaultBook, FaultRule, fault_response, random_error
 from closesync.sandbox.ratelimit import FixedWindowLimiter, RateVerdict
 from closesync.sandbox.routing import Response
@@ -21,6 +22,7 @@ class TrafficBook:
     """Faults, limits and counts; state lives on the World."""
 
     lock: threading.RLock
+    config: SandboxConfig
     fault_rng: random.Random
     faults: FaultBook
     limiter: FixedWindowLimiter
@@ -57,7 +59,9 @@ class TrafficBook:
         with self.lock:
             rule = self.faults.take(api, method, path, page)
             if rule is not None:
-                return fault_response(api, rule)
+                config = self.config
+                limit = config.calendly_rate_limit if api == "calendly" else config.close_rate_limit
+                return fault_response(api, rule, limit)
             rate = self.error_rate[api]
             if random_ok and rate > 0 and self.fault_rng.random() < rate:
                 return random_error(api, self.fault_rng.choice((500, 502, 503)))
