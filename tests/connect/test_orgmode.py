@@ -22,6 +22,7 @@ from closesync.core.connection import Connection
 from closesync.core.errors import GrantRevoked
 from closesync.core.retry import WaitBudget
 from closesync.sandbox import Sandbox
+from closesync.sandbox.connections import sandbox_connection
 from closesync.settings import Settings
 from closesync.store.keys import Keys
 from closesync.store.secretbox import generate_key
@@ -155,6 +156,70 @@ def test_status_lists_unmatched_users_on_both_sides(
     text = capsys.readouterr().out
     assert "unmatched Close user stranger@elsewhere.example" in text
     assert f"unmatched Calendly member {sb.users[2].email}" in text
+
+
+def test_orgmode_member_connected_by_another_close_user_is_refused_and_listed(
+    sb: Sandbox,
+    services: Services,
+    redis_url: str,
+    keys: Keys,
+    secret_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """A Close user whose member another connection has is refused, stored nowhere, listed."""
+    owner, member = sb.users[0], sb.users[1]
+    with web_process(services) as web, requests.Session() as browser:
+        # The owner's Close user connected personally with the member's Calendly account.
+        sb.world.set_oauth_next("close", user_email=owner.email)
+        sb.world.set_oauth_next("calendly", user_email=member.email)
+        follow(browser, web.url + "/connect")
+        [held] = services.connections.list()
+        connect_org(sb, web.url, browser)
+        with sb.world.lock:
+            before = set(sb.world.tokens.tokens)
+        sb.world.set_oauth_next("close", user_email=member.email)
+        answer, _ = follow(browser, web.url + "/connect")
+    assert answer is not None
+    assert answer.status_code == 409
+    assert f"connection {held.id}" in answer.text
+    assert services.connections.list() == [held]
+    assert Organizations(services).waiting_room.waiting() == []
+    issued = [t for v, t in sb.world.tokens.tokens.items() if v not in before]
+    assert issued
+    assert all(t.api == "close" and t.revoked for t in issued)
+    for name, value in sandbox_env(sb, redis_url, keys.prefix, secret_key).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "--json"]) == 0
+    [refused] = json.loads(capsys.readouterr().out)["unmatched"]["refused"]
+    assert (refused["close_user_id"], refused["connection_id"]) == (member.close_user_id, held.id)
+    assert main(["status"]) == 0
+    assert f"refused pairing: Close user {member.email}" in capsys.readouterr().out
+
+
+def test_orgmode_waiting_user_whose_member_is_taken_keeps_waiting_unpaired(
+    sb: Sandbox, services: Services
+) -> None:
+    """The daily pass does not pair a waiting user with a member another connection has."""
+    from closesync.worker.tasks import pair_organizations
+
+    late = sb.users[3]
+    set_close_email(sb, late.close_user_id, "later@example.com")
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, "later@example.com")
+    newcomer = sb.world.create_user(email="later@example.com", name="Later Comer")
+    # The newcomer's own Close user connects with their own token, as `connections add` does.
+    held, grants = sandbox_connection(newcomer, time.time())
+    services.connections.save(held, grants)
+    assert pair_organizations(services) == 0
+    assert services.connections.list() == [held]
+    orgs = Organizations(services)
+    assert [w.close_user_id for w in orgs.waiting_room.waiting()] == [late.close_user_id]
+    [refused] = orgs.unmatched()["refused"]
+    assert (refused["close_user_id"], refused["connection_id"]) == (late.close_user_id, held.id)
 
 
 def test_orgmode_non_admin_cannot_connect_organization(sb: Sandbox, services: Services) -> None:

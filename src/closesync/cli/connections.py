@@ -1,7 +1,9 @@
 """`closesync connections …`: add, list, show, remove, pause and resume connections.
 
 Adding resolves both users (Close `GET /me/`, Calendly `GET /users/me`), which also proves both
-tokens work; nothing is stored unless both answered. Output never contains a token.
+tokens work; nothing is stored unless both answered and no other connection has that Calendly
+user (exit 2, naming it).
+Output never contains a token.
 """
 
 from __future__ import annotations

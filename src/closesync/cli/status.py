@@ -101,6 +101,13 @@ def _unmatched(services: Services) -> dict[str, Any] | None:
 def _print_unmatched(unmatched: dict[str, Any] | None) -> None:
     if unmatched is None:
         return
+    for refusal in unmatched["refused"]:
+        sys.stdout.write(
+            f"refused pairing: Close user {refusal['email'] or refusal['close_user_id']} with "
+            f"Calendly member {refusal['calendly_email'] or refusal['calendly_user_uri']}, who "
+            f"is already connected by {refusal['connection_id']} (one connection per Calendly "
+            "user): remove that connection to pair them\n"
+        )
     for person in unmatched["close"]:
         sys.stdout.write(
             f"unmatched Close user {person['email'] or person['close_user_id']}: "

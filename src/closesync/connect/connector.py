@@ -6,9 +6,10 @@ succeeded; the Close grant waits between the two steps inside the sealed pending
 mode (a shared Calendly credential exists): the Close step alone pairs the user by email
 (`closesync.connect.organizations`). Every failure (a denied consent, an unknown, expired or
 replayed `state`, a callback from another browser than the one that started the flow, a refused
-code) raises `FlowError` with a message fit for the user, and stores nothing: tokens obtained
-before the failure are revoked at the provider, best effort. A grant once stored is never revoked
-by a later failure of the same step (an organization's members failing to list after it connected).
+code, a Calendly user another connection already has) raises `FlowError` with a message fit
+for the user, and stores nothing: tokens obtained before the failure are revoked at the provider,
+best effort. A grant once stored is never revoked by a later failure of the same step (an
+organization's members failing to list after it connected).
 
 Every flow is bound (`oauth_flow.binding_matches`): `start` takes the starter's secret, the
 Close -> Calendly hop carries its digest, and a callback presenting another secret is refused
@@ -50,7 +51,7 @@ from closesync.core.connection import (
     Side,
     connection_between,
 )
-from closesync.core.errors import ApiError, ConfigError, GrantRevoked
+from closesync.core.errors import ApiError, ConfigError, GrantRevoked, PairingRefused
 from closesync.core.retry import WaitBudget
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,19 @@ def _grant(answer: CloseToken | CalendlyToken) -> Grant:
         access_token=SecretStr(answer.access_token),
         refresh_token=SecretStr(answer.refresh_token) if answer.refresh_token else None,
         expires_at=time.time() + answer.expires_in if answer.expires_in else None,
+    )
+
+
+def _taken(error: PairingRefused, whose: str) -> FlowError:
+    """The page of a pairing refused because another connection has that Calendly user.
+
+    It names the other connection (for whoever runs closesync) but not its Close user.
+    """
+    return FlowError(
+        "taken",
+        f"{whose} is already connected to another Close user (connection {error.connection_id}),"
+        " and a Calendly user can have only one connection. Nothing was stored; ask whoever "
+        "runs closesync to remove that connection first.",
     )
 
 
@@ -205,6 +219,9 @@ class Connector:
                     f"The Calendly organization's members could not be listed: {error}. Nothing "
                     "was stored; please try again later.",
                 ) from None
+            except PairingRefused as error:
+                self._revoke("close", grant)
+                raise _taken(error, "The Calendly member with your email") from None
             if connection is None:
                 return Step(
                     "waiting",
@@ -252,7 +269,12 @@ class Connector:
         existing: Connection | None = self.services.connections.find_by_close_user(me.id)
         now = time.time()
         connection = connection_between(existing, me, user, name=flow.name, now=now)
-        self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
+        try:
+            self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
+        except PairingRefused as error:
+            self._revoke("calendly", grant)
+            self._revoke("close", close_grant)
+            raise _taken(error, "This Calendly account") from None
         log.info("connection authorized", extra={"connection_id": connection.id})
         verb = "Updated" if existing else "Connected"
         return Step(
