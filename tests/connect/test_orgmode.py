@@ -222,6 +222,85 @@ def test_orgmode_waiting_user_whose_member_is_taken_keeps_waiting_unpaired(
     assert (refused["close_user_id"], refused["connection_id"]) == (late.close_user_id, held.id)
 
 
+def _status_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["status", "--json"]) == 0
+    return dict(json.loads(capsys.readouterr().out))
+
+
+def test_orgmode_refused_shared_grant_marks_the_organization_once_and_reconnect_revives_all(
+    sb: Sandbox,
+    services: Services,
+    redis_url: str,
+    keys: Keys,
+    secret_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Calendly refusing the org grant marks it once, skips its users; reconnecting revives all."""
+    for name, value in sandbox_env(sb, redis_url, keys.prefix, secret_key).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    engine = services.engine(wait_budget=5)
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+        connect_close(sb, web.url, browser, sb.users[2].email)
+        members = services.connections.list()
+        ref = members[0].calendly_grant_ref
+        assert ref is not None
+        shared = services.connections.shared_grant(ref)
+        assert shared.refresh_token is not None
+        sb.world.revoke_token(shared.refresh_token.get_secret_value())
+        sb.world.expire_token(shared.access_token.get_secret_value())
+        sb.world.reset_request_counts()
+        failed, skipped = (engine.run(c.id) for c in members)
+        assert (failed.outcome.value, failed.failure) == ("failed", "auth")
+        assert skipped.outcome.value == "skipped"
+        assert f"Calendly refused the organization credential {ref}" in skipped.errors[0]
+        # One refresh was tried, by the first run; the second did not spend one.
+        assert sb.world.request_counts().get("calendly POST /oauth/token") == 1
+        assert [services.connections.get(c.id).state for c in members] == ["active", "active"]
+        status = _status_json(capsys)
+        assert [(r["state"], ref in r["state_reason"]) for r in status["connections"]] == [
+            ("needs_reauth", True),
+            ("needs_reauth", True),
+        ]
+        [org] = status["organizations"]
+        assert (org["ref"], org["state"]) == (ref, "needs_reauth")
+        assert "connect --organization" in org["state_reason"]
+        connect_org(sb, web.url, browser)
+    assert [engine.run(c.id).outcome.value for c in members] == ["ok", "ok"]
+    status = _status_json(capsys)
+    assert [r["state"] for r in status["connections"]] == ["active", "active"]
+    assert [o["state"] for o in status["organizations"]] == ["active"]
+
+
+def test_orgmode_refused_close_grant_marks_only_its_connection_naming_close(
+    sb: Sandbox, services: Services
+) -> None:
+    """A refused Close grant marks its own connection (reason names Close); the org is untouched."""
+    engine = services.engine(wait_budget=5)
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+        connect_close(sb, web.url, browser, sb.users[2].email)
+    refused, other = services.connections.list()
+    close = services.connections.grants(refused.id).close
+    assert close.refresh_token is not None
+    sb.world.revoke_token(close.refresh_token.get_secret_value())
+    sb.world.expire_token(close.access_token.get_secret_value())
+    report = engine.run(refused.id)
+    assert (report.outcome.value, report.failure) == ("failed", "auth")
+    marked = services.connections.get(refused.id)
+    assert marked.state == "needs_reauth"
+    assert (marked.state_reason or "").startswith("Close refused this connection's own Close grant")
+    assert refused.calendly_grant_ref is not None
+    assert services.connections.shared_refused(refused.calendly_grant_ref) is None
+    assert engine.run(other.id).outcome.value == "ok"
+    assert services.connections.get(other.id).state == "active"
+
+
 def test_orgmode_non_admin_cannot_connect_organization(sb: Sandbox, services: Services) -> None:
     """A plain member authorizing the organization gets a clear page and nothing is stored."""
     sb.world.set_oauth_next("calendly", user_email=sb.users[1].email)

@@ -4,7 +4,9 @@ The grant is stored once, sealed, under the organization's ref (its uuid). The c
 organization keep no Calendly grant of their own but `calendly_grant_ref`, so they all read,
 refresh and rotate the ONE shared grant under ONE refresh lock (`credentials.shared_lock_key`).
 Reconnecting replaces the grant under that lock, so a refresh in flight cannot write the old
-grant back, and revokes the old grant only once the new one is stored.
+grant back, and revokes the old grant only once the new one is stored. It also clears the mark a
+refused shared grant left (`ConnectionStore.mark_shared_refused`), so every connection of the
+organization syncs again at once.
 
 It must never print or log a token.
 """
@@ -127,6 +129,7 @@ class OrgCredentials:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.calendly_org(ref), json.dumps(info))
             pipe.set(self.keys.calendly_org_grant(ref), self.box.seal(grant_json(grant)))
+            pipe.delete(self.keys.calendly_org_refused(ref))
             pipe.sadd(self.keys.calendly_orgs(), ref)
             pipe.execute()
 
@@ -138,9 +141,27 @@ class OrgCredentials:
                 self.keys.calendly_org(ref),
                 self.keys.calendly_org_grant(ref),
                 self.keys.calendly_org_members(ref),
+                self.keys.calendly_org_refused(ref),
             )
             pipe.srem(self.keys.calendly_orgs(), ref)
             pipe.execute()
+
+    def overview(self) -> list[dict[str, Any]]:
+        """Each shared credential's public facts and state (`needs_reauth` once refused)."""
+        found = []
+        for ref in self.refs():
+            info = self.info(ref) or {}
+            refused = self.connections.shared_refused(ref)
+            found.append(
+                {
+                    "ref": ref,
+                    "organization_uri": info.get("organization_uri"),
+                    "authorized_by_email": info.get("authorized_by_email"),
+                    "state": "active" if refused is None else "needs_reauth",
+                    "state_reason": refused,
+                }
+            )
+        return found
 
     def users(self, ref: str) -> list[Connection]:
         """The connections that read the shared credential `ref`."""

@@ -191,6 +191,23 @@ class ConnectionStore:
     def set_shared_grant(self, ref: str, grant: Grant) -> None:
         self.redis.set(self.keys.calendly_org_grant(ref), self.box.seal(grant_json(grant)))
 
+    @guard("marking a shared Calendly credential refused")
+    def mark_shared_refused(self, ref: str, reason: str, *, now: float | None = None) -> bool:
+        """Record that Calendly refused the shared grant `ref`; False if already recorded.
+
+        Set once (NX): the first run that met the refusal says why; the others, and every
+        later run of the organization's connections, are skipped until it reconnects.
+        """
+        at = time.time() if now is None else now
+        entry = json.dumps({"reason": reason, "at": at})
+        return bool(self.redis.set(self.keys.calendly_org_refused(ref), entry, nx=True))
+
+    @guard("reading a shared Calendly credential's state")
+    def shared_refused(self, ref: str) -> str | None:
+        """Why the shared grant `ref` needs re-authorization; None while it is usable."""
+        raw = self.redis.get(self.keys.calendly_org_refused(ref))
+        return None if raw is None else str(json.loads(raw)["reason"])
+
     @guard("writing a connection's grants")
     def set_grants(self, conn_id: str, grants: Grants) -> None:
         if not self.redis.exists(self.keys.conn(conn_id)):

@@ -43,6 +43,10 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             lock (credentials.shared_lock_key)          no TTL
     {p}:calendly-org:{ref}:members  STRING  JSON [{uri, email, name}] of the members as
                                             last listed, for `closesync status`          no TTL
+    {p}:calendly-org:{ref}:refused  STRING  JSON {reason, at}: Calendly refused the shared
+                                            grant; every connection of {ref} is skipped
+                                            until the organization reconnects; absent =
+                                            usable. Set once (NX), by the first run hit  no TTL
     {p}:waiting-close               HASH    close_user_id -> JSON {email, organization_id,
                                             at}: Close users who authorized in organization
                                             mode but match no Calendly member (yet)     no TTL
@@ -164,6 +168,9 @@ class Keys:
 
     def calendly_org_members(self, ref: str) -> str:
         return f"{self.calendly_org(ref)}:members"
+
+    def calendly_org_refused(self, ref: str) -> str:
+        return f"{self.calendly_org(ref)}:refused"
 
     def waiting_close(self) -> str:
         return f"{self.prefix}:waiting-close"
