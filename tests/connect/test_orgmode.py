@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 import redis
 import requests
+from pydantic import SecretStr
 
 from closesync.apis.credentials import grant_lock_name, shared_lock_key
 from closesync.cli.main import main
 from closesync.connect.org_credentials import OrganizationBusy
 from closesync.connect.org_members import Member, match
 from closesync.connect.organizations import Organizations
-from closesync.core.connection import Connection
+from closesync.core.close_payloads import Me, Organization
+from closesync.core.connection import Connection, Grant
 from closesync.core.errors import GrantRevoked
 from closesync.core.retry import WaitBudget
 from closesync.sandbox import Sandbox
@@ -301,6 +303,118 @@ def test_orgmode_refused_close_grant_marks_only_its_connection_naming_close(
     assert services.connections.get(other.id).state == "active"
 
 
+def set_close_organization(sb: Sandbox, close_user_id: str, organization_id: str) -> None:
+    with sb.world.lock:
+        sb.world.close_users[close_user_id].organization_id = organization_id
+
+
+def test_orgmode_connect_binds_the_admins_close_organization_keeping_no_close_grant(
+    sb: Sandbox, services: Services
+) -> None:
+    """The organization flow authorizes Close first; the credential is bound to that Close org."""
+    with sb.world.lock:
+        before = set(sb.world.tokens.tokens)
+    with web_process(services) as web, requests.Session() as browser:
+        assert "Organization connected" in connect_org(sb, web.url, browser).text
+    orgs = Organizations(services)
+    [ref] = orgs.credentials.refs()
+    info = orgs.credentials.info(ref)
+    assert info is not None
+    assert info["close_organization_id"] == sb.world.close_org_id
+    assert info["close_authorized_by"] == sb.users[0].close_user_id
+    assert services.connections.list() == []
+    assert orgs.waiting_room.waiting() == []
+    issued = [t for v, t in sb.world.tokens.tokens.items() if v not in before]
+    close = [t for t in issued if t.api == "close"]
+    assert sorted(t.kind for t in close) == ["access", "refresh"]
+    assert all(t.revoked for t in close)  # only the admin's identity was needed
+
+
+def test_orgmode_close_user_of_another_close_organization_is_never_paired(
+    sb: Sandbox, services: Services
+) -> None:
+    """A Close user of another Close org is never paired with a member, whatever their email."""
+    from closesync.worker.tasks import pair_organizations
+
+    colleague, foreign = sb.users[1], sb.users[2]
+    set_close_organization(sb, foreign.close_user_id, "orga_foreign")
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        sb.world.set_oauth_next("close", user_email=foreign.email)
+        answer, url = follow(browser, web.url + "/connect", stop_before=sb.calendly_auth_url)
+        # Not paired by email: the personal flow goes on to authorize their own Calendly.
+        assert answer is None
+        assert url.startswith(sb.calendly_auth_url)
+        assert services.connections.list() == []
+        # A user of that organization already waiting (with the member's email) stays waiting.
+        me = Me(
+            id=foreign.close_user_id,
+            email=foreign.email.upper(),
+            organizations=[Organization(id="orga_foreign")],
+        )
+        grant = Grant(access_token=SecretStr(foreign.close_access_token))
+        Organizations(services).waiting_room.wait(me, grant)
+        assert pair_organizations(services) == 0
+        assert services.connections.list() == []
+        assert "Connected" in connect_close(sb, web.url, browser, colleague.email)
+    [connection] = services.connections.list()
+    assert connection.close_user_id == colleague.close_user_id
+
+
+def test_orgmode_credential_stored_before_binding_pairs_nobody_until_reconnected(
+    sb: Sandbox,
+    services: Services,
+    redis_url: str,
+    keys: Keys,
+    secret_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """A credential with no Close organization (older closesync) pairs nobody; status says so."""
+    for name, value in sandbox_env(sb, redis_url, keys.prefix, secret_key).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        [ref] = Organizations(services).credentials.refs()
+        info = json.loads(services.redis.get(services.keys.calendly_org(ref)) or "{}")
+        unbound = {k: v for k, v in info.items() if not k.startswith("close_")}
+        services.redis.set(services.keys.calendly_org(ref), json.dumps(unbound))
+        sb.world.set_oauth_next("close", user_email=sb.users[1].email)
+        answer, _ = follow(browser, web.url + "/connect", stop_before=sb.calendly_auth_url)
+        assert answer is None  # on to their own Calendly, not paired by email
+        assert main(["status"]) == 0
+        assert f"Calendly organization {ref} is bound to no Close organization" in (
+            capsys.readouterr().out
+        )
+        connect_org(sb, web.url, browser)
+        assert "Connected" in connect_close(sb, web.url, browser, sb.users[1].email)
+    assert [c.close_user_id for c in services.connections.list()] == [sb.users[1].close_user_id]
+
+
+def test_orgmode_reconnect_from_another_close_organization_is_refused_while_in_use(
+    sb: Sandbox, services: Services
+) -> None:
+    """An admin of another Close org cannot rebind a credential that connections use."""
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+        [ref] = Organizations(services).credentials.refs()
+        kept = services.connections.shared_grant(ref)
+        set_close_organization(sb, sb.users[0].close_user_id, "orga_foreign")
+        with sb.world.lock:
+            before = set(sb.world.tokens.tokens)
+        refused = connect_org(sb, web.url, browser)
+    assert refused.status_code == 403
+    assert "already connected for another Close organization" in refused.text
+    assert Organizations(services).credentials.bound_to(ref) == sb.world.close_org_id
+    assert services.connections.shared_grant(ref) == kept
+    issued = [t for v, t in sb.world.tokens.tokens.items() if v not in before]
+    assert {t.api for t in issued} == {"close", "calendly"}
+    assert all(t.revoked for t in issued)
+
+
 def test_orgmode_non_admin_cannot_connect_organization(sb: Sandbox, services: Services) -> None:
     """A plain member authorizing the organization gets a clear page and nothing is stored."""
     sb.world.set_oauth_next("calendly", user_email=sb.users[1].email)
@@ -442,9 +556,12 @@ def test_orgmode_reconnect_waits_for_the_shared_refresh_lock(
     held = services.refresh_lock(grant_lock_name("calendly", shared_lock_key(ref)))
     assert held.acquire()
     orgs = Organizations(services)
+    admin = Me(id=sb.users[0].close_user_id, organizations=[Organization(id=sb.world.close_org_id)])
     try:
         with pytest.raises(OrganizationBusy):
-            orgs.credentials.connect(sb.world.calendly_org_uri, "owner", None, old, wait_seconds=0)
+            orgs.credentials.connect(
+                sb.world.calendly_org_uri, "owner", None, old, close_admin=admin, wait_seconds=0
+            )
     finally:
         held.release()
     assert services.connections.shared_grant(ref).access_token == old.access_token

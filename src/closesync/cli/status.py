@@ -68,6 +68,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             sys.stdout.write(
                 f"Calendly organization {org['ref']}: {org['state']}: {org['state_reason']}\n"
             )
+        if org["close_organization_id"] is None:
+            sys.stdout.write(
+                f"Calendly organization {org['ref']} is bound to no Close organization (it was "
+                "connected before closesync bound them): nobody new is paired with its members "
+                "until an owner or admin runs `closesync connect --organization` again\n"
+            )
     _print_unmatched(unmatched)
     if not rows:
         sys.stdout.write("no connections yet: add one with `closesync connections add`\n")

@@ -1,17 +1,19 @@
 """Calendly organization mode: one owner or admin credential serves every member of the org.
 
 An owner or admin authorizes once (`closesync connect --organization`, or /connect/organization
-on the web process); the grant is stored once, sealed, under the organization's ref (its uuid).
-Each Close user who authorizes Close is then paired with the Calendly member of the same email,
-compared ignoring ASCII case only (`same_email`); the resulting connections keep no Calendly
-grant of their own but `calendly_grant_ref`, so they all read, refresh and rotate the ONE shared
-grant under ONE refresh lock (`credentials.shared_lock_key`). Reconnecting replaces the grant
-under that lock, so a refresh in flight cannot write the old grant back, and revokes the old
-grant only once the new one is stored. Which organizations may connect at all is
-CALENDLY_ORGANIZATION_URIS (checked by `closesync.connect.connector`). A Close user with no matching
-member waits (their Close grant sealed) until a later pairing pass finds one; `closesync status`
-lists who is unmatched on either side from the member list as last fetched, without calling
-Calendly. A member another connection already has (paired, or connected with its own Calendly
+on the web process); the grant is stored once, sealed, under the organization's ref (its uuid),
+bound to that admin's Close organization. Each Close user of that Close organization (and only
+of it: `OrgCredentials.refs_for`) who authorizes Close is then paired with the Calendly member
+of the same email, compared ignoring ASCII case only (`same_email`); the resulting connections
+keep no Calendly grant of their own but `calendly_grant_ref`, so they all read, refresh and
+rotate the ONE shared grant under ONE refresh lock (`credentials.shared_lock_key`). Reconnecting
+replaces the grant under that lock, so a refresh in flight cannot write the old grant back, and
+revokes the old grant only once the new one is stored. Which organizations may connect at all is
+CALENDLY_ORGANIZATION_URIS and CLOSE_ORGANIZATION_IDS (checked by `closesync.connect.connector`;
+the latter again here for users who waited). A Close user with no matching member waits (their
+Close grant sealed) until a later pairing pass finds one; `closesync status` lists who is
+unmatched on either side from the member list as last fetched, without calling Calendly. A
+member another connection already has (paired, or connected with its own Calendly
 grant) is never paired again: one Calendly user, one connection (its uuid is in every
 `source_id`). The Close user who matches them is refused, and `status` lists the refusal.
 
@@ -45,6 +47,7 @@ class Organizations:
         self.members = MemberCache(self.credentials)
         self.waiting_room = WaitingRoom(services.redis, services.keys, services.box)
         self.connections = services.connections
+        self.settings = services.settings
 
     def pair_close_user(self, me: Me, grant: Grant, name: str | None = None) -> Connection | None:
         """Pair a Close user who just authorized; None (and they wait) without a match.
@@ -53,7 +56,7 @@ class Organizations:
         with their email is another connection's already.
         """
         refused: PairingRefused | None = None
-        for ref in self.credentials.refs():
+        for ref in self.credentials.refs_for(me.organization_id):
             member = match(me.email, self.members.fetch(ref))
             if member is None:
                 continue
@@ -82,8 +85,13 @@ class Organizations:
                 self.members.fetch(ref)
             return paired
         for ref in self.credentials.refs():
+            bound = self.credentials.bound_to(ref)
             members = self.members.fetch(ref)
             for person in waiting:
+                if bound is None or person.organization_id != bound:
+                    continue  # never paired across Close organizations, whatever the email
+                if not self.settings.close_organization_allowed(person.organization_id):
+                    continue  # CLOSE_ORGANIZATION_IDS narrowed since they waited
                 member = match(person.email, members)
                 grant = self.waiting_room.grant(person.close_user_id) if member else None
                 if member is None or grant is None:
