@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     # authorizes; then pairing trusts whatever emails that organization's members claim, so a
     # foreign organization listing a colleague's email would receive their Close pairing.
     calendly_organization_uris: str = ""
+    # Comma-separated Close organization ids (orga_…) whose users may connect at all: by either
+    # OAuth flow (the organization flow's admin included) or `connections add`. Empty: any, as
+    # a published Close app lets any Close organization authorize it. Pairing in organization
+    # mode stays within the Close organization of the admin who connected the Calendly one
+    # either way; this decides who may connect in the first place.
+    close_organization_ids: str = ""
 
     # Comma-separated Fernet keys: the first encrypts, all decrypt (so keys can rotate).
     closesync_encryption_keys: SecretStr | None = None
@@ -128,6 +134,11 @@ class Settings(BaseSettings):
         """The allowed Calendly organization URIs (trailing slash ignored); empty: any."""
         raw = self.calendly_organization_uris
         return [uri.strip().rstrip("/") for uri in raw.split(",") if uri.strip()]
+
+    def close_organization_allowed(self, organization_id: str | None) -> bool:
+        """Whether a Close user of `organization_id` may connect (CLOSE_ORGANIZATION_IDS)."""
+        allowed = [o.strip() for o in self.close_organization_ids.split(",") if o.strip()]
+        return not allowed or organization_id in allowed
 
     def encryption_keys(self) -> list[str]:
         """The configured Fernet keys, first one used to encrypt."""

@@ -85,6 +85,52 @@ def test_web_flow_same_close_user_again_updates_connection(sb: Sandbox, services
     assert services.connections.grants(first.id).close.access_token.get_secret_value() != old
 
 
+def test_web_flow_calendly_user_of_another_connection_is_refused_and_revoked(
+    sb: Sandbox, services: Services
+) -> None:
+    """A second Close user authorizing a connected Calendly user gets 409; both grants revoked."""
+    first, second = sb.users[1], sb.users[2]
+    sb.world.set_oauth_next("close", user_email=first.email)
+    sb.world.set_oauth_next("calendly", user_email=first.email)
+    with web_process(services) as web, requests.Session() as browser:
+        follow(browser, web.url + "/connect")
+        [held] = services.connections.list()
+        before_keys = stored_keys(services)
+        with sb.world.lock:
+            before = set(sb.world.tokens.tokens)
+        sb.world.set_oauth_next("close", user_email=second.email)
+        sb.world.set_oauth_next("calendly", user_email=first.email)
+        answer, _ = follow(browser, web.url + "/connect")
+    assert answer is not None
+    assert answer.status_code == 409
+    assert f"already connected to another Close user (connection {held.id})" in answer.text
+    assert services.connections.list() == [held]
+    assert stored_keys(services) == before_keys
+    issued = new_tokens(sb, before)
+    assert sorted(t.api for t in issued) == ["calendly", "calendly", "close", "close"]
+    assert all(t.revoked for t in issued)
+
+
+def test_web_flows_close_organization_outside_allowlist_are_refused_and_revoked(
+    sb: Sandbox, services: Services
+) -> None:
+    """CLOSE_ORGANIZATION_IDS refuses another Close org in both flows; nothing stored, revoked."""
+    settings = services.settings.model_copy(update={"close_organization_ids": "orga_another"})
+    narrowed = Services.build(settings, redis_client=services.redis)
+    with sb.world.lock:
+        before = set(sb.world.tokens.tokens)
+    with web_process(narrowed) as web, requests.Session() as browser:
+        answers = [follow(browser, web.url + p)[0] for p in ("/connect", "/connect/organization")]
+    for answer in answers:
+        assert answer is not None
+        assert answer.status_code == 403
+        assert "This Close organization is not one this closesync serves" in answer.text
+    assert stored_keys(services) == []
+    issued = new_tokens(sb, before)
+    assert sorted(t.api for t in issued) == ["close"] * 4
+    assert all(t.revoked for t in issued)
+
+
 def test_terminal_flow_no_browser_round_trip_stores_connection(
     sb: Sandbox, services: Services
 ) -> None:

@@ -12,16 +12,19 @@ from typing import Any
 import pytest
 import redis
 import requests
+from pydantic import SecretStr
 
 from closesync.apis.credentials import grant_lock_name, shared_lock_key
 from closesync.cli.main import main
 from closesync.connect.org_credentials import OrganizationBusy
 from closesync.connect.org_members import Member, match
 from closesync.connect.organizations import Organizations
-from closesync.core.connection import Connection
+from closesync.core.close_payloads import Me, Organization
+from closesync.core.connection import Connection, Grant
 from closesync.core.errors import GrantRevoked
 from closesync.core.retry import WaitBudget
 from closesync.sandbox import Sandbox
+from closesync.sandbox.connections import sandbox_connection
 from closesync.settings import Settings
 from closesync.store.keys import Keys
 from closesync.store.secretbox import generate_key
@@ -155,6 +158,261 @@ def test_status_lists_unmatched_users_on_both_sides(
     text = capsys.readouterr().out
     assert "unmatched Close user stranger@elsewhere.example" in text
     assert f"unmatched Calendly member {sb.users[2].email}" in text
+
+
+def test_orgmode_member_connected_by_another_close_user_is_refused_and_listed(
+    sb: Sandbox,
+    services: Services,
+    redis_url: str,
+    keys: Keys,
+    secret_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """A Close user whose member another connection has is refused, stored nowhere, listed."""
+    owner, member = sb.users[0], sb.users[1]
+    with web_process(services) as web, requests.Session() as browser:
+        # The owner's Close user connected personally with the member's Calendly account.
+        sb.world.set_oauth_next("close", user_email=owner.email)
+        sb.world.set_oauth_next("calendly", user_email=member.email)
+        follow(browser, web.url + "/connect")
+        [held] = services.connections.list()
+        connect_org(sb, web.url, browser)
+        with sb.world.lock:
+            before = set(sb.world.tokens.tokens)
+        sb.world.set_oauth_next("close", user_email=member.email)
+        answer, _ = follow(browser, web.url + "/connect")
+    assert answer is not None
+    assert answer.status_code == 409
+    assert f"connection {held.id}" in answer.text
+    assert services.connections.list() == [held]
+    assert Organizations(services).waiting_room.waiting() == []
+    issued = [t for v, t in sb.world.tokens.tokens.items() if v not in before]
+    assert issued
+    assert all(t.api == "close" and t.revoked for t in issued)
+    for name, value in sandbox_env(sb, redis_url, keys.prefix, secret_key).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "--json"]) == 0
+    [refused] = json.loads(capsys.readouterr().out)["unmatched"]["refused"]
+    assert (refused["close_user_id"], refused["connection_id"]) == (member.close_user_id, held.id)
+    assert main(["status"]) == 0
+    assert f"refused pairing: Close user {member.email}" in capsys.readouterr().out
+
+
+def test_orgmode_waiting_user_whose_member_is_taken_keeps_waiting_unpaired(
+    sb: Sandbox, services: Services
+) -> None:
+    """The daily pass does not pair a waiting user with a member another connection has."""
+    from closesync.worker.tasks import pair_organizations
+
+    late = sb.users[3]
+    set_close_email(sb, late.close_user_id, "later@example.com")
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, "later@example.com")
+    newcomer = sb.world.create_user(email="later@example.com", name="Later Comer")
+    # The newcomer's own Close user connects with their own token, as `connections add` does.
+    held, grants = sandbox_connection(newcomer, time.time())
+    services.connections.save(held, grants)
+    assert pair_organizations(services) == 0
+    assert services.connections.list() == [held]
+    orgs = Organizations(services)
+    assert [w.close_user_id for w in orgs.waiting_room.waiting()] == [late.close_user_id]
+    [refused] = orgs.unmatched()["refused"]
+    assert (refused["close_user_id"], refused["connection_id"]) == (late.close_user_id, held.id)
+
+
+def _status_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["status", "--json"]) == 0
+    return dict(json.loads(capsys.readouterr().out))
+
+
+def test_orgmode_refused_shared_grant_marks_the_organization_once_and_reconnect_revives_all(
+    sb: Sandbox,
+    services: Services,
+    redis_url: str,
+    keys: Keys,
+    secret_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Calendly refusing the org grant marks it once, skips its users; reconnecting revives all."""
+    for name, value in sandbox_env(sb, redis_url, keys.prefix, secret_key).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    engine = services.engine(wait_budget=5)
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+        connect_close(sb, web.url, browser, sb.users[2].email)
+        members = services.connections.list()
+        ref = members[0].calendly_grant_ref
+        assert ref is not None
+        shared = services.connections.shared_grant(ref)
+        assert shared.refresh_token is not None
+        sb.world.revoke_token(shared.refresh_token.get_secret_value())
+        sb.world.expire_token(shared.access_token.get_secret_value())
+        sb.world.reset_request_counts()
+        failed, skipped = (engine.run(c.id) for c in members)
+        assert (failed.outcome.value, failed.failure) == ("failed", "auth")
+        assert skipped.outcome.value == "skipped"
+        assert f"Calendly refused the organization credential {ref}" in skipped.errors[0]
+        # One refresh was tried, by the first run; the second did not spend one.
+        assert sb.world.request_counts().get("calendly POST /oauth/token") == 1
+        assert [services.connections.get(c.id).state for c in members] == ["active", "active"]
+        status = _status_json(capsys)
+        assert [(r["state"], ref in r["state_reason"]) for r in status["connections"]] == [
+            ("needs_reauth", True),
+            ("needs_reauth", True),
+        ]
+        [org] = status["organizations"]
+        assert (org["ref"], org["state"]) == (ref, "needs_reauth")
+        assert "connect --organization" in org["state_reason"]
+        connect_org(sb, web.url, browser)
+    assert [engine.run(c.id).outcome.value for c in members] == ["ok", "ok"]
+    status = _status_json(capsys)
+    assert [r["state"] for r in status["connections"]] == ["active", "active"]
+    assert [o["state"] for o in status["organizations"]] == ["active"]
+
+
+def test_orgmode_refused_close_grant_marks_only_its_connection_naming_close(
+    sb: Sandbox, services: Services
+) -> None:
+    """A refused Close grant marks its own connection (reason names Close); the org is untouched."""
+    engine = services.engine(wait_budget=5)
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+        connect_close(sb, web.url, browser, sb.users[2].email)
+    refused, other = services.connections.list()
+    close = services.connections.grants(refused.id).close
+    assert close.refresh_token is not None
+    sb.world.revoke_token(close.refresh_token.get_secret_value())
+    sb.world.expire_token(close.access_token.get_secret_value())
+    report = engine.run(refused.id)
+    assert (report.outcome.value, report.failure) == ("failed", "auth")
+    marked = services.connections.get(refused.id)
+    assert marked.state == "needs_reauth"
+    assert (marked.state_reason or "").startswith("Close refused this connection's own Close grant")
+    assert refused.calendly_grant_ref is not None
+    assert services.connections.shared_refused(refused.calendly_grant_ref) is None
+    assert engine.run(other.id).outcome.value == "ok"
+    assert services.connections.get(other.id).state == "active"
+
+
+def set_close_organization(sb: Sandbox, close_user_id: str, organization_id: str) -> None:
+    with sb.world.lock:
+        sb.world.close_users[close_user_id].organization_id = organization_id
+
+
+def test_orgmode_connect_binds_the_admins_close_organization_keeping_no_close_grant(
+    sb: Sandbox, services: Services
+) -> None:
+    """The organization flow authorizes Close first; the credential is bound to that Close org."""
+    with sb.world.lock:
+        before = set(sb.world.tokens.tokens)
+    with web_process(services) as web, requests.Session() as browser:
+        assert "Organization connected" in connect_org(sb, web.url, browser).text
+    orgs = Organizations(services)
+    [ref] = orgs.credentials.refs()
+    info = orgs.credentials.info(ref)
+    assert info is not None
+    assert info["close_organization_id"] == sb.world.close_org_id
+    assert info["close_authorized_by"] == sb.users[0].close_user_id
+    assert services.connections.list() == []
+    assert orgs.waiting_room.waiting() == []
+    issued = [t for v, t in sb.world.tokens.tokens.items() if v not in before]
+    close = [t for t in issued if t.api == "close"]
+    assert sorted(t.kind for t in close) == ["access", "refresh"]
+    assert all(t.revoked for t in close)  # only the admin's identity was needed
+
+
+def test_orgmode_close_user_of_another_close_organization_is_never_paired(
+    sb: Sandbox, services: Services
+) -> None:
+    """A Close user of another Close org is never paired with a member, whatever their email."""
+    from closesync.worker.tasks import pair_organizations
+
+    colleague, foreign = sb.users[1], sb.users[2]
+    set_close_organization(sb, foreign.close_user_id, "orga_foreign")
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        sb.world.set_oauth_next("close", user_email=foreign.email)
+        answer, url = follow(browser, web.url + "/connect", stop_before=sb.calendly_auth_url)
+        # Not paired by email: the personal flow goes on to authorize their own Calendly.
+        assert answer is None
+        assert url.startswith(sb.calendly_auth_url)
+        assert services.connections.list() == []
+        # A user of that organization already waiting (with the member's email) stays waiting.
+        me = Me(
+            id=foreign.close_user_id,
+            email=foreign.email.upper(),
+            organizations=[Organization(id="orga_foreign")],
+        )
+        grant = Grant(access_token=SecretStr(foreign.close_access_token))
+        Organizations(services).waiting_room.wait(me, grant)
+        assert pair_organizations(services) == 0
+        assert services.connections.list() == []
+        assert "Connected" in connect_close(sb, web.url, browser, colleague.email)
+    [connection] = services.connections.list()
+    assert connection.close_user_id == colleague.close_user_id
+
+
+def test_orgmode_credential_stored_before_binding_pairs_nobody_until_reconnected(
+    sb: Sandbox,
+    services: Services,
+    redis_url: str,
+    keys: Keys,
+    secret_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """A credential with no Close organization (older closesync) pairs nobody; status says so."""
+    for name, value in sandbox_env(sb, redis_url, keys.prefix, secret_key).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        [ref] = Organizations(services).credentials.refs()
+        info = json.loads(services.redis.get(services.keys.calendly_org(ref)) or "{}")
+        unbound = {k: v for k, v in info.items() if not k.startswith("close_")}
+        services.redis.set(services.keys.calendly_org(ref), json.dumps(unbound))
+        sb.world.set_oauth_next("close", user_email=sb.users[1].email)
+        answer, _ = follow(browser, web.url + "/connect", stop_before=sb.calendly_auth_url)
+        assert answer is None  # on to their own Calendly, not paired by email
+        assert main(["status"]) == 0
+        assert f"Calendly organization {ref} is bound to no Close organization" in (
+            capsys.readouterr().out
+        )
+        connect_org(sb, web.url, browser)
+        assert "Connected" in connect_close(sb, web.url, browser, sb.users[1].email)
+    assert [c.close_user_id for c in services.connections.list()] == [sb.users[1].close_user_id]
+
+
+def test_orgmode_reconnect_from_another_close_organization_is_refused_while_in_use(
+    sb: Sandbox, services: Services
+) -> None:
+    """An admin of another Close org cannot rebind a credential that connections use."""
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+        [ref] = Organizations(services).credentials.refs()
+        kept = services.connections.shared_grant(ref)
+        set_close_organization(sb, sb.users[0].close_user_id, "orga_foreign")
+        with sb.world.lock:
+            before = set(sb.world.tokens.tokens)
+        refused = connect_org(sb, web.url, browser)
+    assert refused.status_code == 403
+    assert "already connected for another Close organization" in refused.text
+    assert Organizations(services).credentials.bound_to(ref) == sb.world.close_org_id
+    assert services.connections.shared_grant(ref) == kept
+    issued = [t for v, t in sb.world.tokens.tokens.items() if v not in before]
+    assert {t.api for t in issued} == {"close", "calendly"}
+    assert all(t.revoked for t in issued)
 
 
 def test_orgmode_non_admin_cannot_connect_organization(sb: Sandbox, services: Services) -> None:
@@ -298,9 +556,12 @@ def test_orgmode_reconnect_waits_for_the_shared_refresh_lock(
     held = services.refresh_lock(grant_lock_name("calendly", shared_lock_key(ref)))
     assert held.acquire()
     orgs = Organizations(services)
+    admin = Me(id=sb.users[0].close_user_id, organizations=[Organization(id=sb.world.close_org_id)])
     try:
         with pytest.raises(OrganizationBusy):
-            orgs.credentials.connect(sb.world.calendly_org_uri, "owner", None, old, wait_seconds=0)
+            orgs.credentials.connect(
+                sb.world.calendly_org_uri, "owner", None, old, close_admin=admin, wait_seconds=0
+            )
     finally:
         held.release()
     assert services.connections.shared_grant(ref).access_token == old.access_token

@@ -103,6 +103,41 @@ def test_cli_add_bad_token_one_line_error_nothing_stored(
     assert _json(capsys) == []
 
 
+def test_cli_add_calendly_user_of_another_connection_exits_two_naming_it(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Adding a second Close user with an already connected Calendly user exits 2, storing none."""
+    first, second = env.users[0], env.users[1]
+    assert main([*_add(first), "--json"]) == 0
+    held = _json(capsys)["id"]
+    code = main(
+        ["connections", "add", "--close-access-token", second.close_access_token,
+         "--calendly-token", first.calendly_token]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.count("\n") == 1
+    assert f"already connected to Close user {first.email} by connection {held}" in captured.err
+    assert first.calendly_token not in captured.err
+    main(["connections", "list", "--json"])
+    assert [c["close_user_id"] for c in _json(capsys)] == [first.close_user_id]
+
+
+def test_cli_add_close_organization_outside_allowlist_exits_two(
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLOSE_ORGANIZATION_IDS naming another organization refuses the add; nothing is stored."""
+    monkeypatch.setenv("CLOSE_ORGANIZATION_IDS", "orga_another, orga_third")
+    user = env.users[0]
+    assert main(_add(user)) == 2
+    err = capsys.readouterr().err
+    assert f"organization {user.close_organization_id} is not one this closesync serves" in err
+    main(["connections", "list", "--json"])
+    assert _json(capsys) == []
+    monkeypatch.setenv("CLOSE_ORGANIZATION_IDS", f"orga_another,{user.close_organization_id}")
+    assert main(_add(user)) == 0
+
+
 def test_cli_sync_dry_run_then_sync_then_status(
     env: Sandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,12 @@ import redis
 from pydantic import SecretStr
 
 from closesync.core.connection import Connection, ConnectionState, Grant, Grants
-from closesync.core.errors import ConnectionNotFound, EncryptionError, StoreUnavailable
+from closesync.core.errors import (
+    ConnectionNotFound,
+    EncryptionError,
+    PairingRefused,
+    StoreUnavailable,
+)
 from closesync.core.plan import LinkRecord
 from closesync.core.report import RunReport
 from closesync.store.client import connect, guard, redacted_url
@@ -97,9 +104,11 @@ def test_store_get_unknown_raises_not_found(store: ConnectionStore) -> None:
 
 def test_store_list_sorted_by_created_at(store: ConnectionStore) -> None:
     """list() returns every connection, oldest first."""
-    store.save(connection("conn_b", close_user_id="u_b", created_at=200.0), grants())
-    store.save(connection("conn_a", close_user_id="u_a", created_at=300.0), grants())
-    store.save(connection("conn_c", close_user_id="u_c", created_at=100.0), grants())
+    for conn_id, created_at in (("conn_b", 200.0), ("conn_a", 300.0), ("conn_c", 100.0)):
+        user = conn_id[-1]
+        calendly = f"https://api.calendly.com/users/U{user}"
+        changes = {"close_user_id": f"u_{user}", "calendly_user_uri": calendly}
+        store.save(connection(conn_id, created_at=created_at, **changes), grants())
     assert [c.id for c in store.list()] == ["conn_c", "conn_b", "conn_a"]
 
 
@@ -150,6 +159,88 @@ def test_store_save_with_new_close_user_drops_old_index(store: ConnectionStore) 
     assert store.find_by_close_user("user_new") is not None
 
 
+def test_store_save_calendly_user_of_another_connection_is_refused_storing_nothing(
+    store: ConnectionStore, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A second connection of one Calendly user is refused naming the first; nothing is written."""
+    store.save(connection("conn_first", close_email="ann@example.com"), grants())
+    before = sorted(all_values(redis_client).splitlines())
+    with pytest.raises(PairingRefused, match="conn_first") as refused:
+        store.save(connection("conn_second", close_user_id="user_2"), grants())
+    assert refused.value.connection_id == "conn_first"
+    assert "ann@example.com" in str(refused.value)
+    assert sorted(all_values(redis_client).splitlines()) == before
+    assert store.find_by_close_user("user_2") is None
+
+
+def test_store_save_refuses_a_calendly_user_stored_before_the_index_existed(
+    store: ConnectionStore, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A record written before the Calendly user index (no index key) still blocks a second."""
+    store.save(connection("conn_first"), grants())
+    for key in redis_client.scan_iter(f"{keys.prefix}:calendly-user:*"):
+        redis_client.delete(key)
+    with pytest.raises(PairingRefused, match="conn_first"):
+        store.save(connection("conn_second", close_user_id="user_2"), grants())
+    assert [c.id for c in store.list()] == ["conn_first"]
+
+
+def test_store_calendly_user_freed_by_remove_or_by_moving_to_another_user(
+    store: ConnectionStore,
+) -> None:
+    """Removing the connection, or re-saving it with another Calendly user, frees the first."""
+    store.save(connection("conn_first"), grants())
+    store.remove("conn_first")
+    store.save(connection("conn_second", close_user_id="user_2"), grants())
+    other = "https://api.calendly.com/users/U2"
+    store.save(connection("conn_second", close_user_id="user_2", calendly_user_uri=other), grants())
+    store.save(connection("conn_third", close_user_id="user_3"), grants())
+    assert {c.id: c.calendly_user_uuid for c in store.list()} == {
+        "conn_second": "U2",
+        "conn_third": "U1",
+    }
+
+
+def _save_racing(
+    redis_url: str, keys: Keys, box: FernetBox, candidate: Connection, barrier: threading.Barrier
+) -> str:
+    """Save `candidate` on a client of its own once every racer is ready: saved or refused."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        barrier.wait(timeout=10)
+        ConnectionStore(client, keys, box).save(candidate, grants())
+    except PairingRefused:
+        return "refused"
+    finally:
+        client.close()
+    return "saved"
+
+
+def test_store_concurrent_saves_of_one_calendly_user_only_one_succeeds(
+    redis_url: str, keys: Keys, box: FernetBox
+) -> None:
+    """Eight threads saving eight Close users with one Calendly user at once: exactly one wins."""
+    for round_ in range(5):
+        barrier = threading.Barrier(8)
+        calendly = f"https://api.calendly.com/users/R{round_}"
+        candidates = [
+            connection(
+                f"conn_{round_}_{n}", close_user_id=f"u_{round_}_{n}", calendly_user_uri=calendly
+            )
+            for n in range(8)
+        ]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            racing = [
+                pool.submit(_save_racing, redis_url, keys, box, c, barrier) for c in candidates
+            ]
+            outcomes = [future.result(timeout=30) for future in racing]
+        assert sorted(outcomes) == ["refused"] * 7 + ["saved"], outcomes
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    listed = ConnectionStore(client, keys, box).list()
+    client.close()
+    assert sorted(c.calendly_user_uuid for c in listed) == [f"R{r}" for r in range(5)]
+
+
 def test_store_set_state_records_reason(store: ConnectionStore) -> None:
     """set_state changes state, reason and updated_at, and returns the new connection."""
     store.save(connection(), grants())
@@ -198,7 +289,10 @@ def test_store_rotate_keys_reseals_so_old_key_can_go(redis_client: redis.Redis, 
     old_key, new_key = generate_key(), generate_key()
     ConnectionStore(redis_client, keys, FernetBox([old_key])).save(connection(), grants())
     ConnectionStore(redis_client, keys, PlainBox()).save(
-        connection("conn_plain", close_user_id="u_p"), grants()
+        connection(
+            "conn_plain", close_user_id="u_p", calendly_user_uri="https://api.calendly.com/users/P"
+        ),
+        grants(),
     )
     both = FernetBox([new_key, old_key])
     assert ConnectionStore(redis_client, keys, both).grants("conn_000000000001") == grants()

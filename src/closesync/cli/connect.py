@@ -4,7 +4,8 @@ Prints (and opens, unless `--no-browser` or there is no browser) each authorize 
 callback on a loopback port (`http://127.0.0.1:PORT/oauth/{close,calendly}/callback`, which must
 be a redirect URI of both OAuth applications), and goes from Close to Calendly in one browser
 tab: the Close callback redirects straight on to Calendly. `--organization` connects a Calendly
-organization's shared credential instead (an owner or admin must authorize).
+organization's shared credential instead (an owner or admin must authorize; Close is authorized
+first there too, to bind the credential to the admin's Close organization).
 
 Binding: each run makes a secret of its own, and the loopback server finishes only the flows
 this run started (`oauth_flow.binding_matches`); no cookie is needed, since the browser goes
@@ -147,8 +148,8 @@ def run_connect(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        provider: Side = "close" if purpose == "personal" else "calendly"
-        announce(provider, server.connector.start(purpose, server.binding, name))
+        # Both flows start at Close (an organization's to learn the admin's Close organization).
+        announce("close", server.connector.start(purpose, server.binding, name))
         while True:
             try:
                 result = server.results.get(timeout=timeout)
@@ -183,10 +184,8 @@ def _announcer(open_browser: bool) -> Announce:
 def cmd_connect(args: argparse.Namespace) -> int:
     services = load_services()
     purpose: Purpose = "organization" if args.organization else "personal"
-    # Both apps for a personal flow: a missing one must not surface after Close was approved.
-    Connector(services, "http://127.0.0.1").require_apps(
-        *(("close", "calendly") if purpose == "personal" else ("calendly",))
-    )
+    # Both apps, for either flow: a missing one must not surface after Close was approved.
+    Connector(services, "http://127.0.0.1").require_apps("close", "calendly")
     try:
         step = run_connect(
             services,

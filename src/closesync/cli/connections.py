@@ -1,7 +1,9 @@
 """`closesync connections …`: add, list, show, remove, pause and resume connections.
 
 Adding resolves both users (Close `GET /me/`, Calendly `GET /users/me`), which also proves both
-tokens work; nothing is stored unless both answered. Output never contains a token.
+tokens work; nothing is stored unless both answered, the Close organization may connect
+(CLOSE_ORGANIZATION_IDS) and no other connection has that Calendly user (exit 2, naming it).
+Output never contains a token.
 """
 
 from __future__ import annotations
@@ -140,6 +142,11 @@ def cmd_add(args: argparse.Namespace) -> int:
             endpoint=error.endpoint,
             status=error.status,
         ) from None
+    if not services.settings.close_organization_allowed(me.organization_id):
+        raise ConfigError(
+            f"the Close user's organization {me.organization_id} is not one this closesync "
+            "serves (CLOSE_ORGANIZATION_IDS); nothing was stored"
+        )
     now = time.time()
     grants = Grants(
         close=Grant(

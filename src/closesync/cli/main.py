@@ -19,6 +19,7 @@ from closesync.core.errors import (
     ConfigError,
     ConnectionNotFound,
     EncryptionError,
+    PairingRefused,
     StoreUnavailable,
 )
 
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)
-    except (ConfigError, ConnectionNotFound, EncryptionError) as error:
+    except (ConfigError, ConnectionNotFound, EncryptionError, PairingRefused) as error:
         sys.stderr.write(f"closesync: {error}\n")
         return EXIT_USAGE
     except (StoreUnavailable, ApiError, CloseSyncError) as error:

@@ -1,4 +1,9 @@
-"""`closesync status`: per connection its state, last run and counts, held deletions, last error."""
+"""`closesync status`: per connection its state, last run and counts, held deletions, last error.
+
+A connection whose Calendly organization's shared credential was refused shows needs_reauth with
+that credential's reason, although its own record is untouched (reconnecting the organization
+brings it back); organization mode also lists each shared credential and its state.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from closesync.cli.common import print_json, print_table, when
-from closesync.core.connection import Connection
+from closesync.core.connection import Connection, ConnectionState
 from closesync.core.report import RunReport
 from closesync.wiring.services import Services, load_services
 
@@ -27,11 +32,14 @@ def connection_status(services: Services, connection: Connection) -> dict[str, A
     errored = next((r for r in reports if r.error), None)
     held = state.held(connection.id)
     backfill = state.backfill_progress(connection.id)
+    ref = connection.calendly_grant_ref
+    shared = services.connections.shared_refused(ref) if ref is not None else None
+    waits_for_org = shared is not None and connection.state is ConnectionState.ACTIVE
     return {
         "id": connection.id,
         "name": connection.name,
-        "state": connection.state.value,
-        "state_reason": connection.state_reason,
+        "state": ConnectionState.NEEDS_REAUTH.value if waits_for_org else connection.state.value,
+        "state_reason": shared if waits_for_org else connection.state_reason,
         "last_run": last.model_dump(mode="json") if last else None,
         "held_deletions": asdict(held) if held else None,
         "last_error": errored.error if errored else None,
@@ -45,9 +53,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     connections: list[Connection] = services.connections.list()
     rows = [connection_status(services, c) for c in connections]
     unmatched = _unmatched(services)
+    organizations = _organizations(services)
     if args.json:
-        print_json({"connections": rows, **({"unmatched": unmatched} if unmatched else {})})
+        print_json(
+            {
+                "connections": rows,
+                **({"unmatched": unmatched} if unmatched else {}),
+                **({"organizations": organizations} if organizations else {}),
+            }
+        )
         return 0
+    for org in organizations:
+        if org["state"] != "active":
+            sys.stdout.write(
+                f"Calendly organization {org['ref']}: {org['state']}: {org['state_reason']}\n"
+            )
+        if org["close_organization_id"] is None:
+            sys.stdout.write(
+                f"Calendly organization {org['ref']} is bound to no Close organization (it was "
+                "connected before closesync bound them): nobody new is paired with its members "
+                "until an owner or admin runs `closesync connect --organization` again\n"
+            )
     _print_unmatched(unmatched)
     if not rows:
         sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
@@ -98,9 +124,23 @@ def _unmatched(services: Services) -> dict[str, Any] | None:
     return orgs.unmatched() if orgs.credentials.refs() or orgs.waiting_room.waiting() else None
 
 
+def _organizations(services: Services) -> list[dict[str, Any]]:
+    """Calendly organization mode: each shared credential and whether it is usable."""
+    from closesync.connect.org_credentials import OrgCredentials
+
+    return OrgCredentials(services).overview()
+
+
 def _print_unmatched(unmatched: dict[str, Any] | None) -> None:
     if unmatched is None:
         return
+    for refusal in unmatched["refused"]:
+        sys.stdout.write(
+            f"refused pairing: Close user {refusal['email'] or refusal['close_user_id']} with "
+            f"Calendly member {refusal['calendly_email'] or refusal['calendly_user_uri']}, who "
+            f"is already connected by {refusal['connection_id']} (one connection per Calendly "
+            "user): remove that connection to pair them\n"
+        )
     for person in unmatched["close"]:
         sys.stdout.write(
             f"unmatched Close user {person['email'] or person['close_user_id']}: "

@@ -3,12 +3,19 @@
 
 Personal mode: Close first, then Calendly (PKCE); the connection is stored only when both callbacks
 succeeded; the Close grant waits between the two steps inside the sealed pending flow. Organization
-mode (a shared Calendly credential exists): the Close step alone pairs the user by email
-(`closesync.connect.organizations`). Every failure (a denied consent, an unknown, expired or
-replayed `state`, a callback from another browser than the one that started the flow, a refused
-code) raises `FlowError` with a message fit for the user, and stores nothing: tokens obtained
-before the failure are revoked at the provider, best effort. A grant once stored is never revoked
-by a later failure of the same step (an organization's members failing to list after it connected).
+mode (a shared Calendly credential bound to the user's Close organization exists): the Close step
+alone pairs the user by email (`closesync.connect.organizations`). Connecting an organization
+authorizes Close first too, to learn the admin's Close organization, which the Calendly credential
+is bound to (only its users are ever paired with the members); that Close grant is revoked at
+once, only the admin's public Close identity waits in the pending flow. CLOSE_ORGANIZATION_IDS,
+when set, refuses any other Close organization at the Close step of either flow.
+
+Every failure (a denied consent, an unknown, expired or replayed `state`, a callback from another
+browser than the one that started the flow, a refused code, a Calendly user another connection
+already has) raises `FlowError` with a message fit for the user, and stores nothing: tokens
+obtained before the failure are revoked at the provider, best effort. A grant once stored is never
+revoked by a later failure of the same step (an organization's members failing to list after it
+connected).
 
 Every flow is bound (`oauth_flow.binding_matches`): `start` takes the starter's secret, the
 Close -> Calendly hop carries its digest, and a callback presenting another secret is refused
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -50,7 +58,7 @@ from closesync.core.connection import (
     Side,
     connection_between,
 )
-from closesync.core.errors import ApiError, ConfigError, GrantRevoked
+from closesync.core.errors import ApiError, ConfigError, GrantRevoked, PairingRefused
 from closesync.core.retry import WaitBudget
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,19 @@ def _grant(answer: CloseToken | CalendlyToken) -> Grant:
         access_token=SecretStr(answer.access_token),
         refresh_token=SecretStr(answer.refresh_token) if answer.refresh_token else None,
         expires_at=time.time() + answer.expires_in if answer.expires_in else None,
+    )
+
+
+def _taken(error: PairingRefused, whose: str) -> FlowError:
+    """The page of a pairing refused because another connection has that Calendly user.
+
+    It names the other connection (for whoever runs closesync) but not its Close user.
+    """
+    return FlowError(
+        "taken",
+        f"{whose} is already connected to another Close user (connection {error.connection_id}),"
+        " and a Calendly user can have only one connection. Nothing was stored; ask whoever "
+        "runs closesync to remove that connection first.",
     )
 
 
@@ -97,18 +118,17 @@ class Connector:
             raise _apps_missing(*missing)
 
     def start(self, purpose: Purpose, binding: str, name: str | None = None) -> str:
-        """A new flow's first authorize URL: Close for a person, Calendly for an organization.
+        """A new flow's first authorize URL: Close, for a person and an organization alike.
 
         `binding` is the starter's secret (browser cookie, terminal run); only a callback that
-        presents it again can finish the flow. Both OAuth apps are checked for a personal flow,
-        so a missing Calendly app is said now, not after the user approved Close.
+        presents it again can finish the flow. Both OAuth apps are checked, so a missing
+        Calendly app is said now, not after the user approved Close.
         """
-        provider: Side = "close" if purpose == "personal" else "calendly"
-        self.require_apps(*(("close", "calendly") if purpose == "personal" else ("calendly",)))
+        self.require_apps("close", "calendly")
         flow = PendingFlow(
-            provider=provider,
+            provider="close",
             purpose=purpose,
-            redirect_uri=redirect_uri(self.base_url, provider),
+            redirect_uri=redirect_uri(self.base_url, "close"),
             name=name,
             binding=binding_digest(binding),
         )
@@ -195,7 +215,30 @@ class Connector:
         except ApiError as error:
             self._revoke("close", grant)
             raise FlowError("provider", f"Close did not answer who you are: {error}") from None
-        if self.orgs.credentials.refs():
+        if not self.settings.close_organization_allowed(me.organization_id):
+            self._revoke("close", grant)
+            log.warning("refused a Close organization outside CLOSE_ORGANIZATION_IDS")
+            raise FlowError(
+                "not_allowed",
+                "This Close organization is not one this closesync serves "
+                "(CLOSE_ORGANIZATION_IDS). Nothing was stored.",
+            )
+        if flow.purpose == "organization":
+            # Only who the admin is, and in which Close organization, is needed: not the grant.
+            self._revoke("close", grant)
+            if me.organization_id is None:
+                raise FlowError(
+                    "provider",
+                    "Close did not say which organization you belong to. Nothing was stored; "
+                    "please start again.",
+                )
+            return self._to_calendly(
+                flow,
+                {"me": me.model_dump(mode="json")},
+                "Close is authorized; now authorize Calendly as an owner or admin of the "
+                "organization.",
+            )
+        if self.orgs.credentials.refs_for(me.organization_id):
             try:
                 connection = self.orgs.pair_close_user(me, grant, flow.name)
             except ApiError as error:
@@ -205,6 +248,9 @@ class Connector:
                     f"The Calendly organization's members could not be listed: {error}. Nothing "
                     "was stored; please try again later.",
                 ) from None
+            except PairingRefused as error:
+                self._revoke("close", grant)
+                raise _taken(error, "The Calendly member with your email") from None
             if connection is None:
                 return Step(
                     "waiting",
@@ -220,19 +266,25 @@ class Connector:
             self._revoke("close", grant)
             self.require_apps("calendly")
         close_part = {"grant": grant.revealed(), "me": me.model_dump(mode="json")}
+        return self._to_calendly(flow, close_part, "Close is authorized; now authorize Calendly.")
+
+    def _to_calendly(self, flow: PendingFlow, close_part: dict[str, Any], message: str) -> Step:
+        """The Calendly step of `flow`, carrying what its Close step learnt (sealed)."""
         nxt = PendingFlow(
             provider="calendly",
-            purpose="personal",
+            purpose=flow.purpose,
             redirect_uri=redirect_uri(self.base_url, "calendly"),
             close=close_part,
             name=flow.name,
             binding=flow.binding,
         )
         url = self.states.start(self.settings, nxt)[1]
-        return Step("next", "Close is authorized; now authorize Calendly.", next_url=url)
+        return Step("next", message, next_url=url)
 
     def _calendly_step(self, flow: PendingFlow, code: str) -> Step:
-        if flow.purpose == "personal" and flow.close is None:
+        if flow.close is None:
+            # Both flows authorize Close first (an organization flow to learn the admin's Close
+            # organization); a flow without that step is not one this version started.
             raise FlowError("state", "This Calendly authorization has no Close step; start again.")
         grant = self._exchange(flow, code)
         client = self._calendly_client(grant)
@@ -242,17 +294,21 @@ class Connector:
             self._revoke("calendly", grant)
             self._revoke_pending(flow)
             raise FlowError("provider", f"Calendly did not answer who you are: {error}") from None
+        me = Me.model_validate(flow.close["me"])
         if flow.purpose == "organization":
             return self._organization(
-                client, user.uri, user.email, user.current_organization, grant
+                client, user.uri, user.email, user.current_organization, grant, me
             )
-        assert flow.close is not None  # noqa: S101 - checked above for personal flows
-        me = Me.model_validate(flow.close["me"])
         close_grant = Grant.model_validate(flow.close["grant"])
         existing: Connection | None = self.services.connections.find_by_close_user(me.id)
         now = time.time()
         connection = connection_between(existing, me, user, name=flow.name, now=now)
-        self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
+        try:
+            self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
+        except PairingRefused as error:
+            self._revoke("calendly", grant)
+            self._revoke("close", close_grant)
+            raise _taken(error, "This Calendly account") from None
         log.info("connection authorized", extra={"connection_id": connection.id})
         verb = "Updated" if existing else "Connected"
         return Step(
@@ -268,6 +324,7 @@ class Connector:
         email: str | None,
         organization_uri: str | None,
         grant: Grant,
+        admin: Me,
     ) -> Step:
         allowed = self.settings.calendly_organizations()
         if organization_uri is not None and allowed and organization_uri.rstrip("/") not in allowed:
@@ -303,8 +360,21 @@ class Connector:
                 "Only an owner or admin of the Calendly organization can connect it. Nothing "
                 "was stored.",
             )
+        close_org = admin.organization_id
+        assert close_org is not None  # noqa: S101 - the Close step refused an admin without one
+        elsewhere = self.orgs.credentials.users_elsewhere(organization_uri, close_org)
+        if elsewhere:
+            # Rebinding would pair this Close organization's users beside another's.
+            self._revoke("calendly", grant)
+            raise FlowError(
+                "not_allowed",
+                "This Calendly organization is already connected for another Close organization "
+                f"({len(elsewhere)} connection(s) use it). Nothing was stored.",
+            )
         try:
-            ref = self.orgs.credentials.connect(organization_uri, user_uri, email, grant)
+            ref = self.orgs.credentials.connect(
+                organization_uri, user_uri, email, grant, close_admin=admin
+            )
         except OrganizationBusy as error:
             self._revoke("calendly", grant)  # not stored: the lock was never ours
             raise FlowError(
@@ -344,7 +414,7 @@ class Connector:
 
     def _revoke_pending(self, flow: PendingFlow) -> None:
         """Revoke the Close grant a failed Calendly step was carrying: it is never stored."""
-        if flow.close is not None:
+        if flow.close is not None and "grant" in flow.close:
             self._revoke("close", Grant.model_validate(flow.close["grant"]))
 
     def _revoke(self, provider: Side, grant: Grant) -> None:

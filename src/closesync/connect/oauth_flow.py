@@ -126,7 +126,8 @@ class PendingFlow:
     redirect_uri: str
     code_verifier: str | None = field(default=None, repr=False)
     # Close grant and user of the first step, waiting for the Calendly step (grant fields as
-    # `closesync.store.connections.grant_json` writes them). Never printed.
+    # `closesync.store.connections.grant_json` writes them); an organization flow carries the
+    # admin's user alone (`me`: their Close organization binds the credential). Never printed.
     close: dict[str, Any] | None = field(default=None, repr=False)
     # A name the user gave the connection when starting (`closesync connect --name`).
     name: str | None = None

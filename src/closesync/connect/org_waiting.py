@@ -1,14 +1,16 @@
 """Calendly organization mode, the waiting room: Close users who authorized before their match.
 
 A Close user whose email matches no member yet waits, their Close grant sealed, until a later
-pairing pass (after an organization connects, or the daily drift check) finds one.
+pairing pass (after an organization connects, or the daily drift check) finds one. A pairing
+refused because another connection already has the matching Calendly user is remembered too,
+without any secret, so that `closesync status` can list it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from redis import Redis
 
@@ -27,6 +29,19 @@ class Waiting:
     close_user_id: str
     email: str | None
     organization_id: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A Close user whose matching Calendly member another connection already has (no secret)."""
+
+    close_user_id: str
+    email: str | None
+    organization_id: str | None
+    calendly_user_uri: str
+    calendly_email: str | None
+    connection_id: str
     at: float
 
 
@@ -65,3 +80,20 @@ class WaitingRoom:
             pipe.hdel(self.keys.waiting_close(), close_user_id)
             pipe.delete(self.keys.waiting_close_grant(close_user_id))
             pipe.execute()
+
+    @guard("remembering a refused pairing")
+    def refuse(self, refusal: Refusal) -> None:
+        fields = {k: v for k, v in asdict(refusal).items() if k != "close_user_id"}
+        self.redis.hset(self.keys.refused_pairings(), refusal.close_user_id, json.dumps(fields))
+
+    @guard("reading the refused pairings")
+    def refused(self) -> list[Refusal]:
+        raw = self.redis.hgetall(self.keys.refused_pairings())
+        return sorted(
+            (Refusal(close_user_id=str(uid), **json.loads(v)) for uid, v in raw.items()),
+            key=lambda r: (r.at, r.close_user_id),
+        )
+
+    @guard("forgetting a refused pairing")
+    def forget_refusal(self, close_user_id: str) -> None:
+        self.redis.hdel(self.keys.refused_pairings(), close_user_id)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from closesync.core.connection import Connection
 
 FlowErrorKind = Literal[
-    "denied", "state", "browser", "code", "provider", "not_admin", "not_allowed"
+    "denied", "state", "browser", "code", "provider", "not_admin", "not_allowed", "taken"
 ]
 # The error codes of RFC 6749 §4.1.2.1: the only `error` values a page may name. Anything else is
 # attacker-controllable text (content spoofing) and is reported as "returned an error".

@@ -21,6 +21,29 @@ Side = Literal["close", "calendly"]
 SIDE_LABEL: dict[Side, str] = {"close": "Close", "calendly": "Calendly"}
 
 
+def side_of_api(api: str) -> Side | None:
+    """The side an API label (`ApiError.api`: "Close", "Calendly") stands for; None if neither."""
+    return next((side for side, label in SIDE_LABEL.items() if label == api), None)
+
+
+def own_grant_refused(side: Side | None, detail: str) -> str:
+    """Why a connection needs re-authorization when its own grant of `side` was refused."""
+    if side is None:
+        return f"a grant of this connection was refused: {detail}; the user must connect again"
+    return (
+        f"{SIDE_LABEL[side]} refused this connection's own {SIDE_LABEL[side]} grant: {detail}; "
+        "the user must connect again"
+    )
+
+
+def shared_grant_refused(ref: str, detail: str) -> str:
+    """Why every connection of an organization waits when its shared Calendly grant was refused."""
+    return (
+        f"Calendly refused the organization credential {ref} (the shared Calendly grant): "
+        f"{detail}; an owner or admin must run `closesync connect --organization` again"
+    )
+
+
 class ConnectionState(StrEnum):
     ACTIVE = "active"  # scheduled and synced
     PAUSED = "paused"  # kept, not scheduled, until `closesync connections resume`

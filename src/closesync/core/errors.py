@@ -6,6 +6,7 @@
     ├── CorruptState                a value stored in Redis does not parse: stop, report it
     ├── RunLocked                   another run holds this connection's lock: run again after it
     ├── ConnectionNotFound          no connection with that id
+    ├── PairingRefused              another connection has that Calendly user: nothing stored
     ├── EncryptionError             a stored secret cannot be decrypted or no key is set
     └── ApiError                    one call to Calendly or Close failed
         ├── RetryableError          try the same call again later; nothing is lost
@@ -49,6 +50,19 @@ class CorruptState(CloseSyncError):
 
 class ConnectionNotFound(CloseSyncError):
     """No connection is stored under the given id."""
+
+
+class PairingRefused(CloseSyncError):
+    """The Calendly user is already paired with another Close user, by `connection_id`.
+
+    A `source_id` is `<Calendly user uuid>:<event type uuid>` and Close may scope it per
+    application only, so two connections of one Calendly user could overwrite or delete each
+    other's links: the second pairing is refused and nothing of it is stored.
+    """
+
+    def __init__(self, message: str, *, connection_id: str) -> None:
+        super().__init__(message)
+        self.connection_id = connection_id
 
 
 class EncryptionError(CloseSyncError):

@@ -20,7 +20,7 @@ from closesync.core.connection import (
     Grants,
     Side,
 )
-from closesync.core.errors import ConnectionNotFound
+from closesync.core.errors import ConnectionNotFound, PairingRefused
 from closesync.store.client import guard
 from closesync.store.keys import Keys, as_text, watched
 from closesync.store.secretbox import SecretBox
@@ -36,6 +36,22 @@ def _grants_json(grants: Grants) -> bytes:
 def grant_json(grant: Grant) -> bytes:
     """One grant with its secrets revealed: only ever handed to a SecretBox."""
     return json.dumps(grant.revealed()).encode()
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return None if value is None else as_text(value)
+
+
+def _taken(wanted: Connection, holder: Connection) -> str:
+    """Why `wanted` cannot be stored: `holder` already has its Calendly user."""
+    calendly = wanted.calendly_email or wanted.calendly_user_uri
+    close = holder.close_email or holder.close_user_id
+    return (
+        f"Calendly user {calendly} is already connected to Close user {close} by connection "
+        f"{holder.id}; a Calendly user can have only one connection (both would write the same "
+        f"source_ids in Close). Nothing was stored; remove {holder.id} first "
+        f"(`closesync connections remove {holder.id}`)"
+    )
 
 
 def _not_found(conn_id: str) -> ConnectionNotFound:
@@ -54,7 +70,10 @@ class ConnectionStore:
 
     @guard("saving a connection")
     def save(self, connection: Connection, grants: Grants) -> None:
-        """Store the connection, its grants and its Close user index in one transaction."""
+        """Store the connection, its grants and its user indexes in one transaction.
+
+        PairingRefused, and nothing written, when another connection has its Calendly user.
+        """
         self._save(connection, self.box.seal(_grants_json(grants)))
 
     @guard("saving a connection")
@@ -67,20 +86,62 @@ class ConnectionStore:
         self._save(connection, self.box.seal(own))
 
     def _save(self, connection: Connection, sealed_grants: str) -> None:
+        """Write the connection and both indexes, or refuse a Calendly user another one holds.
+
+        The Calendly user's index is WATCHed from the check to the write: of two saves racing
+        for one Calendly user, the second's transaction fails, re-reads, and is refused.
+        """
         conn_id = connection.id
-        previous = self.redis.get(self.keys.conn(conn_id))
-        with self.redis.pipeline(transaction=True) as pipe:
+        calendly_key = self.keys.calendly_user(connection.calendly_user_uuid)
+
+        def apply(pipe: redis.client.Pipeline) -> None:
+            pipe.watch(self.keys.conn(conn_id))  # type: ignore[no-untyped-call]
+            holder = self._calendly_holder(pipe, connection)
+            if holder is not None:
+                raise PairingRefused(_taken(connection, holder), connection_id=holder.id)
+            previous = pipe.get(self.keys.conn(conn_id))
+            # Index entries of the previous record that this save makes wrong, if still ours.
+            moved: list[str] = []
             if previous is not None:
-                old_user = Connection.model_validate_json(previous).close_user_id
-                if old_user != connection.close_user_id and (
-                    self.redis.get(self.keys.close_user(old_user)) == conn_id
-                ):
-                    pipe.delete(self.keys.close_user(old_user))
+                old = Connection.model_validate_json(previous)
+                if old.close_user_id != connection.close_user_id:
+                    moved.append(self.keys.close_user(old.close_user_id))
+                if old.calendly_user_uuid != connection.calendly_user_uuid:
+                    moved.append(self.keys.calendly_user(old.calendly_user_uuid))
+            stale = [key for key in moved if _text(pipe.get(key)) == conn_id]
+            pipe.multi()
+            if stale:
+                pipe.delete(*stale)
             pipe.set(self.keys.conn(conn_id), connection.model_dump_json())
             pipe.set(self.keys.grants(conn_id), sealed_grants)
             pipe.set(self.keys.close_user(connection.close_user_id), conn_id)
+            pipe.set(calendly_key, conn_id)
             pipe.sadd(self.keys.connections(), conn_id)
-            pipe.execute()
+
+        watched(self.redis, calendly_key, apply)
+
+    def _calendly_holder(
+        self, pipe: redis.client.Pipeline, connection: Connection
+    ) -> Connection | None:
+        """The other stored connection of `connection`'s Calendly user, if there is one."""
+        holder_id = _text(pipe.get(self.keys.calendly_user(connection.calendly_user_uuid)))
+        if holder_id is not None:
+            raw = pipe.get(self.keys.conn(holder_id))
+            # An index entry whose connection is gone holds nothing.
+            holder = None if raw is None else Connection.model_validate_json(raw)
+            return holder if holder is not None and holder.id != connection.id else None
+        # No index entry: records saved before the index existed are found by their user.
+        ids = sorted(as_text(m) for m in pipe.smembers(self.keys.connections()))
+        raws = pipe.mget([self.keys.conn(i) for i in ids]) if ids else []
+        return next(
+            (
+                found
+                for found in (Connection.model_validate_json(r) for r in raws if r is not None)
+                if found.id != connection.id
+                and found.calendly_user_uuid == connection.calendly_user_uuid
+            ),
+            None,
+        )
 
     @guard("reading a connection")
     def get(self, conn_id: str) -> Connection:
@@ -129,6 +190,23 @@ class ConnectionStore:
     @guard("writing a shared Calendly grant")
     def set_shared_grant(self, ref: str, grant: Grant) -> None:
         self.redis.set(self.keys.calendly_org_grant(ref), self.box.seal(grant_json(grant)))
+
+    @guard("marking a shared Calendly credential refused")
+    def mark_shared_refused(self, ref: str, reason: str, *, now: float | None = None) -> bool:
+        """Record that Calendly refused the shared grant `ref`; False if already recorded.
+
+        Set once (NX): the first run that met the refusal says why; the others, and every
+        later run of the organization's connections, are skipped until it reconnects.
+        """
+        at = time.time() if now is None else now
+        entry = json.dumps({"reason": reason, "at": at})
+        return bool(self.redis.set(self.keys.calendly_org_refused(ref), entry, nx=True))
+
+    @guard("reading a shared Calendly credential's state")
+    def shared_refused(self, ref: str) -> str | None:
+        """Why the shared grant `ref` needs re-authorization; None while it is usable."""
+        raw = self.redis.get(self.keys.calendly_org_refused(ref))
+        return None if raw is None else str(json.loads(raw)["reason"])
 
     @guard("writing a connection's grants")
     def set_grants(self, conn_id: str, grants: Grants) -> None:
@@ -213,13 +291,19 @@ class ConnectionStore:
     def remove(self, conn_id: str) -> None:
         """Erase every key of the connection; ConnectionNotFound if there was no record."""
         raw = self.redis.get(self.keys.conn(conn_id))
-        close_user = None if raw is None else Connection.model_validate_json(raw).close_user_id
+        record = None if raw is None else Connection.model_validate_json(raw)
+        indexes = (
+            []
+            if record is None
+            else [
+                self.keys.close_user(record.close_user_id),
+                self.keys.calendly_user(record.calendly_user_uuid),
+            ]
+        )
         with self.redis.pipeline(transaction=True) as pipe:
-            if (
-                close_user is not None
-                and self.redis.get(self.keys.close_user(close_user)) == conn_id
-            ):
-                pipe.delete(self.keys.close_user(close_user))
+            for index in indexes:
+                if _text(self.redis.get(index)) == conn_id:
+                    pipe.delete(index)
             pipe.delete(*self.keys.of_connection(conn_id))
             pipe.srem(self.keys.connections(), conn_id)
             pipe.execute()

@@ -8,6 +8,9 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:conn:{id}:grants            STRING  Grants JSON sealed by a SecretBox            no TTL
     {p}:close-user:{close_user_id}  STRING  -> connection id: adding the same Close user
                                             again updates its connection, no duplicate   no TTL
+    {p}:calendly-user:{uuid}        STRING  -> connection id: the one connection of that
+                                            Calendly user (source_ids embed its uuid, so a
+                                            second connection is refused: PairingRefused) no TTL
     {p}:conn:{id}:links             HASH    source_id -> JSON LinkRecord {fingerprint,
                                             event_type_uri, missing}: what Close accepted no TTL
     {p}:conn:{id}:rejected          HASH    source_id -> JSON {fingerprint, error}: a
@@ -40,21 +43,31 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             lock (credentials.shared_lock_key)          no TTL
     {p}:calendly-org:{ref}:members  STRING  JSON [{uri, email, name}] of the members as
                                             last listed, for `closesync status`          no TTL
+    {p}:calendly-org:{ref}:refused  STRING  JSON {reason, at}: Calendly refused the shared
+                                            grant; every connection of {ref} is skipped
+                                            until the organization reconnects; absent =
+                                            usable. Set once (NX), by the first run hit  no TTL
     {p}:waiting-close               HASH    close_user_id -> JSON {email, organization_id,
                                             at}: Close users who authorized in organization
                                             mode but match no Calendly member (yet)     no TTL
     {p}:waiting-close:{user}:grant  STRING  that Close user's Grant JSON, sealed         no TTL
+    {p}:refused-pairings            HASH    close_user_id -> JSON {email, organization_id,
+                                            calendly_user_uri, calendly_email,
+                                            connection_id, at}: organization pairings
+                                            refused because another connection holds that
+                                            Calendly user; no secret, for `status`       no TTL
 
 A connection whose `calendly_grant_ref` is set stores only its Close grant in `:grants` (sealed
 JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
 Calendly side at the shared `calendly-org:{ref}:grant`.
 
 Writes that must not be seen half-done (saving a connection, replacing the records) are one
-MULTI/EXEC; read-modify-writes of a connection or of its grants WATCH their key, so a concurrent
-token refresh is never overwritten by a stale copy (a refresh token is single-use: losing the new
-one means the user must authorize again). `SyncState` writes for one connection assume the caller
-holds that connection's run lock (`closesync.store.locks`). Every Redis error leaves this module as
-StoreUnavailable.
+MULTI/EXEC; saving a connection WATCHes its Calendly user's index, so that of two saves racing
+for one Calendly user exactly one succeeds; read-modify-writes of a connection or of its grants
+WATCH their key, so a concurrent token refresh is never overwritten by a stale copy (a refresh
+token is single-use: losing the new one means the user must authorize again). `SyncState` writes
+for one connection assume the caller holds that connection's run lock (`closesync.store.locks`).
+Every Redis error leaves this module as StoreUnavailable.
 
 The stores live beside this module: `closesync.store.connections` (connections and their sealed
 grants) and `closesync.store.sync_state` (link records, reports, flags, ticks).
@@ -108,6 +121,9 @@ class Keys:
     def close_user(self, close_user_id: str) -> str:
         return f"{self.prefix}:close-user:{close_user_id}"
 
+    def calendly_user(self, calendly_user_uuid: str) -> str:
+        return f"{self.prefix}:calendly-user:{calendly_user_uuid}"
+
     def links(self, conn_id: str) -> str:
         return f"{self.conn(conn_id)}:links"
 
@@ -153,14 +169,20 @@ class Keys:
     def calendly_org_members(self, ref: str) -> str:
         return f"{self.calendly_org(ref)}:members"
 
+    def calendly_org_refused(self, ref: str) -> str:
+        return f"{self.calendly_org(ref)}:refused"
+
     def waiting_close(self) -> str:
         return f"{self.prefix}:waiting-close"
 
     def waiting_close_grant(self, close_user_id: str) -> str:
         return f"{self.waiting_close()}:{close_user_id}:grant"
 
+    def refused_pairings(self) -> str:
+        return f"{self.prefix}:refused-pairings"
+
     def of_connection(self, conn_id: str) -> list[str]:
-        """Every key of one connection, but the Close user index and the refresh locks.
+        """Every key of one connection, but the Close and Calendly user indexes and refresh locks.
 
         A refresh lock is named by an opaque grant key and lives seconds; it is left to expire.
         """

@@ -12,6 +12,12 @@ order that keeps the promises of the sync:
 One run per connection at a time: the run lock (renewed while the run lasts) is checked before
 every write, so a run that lost its lock stops writing. The engine does not decide retries: it
 records what happened in the `RunReport` and the caller (CLI or Celery task) decides.
+
+A grant refused after its one refresh marks what failed, naming the side: the connection itself
+(needs_reauth) for its own grant, or, for a Calendly organization's shared grant, that shared
+credential, once, and every connection reading it is skipped until the organization reconnects
+(which clears the mark: they are all back at once). A Close-side failure is always the
+connection's own.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from contextlib import AbstractContextManager
 
 from pydantic import ValidationError
 
-from closesync.core.connection import Connection, ConnectionState
+from closesync.core.connection import (
+    Connection,
+    ConnectionState,
+    own_grant_refused,
+    shared_grant_refused,
+    side_of_api,
+)
 from closesync.core.errors import (
     AuthFailed,
     CloseSyncError,
@@ -84,6 +96,11 @@ class SyncEngine:
         )
         if connection.state is not ConnectionState.ACTIVE:
             return self._skip(report, f"connection is {connection.state.value}; not synced")
+        ref = connection.calendly_grant_ref
+        refused = self.connections.shared_refused(ref) if ref is not None else None
+        if refused is not None:
+            # Not tried again: every run would spend a refresh on a grant Calendly refused.
+            return self._skip(report, f"needs_reauth: {refused}")
         if dry_run:
             run = ConnectionRun(self, connection, report, None, allow_mass_delete, progress)
             return self._conclude(connection, report, run, run.dry_run, keep=False)
@@ -165,15 +182,32 @@ class SyncEngine:
         if isinstance(error, RateLimited):
             report.retry_after = error.wait_seconds
         if isinstance(error, AuthFailed) and not report.dry_run:
-            # Reached only after one refresh was tried (or none was possible): the user must
-            # authorize again; the connection leaves the schedule until then.
-            self.connections.set_state(
-                connection.id, ConnectionState.NEEDS_REAUTH, reason=str(error)
-            )
+            # Reached only after one refresh was tried (or none was possible): someone must
+            # authorize again; what failed leaves the schedule until then.
+            self._needs_reauth(connection, error)
         log.warning(
             "run failed: %s",
             error,
             extra={"connection_id": connection.id, "run_id": report.run_id},
+        )
+
+    def _needs_reauth(self, connection: Connection, error: AuthFailed) -> None:
+        """Mark the grant that failed: the shared organization credential, or this connection."""
+        side = side_of_api(error.api)
+        ref = connection.calendly_grant_ref
+        if side == "calendly" and ref is not None:
+            # The organization's grant, not this user's: one mark for all its connections.
+            if self.connections.mark_shared_refused(ref, shared_grant_refused(ref, str(error))):
+                log.warning(
+                    "the shared Calendly credential %s was refused; its connections wait",
+                    ref,
+                    extra={"connection_id": connection.id},
+                )
+            return
+        self.connections.set_state(
+            connection.id,
+            ConnectionState.NEEDS_REAUTH,
+            reason=own_grant_refused(side, str(error)),
         )
 
 

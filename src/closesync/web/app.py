@@ -51,6 +51,7 @@ _STATUS_OF = {
     "provider": 502,
     "not_admin": 403,
     "not_allowed": 403,
+    "taken": 409,
 }
 _TITLES = {
     "denied": "Access declined",
@@ -60,6 +61,7 @@ _TITLES = {
     "provider": "The provider did not answer as expected",
     "not_admin": "An owner or admin is needed",
     "not_allowed": "This organization cannot be connected here",
+    "taken": "This Calendly user is already connected",
 }
 
 
