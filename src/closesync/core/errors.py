@@ -6,6 +6,8 @@
     ├── CorruptState                a value stored in Redis does not parse: stop, report it
     ├── RunLocked                   another run holds this connection's lock: run again after it
     ├── ConnectionNotFound          no connection with that id
+    ├── ConnectionRemoved           the connection is being (or was) removed: its runs write nothing
+    ├── RemovalIncomplete           `connections remove` stopped midway: run it again to finish
     ├── EncryptionError             a stored secret cannot be decrypted or no key is set
     └── ApiError                    one call to Calendly or Close failed
         ├── RetryableError          try the same call again later; nothing is lost
@@ -49,6 +51,14 @@ class CorruptState(CloseSyncError):
 
 class ConnectionNotFound(CloseSyncError):
     """No connection is stored under the given id."""
+
+
+class ConnectionRemoved(CloseSyncError):
+    """The connection carries a removal mark: a run stops, and no state of it is written."""
+
+
+class RemovalIncomplete(CloseSyncError):
+    """A removal stopped after it began; the connection stays marked (not synced) until rerun."""
 
 
 class EncryptionError(CloseSyncError):
