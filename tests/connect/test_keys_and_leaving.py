@@ -248,3 +248,55 @@ def test_remove_delete_links_and_engine_agree_other_users_and_apps_links_left(
     assert json.loads(capsys.readouterr().out)["links_deleted"] == len(ours)
     assert world.request_counts()[delete] == len(ours)
     assert sorted(link["id"] for link in world.close_links()) == sorted(o["id"] for o in others)
+
+
+def test_remove_run_holding_lock_past_wait_exits_one_nothing_removed(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run that keeps the lock past REMOVE_WAIT_SECONDS: exit 1, and the connection syncs on."""
+    connection, grants = sandbox_connection(sb.users[0], time.time())
+    services.connections.save(connection, grants)
+    monkeypatch.setenv("REMOVE_WAIT_SECONDS", "0.3")
+    with services.run_lock(connection.id, 30):
+        assert main(["connections", "remove", connection.id, "--delete-links"]) == 1
+    err = capsys.readouterr().err
+    assert "REMOVE_WAIT_SECONDS" in err
+    assert "nothing was removed" in err
+    assert not services.state.is_removed(connection.id)
+    assert services.engine(wait_budget=5).run(connection.id).outcome is Outcome.OK
+
+
+def test_remove_stopped_midway_keeps_connection_out_of_runs_until_rerun(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A remove whose link deletion fails exits 1; no run recreates links; a rerun finishes it."""
+    user = sb.users[0]
+    connection, grants = sandbox_connection(user, time.time())
+    services.connections.save(connection, grants)
+    engine = services.engine(wait_budget=5)
+    assert engine.run(connection.id).created > 0
+    sb.world.add_fault(
+        api="close", kind="500", method="DELETE", path_prefix="/api/v1/scheduling_link/", skip=1
+    )
+    monkeypatch.setenv("INLINE_WAIT_BUDGET_SECONDS", "0")
+    assert main(["connections", "remove", connection.id, "--delete-links"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped midway" in err
+    assert "again to finish" in err
+    assert len(sb.world.close_links(user.close_user_id)) > 0
+    report = engine.run(connection.id)
+    assert (report.outcome, report.failure) == (Outcome.SKIPPED, "removed")
+    assert main(["connections", "remove", connection.id, "--delete-links"]) == 0
+    assert sb.world.close_links(user.close_user_id) == []
+    keys = services.keys
+    assert list(services.redis.scan_iter(f"{keys.prefix}:*{connection.id}*")) == [
+        keys.removed(connection.id)
+    ]
