@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     # Seconds the per-connection run lock lives without renewal (decisions.md: at most 60). A
     # crashed run blocks its connection for at most this long; shorter = more renewals.
     run_lock_ttl_seconds: int = Field(default=30, ge=5, le=60)
+    # Seconds `connections remove` waits for a run of the connection in progress to let go of the
+    # run lock (the run stops at its next write once the removal is marked; a crashed run's lock
+    # expires within RUN_LOCK_TTL_SECONDS) before giving up with nothing removed. Keep it above
+    # RUN_LOCK_TTL_SECONDS; longer = a remove that blocks longer behind a slow API call.
+    remove_wait_seconds: float = Field(default=60.0, gt=0)
     # Run reports kept per connection (newest first).
     reports_kept: int = Field(default=20, ge=1, le=1000)
 

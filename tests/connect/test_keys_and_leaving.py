@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from cryptography.fernet import Fernet
 from closesync.cli.main import main
 from closesync.connect.organizations import Organizations
 from closesync.core.errors import EncryptionError
-from closesync.sandbox import Sandbox
+from closesync.core.mapping import source_id_for
+from closesync.core.report import Outcome, RunMode
+from closesync.sandbox import CLOSE_CLIENT_ID, Sandbox
+from closesync.sandbox.connections import sandbox_connection
 from closesync.store.connections import ConnectionStore
 from closesync.store.keys import Keys
 from closesync.store.secretbox import FernetBox, generate_key
@@ -199,3 +203,100 @@ def test_remove_revoke_spares_shared_grant_until_last_user_leaves(
     assert shared.refresh_token is not None
     assert sb.world.tokens.tokens[shared.refresh_token.get_secret_value()].revoked
     assert Organizations(services).credentials.refs() == []
+
+
+def test_remove_delete_links_and_engine_agree_other_users_and_apps_links_left(
+    sb: Sandbox, services: Services, cli_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--delete-links deletes exactly the links the engine owns; look-alikes stay for both."""
+    world = sb.world
+    # Close's listing may show the whole organization's links (undocumented): let it.
+    world.update_config(close_lists_organization_links=True)
+    user, colleague = sb.users[0], sb.users[1]
+    connection, grants = sandbox_connection(user, time.time())
+    services.connections.save(connection, grants)
+    engine = services.engine(wait_budget=5)
+    assert engine.run(connection.id).created > 0
+    # Our source_id format for this Calendly user, of an event type that does not exist: a link
+    # either side took for its own would be deleted (or counted) by it.
+    lookalike = source_id_for(user.calendly_user_uuid, "GONE00000000")
+    fields = {"name": "Look-alike", "url": "https://x.example/l", "source_id": lookalike}
+    others = [
+        world.create_link(
+            colleague.close_user_id, "THIRD_PARTY", oauth_client_id=CLOSE_CLIENT_ID, **fields
+        ),
+        world.create_link(
+            user.close_user_id, "THIRD_PARTY", oauth_client_id="oa2client_other", **fields
+        ),
+        world.create_link(user.close_user_id, "CALENDLY", **fields),
+        world.create_link(user.close_user_id, "MANUAL", name="Mine", url="https://x.example/m"),
+    ]
+    ours = {
+        link["source_id"]
+        for link in world.close_links(user.close_user_id)
+        if link["oauth_client_id"] == CLOSE_CLIENT_ID
+    }
+
+    world.reset_request_counts()
+    drift = engine.run(connection.id, mode=RunMode.DRIFT)
+    assert (drift.outcome, drift.deleted) == (Outcome.OK, 0), drift.errors
+    assert set(services.state.records(connection.id)) == ours
+    delete = "close DELETE /api/v1/scheduling_link/integration/{source_id}/"
+    assert delete not in world.request_counts()
+
+    assert main(["connections", "remove", connection.id, "--delete-links", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["links_deleted"] == len(ours)
+    assert world.request_counts()[delete] == len(ours)
+    assert sorted(link["id"] for link in world.close_links()) == sorted(o["id"] for o in others)
+
+
+def test_remove_run_holding_lock_past_wait_exits_one_nothing_removed(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run that keeps the lock past REMOVE_WAIT_SECONDS: exit 1, and the connection syncs on."""
+    connection, grants = sandbox_connection(sb.users[0], time.time())
+    services.connections.save(connection, grants)
+    monkeypatch.setenv("REMOVE_WAIT_SECONDS", "0.3")
+    with services.run_lock(connection.id, 30):
+        assert main(["connections", "remove", connection.id, "--delete-links"]) == 1
+    err = capsys.readouterr().err
+    assert "REMOVE_WAIT_SECONDS" in err
+    assert "nothing was removed" in err
+    assert not services.state.is_removed(connection.id)
+    assert services.engine(wait_budget=5).run(connection.id).outcome is Outcome.OK
+
+
+def test_remove_stopped_midway_keeps_connection_out_of_runs_until_rerun(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A remove whose link deletion fails exits 1; no run recreates links; a rerun finishes it."""
+    user = sb.users[0]
+    connection, grants = sandbox_connection(user, time.time())
+    services.connections.save(connection, grants)
+    engine = services.engine(wait_budget=5)
+    assert engine.run(connection.id).created > 0
+    sb.world.add_fault(
+        api="close", kind="500", method="DELETE", path_prefix="/api/v1/scheduling_link/", skip=1
+    )
+    monkeypatch.setenv("INLINE_WAIT_BUDGET_SECONDS", "0")
+    assert main(["connections", "remove", connection.id, "--delete-links"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped midway" in err
+    assert "again to finish" in err
+    assert len(sb.world.close_links(user.close_user_id)) > 0
+    report = engine.run(connection.id)
+    assert (report.outcome, report.failure) == (Outcome.SKIPPED, "removed")
+    assert main(["connections", "remove", connection.id, "--delete-links"]) == 0
+    assert sb.world.close_links(user.close_user_id) == []
+    keys = services.keys
+    assert list(services.redis.scan_iter(f"{keys.prefix}:*{connection.id}*")) == [
+        keys.removed(connection.id)
+    ]

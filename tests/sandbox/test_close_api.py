@@ -142,6 +142,16 @@ def test_list_links_excludes_other_users_links(sandbox: Sandbox) -> None:
     assert response.json() == {"data": [], "has_more": False}
 
 
+def test_list_links_organization_option_includes_colleagues_links(sandbox: Sandbox) -> None:
+    """With close_lists_organization_links, a token sees every link of its organization."""
+    sandbox.world.update_config(close_lists_organization_links=True)
+    other = sandbox.world.create_link(
+        sandbox.users[1].close_user_id, name="Other", url="https://o.test"
+    )
+    response = close_call(sandbox, "GET", "/scheduling_link/", sandbox.users[0].close_access_token)
+    assert [link["id"] for link in response.json()["data"]] == [other["id"]]
+
+
 def test_manual_link_crud_round_trip(sandbox: Sandbox) -> None:
     """POST/GET/PUT/DELETE /scheduling_link/ manage MANUAL links."""
     token = sandbox.users[0].close_access_token

@@ -13,7 +13,14 @@ from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.settings import Settings
 from closesync.store.keys import Keys
 from closesync.wiring.services import Services
-from closesync.worker.tasks import MAX_TRANSIENT_RETRIES, fan_out, retry_verdict
+from closesync.worker.tasks import (
+    MAX_TRANSIENT_RETRIES,
+    backfill,
+    fan_out,
+    retry_verdict,
+    sync_connection,
+    use_services,
+)
 
 
 def report(
@@ -176,3 +183,32 @@ def test_verdict_busy_backfill_or_drift_comes_back_busy_sync_does_not() -> None:
         assert decision.retry is retried
         if retried:
             assert decision.countdown == 15.75
+
+
+def test_verdict_removed_connection_not_retried_in_any_mode() -> None:
+    """A run that found its connection being removed is never retried, backfill or not."""
+    for mode in RunMode:
+        removed = RunReport(
+            connection_id="conn_x",
+            mode=mode,
+            started_at=0.0,
+            outcome=Outcome.SKIPPED,
+            failure="removed",
+        )
+        assert retry_verdict(removed, 0, half).retry is False
+
+
+def test_task_of_connection_gone_returns_removed_writes_nothing(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A queued task whose connection is gone (its mark expired too) ends quietly, no key made."""
+    use_services(services_on(redis_client, keys))
+    try:
+        results = [
+            sync_connection.apply(args=["conn_00000000dead", None]).get(),
+            backfill.apply(args=["conn_00000000dead"]).get(),
+        ]
+    finally:
+        use_services(None)
+    assert results == ["removed", "removed"]
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == []

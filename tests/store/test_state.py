@@ -14,6 +14,7 @@ from pydantic import SecretStr
 from closesync.core.connection import Connection, ConnectionState, Grant, Grants
 from closesync.core.errors import (
     ConnectionNotFound,
+    ConnectionRemoved,
     EncryptionError,
     PairingRefused,
     StoreUnavailable,
@@ -21,7 +22,7 @@ from closesync.core.errors import (
 from closesync.core.plan import LinkRecord
 from closesync.core.report import RunReport
 from closesync.store.client import connect, guard, redacted_url
-from closesync.store.connections import ConnectionStore
+from closesync.store.connections import REMOVED_TTL_SECONDS, ConnectionStore
 from closesync.store.embedded import embedded
 from closesync.store.key_rotation import rotate_keys
 from closesync.store.keys import Keys
@@ -258,7 +259,7 @@ def test_store_set_state_records_reason(store: ConnectionStore) -> None:
 def test_store_remove_erases_every_key(
     store: ConnectionStore, sync: SyncState, redis_client: redis.Redis, keys: Keys
 ) -> None:
-    """remove() leaves nothing of the connection in Redis, its index and bookkeeping included."""
+    """remove() leaves nothing of the connection in Redis but its removal mark, which expires."""
     conn_id = "conn_000000000001"
     store.save(connection(), grants())
     sync.record_write(conn_id, "s1", record())
@@ -269,10 +270,35 @@ def test_store_remove_erases_every_key(
     sync.set_backfill_progress(conn_id, BackfillProgress(started_at=1.0, cursor="c"))
     redis_client.set(keys.run_lock(conn_id), "token", px=60_000)
     store.remove(conn_id)
-    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == []
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == [keys.removed(conn_id)]
+    assert 0 < redis_client.ttl(keys.removed(conn_id)) <= REMOVED_TTL_SECONDS
     assert store.list() == []
     with pytest.raises(ConnectionNotFound):
         store.remove(conn_id)
+
+
+def test_sync_state_writes_after_removal_refused_no_key_recreated(
+    store: ConnectionStore, sync: SyncState, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """Once removed, every state write of the connection raises and brings back no key."""
+    conn_id = "conn_000000000001"
+    store.save(connection(), grants())
+    sync.record_write(conn_id, "s1", record())
+    store.remove(conn_id)
+    late_writes = [
+        lambda: sync.record_write(conn_id, "s1", record()),
+        lambda: sync.replace_records(conn_id, {"s1": record()}),
+        lambda: sync.record_rejection(conn_id, "s2", "fp", "bad"),
+        lambda: sync.set_held(conn_id, ["s1"], "too many", 1.0),
+        lambda: sync.push_report(conn_id, RunReport(connection_id=conn_id, started_at=1.0), 5),
+        lambda: sync.request_rerun(conn_id),
+        lambda: sync.set_backfill_progress(conn_id, BackfillProgress(started_at=1.0)),
+    ]
+    for write in late_writes:
+        with pytest.raises(ConnectionRemoved, match=conn_id):
+            write()
+    assert sync.is_removed(conn_id)
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == [keys.removed(conn_id)]
 
 
 def test_store_plain_grants_refused_by_fernet_store(

@@ -337,3 +337,39 @@ def test_engine_interrupted_backfill_resumes_after_its_cursor(harness: Harness) 
     assert world.request_counts()["close POST /api/v1/scheduling_link/integration/"] == total - 2
     assert harness.services.state.backfill_progress(conn) is None
     assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_removal_marked_mid_run_stops_before_next_write(harness: Harness) -> None:
+    """A removal marked after the first write stops the run there; it leaves no report."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    assert len(harness.expected(user)) > 2
+
+    def mark_after_first_write(done: int, total: int) -> None:
+        if done == 1:
+            harness.services.connections.mark_removing(conn)
+
+    report = harness.engine().run(conn, progress=mark_after_first_write)
+    assert (report.outcome, report.failure) == (Outcome.SKIPPED, "removed")
+    assert len(harness.close_side(user)) == 1
+    writes = harness.sandbox.world.request_counts()[
+        "close POST /api/v1/scheduling_link/integration/"
+    ]
+    assert writes == 1
+    assert harness.services.state.reports(conn) == []
+
+
+def test_engine_marked_connection_skipped_writes_no_key(harness: Harness) -> None:
+    """A run of a connection being removed calls no API and writes no key, lock held or not."""
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    services = harness.services
+    services.connections.mark_removing(conn)
+    before = sorted(services.redis.scan_iter(f"{services.keys.prefix}:*"))
+    first = harness.run(conn)
+    with services.run_lock(conn, 30):  # as `connections remove` holds it while it works
+        second = harness.run(conn)
+    for report in (first, second):
+        assert (report.outcome, report.failure) == (Outcome.SKIPPED, "removed")
+    assert harness.sandbox.world.request_counts() == {}
+    assert sorted(services.redis.scan_iter(f"{services.keys.prefix}:*")) == before

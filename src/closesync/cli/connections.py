@@ -219,13 +219,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from closesync.connect.leaving import delete_our_links, revoke_connection
+    from closesync.connect.leaving import remove_connection
 
     services = load_services()
     connection: Connection = services.connections.get(args.id)
-    deleted = delete_our_links(services, connection) if args.delete_links else None
-    revoked = revoke_connection(services, connection) if args.revoke else []
-    services.connections.remove(args.id)
+    removal = remove_connection(
+        services, connection, delete_links=args.delete_links, revoke=args.revoke
+    )
+    deleted, revoked = removal.links_deleted, removal.revoked
     if args.json:
         print_json({"id": args.id, "removed": True, "links_deleted": deleted, "revoked": revoked})
     else:

@@ -7,6 +7,7 @@ that `connect` stays below the wiring that builds it (no import of `wiring` from
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from redis import Redis
@@ -22,7 +23,7 @@ from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock
 from closesync.store.secretbox import SecretBox
 from closesync.store.sync_state import SyncState
-from closesync.sync.parts import Clients
+from closesync.sync.parts import Clients, LockHandle
 
 
 class ConnectServices(Protocol):
@@ -40,6 +41,10 @@ class ConnectServices(Protocol):
     def calendly_oauth(self) -> CalendlyOAuth | None: ...
 
     def refresh_lock(self, name: str) -> RedisLock: ...
+
+    def run_lock(
+        self, connection_id: str, ttl: int, wait: float = ...
+    ) -> AbstractContextManager[LockHandle]: ...
 
     def api_http(self, api: str, base_url: str, budget: WaitBudget) -> ApiHttp: ...
 

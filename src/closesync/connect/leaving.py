@@ -1,24 +1,85 @@
 """A user leaving: delete the links closesync made for them, revoke their grants, forget them.
 
-Used by `closesync connections remove ID --revoke [--delete-links]`. Links go first, while the
-Close grant still works; then the grants are revoked at both providers; the caller then erases
-the connection's state. A connection in Calendly organization mode shares its Calendly grant:
-that one is revoked only when the last connection using it leaves (and the organization's
-credential is then forgotten too), never while other users still sync with it.
+Used by `closesync connections remove ID [--revoke] [--delete-links]` (`remove_connection`), in
+an order that no run of the connection can interleave with:
+
+1. the removal mark is set: from then on a run stops before its next write, a queued or
+   redelivered task does nothing, and no sync state of the connection is written;
+2. the run lock is taken, waiting (REMOVE_WAIT_SECONDS at most) for a run in progress to stop;
+   if it cannot be taken, the mark is cleared and nothing was changed;
+3. the links go, while the Close grant still works; then the grants are revoked at both
+   providers; then every key of the connection is erased and the mark gets its TTL, in one
+   transaction. A removal stopped in this step keeps the mark (the connection is no longer
+   synced, so no deleted link comes back) until it is run again.
+
+A connection in Calendly organization mode shares its Calendly grant: that one is revoked only
+when the last connection using it leaves (and the organization's credential is then forgotten
+too), never while other users still sync with it.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
 from closesync.connect.revoke import revoke_grant
 from closesync.core.connection import Connection
+from closesync.core.errors import CloseSyncError, RemovalIncomplete, RunLocked
 from closesync.core.mapping import is_our_link
 from closesync.core.retry import WaitBudget
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What a removal did: links deleted in Close (None: not asked to) and grants revoked."""
+
+    links_deleted: int | None
+    revoked: list[str]
+
+
+def remove_connection(
+    services: ConnectServices, connection: Connection, *, delete_links: bool, revoke: bool
+) -> Removal:
+    """Remove a connection so that no run of it writes during or after (module docstring)."""
+    conn_id = connection.id
+    settings = services.settings
+    marked = services.connections.mark_removing(conn_id)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                services.run_lock(
+                    conn_id, settings.run_lock_ttl_seconds, settings.remove_wait_seconds
+                )
+            )
+        except BaseException as error:
+            # Nothing was changed: the connection syncs as before (unless an earlier removal
+            # stopped midway, whose mark stays).
+            if marked:
+                services.connections.unmark_removing(conn_id)
+            if isinstance(error, RunLocked):
+                raise RunLocked(
+                    f"a run of {conn_id} still held its lock after "
+                    f"{settings.remove_wait_seconds:g} s (REMOVE_WAIT_SECONDS); nothing was "
+                    "removed: try again"
+                ) from None
+            raise
+        # Another `remove` may have finished while we waited: ConnectionNotFound, as for any id.
+        services.connections.get(conn_id)
+        try:
+            deleted = delete_our_links(services, connection) if delete_links else None
+            revoked = revoke_connection(services, connection) if revoke else []
+            services.connections.remove(conn_id, lock_held=True)
+        except CloseSyncError as error:
+            raise RemovalIncomplete(
+                f"removing {conn_id} stopped midway: {error}. It is no longer synced; run "
+                "`closesync connections remove` with the same options again to finish"
+            ) from error
+    return Removal(deleted, revoked)
 
 
 def delete_our_links(services: ConnectServices, connection: Connection) -> int:
@@ -33,7 +94,7 @@ def delete_our_links(services: ConnectServices, connection: Connection) -> int:
             continue
         if clients.close.delete_link(link.source_id):
             deleted += 1
-    services.state.replace_records(connection.id, {})
+    # No records are touched here: the removal mark refuses them, and the erase drops them.
     return deleted
 
 

@@ -7,6 +7,8 @@
     ├── RunLocked                   another run holds this connection's lock: run again after it
     ├── ConnectionNotFound          no connection with that id
     ├── PairingRefused              another connection has that Calendly user: nothing stored
+    ├── ConnectionRemoved           the connection is being (or was) removed: its runs write nothing
+    ├── RemovalIncomplete           `connections remove` stopped midway: run it again to finish
     ├── EncryptionError             a stored secret cannot be decrypted or no key is set
     └── ApiError                    one call to Calendly or Close failed
         ├── RetryableError          try the same call again later; nothing is lost
@@ -63,6 +65,14 @@ class PairingRefused(CloseSyncError):
     def __init__(self, message: str, *, connection_id: str) -> None:
         super().__init__(message)
         self.connection_id = connection_id
+
+
+class ConnectionRemoved(CloseSyncError):
+    """The connection carries a removal mark: a run stops, and no state of it is written."""
+
+
+class RemovalIncomplete(CloseSyncError):
+    """A removal stopped after it began; the connection stays marked (not synced) until rerun."""
 
 
 class EncryptionError(CloseSyncError):

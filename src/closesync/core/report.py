@@ -18,7 +18,7 @@ class Outcome(StrEnum):
     OK = "ok"  # everything planned was written (held deletions are not failures)
     PARTIAL = "partial"  # the run finished, but some links were refused or unmappable
     FAILED = "failed"  # the run stopped early (API error, rate limit, auth); retry later
-    SKIPPED = "skipped"  # not run: paused, needs re-authorization, or already running
+    SKIPPED = "skipped"  # not run: paused, needs re-authorization, already running, or removed
 
 
 def new_run_id() -> str:
@@ -47,7 +47,8 @@ class RunReport(BaseModel):
     api_calls: dict[str, int] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list)
     # Why a failed run failed, for the caller deciding on retries: rate_limited, transient, auth,
-    # forbidden, locked, error. `retry_after` is the wait (seconds) a rate limit asked for.
+    # forbidden, locked, error; on a skipped run, "locked" or "removed" (the connection is being
+    # removed). `retry_after` is the wait (seconds) a rate limit asked for.
     failure: str | None = None
     retry_after: float | None = None
     # Planned writes, filled by a dry run (and for the record by every run): "create <source_id>".

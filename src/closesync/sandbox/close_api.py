@@ -10,7 +10,8 @@ Documented choices (unknown in the docs):
 - an API key on the integration endpoints gets 403 {"error": …} (authenticated, not allowed),
   so a client must not mistake it for an expired token;
 - GET /scheduling_link/ lists only the token user's links, of every source, in creation
-  order, honouring `_skip`/`_limit` (default 100; larger limits are capped at 100);
+  order, honouring `_skip`/`_limit` (default 100; larger limits are capped at 100); with
+  `close_lists_organization_links` it lists every link of the token user's organization;
 - validation: name required, 1..255 chars, no control characters; url required, http(s);
   description null or at most 4000 chars; duration_in_minutes null or a positive integer;
   source_id required, 1..255 chars, no "/"; failures answer 400 {"errors", "field-errors"};
@@ -156,7 +157,10 @@ class CloseApi:
             return json_response(
                 400, {"errors": ["_skip must be >= 0, _limit >= 1."], "field-errors": {}}
             )
-        links = self.world.close_links(token.user)
+        if self.world.config.close_lists_organization_links:
+            links = self.world.close_links(organization_of=token.user)
+        else:
+            links = self.world.close_links(token.user)
         return json_response(
             200, {"data": links[skip : skip + limit], "has_more": skip + limit < len(links)}
         )

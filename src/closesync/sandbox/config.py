@@ -61,5 +61,9 @@ class SandboxConfig:
     # True: the sandbox clock moves only through advance (fully deterministic tests);
     # False: it follows wall time too, as a long-running CLI sandbox should.
     freeze_clock: bool = False
+    # Whether Close's GET /scheduling_link/ lists every link of the token user's organization
+    # (True) or only the token user's (False). Close's docs leave it open; closesync must treat
+    # other users' links as not its own either way, and tests check it with True.
+    close_lists_organization_links: bool = False
     # Print one line per request to stderr (the CLI turns it on).
     log_requests: bool = False

@@ -38,13 +38,20 @@ class LinkBook:
     def new_id(self, prefix: str) -> str:
         raise NotImplementedError
 
-    def close_links(self, user_id: str | None = None) -> list[JSON]:
-        """Every link (of one user, when given), all sources, in creation order."""
+    def close_links(
+        self, user_id: str | None = None, *, organization_of: str | None = None
+    ) -> list[JSON]:
+        """Every link (of one user, or of the organization of `organization_of`, when given),
+        all sources, in creation order."""
         with self.lock:
+            organization = (
+                self.close_users[organization_of].organization_id if organization_of else None
+            )
             return [
                 render_link(link)
                 for link in self.links.values()
-                if user_id is None or link.user_id == user_id
+                if (user_id is None or link.user_id == user_id)
+                and (organization is None or link.organization_id == organization)
             ]
 
     def create_link(self, user_id: str, source: str = "MANUAL", **values: Any) -> JSON:

@@ -25,6 +25,12 @@ from closesync.store.client import guard
 from closesync.store.keys import Keys, as_text, watched
 from closesync.store.secretbox import SecretBox
 
+# Seconds the removal mark outlives a removed connection: far longer than a task can run, be
+# retried (rate limits, a busy connection) or wait for redelivery (BROKER_VISIBILITY_TIMEOUT), so
+# every late write of a run that read the connection before it went finds the mark. A run paused
+# for longer (a stopped VM) could write again after it expires; the mark cannot stay for ever.
+REMOVED_TTL_SECONDS = 7 * 24 * 3600
+
 
 def _grants_json(grants: Grants) -> bytes:
     """Grants with their secrets revealed: only ever handed to a SecretBox."""
@@ -287,9 +293,35 @@ class ConnectionStore:
 
         return watched(self.redis, key, apply)
 
+    @guard("marking a connection removed")
+    def mark_removing(self, conn_id: str, *, now: float | None = None) -> bool:
+        """Set the removal mark, without TTL: from now on no run of the connection writes.
+
+        NX: a mark already there stays as it is, the one of a removal that stopped midway (run
+        again) or, with its TTL, the one of a removal that just finished (never made lasting).
+        Whether this call set it.
+        """
+        at = time.time() if now is None else now
+        return bool(self.redis.set(self.keys.removed(conn_id), json.dumps({"at": at}), nx=True))
+
+    @guard("clearing a removal mark")
+    def unmark_removing(self, conn_id: str) -> None:
+        """Drop the mark of a removal that changed nothing (it could not take the run lock).
+
+        Only for a mark that removal set itself: one left by a removal that stopped midway must
+        stay until the removal is finished.
+        """
+        self.redis.delete(self.keys.removed(conn_id))
+
     @guard("removing a connection")
-    def remove(self, conn_id: str) -> None:
-        """Erase every key of the connection; ConnectionNotFound if there was no record."""
+    def remove(self, conn_id: str, *, lock_held: bool = False) -> None:
+        """Erase every key of the connection; ConnectionNotFound if there was no record.
+
+        The removal mark is (re)set in the same transaction, now with its TTL, so that a late
+        write of a run that read the connection before finds it and is refused. `lock_held`: the
+        caller holds the run lock and releases it itself, so its key is left to that release (an
+        erased lock would make the holder's renewer report it lost).
+        """
         raw = self.redis.get(self.keys.conn(conn_id))
         record = None if raw is None else Connection.model_validate_json(raw)
         indexes = (
@@ -300,12 +332,20 @@ class ConnectionStore:
                 self.keys.calendly_user(record.calendly_user_uuid),
             ]
         )
+        erased = [
+            key
+            for key in self.keys.of_connection(conn_id)
+            if not (lock_held and key == self.keys.run_lock(conn_id))
+        ]
         with self.redis.pipeline(transaction=True) as pipe:
             for index in indexes:
                 if _text(self.redis.get(index)) == conn_id:
                     pipe.delete(index)
-            pipe.delete(*self.keys.of_connection(conn_id))
+            pipe.delete(*erased)
             pipe.srem(self.keys.connections(), conn_id)
+            if raw is not None:
+                mark = json.dumps({"at": time.time()})
+                pipe.set(self.keys.removed(conn_id), mark, ex=REMOVED_TTL_SECONDS)
             pipe.execute()
         if raw is None:
             raise _not_found(conn_id)

@@ -24,6 +24,18 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             the running one runs again once          EX 1 day
     {p}:conn:{id}:backfill          HASH    backfill progress: cursor, done, total,
                                             started_at                                   no TTL
+    {p}:removed:{id}                STRING  JSON {at}: the removal mark (tombstone), set
+                                            first by `connections remove`. While it exists
+                                            a run stops before its next write, a queued or
+                                            redelivered task does nothing and SyncState
+                                            refuses every write of the connection, so no
+                                            key of it comes back. Outside conn:{id}:* as
+                                            it outlives them: no TTL while the removal is
+                                            under way (one that stopped midway keeps the
+                                            connection out of every run until `remove` is
+                                            run again), then EX 7 days, set in the MULTI
+                                            that erases the connection: longer than any
+                                            task, retry or redelivery lasts   no TTL, then EX 7 d
     {p}:refresh-lock:{grant_key}    STRING  single-flight token refresh of one grant
                                             (grant_key: credentials.grant_lock_name,
                                             side + hash of the id): holder's token  PX ~30 s
@@ -66,8 +78,9 @@ MULTI/EXEC; saving a connection WATCHes its Calendly user's index, so that of tw
 for one Calendly user exactly one succeeds; read-modify-writes of a connection or of its grants
 WATCH their key, so a concurrent token refresh is never overwritten by a stale copy (a refresh
 token is single-use: losing the new one means the user must authorize again). `SyncState` writes
-for one connection assume the caller holds that connection's run lock (`closesync.store.locks`).
-Every Redis error leaves this module as StoreUnavailable.
+for one connection assume the caller holds that connection's run lock (`closesync.store.locks`),
+and each one is a MULTI/EXEC that WATCHes the connection's removal mark and is refused
+(ConnectionRemoved) while it exists. Every Redis error leaves this module as StoreUnavailable.
 
 The stores live beside this module: `closesync.store.connections` (connections and their sealed
 grants) and `closesync.store.sync_state` (link records, reports, flags, ticks).
@@ -145,6 +158,9 @@ class Keys:
     def backfill(self, conn_id: str) -> str:
         return f"{self.conn(conn_id)}:backfill"
 
+    def removed(self, conn_id: str) -> str:
+        return f"{self.prefix}:removed:{conn_id}"
+
     def refresh_lock(self, grant_key: str) -> str:
         return f"{self.prefix}:refresh-lock:{grant_key}"
 
@@ -182,9 +198,11 @@ class Keys:
         return f"{self.prefix}:refused-pairings"
 
     def of_connection(self, conn_id: str) -> list[str]:
-        """Every key of one connection, but the Close and Calendly user indexes and refresh locks.
+        """Every key of one connection, but the Close and Calendly user indexes, the refresh locks
+        and the removal mark.
 
         A refresh lock is named by an opaque grant key and lives seconds; it is left to expire.
+        The removal mark must outlive the others (see the layout above).
         """
         return [
             self.conn(conn_id),

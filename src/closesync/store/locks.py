@@ -96,8 +96,9 @@ class RedisLock:
 
         Polls: Redis has no blocking "wait until this key is gone" short of keyspace
         notifications, which are off by default and often not configurable on managed Redis. The
-        locks waited on (token refresh) are held for about one HTTP call, so a poll starting at
-        10 ms and capped at 100 ms answers promptly for a few cheap commands. `cancel` ends the
+        locks waited on (token refresh; the run lock, by `connections remove`) are held for about
+        one HTTP call, so a poll starting at 10 ms and capped at 100 ms answers promptly for a few
+        cheap commands. `cancel` ends the
         wait early (returns False).
 
         Not redis-py's blocking acquire: it sleeps a fixed interval with `time.sleep`, which no
@@ -160,19 +161,26 @@ def _renew_until(lock: RedisLock, every: float, stop: threading.Event) -> None:
 
 @contextmanager
 def hold(
-    redis: redis.Redis, key: str, ttl: float, renew_every: float | None = None
+    redis: redis.Redis,
+    key: str,
+    ttl: float,
+    renew_every: float | None = None,
+    *,
+    wait: float = 0.0,
 ) -> Iterator[RedisLock]:
     """Hold the lock on `key` for the block, renewing it every `renew_every` (default ttl/3).
 
-    Raises RunLocked if another process holds it. Check `.lost` of the yielded lock between steps
-    of long work. On exit the renewer stops and the lock is released if still ours; a failed
-    release is only logged, since the TTL frees the lock anyway.
+    Raises RunLocked if another process holds it (still, after `wait` seconds when given). Check
+    `.lost` of the yielded lock between steps of long work. On exit the renewer stops and the
+    lock is released if still ours; a failed release is only logged, since the TTL frees the lock
+    anyway.
     """
     lock = RedisLock(redis, key, ttl)
-    if not lock.acquire():
+    if not (lock.acquire_wait(wait) if wait > 0 else lock.acquire()):
+        waited = f" (waited {wait:g} s)" if wait > 0 else ""
         raise RunLocked(
-            f"another run holds the lock {key}; if that run crashed, the lock frees itself "
-            f"within {ttl:g} s"
+            f"another run holds the lock {key}{waited}; if that run crashed, the lock frees "
+            f"itself within {ttl:g} s"
         )
     stop = threading.Event()
     renewer = threading.Thread(

@@ -2,20 +2,27 @@
 deletions, reports, rerun flags, backfill progress and scheduler ticks.
 
 The key layout is in `closesync.store.keys`. Writes for one connection assume the caller holds that
-connection's run lock (`closesync.store.locks`).
+connection's run lock (`closesync.store.locks`). Every write of a connection's state is refused with
+ConnectionRemoved once the connection carries its removal mark (`connections remove`): a run that
+read the connection before it went must not bring any of its keys back.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import redis
 
+from closesync.core.errors import ConnectionRemoved
 from closesync.core.plan import LinkRecord
 from closesync.core.report import RunReport
 from closesync.store.client import guard
-from closesync.store.keys import Fields, Keys, as_text
+from closesync.store.keys import Fields, Keys, as_text, watched
+
+# Queues writes on a pipeline in MULTI mode; what it returns is ignored.
+Queue = Callable[[redis.client.Pipeline], object]
 
 # Seconds a rerun flag lives: a flag left by a crashed run only causes one extra run, but none
 # should linger for ever on a connection that is never run again.
@@ -48,6 +55,32 @@ class SyncState:
         self.redis = redis
         self.keys = keys
 
+    # --- the removal mark ------------------------------------------------------------------------
+
+    @guard("reading the removal mark")
+    def is_removed(self, conn_id: str) -> bool:
+        """Whether the connection is being (or was lately) removed: its runs must not write."""
+        return bool(self.redis.exists(self.keys.removed(conn_id)))
+
+    def _unless_removed(self, conn_id: str, queue: Queue) -> None:
+        """Apply the writes `queue` puts on the pipeline in one MULTI/EXEC, unless removed.
+
+        The mark is WATCHed: a removal marked between the check and the EXEC aborts the EXEC and
+        the retry finds the mark, so no write lands after `connections remove` began. That costs
+        two more round trips per write, next to the HTTP call each write follows.
+        """
+        mark = self.keys.removed(conn_id)
+
+        def apply(pipe: redis.client.Pipeline) -> None:
+            if pipe.exists(mark):
+                raise ConnectionRemoved(
+                    f"connection {conn_id} is being removed: its sync state is not written"
+                )
+            pipe.multi()
+            queue(pipe)
+
+        watched(self.redis, mark, apply)
+
     # --- link records ---------------------------------------------------------------------------
 
     @guard("reading link records")
@@ -58,10 +91,12 @@ class SyncState:
     @guard("recording a write")
     def record_write(self, conn_id: str, source_id: str, record: LinkRecord) -> None:
         """Close accepted `record`: remember it, and forget any earlier rejection of the link."""
-        with self.redis.pipeline(transaction=True) as pipe:
+
+        def queue(pipe: redis.client.Pipeline) -> None:
             pipe.hset(self.keys.links(conn_id), source_id, json.dumps(asdict(record)))
             pipe.hdel(self.keys.rejected(conn_id), source_id)
-            pipe.execute()
+
+        self._unless_removed(conn_id, queue)
 
     @guard("forgetting a link")
     def forget(self, conn_id: str, source_id: str) -> None:
@@ -81,18 +116,20 @@ class SyncState:
             if raw is not None
         }
         if updates:
-            self.redis.hset(key, mapping=updates)
+            self._unless_removed(conn_id, lambda pipe: pipe.hset(key, mapping=updates))
 
     @guard("replacing link records")
     def replace_records(self, conn_id: str, records: dict[str, LinkRecord]) -> None:
         """Swap every record at once (backfill rebuilds them from what Close holds)."""
         key = self.keys.links(conn_id)
-        with self.redis.pipeline(transaction=True) as pipe:
+        encoded: Fields = {sid: json.dumps(asdict(rec)) for sid, rec in records.items()}
+
+        def queue(pipe: redis.client.Pipeline) -> None:
             pipe.delete(key)
-            if records:
-                encoded: Fields = {sid: json.dumps(asdict(rec)) for sid, rec in records.items()}
+            if encoded:
                 pipe.hset(key, mapping=encoded)
-            pipe.execute()
+
+        self._unless_removed(conn_id, queue)
 
     # --- rejections -----------------------------------------------------------------------------
 
@@ -113,7 +150,8 @@ class SyncState:
     @guard("recording a rejection")
     def record_rejection(self, conn_id: str, source_id: str, fingerprint: str, error: str) -> None:
         entry = json.dumps({"fingerprint": fingerprint, "error": error})
-        self.redis.hset(self.keys.rejected(conn_id), source_id, entry)
+        key = self.keys.rejected(conn_id)
+        self._unless_removed(conn_id, lambda pipe: pipe.hset(key, source_id, entry))
 
     # --- held deletions -------------------------------------------------------------------------
 
@@ -123,8 +161,9 @@ class SyncState:
         if not source_ids:
             self.redis.delete(self.keys.held(conn_id))
             return
-        held = {"source_ids": source_ids, "reason": reason, "at": at}
-        self.redis.set(self.keys.held(conn_id), json.dumps(held))
+        held = json.dumps({"source_ids": source_ids, "reason": reason, "at": at})
+        key = self.keys.held(conn_id)
+        self._unless_removed(conn_id, lambda pipe: pipe.set(key, held))
 
     @guard("reading held deletions")
     def held(self, conn_id: str) -> HeldDeletions | None:
@@ -140,10 +179,12 @@ class SyncState:
     def push_report(self, conn_id: str, report: RunReport, keep: int) -> None:
         """Prepend the report and keep only the newest `keep`."""
         key = self.keys.reports(conn_id)
-        with self.redis.pipeline(transaction=True) as pipe:
+
+        def queue(pipe: redis.client.Pipeline) -> None:
             pipe.lpush(key, report.model_dump_json())
             pipe.ltrim(key, 0, max(keep, 1) - 1)
-            pipe.execute()
+
+        self._unless_removed(conn_id, queue)
 
     @guard("reading run reports")
     def reports(self, conn_id: str, limit: int = 20) -> list[RunReport]:
@@ -162,7 +203,8 @@ class SyncState:
 
     @guard("requesting a rerun")
     def request_rerun(self, conn_id: str) -> None:
-        self.redis.set(self.keys.rerun(conn_id), "1", ex=RERUN_TTL_SECONDS)
+        key = self.keys.rerun(conn_id)
+        self._unless_removed(conn_id, lambda pipe: pipe.set(key, "1", ex=RERUN_TTL_SECONDS))
 
     @guard("reading the rerun flag")
     def pop_rerun(self, conn_id: str) -> bool:
@@ -195,7 +237,8 @@ class SyncState:
             "done": str(progress.done),
             "total": "" if progress.total is None else str(progress.total),
         }
-        self.redis.hset(self.keys.backfill(conn_id), mapping=fields)
+        key = self.keys.backfill(conn_id)
+        self._unless_removed(conn_id, lambda pipe: pipe.hset(key, mapping=fields))
 
     @guard("clearing backfill progress")
     def clear_backfill(self, conn_id: str) -> None:

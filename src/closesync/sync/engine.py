@@ -10,8 +10,11 @@ order that keeps the promises of the sync:
 - nothing is deleted on doubt: deletions follow only a complete listing (see `plan`).
 
 One run per connection at a time: the run lock (renewed while the run lasts) is checked before
-every write, so a run that lost its lock stops writing. The engine does not decide retries: it
-records what happened in the `RunReport` and the caller (CLI or Celery task) decides.
+every write, so a run that lost its lock stops writing. A connection being removed carries a
+removal mark (`connections remove`): a run checks it before it starts, once it holds the lock, and
+before every write, and stops (SKIPPED, failure "removed", no report kept) when it finds it. The
+engine does not decide retries: it records what happened in the `RunReport` and the caller (CLI
+or Celery task) decides.
 
 A grant refused after its one refresh marks what failed, naming the side: the connection itself
 (needs_reauth) for its own grant, or, for a Calendly organization's shared grant, that shared
@@ -39,6 +42,7 @@ from closesync.core.connection import (
 from closesync.core.errors import (
     AuthFailed,
     CloseSyncError,
+    ConnectionRemoved,
     Forbidden,
     RateLimited,
     Rejected,
@@ -90,10 +94,13 @@ class SyncEngine:
         parses) ends up in the report as a failure, never raised; only an error that prevents
         even reading the connection or storing the report is raised.
         """
-        connection = self.connections.get(connection_id)
         report = RunReport(
             connection_id=connection_id, mode=mode, dry_run=dry_run, started_at=self.clock()
         )
+        # Before the record: once a removal erased it, `get` would raise ConnectionNotFound.
+        if self.state.is_removed(connection_id):
+            return self._removed(report)
+        connection = self.connections.get(connection_id)
         if connection.state is not ConnectionState.ACTIVE:
             return self._skip(report, f"connection is {connection.state.value}; not synced")
         ref = connection.calendly_grant_ref
@@ -107,6 +114,10 @@ class SyncEngine:
         for attempt in (1, 2):
             try:
                 with self.run_lock(connection_id, self.config.run_lock_ttl) as lock:
+                    if self.state.is_removed(connection_id):
+                        # Marked while we waited for the lock: the remover may have taken it
+                        # and let it go already. Released at once, so no lock key is left.
+                        return self._removed(report)
                     if attempt == 2:
                         # Our own request below: we are the run it asked for.
                         self.state.pop_rerun(connection_id)
@@ -117,9 +128,22 @@ class SyncEngine:
                     # The run in progress runs once more when it ends (see the Celery task).
                     # Its holder may have ended just before the request landed, finding none:
                     # so try the lock once more before leaving it the request.
-                    self.state.request_rerun(connection_id)
+                    try:
+                        self.state.request_rerun(connection_id)
+                    except ConnectionRemoved:
+                        # The holder is `connections remove`: nothing is left to run.
+                        return self._removed(report)
         report.failure = "locked"
         return self._skip(report, "another run of this connection is in progress")
+
+    def _removed(self, report: RunReport) -> RunReport:
+        """The connection is being removed: the run writes nothing, and leaves no report."""
+        report.failure = "removed"
+        log.info(
+            "run skipped: the connection is being removed",
+            extra={"connection_id": report.connection_id, "run_id": report.run_id},
+        )
+        return self._skip(report, "the connection is being removed; not synced")
 
     def _skip(self, report: RunReport, why: str) -> RunReport:
         report.outcome = Outcome.SKIPPED
@@ -138,6 +162,10 @@ class SyncEngine:
     ) -> RunReport:
         try:
             body()
+        except ConnectionRemoved:
+            # Marked during the run: it stopped before its next write; the remover finishes.
+            keep = False
+            self._removed(report)
         except (CloseSyncError, ValidationError) as error:
             self._fail(connection, report, error)
         except BaseException as error:
@@ -152,7 +180,13 @@ class SyncEngine:
             if report.failed and report.outcome is Outcome.OK:
                 report.outcome = Outcome.PARTIAL
             if keep:
-                self.state.push_report(connection.id, report, self.config.reports_kept)
+                try:
+                    self.state.push_report(connection.id, report, self.config.reports_kept)
+                except ConnectionRemoved:
+                    # Marked after the last write: the report would bring a key of it back.
+                    self._removed(report)
+        if report.failure == "removed":
+            return report
         log.info(
             "run finished: %s",
             report.outcome.value,

@@ -16,7 +16,14 @@ from closesync.apis.credentials import TokenKeeper
 from closesync.core.calendly_payloads import event_type_uri, uuid_of
 from closesync.core.close_payloads import LinkPayload, SchedulingLink
 from closesync.core.connection import Connection
-from closesync.core.errors import ApiError, AuthFailed, GrantRevoked, NotFound, Rejected
+from closesync.core.errors import (
+    ApiError,
+    AuthFailed,
+    ConnectionRemoved,
+    GrantRevoked,
+    NotFound,
+    Rejected,
+)
 from closesync.core.mapping import (
     MappingOptions,
     fingerprint,
@@ -235,7 +242,7 @@ class ConnectionRun:
             done += 1
             self._progress(done, total, payload.source_id)
         for deletion in plan.deletes:
-            self._check_lock()
+            self._check_may_write()
             self._authed(
                 self.clients.close_tokens,
                 lambda sid=deletion.source_id: self.clients.close.delete_link(sid),  # type: ignore[misc]
@@ -246,7 +253,7 @@ class ConnectionRun:
             self._progress(done, total, None)
 
     def _upsert(self, payload: LinkPayload, is_new: bool, old: LinkRecord | None) -> None:
-        self._check_lock()
+        self._check_may_write()
         state, conn_id, report = self.engine.state, self.connection.id, self.report
         digest = fingerprint(payload)
         try:
@@ -275,9 +282,18 @@ class ConnectionRun:
             else plan.held_reason.replace(CONNECTION_ID, self.connection.id)
         )
 
-    def _check_lock(self) -> None:
+    def _check_may_write(self) -> None:
+        """Stop before a Close write if the lock was lost or the connection is being removed.
+
+        The removal mark is read before every write, not only at the start: `connections remove`
+        waits for the run lock, and a run that finds the mark stops and lets it go at once.
+        """
         if self.lock is not None and not self.lock.held():
             raise LockLost("the run lock was lost; stopping before the next write")
+        if self.engine.state.is_removed(self.connection.id):
+            raise ConnectionRemoved(
+                f"connection {self.connection.id} is being removed; stopping before the next write"
+            )
 
     def _progress(self, done: int, total: int, cursor: str | None) -> None:
         if self.report.mode is RunMode.BACKFILL:

@@ -203,9 +203,9 @@ class Services:
         )
 
     @contextmanager
-    def run_lock(self, connection_id: str, ttl: int) -> Iterator[LockHandle]:
-        """The per-connection run lock, renewed while held."""
-        with hold(self.redis, self.keys.run_lock(connection_id), ttl) as lock:
+    def run_lock(self, connection_id: str, ttl: int, wait: float = 0.0) -> Iterator[LockHandle]:
+        """The per-connection run lock, renewed while held; `wait`: seconds to wait for it."""
+        with hold(self.redis, self.keys.run_lock(connection_id), ttl, wait=wait) as lock:
             yield lock
 
 

@@ -3,7 +3,8 @@
 Arguments are ids and primitives only. Every task may be delivered twice (late acks): a tick is
 claimed once by its slot (`SyncState.claim_tick`), and a second run of a connection either finds
 the run lock held (and asks the holder to run once more) or writes nothing new, since the engine
-records every write it made.
+records every write it made. A task of a connection that is being or was removed does nothing: the
+engine finds the removal mark before any write, or the connection is gone.
 
 What happens after a run is a pure decision (`verdict`), tested with literal reports:
 rate-limited runs come back after the wait the API stated plus jitter; transient failures after a
@@ -23,7 +24,7 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from closesync.core.connection import ConnectionState
-from closesync.core.errors import CloseSyncError, StoreUnavailable
+from closesync.core.errors import CloseSyncError, ConnectionNotFound, StoreUnavailable
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.core.retry import Random, rate_limit_delay, transient_delay
 from closesync.wiring.logs import bind
@@ -175,6 +176,11 @@ def run_connection(task: Task[Any, Any], connection_id: str, mode: RunMode) -> s
         try:
             try:
                 report = engine.run(connection_id, mode=mode)
+            except ConnectionNotFound:
+                # Removed (its removal mark expired too) or never stored: a queued or
+                # redelivered task of it has nothing to do, and is no error.
+                log.info("the connection no longer exists: nothing to run")
+                return "removed"
             except StoreUnavailable as error:
                 # Redis went away before the run could even be recorded: nothing was lost.
                 countdown = transient_delay(task.request.retries, random.random)
