@@ -12,6 +12,7 @@ import pytest
 from closesync.cli.main import main
 from closesync.sandbox import Sandbox, SandboxConfig
 from closesync.sandbox.records import SeededUser
+from closesync.store.secretbox import generate_key
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def env(sandbox: Sandbox, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Sa
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("REDIS_PREFIX", f"cli-{uuid.uuid4().hex[:8]}")
     monkeypatch.setenv("INLINE_WAIT_BUDGET_SECONDS", "0")
-    monkeypatch.delenv("CLOSESYNC_ENCRYPTION_KEYS", raising=False)
+    monkeypatch.setenv("CLOSESYNC_ENCRYPTION_KEYS", generate_key())
     return sandbox
 
 

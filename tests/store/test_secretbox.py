@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from closesync.core.errors import ConfigError, EncryptionError
 from closesync.settings import Settings
-from closesync.store.secretbox import FernetBox, PlainBox, box_from_settings, generate_key
+from closesync.store.secretbox import (
+    FernetBox,
+    PlainBox,
+    box_from_settings,
+    generate_key,
+    require_key,
+)
 
 KEY_A = generate_key()
 KEY_B = generate_key()
@@ -47,8 +55,8 @@ def test_fernetbox_unknown_key_raises_encryption_error() -> None:
 
 
 def test_fernetbox_plain_secret_refused_loudly() -> None:
-    """A PlainBox secret is refused with a message naming the sandbox and the fix."""
-    with pytest.raises(EncryptionError, match="unencrypted by the sandbox"):
+    """A PlainBox secret is refused with a message naming the plaintext allowance and the fix."""
+    with pytest.raises(EncryptionError, match=r"unencrypted \(CLOSESYNC_ALLOW_PLAINTEXT_TOKENS"):
         FernetBox([KEY_A]).open(PlainBox().seal(b"x"))
 
 
@@ -79,22 +87,54 @@ def test_plainbox_encrypted_secret_refused() -> None:
         PlainBox().open(FernetBox([KEY_A]).seal(b"x"))
 
 
-def test_box_from_settings_no_key_raises_config_error() -> None:
-    """Without a key and without the sandbox allowance, the error tells how to make a key."""
+def test_box_from_settings_no_key_refuses_every_seal_and_open() -> None:
+    """Without a key or the allowance, sealing and opening fail with how to make a key."""
     settings = Settings(_env_file=None, closesync_encryption_keys=None)
+    box = box_from_settings(settings)
     with pytest.raises(ConfigError, match="closesync keys generate"):
-        box_from_settings(settings, allow_plain=False)
+        box.seal(b"x")
+    with pytest.raises(ConfigError, match="CLOSESYNC_ENCRYPTION_KEYS is not set"):
+        box.open(PlainBox().seal(b"x"))
+    with pytest.raises(ConfigError, match="CLOSESYNC_ALLOW_PLAINTEXT_TOKENS"):
+        require_key(box)
 
 
-def test_box_from_settings_no_key_sandbox_gives_plainbox() -> None:
-    """The sandbox may run unencrypted."""
-    settings = Settings(_env_file=None, closesync_encryption_keys=None)
-    assert isinstance(box_from_settings(settings, allow_plain=True), PlainBox)
+def test_box_from_settings_loopback_urls_alone_never_give_plainbox() -> None:
+    """Loopback API URLs (a sidecar, a proxy, the sandbox) are no reason to store in the clear."""
+    local = "http://127.0.0.1:9"
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        closesync_encryption_keys=None,
+        close_api_url=local,
+        close_oauth_url=local,
+        calendly_api_url=local,
+        calendly_auth_url=local,
+    )
+    with pytest.raises(ConfigError, match="CLOSESYNC_ENCRYPTION_KEYS is not set"):
+        box_from_settings(settings).seal(b"x")
 
 
-def test_box_from_settings_keys_give_fernetbox_even_in_sandbox() -> None:
+def test_box_from_settings_plaintext_allowed_gives_plainbox_and_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true stores in the clear, and says so each time."""
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, closesync_encryption_keys=None, closesync_allow_plaintext_tokens=True
+    )
+    with caplog.at_level(logging.WARNING):
+        box = box_from_settings(settings)
+    assert isinstance(box, PlainBox)
+    require_key(box)
+    assert "stored unencrypted" in caplog.text
+
+
+def test_box_from_settings_keys_give_fernetbox_even_with_plaintext_allowed() -> None:
     """Configured keys are always used."""
-    settings = Settings(_env_file=None, closesync_encryption_keys=f"{KEY_A}, {KEY_B}")
-    box = box_from_settings(settings, allow_plain=True)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        closesync_encryption_keys=f"{KEY_A}, {KEY_B}",
+        closesync_allow_plaintext_tokens=True,
+    )
+    box = box_from_settings(settings)
     assert isinstance(box, FernetBox)
     assert box.key_count == 2

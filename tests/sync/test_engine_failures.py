@@ -72,6 +72,9 @@ def test_cli_sync_all_one_broken_connection_others_still_sync(
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("REDIS_PREFIX", harness.services.keys.prefix)
+    key = harness.services.settings.closesync_encryption_keys
+    assert key is not None
+    monkeypatch.setenv("CLOSESYNC_ENCRYPTION_KEYS", key.get_secret_value())
     assert main(["sync", "--all"]) == 1
     assert harness.close_side(healthy_user) == harness.expected(healthy_user)
 

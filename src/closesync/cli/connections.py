@@ -130,6 +130,7 @@ def _resolve(services: Services, args: argparse.Namespace) -> tuple[Me, User]:
 
 def cmd_add(args: argparse.Namespace) -> int:
     services = load_services()
+    services.require_key()  # before the tokens are checked at the APIs: they could not be stored
     try:
         me, user = _resolve(services, args)
     except ApiError as error:

@@ -2,10 +2,12 @@
 
 A stolen Redis dump or a `MONITOR` session must not yield a usable token, so the store only ever
 writes what a `SecretBox` sealed. `FernetBox` is the real one (decisions.md: the first key of
-`CLOSESYNC_ENCRYPTION_KEYS` encrypts, all of them decrypt, so keys can rotate). `PlainBox` exists
-only for the sandbox demo, which must run without any setup: what it seals carries a `plain:`
-prefix so that a FernetBox refuses it loudly instead of mistaking it for a bad token, and so that
-`rotate` can encrypt it later.
+`CLOSESYNC_ENCRYPTION_KEYS` encrypts, all of them decrypt, so keys can rotate). Without a key,
+`NoKeyBox` refuses every seal and open, naming the setting, so commands that decrypt nothing
+(`status`, `connections list`) still work. `PlainBox` stores in the clear only on the explicit
+choice CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true (decisions.md: never inferred from where the API URLs
+point), warned each time it is chosen: what it seals carries a `plain:` prefix so that a FernetBox
+refuses it loudly instead of mistaking it for a bad token, and so that `rotate` can encrypt it.
 
 No message raised here ever contains a key or a secret; a bad key is named by its position.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import Protocol
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -21,11 +24,19 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from closesync.core.errors import ConfigError, EncryptionError
 from closesync.settings import Settings
 
+log = logging.getLogger(__name__)
+
 PLAIN_PREFIX = "plain:"
 
 _NO_KEY_HELP = (
     "CLOSESYNC_ENCRYPTION_KEYS is not set: stored OAuth tokens are encrypted with it. "
-    "Run `closesync keys generate` and set CLOSESYNC_ENCRYPTION_KEYS to the key it prints"
+    "Run `closesync keys generate` and set CLOSESYNC_ENCRYPTION_KEYS to the key it prints "
+    "(only a throwaway setup may set CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true instead)"
+)
+_PLAINTEXT_WARNING = (
+    "CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true and CLOSESYNC_ENCRYPTION_KEYS is not set: OAuth "
+    "tokens are stored unencrypted in Redis; set a key (`closesync keys generate`) and run "
+    "`closesync keys rotate` to encrypt them"
 )
 
 
@@ -67,7 +78,7 @@ class FernetBox:
     def open(self, sealed: str) -> bytes:
         if sealed.startswith(PLAIN_PREFIX):
             raise EncryptionError(
-                "this secret was stored unencrypted by the sandbox (PlainBox); run "
+                "this secret was stored unencrypted (CLOSESYNC_ALLOW_PLAINTEXT_TOKENS); run "
                 "`closesync keys rotate` with CLOSESYNC_ENCRYPTION_KEYS set to encrypt it"
             )
         try:
@@ -92,7 +103,7 @@ class FernetBox:
 
 
 class PlainBox:
-    """No encryption: the sandbox demo only. Sealed strings are `plain:` + base64."""
+    """No encryption, on explicit choice only. Sealed strings are `plain:` + base64."""
 
     def seal(self, plaintext: bytes) -> str:
         return PLAIN_PREFIX + base64.b64encode(plaintext).decode("ascii")
@@ -108,11 +119,36 @@ class PlainBox:
             raise EncryptionError("this unencrypted secret is corrupt (not base64)") from None
 
 
-def box_from_settings(settings: Settings, allow_plain: bool) -> SecretBox:
-    """FernetBox from CLOSESYNC_ENCRYPTION_KEYS; PlainBox when none is set and `allow_plain`."""
+class NoKeyBox:
+    """No key and no plaintext allowance: every seal and open fails, naming the setting.
+
+    Handed out instead of raising at startup, so that what reads only public records works.
+    """
+
+    def seal(self, plaintext: bytes) -> str:
+        raise ConfigError(_NO_KEY_HELP)
+
+    def open(self, sealed: str) -> bytes:
+        raise ConfigError(_NO_KEY_HELP)
+
+
+def box_from_settings(settings: Settings) -> SecretBox:
+    """FernetBox from CLOSESYNC_ENCRYPTION_KEYS; else PlainBox when CLOSESYNC_ALLOW_PLAINTEXT_TOKENS
+    is true (with a warning, every time); else NoKeyBox. Where the API URLs point plays no part."""
     keys = settings.encryption_keys()
     if keys:
         return FernetBox(keys)
-    if allow_plain:
+    if settings.closesync_allow_plaintext_tokens:
+        log.warning(_PLAINTEXT_WARNING)
         return PlainBox()
-    raise ConfigError(_NO_KEY_HELP)
+    return NoKeyBox()
+
+
+def require_key(box: SecretBox) -> None:
+    """ConfigError naming CLOSESYNC_ENCRYPTION_KEYS unless `box` can store tokens.
+
+    Checked at the start of whatever will store or use a token (the web process, the worker,
+    `connect`, `connections add`, an inline sync), so it fails before doing anything else.
+    """
+    if isinstance(box, NoKeyBox):
+        raise ConfigError(_NO_KEY_HELP)
