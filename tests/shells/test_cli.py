@@ -84,14 +84,13 @@ def test_cli_add_same_close_user_updates_the_connection(
 
 
 def test_cli_add_bad_token_one_line_error_nothing_stored(
-    env: Sandbox, capsys: pytest.CaptureFixture[str]
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refused token exits 2 with one line naming the API and stores nothing."""
     user = env.users[0]
-    code = main(
-        ["connections", "add", "--close-access-token", "close_at_bogus",
-         "--calendly-token", user.calendly_token]
-    )  # fmt: skip
+    monkeypatch.setenv("CLOSESYNC_CLOSE_ACCESS_TOKEN", "close_at_bogus")
+    monkeypatch.setenv("CLOSESYNC_CALENDLY_TOKEN", user.calendly_token)
+    code = main(["connections", "add"])
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.count("\n") == 1
