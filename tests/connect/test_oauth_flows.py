@@ -21,6 +21,7 @@ import redis
 import requests
 
 from closesync.cli.connect import run_connect
+from closesync.connect.oauth_flow import FlowStates, PendingFlow
 from closesync.connect.steps import Step
 from closesync.core.connection import Side
 from closesync.core.errors import EncryptionError
@@ -384,6 +385,21 @@ def test_terminal_flow_stray_request_gets_a_page_and_the_flow_goes_on(
     assert step.connection.close_user_id == user.close_user_id
 
 
+def test_flow_states_pending_flow_copied_under_another_state_is_refused(
+    services: Services,
+) -> None:
+    """A pending flow (maybe holding a Close grant) moved under another `state` does not open."""
+    states = FlowStates(services.redis, services.keys, services.box)
+    victims = states.put(PendingFlow("calendly", "personal", "http://x/cb", close={"me": 1}))
+    own = states.put(PendingFlow("calendly", "personal", "http://x/cb"))
+    digest = hashlib.sha256(victims.encode()).hexdigest()
+    moved = services.redis.get(services.keys.oauth_state(digest))
+    own_key = services.keys.oauth_state(hashlib.sha256(own.encode()).hexdigest())
+    services.redis.set(own_key, moved)
+    with pytest.raises(EncryptionError, match="sealed for another"):
+        states.take(own)
+
+
 def test_terminal_flow_store_error_in_callback_ends_the_command_at_once(
     sb: Sandbox, services: Services
 ) -> None:
@@ -394,7 +410,7 @@ def test_terminal_flow_store_error_in_callback_ends_the_command_at_once(
     callback, state = _loopback_of(url)
     # The pending flow, sealed under a key this deployment does not hold.
     key = services.keys.oauth_state(hashlib.sha256(state.encode()).hexdigest())
-    services.redis.set(key, FernetBox([generate_key()]).seal(b"{}"))
+    services.redis.set(key, FernetBox([generate_key()]).seal(b"{}", owner="oauth-flow:x"))
     answer = requests.get(f"{callback}?code=x&state={state}", timeout=10)
     thread.join(timeout=10)
     assert not thread.is_alive()

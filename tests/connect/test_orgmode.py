@@ -12,14 +12,17 @@ from typing import Any
 import pytest
 import redis
 import requests
+from pydantic import SecretStr
 
 from closesync.apis.credentials import grant_lock_name, shared_lock_key
 from closesync.cli.main import main
 from closesync.connect.org_credentials import OrganizationBusy
 from closesync.connect.org_members import Member, match
+from closesync.connect.org_waiting import WaitingRoom
 from closesync.connect.organizations import Organizations
-from closesync.core.connection import Connection
-from closesync.core.errors import GrantRevoked
+from closesync.core.close_payloads import Me
+from closesync.core.connection import Connection, Grant
+from closesync.core.errors import EncryptionError, GrantRevoked
 from closesync.core.retry import WaitBudget
 from closesync.sandbox import Sandbox
 from closesync.settings import Settings
@@ -331,3 +334,18 @@ def test_orgmode_organization_outside_allowlist_is_refused_and_revoked(
     with web_process(allowed) as web, requests.Session() as browser:
         assert "Organization connected" in connect_org(sb, web.url, browser).text
     assert len(Organizations(services).credentials.refs()) == 1
+
+
+def test_orgmode_waiting_grant_copied_to_another_close_user_is_refused(services: Services) -> None:
+    """A waiting Close user's sealed grant written under another waiting user's key won't open."""
+    room = WaitingRoom(services.redis, services.keys, services.box)
+    for user in ("user_a", "user_b"):
+        me = Me.model_validate({"id": user, "email": f"{user}@example.com"})
+        room.wait(me, Grant(access_token=SecretStr(f"tok_of_{user}")))
+    moved = services.redis.get(services.keys.waiting_close_grant("user_a"))
+    services.redis.set(services.keys.waiting_close_grant("user_b"), moved)
+    with pytest.raises(EncryptionError, match="sealed for another"):
+        room.grant("user_b")
+    grant = room.grant("user_a")
+    assert grant is not None
+    assert grant.access_token.get_secret_value() == "tok_of_user_a"

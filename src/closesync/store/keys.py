@@ -49,6 +49,11 @@ A connection whose `calendly_grant_ref` is set stores only its Close grant in `:
 JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
 Calendly side at the shared `calendly-org:{ref}:grant`.
 
+Every sealed value is bound to its owner (`Owner`, `closesync.store.secretbox`): the connection
+`{id}` for `:grants`, the organization `{ref}` for `calendly-org:{ref}:grant`, the Close user for
+`waiting-close:{user}:grant`, the `state` digest for `oauth-state:{digest}`. Copied under another
+key it no longer opens, so a Redis writer without the key cannot swap grants between owners.
+
 Writes that must not be seen half-done (saving a connection, replacing the records) are one
 MULTI/EXEC; read-modify-writes of a connection or of its grants WATCH their key, so a concurrent
 token refresh is never overwritten by a stale copy (a refresh token is single-use: losing the new
@@ -175,3 +180,24 @@ class Keys:
             self.rerun(conn_id),
             self.backfill(conn_id),
         ]
+
+
+class Owner:
+    """What each sealed value is sealed for: its owner, without the key prefix (so that a change
+    of REDIS_PREFIX keeps every value readable). Nothing else formats an owner."""
+
+    @staticmethod
+    def connection(conn_id: str) -> str:
+        return f"connection:{conn_id}"
+
+    @staticmethod
+    def organization(ref: str) -> str:
+        return f"calendly-organization:{ref}"
+
+    @staticmethod
+    def waiting_close_user(close_user_id: str) -> str:
+        return f"waiting-close-user:{close_user_id}"
+
+    @staticmethod
+    def oauth_flow(digest: str) -> str:
+        return f"oauth-flow:{digest}"
