@@ -349,3 +349,24 @@ def test_orgmode_waiting_grant_copied_to_another_close_user_is_refused(services:
     grant = room.grant("user_a")
     assert grant is not None
     assert grant.access_token.get_secret_value() == "tok_of_user_a"
+
+
+def test_orgmode_close_user_reauthorizing_revokes_only_their_old_close_grant(
+    sb: Sandbox, services: Services
+) -> None:
+    """A paired Close user authorizing again: the old Close grant is revoked, the shared kept."""
+    one = sb.users[1]
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, one.email)
+        [connection] = services.connections.list()
+        old = services.connections.grants(connection.id)
+        assert "Connected" in connect_close(sb, web.url, browser, one.email)
+    new = services.connections.grants(connection.id)
+    assert new.close != old.close
+    assert new.calendly == old.calendly  # the organization's shared grant
+    with sb.world.lock:
+        tokens = sb.world.tokens.tokens
+        assert tokens[old.close.access_token.get_secret_value()].revoked
+        assert not tokens[new.close.access_token.get_secret_value()].revoked
+        assert not tokens[old.calendly.access_token.get_secret_value()].revoked

@@ -83,6 +83,36 @@ def test_cli_add_same_close_user_updates_the_connection(
     assert [c["name"] for c in listed] == ["renamed"]
 
 
+def test_cli_add_again_with_new_tokens_revokes_the_old_grant_same_tokens_revoke_nothing(
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-adding a Close user with a new grant revokes the replaced one; the same tokens stay."""
+    from closesync.sandbox import CLOSE_CLIENT_ID, CLOSE_CLIENT_SECRET
+
+    monkeypatch.setenv("CLOSE_CLIENT_ID", CLOSE_CLIENT_ID)
+    monkeypatch.setenv("CLOSE_CLIENT_SECRET", CLOSE_CLIENT_SECRET)
+    user = env.users[0]
+    world = env.world
+    refresh = ["--close-refresh-token", user.close_refresh_token]
+    assert main([*_add(user), *refresh]) == 0
+    assert main([*_add(user), *refresh, "--name", "renamed"]) == 0
+    with world.lock:
+        assert not world.tokens.tokens[user.close_access_token].revoked
+        now = world.now()
+        new = world.tokens.issue_grant("close", user.close_user_id, CLOSE_CLIENT_ID, "", 3600, now)
+    assert main(
+        ["connections", "add", "--close-access-token", new.access.value,
+         "--close-refresh-token", new.refresh.value, "--calendly-token", user.calendly_token]
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    with world.lock:
+        tokens = world.tokens.tokens
+        assert tokens[user.close_access_token].revoked
+        assert tokens[user.close_refresh_token].revoked
+        assert not tokens[new.access.value].revoked
+        assert not tokens[user.calendly_token].revoked  # a personal token: never revoked
+
+
 def test_cli_add_bad_token_one_line_error_nothing_stored(
     env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,7 @@ from closesync.apis.calendly.client import CalendlyClient
 from closesync.apis.close.client import CloseClient
 from closesync.cli.common import print_json, print_table, when
 from closesync.cli.token_input import TOKEN_FLAGS, TOKEN_VARIABLES, Tokens, gather_tokens
+from closesync.connect.saving import save_connection
 from closesync.core.calendly_payloads import User
 from closesync.core.close_payloads import Me
 from closesync.core.connection import (
@@ -167,7 +168,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     )
     existing: Connection | None = services.connections.find_by_close_user(me.id)
     connection = connection_between(existing, me, user, name=args.name, now=now)
-    services.connections.save(connection, grants)
+    # Updating a connection: under its refresh locks, revoking the grants it replaces.
+    save_connection(services, existing, connection, grants)
     if args.json:
         print_json({**public(connection), "updated": existing is not None})
     else:

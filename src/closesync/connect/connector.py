@@ -38,6 +38,7 @@ from closesync.connect.oauth_flow import (
 from closesync.connect.org_credentials import OrganizationBusy
 from closesync.connect.organizations import Organizations
 from closesync.connect.revoke import revoke_grant
+from closesync.connect.saving import ConnectionBusy, save_connection
 from closesync.connect.steps import KNOWN_ERRORS, FlowError, Step
 from closesync.core.calendly_payloads import TokenResponse as CalendlyToken
 from closesync.core.close_payloads import Me
@@ -205,6 +206,11 @@ class Connector:
                     f"The Calendly organization's members could not be listed: {error}. Nothing "
                     "was stored; please try again later.",
                 ) from None
+            except ConnectionBusy as error:
+                self._revoke("close", grant)  # not stored
+                raise FlowError(
+                    "provider", f"Not connected: {error}. Nothing was stored; please try again."
+                ) from None
             if connection is None:
                 return Step(
                     "waiting",
@@ -252,7 +258,17 @@ class Connector:
         existing: Connection | None = self.services.connections.find_by_close_user(me.id)
         now = time.time()
         connection = connection_between(existing, me, user, name=flow.name, now=now)
-        self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
+        try:
+            # Under the refresh locks of the grants it replaces, which it then revokes.
+            save_connection(
+                self.services, existing, connection, Grants(close=close_grant, calendly=grant)
+            )
+        except ConnectionBusy as error:
+            self._revoke("calendly", grant)  # neither was stored
+            self._revoke("close", close_grant)
+            raise FlowError(
+                "provider", f"Not connected: {error}. Nothing was stored; please try again."
+            ) from None
         log.info("connection authorized", extra={"connection_id": connection.id})
         verb = "Updated" if existing else "Connected"
         return Step(
@@ -313,7 +329,7 @@ class Connector:
         # From here the grant is stored and shared: nothing below may revoke it.
         try:
             paired = self.orgs.pair_waiting()
-        except ApiError as error:
+        except (ApiError, ConnectionBusy) as error:
             log.warning("pairing after an organization connected failed: %s", error)
             return Step(
                 "organization",

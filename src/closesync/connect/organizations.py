@@ -28,6 +28,7 @@ from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
 from closesync.connect.org_members import Member, MemberCache, match
 from closesync.connect.org_waiting import WaitingRoom
+from closesync.connect.saving import save_shared_connection
 from closesync.core.close_payloads import Me
 from closesync.core.connection import Connection, Grant, connection_from
 
@@ -42,6 +43,7 @@ class Organizations:
         self.members = MemberCache(self.credentials)
         self.waiting_room = WaitingRoom(services.redis, services.keys, services.box)
         self.connections = services.connections
+        self.services = services
 
     def pair_close_user(self, me: Me, grant: Grant, name: str | None = None) -> Connection | None:
         """Pair a Close user who just authorized; None (and they wait) without a match."""
@@ -114,7 +116,8 @@ class Organizations:
             now=now,
             calendly_grant_ref=ref,
         )
-        self.connections.save_shared(connection, grant)
+        # A re-authorizing Close user: under the old grants' refresh locks, which it revokes.
+        save_shared_connection(self.services, existing, connection, grant)
         log.info("paired in organization mode", extra={"connection_id": connection.id})
         return connection
 
