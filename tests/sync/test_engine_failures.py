@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -140,6 +140,9 @@ def test_refresh_rotated_by_someone_else_meanwhile_is_adopted(harness: Harness) 
     class FreeLock:
         def acquire_wait(self, timeout: float) -> bool:
             return True
+
+        def renewing(self) -> nullcontext[None]:
+            return nullcontext()
 
         def release(self) -> bool:
             return True

@@ -23,7 +23,8 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             started_at                                   no TTL
     {p}:refresh-lock:{grant_key}    STRING  single-flight token refresh of one grant
                                             (grant_key: credentials.grant_lock_name,
-                                            side + hash of the id): holder's token  PX ~30 s
+                                            side + hash of the id): holder's token,
+                                            renewed while the token call lasts      PX ~75 s
     {p}:tick:{name}:{slot}          STRING  "1": this scheduled tick was enqueued once     EX ttl
     {p}:scheduler:leader            STRING  token of the scheduler allowed to enqueue      PX ttl
     {p}:oauth-state:{digest}        STRING  an OAuth flow under way, sealed JSON (provider,

@@ -112,8 +112,9 @@ class Services:
     def refresh_lock(self, name: str) -> RedisLock:
         """The single-flight lock of one grant's token refresh.
 
-        It must outlive the slowest token call it guards (connect + read timeout, twice for
-        margin), or a second process could present the same single-use refresh token.
+        A refresh renews it for as long as its token call lasts (`TokenKeeper`), since timeouts
+        bound each socket read, not the call; the TTL (a token call's timeouts, twice, for
+        margin) only bounds how long a holder that died keeps the grant from being refreshed.
         """
         s = self.settings
         ttl = 2 * (s.http_connect_timeout + s.http_read_timeout) + 5
