@@ -8,7 +8,9 @@ sandbox clock is in epoch seconds, where adding exactly `reset` can round to a h
 window boundary.
 
 `ScriptedServer` is a loopback HTTP server that answers queued bodies, for the shapes no honest
-emulator produces (a repeated page token, a page repeating the previous one, a wrong envelope).
+emulator produces (a repeated page token, a page repeating the previous one, a wrong envelope),
+and for a slow answer that trickles in (`Scripted.trickle_until`): a call that never trips a
+per-read timeout yet lasts as long as the test wants.
 """
 
 from __future__ import annotations
@@ -83,12 +85,22 @@ def api_http(
     )
 
 
+# Seconds between two bytes of a trickled answer: well below any read timeout used in tests.
+TRICKLE_EVERY = 0.2
+
+
 @dataclass
 class Scripted:
-    """One queued answer of the scripted server."""
+    """One queued answer of the scripted server.
+
+    With `trickle_until`, the answer starts at once (`started` is set) but its body is preceded
+    by one space (JSON allows it) every TRICKLE_EVERY seconds until that event is set.
+    """
 
     body: Any
     status: int = 200
+    trickle_until: threading.Event | None = None
+    started: threading.Event = field(default_factory=threading.Event)
 
 
 class ScriptedServer:
@@ -108,8 +120,17 @@ class ScriptedServer:
                 data = json.dumps(answer.body).encode()
                 self.send_response(answer.status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+                if answer.trickle_until is None:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                answer.started.set()
+                if answer.trickle_until is not None:
+                    # No Content-Length: HTTP/1.0 reads the body until the connection closes.
+                    self.wfile.flush()
+                    while not answer.trickle_until.wait(TRICKLE_EVERY):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    self.close_connection = True
                 self.wfile.write(data)
 
             do_GET = do_POST = do_DELETE = _answer

@@ -21,6 +21,7 @@ from closesync.sandbox import (
 from closesync.sandbox.connections import sandbox_connection, sandbox_settings
 from closesync.sandbox.records import SeededUser
 from closesync.settings import Settings
+from closesync.store.secretbox import generate_key
 from closesync.sync.engine import SyncEngine
 from closesync.wiring.services import Services
 
@@ -34,6 +35,8 @@ def settings_for(sandbox: Sandbox, redis_url: str, prefix: str, **overrides: Any
         "redis_prefix": prefix,
         "http_connect_timeout": 2.0,
         "http_read_timeout": 5.0,
+        # Grants are sealed as in production: loopback URLs never mean "store in the clear".
+        "closesync_encryption_keys": generate_key(),
         **sandbox_settings(sandbox),
     }
     values.update(overrides)

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
 
     # Comma-separated Fernet keys: the first encrypts, all decrypt (so keys can rotate).
     closesync_encryption_keys: SecretStr | None = None
+    # Without CLOSESYNC_ENCRYPTION_KEYS a token is refused, never stored in the clear, wherever
+    # the API URLs point (a sidecar or egress proxy on 127.0.0.1 looks just like the sandbox).
+    # True stores tokens UNENCRYPTED (a `plain:` prefix, `closesync keys rotate` encrypts them
+    # later) and warns at every start: for a throwaway setup only, since whoever reads Redis (a
+    # dump, a backup, MONITOR) then holds usable tokens.
+    closesync_allow_plaintext_tokens: bool = False
 
     # --- What is synced ---------------------------------------------------------------------
     # Secret event types are hidden from the Calendly landing page but their link works; a sales

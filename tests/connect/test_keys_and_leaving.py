@@ -110,6 +110,7 @@ def test_keys_rotate_reseals_every_grant_so_the_old_key_can_go(
         "older_key": 0,
         "unencrypted": 0,
         "unreadable": 0,
+        "unbound": 0,
     }
     only_new = ConnectionStore(services.redis, services.keys, FernetBox([new_key]))
     assert only_new.grants(connection.id) == before
@@ -145,6 +146,7 @@ def test_keys_check_finds_grants_still_under_an_older_key(
         "older_key": 0,
         "unencrypted": 0,
         "unreadable": 0,
+        "unbound": 0,
     }
 
 

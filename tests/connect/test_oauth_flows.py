@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,16 +21,20 @@ import pytest
 import redis
 import requests
 
+from closesync.apis.close.client import CloseOAuth
+from closesync.apis.credentials import TokenAnswer, TokenKeeper
 from closesync.cli.connect import run_connect
+from closesync.connect.oauth_flow import FlowStates, PendingFlow
 from closesync.connect.steps import Step
 from closesync.core.connection import Side
 from closesync.core.errors import EncryptionError
 from closesync.sandbox import Sandbox
 from closesync.store.keys import Keys
+from closesync.store.locks import RedisLock
 from closesync.store.secretbox import FernetBox, generate_key
 from closesync.web.app import WebServer
 from closesync.wiring.services import Services
-from tests._oauth import follow, sandbox_env, services_for, web_process
+from tests._oauth import follow, sandbox_env, sandbox_settings, services_for, web_process
 from tests._sandbox import running_sandbox
 
 
@@ -430,6 +435,21 @@ def test_terminal_flow_stray_request_gets_a_page_and_the_flow_goes_on(
     assert step.connection.close_user_id == user.close_user_id
 
 
+def test_flow_states_pending_flow_copied_under_another_state_is_refused(
+    services: Services,
+) -> None:
+    """A pending flow (maybe holding a Close grant) moved under another `state` does not open."""
+    states = FlowStates(services.redis, services.keys, services.box)
+    victims = states.put(PendingFlow("calendly", "personal", "http://x/cb", close={"me": 1}))
+    own = states.put(PendingFlow("calendly", "personal", "http://x/cb"))
+    digest = hashlib.sha256(victims.encode()).hexdigest()
+    moved = services.redis.get(services.keys.oauth_state(digest))
+    own_key = services.keys.oauth_state(hashlib.sha256(own.encode()).hexdigest())
+    services.redis.set(own_key, moved)
+    with pytest.raises(EncryptionError, match="sealed for another"):
+        states.take(own)
+
+
 def test_terminal_flow_store_error_in_callback_ends_the_command_at_once(
     sb: Sandbox, services: Services
 ) -> None:
@@ -440,7 +460,7 @@ def test_terminal_flow_store_error_in_callback_ends_the_command_at_once(
     callback, state = _loopback_of(url)
     # The pending flow, sealed under a key this deployment does not hold.
     key = services.keys.oauth_state(hashlib.sha256(state.encode()).hexdigest())
-    services.redis.set(key, FernetBox([generate_key()]).seal(b"{}"))
+    services.redis.set(key, FernetBox([generate_key()]).seal(b"{}", owner="oauth-flow:x"))
     answer = requests.get(f"{callback}?code=x&state={state}", timeout=10)
     thread.join(timeout=10)
     assert not thread.is_alive()
@@ -505,3 +525,116 @@ def test_web_command_logs_through_logs_configure_with_redaction(
             web.stderr.close()
     assert logged["message"] == "web GET /x/[redacted]"
     assert logged["logger"] == "closesync.web.app"
+
+
+class NoticedLock(RedisLock):
+    """A real refresh lock that records when a taker found it held and had to wait."""
+
+    def __init__(self, lock: RedisLock, waited: threading.Event) -> None:
+        super().__init__(lock.redis, lock.key, lock.ttl_seconds)
+        self.waited = waited
+
+    def acquire_wait(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        if self.acquire():
+            return True
+        self.waited.set()
+        return super().acquire_wait(timeout, cancel)
+
+
+@dataclass
+class NoticingServices(Services):
+    """Services whose refresh locks say when someone waited for one."""
+
+    waited: threading.Event = field(default_factory=threading.Event)
+
+    def refresh_lock(self, name: str) -> RedisLock:
+        return NoticedLock(super().refresh_lock(name), self.waited)
+
+
+@dataclass
+class HeldRefresher:
+    """Close's real token endpoint, reached only once `gate` opens: a refresh in flight."""
+
+    inner: CloseOAuth
+    entered: threading.Event = field(default_factory=threading.Event)
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def refresh(self, refresh_token: str) -> TokenAnswer:
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.inner.refresh(refresh_token)
+
+
+def revoked(sb: Sandbox, *values: str) -> list[bool]:
+    with sb.world.lock:
+        return [sb.world.tokens.tokens[v].revoked for v in values]
+
+
+def test_web_reconnect_during_a_refresh_keeps_the_new_grants_and_revokes_the_old(
+    sb: Sandbox, redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """A reconnect waits for the old grant's refresh in flight, stores its own, revokes the old."""
+    user = sb.users[1]
+    settings = sandbox_settings(sb, redis_url, keys.prefix, generate_key())
+    services = NoticingServices.build(settings, redis_client=redis_client)
+    with web_process(services) as web, requests.Session() as browser:
+        for provider in ("close", "calendly"):
+            sb.world.set_oauth_next(provider, user_email=user.email)
+        follow(browser, web.url + "/connect")
+        [connection] = services.connections.list()
+        old = services.connections.grants(connection.id)
+        close_oauth = services.close_oauth()
+        assert close_oauth is not None
+        refresher = HeldRefresher(close_oauth)
+        keeper = TokenKeeper(
+            connection_id=connection.id,
+            side="close",
+            store=services.connections,
+            refresher=refresher,
+            lock_factory=services.refresh_lock,
+        )
+        refreshing = threading.Thread(target=keeper.refresh, args=(keeper.current(),))
+        refreshing.start()
+        assert refresher.entered.wait(10)
+
+        reconnected = threading.Event()
+
+        def reconnect() -> None:
+            for provider in ("close", "calendly"):
+                sb.world.set_oauth_next(provider, user_email=user.email)
+            answer, _ = follow(browser, web.url + "/connect")
+            assert answer is not None
+            assert answer.status_code == 200, answer.text
+            reconnected.set()
+
+        reconnecting = threading.Thread(target=reconnect)
+        reconnecting.start()
+        # Today's bug: the reconnect stores at once, and the refresh then writes the old grant.
+        while not (reconnected.is_set() or services.waited.is_set()):
+            assert reconnecting.is_alive(), "the reconnect failed"
+            services.waited.wait(0.05)
+        refresher.gate.set()
+        refreshing.join(timeout=30)
+        reconnecting.join(timeout=30)
+    assert reconnected.is_set()
+    refreshed = keeper.current()  # the old grant, rotated by the refresh in flight
+    stored = services.connections.grants(connection.id)
+    assert stored.close.access_token.get_secret_value() != refreshed
+    assert stored.close != old.close
+    assert stored.calendly != old.calendly
+    assert old.calendly.refresh_token is not None
+    # The old grants are revoked at both providers (the Close one as the refresh left it)...
+    assert revoked(
+        sb,
+        refreshed,
+        old.calendly.access_token.get_secret_value(),
+        old.calendly.refresh_token.get_secret_value(),
+    ) == [True, True, True]
+    # ...and the new ones work.
+    assert stored.close.refresh_token is not None
+    assert revoked(
+        sb,
+        stored.close.access_token.get_secret_value(),
+        stored.close.refresh_token.get_secret_value(),
+        stored.calendly.access_token.get_secret_value(),
+    ) == [False, False, False]

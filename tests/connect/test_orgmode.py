@@ -18,10 +18,11 @@ from closesync.apis.credentials import grant_lock_name, shared_lock_key
 from closesync.cli.main import main
 from closesync.connect.org_credentials import OrganizationBusy
 from closesync.connect.org_members import Member, match
+from closesync.connect.org_waiting import WaitingRoom
 from closesync.connect.organizations import Organizations
 from closesync.core.close_payloads import Me, Organization
 from closesync.core.connection import Connection, Grant
-from closesync.core.errors import GrantRevoked
+from closesync.core.errors import EncryptionError, GrantRevoked
 from closesync.core.retry import WaitBudget
 from closesync.sandbox import Sandbox
 from closesync.sandbox.connections import sandbox_connection
@@ -592,3 +593,39 @@ def test_orgmode_organization_outside_allowlist_is_refused_and_revoked(
     with web_process(allowed) as web, requests.Session() as browser:
         assert "Organization connected" in connect_org(sb, web.url, browser).text
     assert len(Organizations(services).credentials.refs()) == 1
+
+
+def test_orgmode_waiting_grant_copied_to_another_close_user_is_refused(services: Services) -> None:
+    """A waiting Close user's sealed grant written under another waiting user's key won't open."""
+    room = WaitingRoom(services.redis, services.keys, services.box)
+    for user in ("user_a", "user_b"):
+        me = Me.model_validate({"id": user, "email": f"{user}@example.com"})
+        room.wait(me, Grant(access_token=SecretStr(f"tok_of_{user}")))
+    moved = services.redis.get(services.keys.waiting_close_grant("user_a"))
+    services.redis.set(services.keys.waiting_close_grant("user_b"), moved)
+    with pytest.raises(EncryptionError, match="sealed for another"):
+        room.grant("user_b")
+    grant = room.grant("user_a")
+    assert grant is not None
+    assert grant.access_token.get_secret_value() == "tok_of_user_a"
+
+
+def test_orgmode_close_user_reauthorizing_revokes_only_their_old_close_grant(
+    sb: Sandbox, services: Services
+) -> None:
+    """A paired Close user authorizing again: the old Close grant is revoked, the shared kept."""
+    one = sb.users[1]
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, one.email)
+        [connection] = services.connections.list()
+        old = services.connections.grants(connection.id)
+        assert "Connected" in connect_close(sb, web.url, browser, one.email)
+    new = services.connections.grants(connection.id)
+    assert new.close != old.close
+    assert new.calendly == old.calendly  # the organization's shared grant
+    with sb.world.lock:
+        tokens = sb.world.tokens.tokens
+        assert tokens[old.close.access_token.get_secret_value()].revoked
+        assert not tokens[new.close.access_token.get_secret_value()].revoked
+        assert not tokens[old.calendly.access_token.get_secret_value()].revoked

@@ -1,7 +1,7 @@
 """End-to-end fixtures: a Redis server of their own, the sandbox, and real closesync processes.
 
 Processes run the installed `closesync` command with an environment pointing at the sandbox
-(loopback, so grants are stored unencrypted) and at a Redis database no other test uses. Each is
+(with an encryption key of the deployment's own) and at a Redis database no other test uses. Each is
 started in its own session so that a test can kill it and its pool children at once, as a host
 failure would. Nothing sleeps for a fixed time: `wait_for` polls a condition until a deadline.
 """
@@ -34,6 +34,7 @@ from closesync.sandbox import (
 )
 from closesync.sandbox.connections import sandbox_connection
 from closesync.settings import Settings
+from closesync.store.secretbox import generate_key
 from closesync.wiring.services import Services
 from tests.redis_server import RedisServer
 
@@ -158,6 +159,7 @@ def deploy(e2e_redis: RedisServer, sandbox: Sandbox, tmp_path: Path) -> Callable
             "CLOSE_CLIENT_SECRET": CLOSE_CLIENT_SECRET,
             "CALENDLY_CLIENT_ID": CALENDLY_CLIENT_ID,
             "CALENDLY_CLIENT_SECRET": CALENDLY_CLIENT_SECRET,
+            "CLOSESYNC_ENCRYPTION_KEYS": generate_key(),
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
             # Every second: a test drives ticks itself and cannot wait a minute for each.

@@ -14,6 +14,7 @@ import pytest
 from closesync.cli.main import main
 from closesync.sandbox import Sandbox, SandboxConfig
 from closesync.sandbox.records import SeededUser
+from closesync.store.secretbox import generate_key
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def env(sandbox: Sandbox, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Sa
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("REDIS_PREFIX", f"cli-{uuid.uuid4().hex[:8]}")
     monkeypatch.setenv("INLINE_WAIT_BUDGET_SECONDS", "0")
-    monkeypatch.delenv("CLOSESYNC_ENCRYPTION_KEYS", raising=False)
+    monkeypatch.setenv("CLOSESYNC_ENCRYPTION_KEYS", generate_key())
     return sandbox
 
 
@@ -84,15 +85,44 @@ def test_cli_add_same_close_user_updates_the_connection(
     assert [c["name"] for c in listed] == ["renamed"]
 
 
+def test_cli_add_again_with_new_tokens_revokes_the_old_grant_same_tokens_revoke_nothing(
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-adding a Close user with a new grant revokes the replaced one; the same tokens stay."""
+    from closesync.sandbox import CLOSE_CLIENT_ID, CLOSE_CLIENT_SECRET
+
+    monkeypatch.setenv("CLOSE_CLIENT_ID", CLOSE_CLIENT_ID)
+    monkeypatch.setenv("CLOSE_CLIENT_SECRET", CLOSE_CLIENT_SECRET)
+    user = env.users[0]
+    world = env.world
+    refresh = ["--close-refresh-token", user.close_refresh_token]
+    assert main([*_add(user), *refresh]) == 0
+    assert main([*_add(user), *refresh, "--name", "renamed"]) == 0
+    with world.lock:
+        assert not world.tokens.tokens[user.close_access_token].revoked
+        now = world.now()
+        new = world.tokens.issue_grant("close", user.close_user_id, CLOSE_CLIENT_ID, "", 3600, now)
+    assert main(
+        ["connections", "add", "--close-access-token", new.access.value,
+         "--close-refresh-token", new.refresh.value, "--calendly-token", user.calendly_token]
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    with world.lock:
+        tokens = world.tokens.tokens
+        assert tokens[user.close_access_token].revoked
+        assert tokens[user.close_refresh_token].revoked
+        assert not tokens[new.access.value].revoked
+        assert not tokens[user.calendly_token].revoked  # a personal token: never revoked
+
+
 def test_cli_add_bad_token_one_line_error_nothing_stored(
-    env: Sandbox, capsys: pytest.CaptureFixture[str]
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refused token exits 2 with one line naming the API and stores nothing."""
     user = env.users[0]
-    code = main(
-        ["connections", "add", "--close-access-token", "close_at_bogus",
-         "--calendly-token", user.calendly_token]
-    )  # fmt: skip
+    monkeypatch.setenv("CLOSESYNC_CLOSE_ACCESS_TOKEN", "close_at_bogus")
+    monkeypatch.setenv("CLOSESYNC_CALENDLY_TOKEN", user.calendly_token)
+    code = main(["connections", "add"])
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.count("\n") == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,19 @@ def test_whole_sync_with_debug_logs_and_sentry_leaves_no_token_in_the_clear(
     for name, value in sandbox_env(sb, redis_url, keys.prefix, secret_key).items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
+    # Adding the same user again, its tokens on standard input: nothing echoes them.
+    current = services.connections.grants(connection.id)
+    assert current.close.refresh_token is not None
+    assert current.calendly.refresh_token is not None
+    lines = {
+        "CLOSESYNC_CLOSE_ACCESS_TOKEN": current.close.access_token,
+        "CLOSESYNC_CLOSE_REFRESH_TOKEN": current.close.refresh_token,
+        "CLOSESYNC_CALENDLY_TOKEN": current.calendly.access_token,
+        "CLOSESYNC_CALENDLY_REFRESH_TOKEN": current.calendly.refresh_token,
+    }
+    stdin = "".join(f"{name}={value.get_secret_value()}\n" for name, value in lines.items())
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert main(["connections", "add", "--tokens-from-stdin", "--json"]) == 0
     for argv in (
         ["connections", "list", "--json"],
         ["connections", "show", connection.id, "--json"],

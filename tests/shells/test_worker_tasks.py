@@ -12,6 +12,7 @@ from closesync.core.connection import Connection, ConnectionState, Grant, Grants
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.settings import Settings
 from closesync.store.keys import Keys
+from closesync.store.secretbox import generate_key
 from closesync.wiring.services import Services
 from closesync.worker.tasks import (
     MAX_TRANSIENT_RETRIES,
@@ -90,6 +91,7 @@ def services_on(client: redis.Redis, keys: Keys) -> Services:
         close_oauth_url="http://127.0.0.1:1/oauth2",
         calendly_api_url="http://127.0.0.1:2",
         calendly_auth_url="http://127.0.0.1:2",
+        closesync_encryption_keys=generate_key(),
     )
     return Services.build(settings, redis_client=client)
 

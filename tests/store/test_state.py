@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
 from closesync.core.connection import Connection, ConnectionState, Grant, Grants
@@ -24,7 +25,7 @@ from closesync.core.report import RunReport
 from closesync.store.client import connect, guard, redacted_url
 from closesync.store.connections import REMOVED_TTL_SECONDS, ConnectionStore
 from closesync.store.embedded import embedded
-from closesync.store.key_rotation import rotate_keys
+from closesync.store.key_rotation import check_keys, rotate_keys
 from closesync.store.keys import Keys
 from closesync.store.secretbox import FernetBox, PlainBox, generate_key
 from closesync.store.sync_state import BackfillProgress, HeldDeletions, SyncState
@@ -326,6 +327,71 @@ def test_store_rotate_keys_reseals_so_old_key_can_go(redis_client: redis.Redis, 
     only_new = ConnectionStore(redis_client, keys, FernetBox([new_key]))
     assert only_new.grants("conn_000000000001") == grants()
     assert only_new.grants("conn_plain") == grants()
+
+
+def test_store_grants_copied_to_another_connection_fail_to_open_loudly(
+    redis_client: redis.Redis, keys: Keys, store: ConnectionStore
+) -> None:
+    """Grants sealed for one connection, written under another's key, are refused, not used."""
+    store.save(connection("conn_aaaaaaaaaaaa", close_user_id="u_a"), grants("tok_of_a"))
+    store.save(connection("conn_bbbbbbbbbbbb", close_user_id="u_b"), grants("tok_of_b"))
+    redis_client.set(
+        keys.grants("conn_bbbbbbbbbbbb"), redis_client.get(keys.grants("conn_aaaaaaaaaaaa"))
+    )
+    with pytest.raises(EncryptionError, match="sealed for another") as refused:
+        store.grants("conn_bbbbbbbbbbbb")
+    assert "tok_of_a" not in str(refused.value)
+    assert store.grants("conn_aaaaaaaaaaaa") == grants("tok_of_a")
+
+
+def test_store_shared_grant_copied_over_a_connection_grant_fails_to_open(
+    redis_client: redis.Redis, keys: Keys, store: ConnectionStore
+) -> None:
+    """An organization's shared grant copied over a connection's grants (or back) is refused."""
+    store.save(connection(), grants())
+    store.set_shared_grant("org-1", grants("tok_of_org").close)
+    store.set_shared_grant("org-2", grants("tok_of_org_2").close)
+    redis_client.set(
+        keys.calendly_org_grant("org-2"), redis_client.get(keys.calendly_org_grant("org-1"))
+    )
+    with pytest.raises(EncryptionError, match="sealed for another"):
+        store.shared_grant("org-2")
+    redis_client.set(
+        keys.grants("conn_000000000001"), redis_client.get(keys.calendly_org_grant("org-1"))
+    )
+    with pytest.raises(EncryptionError, match="sealed for another"):
+        store.grants("conn_000000000001")
+
+
+def test_store_rotate_keys_keeps_binding_and_binds_values_sealed_before_it(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A value sealed before binding existed still opens; rotate binds it to its connection."""
+    old_key, new_key = generate_key(), generate_key()
+    legacy = Fernet(old_key).encrypt(
+        json.dumps(
+            {"close": grants().close.revealed(), "calendly": grants().calendly.revealed()}
+        ).encode()
+    )
+    ConnectionStore(redis_client, keys, FernetBox([old_key])).save(connection(), grants())
+    redis_client.set(keys.grants("conn_000000000001"), legacy.decode())
+    ConnectionStore(redis_client, keys, FernetBox([old_key])).save(
+        connection("conn_bbbbbbbbbbbb", close_user_id="u_b"), grants("tok_of_b")
+    )
+    both = FernetBox([new_key, old_key])
+    assert ConnectionStore(redis_client, keys, both).grants("conn_000000000001") == grants()
+    assert check_keys(redis_client, keys, both, FernetBox([new_key]))["unbound"] == 1
+    assert rotate_keys(redis_client, keys, both) == 2
+    assert check_keys(redis_client, keys, both, FernetBox([new_key])) == {
+        "current": 2, "older_key": 0, "unencrypted": 0, "unreadable": 0, "unbound": 0,
+    }  # fmt: skip
+    only_new = ConnectionStore(redis_client, keys, FernetBox([new_key]))
+    assert only_new.grants("conn_000000000001") == grants()
+    redis_client.set(
+        keys.grants("conn_bbbbbbbbbbbb"), redis_client.get(keys.grants("conn_000000000001"))
+    )
+    with pytest.raises(EncryptionError, match="sealed for another"):
+        only_new.grants("conn_bbbbbbbbbbbb")
 
 
 # --- SyncState ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -47,6 +47,23 @@ def test_run_undecryptable_grants_fail_the_report_not_ok(harness: Harness) -> No
     assert harness.services.connections.get(conn).state is ConnectionState.ACTIVE
 
 
+def test_run_grants_swapped_from_another_connection_fail_and_touch_no_one(
+    harness: Harness,
+) -> None:
+    """B's grants key holding A's sealed grants: B's run fails loudly, no API call is made."""
+    first, second = harness.sandbox.users
+    a = harness.add(first)
+    b = harness.add(second)
+    redis = harness.services.redis
+    redis.set(harness.services.keys.grants(b), redis.get(harness.services.keys.grants(a)))
+    report = harness.run(b)
+    assert report.outcome is Outcome.FAILED
+    assert "sealed for another" in (report.error or "")
+    assert harness.sandbox.world.request_counts() == {}
+    assert harness.close_side(first) == {}
+    assert harness.close_side(second) == {}
+
+
 def test_run_corrupt_link_record_fails_naming_redis(harness: Harness) -> None:
     """A link record that no longer parses fails the run with CorruptState's message."""
     conn = harness.add(harness.sandbox.users[0])
@@ -72,6 +89,9 @@ def test_cli_sync_all_one_broken_connection_others_still_sync(
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("REDIS_PREFIX", harness.services.keys.prefix)
+    key = harness.services.settings.closesync_encryption_keys
+    assert key is not None
+    monkeypatch.setenv("CLOSESYNC_ENCRYPTION_KEYS", key.get_secret_value())
     assert main(["sync", "--all"]) == 1
     assert harness.close_side(healthy_user) == harness.expected(healthy_user)
 
@@ -120,6 +140,9 @@ def test_refresh_rotated_by_someone_else_meanwhile_is_adopted(harness: Harness) 
     class FreeLock:
         def acquire_wait(self, timeout: float) -> bool:
             return True
+
+        def renewing(self) -> nullcontext[None]:
+            return nullcontext()
 
         def release(self) -> bool:
             return True

@@ -5,6 +5,12 @@ one. Two workers refreshing the same grant at once would lose it, so a refresh h
 a Redis lock per grant, re-reads the stored grant first (another process may have refreshed it
 already), and stores the rotated grant before the new access token is used. A refresh answered
 `invalid_grant` raises `GrantRevoked`: the caller marks the connection needs_reauth.
+
+The lock is renewed for as long as the refresh holds it (`Lock.renewing`), not merely given a TTL
+longer than the timeouts: connect and read timeouts bound each socket operation, not the call
+(a server trickling its answer, a slow DNS lookup), and a lock that expired mid-call would let a
+second process present the same single-use refresh token. A holder that dies stops renewing, so
+its lock still frees itself within the TTL.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from pydantic import SecretStr
@@ -46,6 +53,8 @@ class GrantStore(Protocol):
 
 class Lock(Protocol):
     def acquire_wait(self, timeout: float) -> bool: ...
+
+    def renewing(self) -> AbstractContextManager[object]: ...
 
     def release(self) -> bool: ...
 
@@ -124,46 +133,52 @@ class TokenKeeper:
                 endpoint="token refresh",
             )
         try:
-            stored = self._load()
-            if stored.access_token.get_secret_value() != failed_token:
-                # Another process refreshed while we waited: use its token.
-                self._grant = stored
-                return stored.access_token.get_secret_value()
-            assert stored.refresh_token is not None  # noqa: S101 - checked above on our copy
-            presented = stored.refresh_token.get_secret_value()
-            try:
-                answer = self._refresher.refresh(presented)
-            except GrantRevoked:
-                # Someone may have rotated the grant without our lock (e.g. its lock expired
-                # during a slow refresh): if the stored refresh token changed, use that grant.
-                current = self._load()
-                if current.refresh_token is not None and (
-                    current.refresh_token.get_secret_value() != presented
-                ):
-                    self._grant = current
-                    return current.access_token.get_secret_value()
-                raise
-            except AuthFailed as error:
-                # The token endpoint refused closesync itself (invalid_client): configuration.
-                raise ConfigError(
-                    f"{label} refused closesync's OAuth client credentials: {error}"
-                ) from None
-            new = Grant(
-                kind="oauth",
-                access_token=SecretStr(answer.access_token),
-                # Rotation: keep the new refresh token; a provider that does not rotate keeps ours.
-                refresh_token=SecretStr(answer.refresh_token)
-                if answer.refresh_token
-                else stored.refresh_token,
-                expires_at=self._clock() + answer.expires_in if answer.expires_in else None,
-            )
-            # Stored before use: if we crash now, the next process has the rotated grant.
-            self._store.update_grant(self.connection_id, self.side, new)
-            self._grant = new
-            self.refreshes += 1
-            return answer.access_token
+            with lock.renewing():
+                return self._refresh_held(label, failed_token)
         finally:
             lock.release()
+
+    def _refresh_held(self, label: str, failed_token: str) -> str:
+        """The refresh proper, with the grant's lock held (and renewed) by the caller."""
+        assert self._refresher is not None  # noqa: S101 - checked by refresh() before locking
+        stored = self._load()
+        if stored.access_token.get_secret_value() != failed_token:
+            # Another process refreshed while we waited: use its token.
+            self._grant = stored
+            return stored.access_token.get_secret_value()
+        assert stored.refresh_token is not None  # noqa: S101 - checked above on our copy
+        presented = stored.refresh_token.get_secret_value()
+        try:
+            answer = self._refresher.refresh(presented)
+        except GrantRevoked:
+            # Someone may have rotated the grant without our lock (e.g. its lock expired
+            # during a slow refresh): if the stored refresh token changed, use that grant.
+            current = self._load()
+            if current.refresh_token is not None and (
+                current.refresh_token.get_secret_value() != presented
+            ):
+                self._grant = current
+                return current.access_token.get_secret_value()
+            raise
+        except AuthFailed as error:
+            # The token endpoint refused closesync itself (invalid_client): configuration.
+            raise ConfigError(
+                f"{label} refused closesync's OAuth client credentials: {error}"
+            ) from None
+        new = Grant(
+            kind="oauth",
+            access_token=SecretStr(answer.access_token),
+            # Rotation: keep the new refresh token; a provider that does not rotate keeps ours.
+            refresh_token=SecretStr(answer.refresh_token)
+            if answer.refresh_token
+            else stored.refresh_token,
+            expires_at=self._clock() + answer.expires_in if answer.expires_in else None,
+        )
+        # Stored before use: if we crash now, the next process has the rotated grant.
+        self._store.update_grant(self.connection_id, self.side, new)
+        self._grant = new
+        self.refreshes += 1
+        return answer.access_token
 
     def _load(self) -> Grant:
         grants = self._store.grants(self.connection_id)

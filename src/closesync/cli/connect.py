@@ -183,6 +183,7 @@ def _announcer(open_browser: bool) -> Announce:
 
 def cmd_connect(args: argparse.Namespace) -> int:
     services = load_services()
+    services.require_key()
     purpose: Purpose = "organization" if args.organization else "personal"
     # Both apps, for either flow: a missing one must not surface after Close was approved.
     Connector(services, "http://127.0.0.1").require_apps("close", "calendly")

@@ -4,6 +4,8 @@ Adding resolves both users (Close `GET /me/`, Calendly `GET /users/me`), which a
 tokens work; nothing is stored unless both answered, the Close organization may connect
 (CLOSE_ORGANIZATION_IDS) and no other connection has that Calendly user (exit 2, naming it).
 Output never contains a token.
+
+`add` takes its tokens without them going on the command line (`closesync.cli.token_input`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pydantic import SecretStr
 from closesync.apis.calendly.client import CalendlyClient
 from closesync.apis.close.client import CloseClient
 from closesync.cli.common import print_json, print_table, when
+from closesync.cli.token_input import TOKEN_FLAGS, TOKEN_VARIABLES, Tokens, gather_tokens
+from closesync.connect.saving import save_connection
 from closesync.core.calendly_payloads import User
 from closesync.core.close_payloads import Me
 from closesync.core.connection import (
@@ -38,12 +42,22 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     commands = parser.add_subparsers(dest="action", metavar="ACTION")
     commands.required = True
 
-    add = commands.add_parser("add", help="connect a Close user to a Calendly user by tokens")
-    add.add_argument("--close-access-token", required=True, help="Close OAuth access token")
-    add.add_argument("--close-refresh-token", help="Close OAuth refresh token")
+    add = commands.add_parser(
+        "add",
+        help="connect a Close user to a Calendly user by tokens",
+        description="Tokens come from the environment ("
+        + ", ".join(TOKEN_VARIABLES.values())
+        + ") or, with --tokens-from-stdin, from NAME=value lines on standard input. The token "
+        "flags put them in the process list and shell history: avoid them.",
+    )
+    add.add_argument(
+        "--tokens-from-stdin",
+        action="store_true",
+        help="read the tokens as NAME=value lines (the variable names) from standard input",
+    )
+    for option, what in TOKEN_FLAGS.items():
+        add.add_argument(f"--{option.replace('_', '-')}", help=f"{what} (visible in `ps`: avoid)")
     add.add_argument("--close-expires-in", type=int, help="seconds until the access token expires")
-    add.add_argument("--calendly-token", required=True, help="Calendly access or personal token")
-    add.add_argument("--calendly-refresh-token", help="Calendly OAuth refresh token")
     add.add_argument("--calendly-expires-in", type=int, help="seconds until it expires")
     add.add_argument("--name", help="a label for people reading `connections list`")
     add.add_argument("--json", action="store_true", help="print JSON")
@@ -92,25 +106,20 @@ def public(connection: Connection) -> dict[str, Any]:
     return connection.model_dump(mode="json")
 
 
-def _check_token_shape(option: str, value: str | None) -> None:
-    """A token is printable ASCII without spaces; say which option is wrong, never its value."""
+def _check_token_shape(source: str, value: str | None) -> None:
+    """A token is printable ASCII without spaces; say where a bad one came from, never its value."""
     if value is not None and not (value.isascii() and value.isprintable() and " " not in value):
-        raise ConfigError(f"{option} is not a token: it holds spaces or non-ASCII characters")
+        raise ConfigError(f"{source} is not a token: it holds spaces or non-ASCII characters")
 
 
-def _resolve(services: Services, args: argparse.Namespace) -> tuple[Me, User]:
+def _resolve(services: Services, tokens: Tokens) -> tuple[Me, User]:
     """Both users behind the given tokens; a refused token becomes a one-line ConfigError."""
-    for option in (
-        "close_access_token",
-        "close_refresh_token",
-        "calendly_token",
-        "calendly_refresh_token",
-    ):
-        _check_token_shape("--" + option.replace("_", "-"), getattr(args, option))
+    for name, source in tokens.sources.items():
+        _check_token_shape(source, tokens.get(name))
     settings = services.settings
     budget = WaitBudget(settings.inline_wait_budget_seconds)
-    close_token: str = args.close_access_token
-    calendly_token: str = args.calendly_token
+    close_token = tokens.values["close_access_token"]
+    calendly_token = tokens.values["calendly_token"]
     close = CloseClient(
         http=services.api_http("Close", settings.close_api_url, budget),
         token=lambda: close_token,
@@ -132,8 +141,10 @@ def _resolve(services: Services, args: argparse.Namespace) -> tuple[Me, User]:
 
 def cmd_add(args: argparse.Namespace) -> int:
     services = load_services()
+    services.require_key()  # before the tokens are checked at the APIs: they could not be stored
+    tokens = gather_tokens(args)
     try:
-        me, user = _resolve(services, args)
+        me, user = _resolve(services, tokens)
     except ApiError as error:
         raise ApiError(
             f"could not check the tokens: {error}",
@@ -151,20 +162,21 @@ def cmd_add(args: argparse.Namespace) -> int:
     grants = Grants(
         close=Grant(
             kind="oauth",
-            access_token=SecretStr(args.close_access_token),
-            refresh_token=_secret(args.close_refresh_token),
+            access_token=SecretStr(tokens.values["close_access_token"]),
+            refresh_token=_secret(tokens.get("close_refresh_token")),
             expires_at=now + args.close_expires_in if args.close_expires_in else None,
         ),
         calendly=Grant(
-            kind="oauth" if args.calendly_refresh_token else "pat",
-            access_token=SecretStr(args.calendly_token),
-            refresh_token=_secret(args.calendly_refresh_token),
+            kind="oauth" if tokens.get("calendly_refresh_token") else "pat",
+            access_token=SecretStr(tokens.values["calendly_token"]),
+            refresh_token=_secret(tokens.get("calendly_refresh_token")),
             expires_at=now + args.calendly_expires_in if args.calendly_expires_in else None,
         ),
     )
     existing: Connection | None = services.connections.find_by_close_user(me.id)
     connection = connection_between(existing, me, user, name=args.name, now=now)
-    services.connections.save(connection, grants)
+    # Updating a connection: under its refresh locks, revoking the grants it replaces.
+    save_connection(services, existing, connection, grants)
     if args.json:
         print_json({**public(connection), "updated": existing is not None})
     else:

@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from closesync.settings import Settings, load_settings
-from closesync.wiring.services import load_services
+from closesync.wiring.services import load_services, require_token_storage
 
 # Seconds `closesync run` waits for its scheduler child to stop before killing it.
 CHILD_STOP_SECONDS = 10.0
@@ -83,9 +83,23 @@ def _pin_redis_url(settings: Settings) -> Settings:
     return settings.model_copy(update={"redis_url": url})
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _pin_redis_url(load_settings())
+def _token_storing_settings() -> Settings:
+    """The settings of a process that stores tokens (a worker refreshes them), checked first.
+
+    Logging comes up before the check, so that the plaintext warning is a log line like any
+    other; a missing key stops the process before it starts Redis or anything else.
+    """
+    settings = load_settings()
     prepare_process(settings)
+    require_token_storage(settings)
+    return _pin_redis_url(settings)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return _worker(args, _token_storing_settings())
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from closesync.worker.celery_app import create_app
 
     app = create_app(settings)
@@ -125,10 +139,10 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _pin_redis_url(load_settings())
+    settings = _token_storing_settings()
     scheduler = subprocess.Popen([sys.executable, "-m", "closesync", "scheduler"])
     try:
-        return cmd_worker(args)
+        return _worker(args, settings)
     finally:
         scheduler.terminate()
         try:

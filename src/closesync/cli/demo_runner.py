@@ -5,6 +5,10 @@ connection per sandbox user, starts a real worker and a real scheduler as child 
 same `closesync worker` and `closesync scheduler` a deployment runs), changes event types in the
 sandbox while they run, and shows the Close side converging in a live table. It stops by itself
 after a bounded time, or on Ctrl-C, and leaves nothing running.
+
+The demo needs no setup, yet stores no token in the clear: it seals its grants with a Fernet key
+of its own, drawn for the run and handed to its children only. Its Redis keys are wiped at every
+start, so nothing ever needs that key again.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from closesync.sandbox.connections import sandbox_connection, sandbox_settings
 from closesync.sandbox.records import SeededUser
 from closesync.settings import Settings
 from closesync.store.embedded import embedded
+from closesync.store.secretbox import generate_key
 from closesync.wiring.services import Services
 
 # A tick every 5 seconds: fast enough to watch, slow enough to read.
@@ -115,13 +120,17 @@ def _settings(sandbox: Sandbox, redis_url: str) -> Settings:
         redis_url=redis_url,
         redis_prefix=DEMO_PREFIX,
         sync_cron=DEMO_CRON,
+        closesync_encryption_keys=generate_key(),
         **sandbox_settings(sandbox),
     )
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
+    # "CLOSE" also drops the caller's CLOSESYNC_* (its keys, a plaintext allowance).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOSE", "CALENDLY", "REDIS"))}
+    assert settings.closesync_encryption_keys is not None  # noqa: S101 - _settings draws one
     env.update(
+        CLOSESYNC_ENCRYPTION_KEYS=settings.closesync_encryption_keys.get_secret_value(),
         REDIS_URL=settings.redis_url or "",
         REDIS_PREFIX=settings.redis_prefix,
         CLOSE_API_URL=settings.close_api_url,

@@ -75,7 +75,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     counts = check_keys(services.redis, services.keys, box, first)
     if args.json:
         print_json(counts)
-        return 0 if counts["older_key"] == counts["unencrypted"] == counts["unreadable"] == 0 else 1
+        pending = counts["older_key"] + counts["unencrypted"] + counts["unreadable"]
+        return 0 if pending + counts["unbound"] == 0 else 1
     return _report(counts)
 
 
@@ -83,7 +84,8 @@ def _report(counts: dict[str, int]) -> int:
     sys.stdout.write(
         f"{counts['current']} grant(s) sealed with the first key, {counts['older_key']} with an "
         f"older key, {counts['unencrypted']} unencrypted, {counts['unreadable']} that no "
-        "configured key opens\n"
+        "configured key opens (or sealed for another connection); "
+        f"{counts['unbound']} not yet bound to their connection\n"
     )
     if counts["unreadable"]:
         sys.stdout.write("some grants cannot be read: those connections must be connected again\n")
@@ -91,6 +93,12 @@ def _report(counts: dict[str, int]) -> int:
     if counts["unencrypted"]:
         sys.stdout.write(
             "some grants are stored unencrypted: `closesync keys rotate` encrypts them\n"
+        )
+        return 1
+    if counts["unbound"]:
+        sys.stdout.write(
+            "some grants were sealed before grants were bound to their connection: "
+            "`closesync keys rotate` binds them\n"
         )
         return 1
     if counts["older_key"]:

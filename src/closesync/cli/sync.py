@@ -103,6 +103,7 @@ def _run_all(
     allow_mass_delete: bool = False,
     dry: bool = False,
 ) -> int:
+    services.require_key()  # an inline run reads (and may refresh) tokens
     engine = services.engine(wait_budget=services.settings.inline_wait_budget_seconds)
     reports: list[RunReport] = []
     show_progress = not args.json and sys.stderr.isatty()

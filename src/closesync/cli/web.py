@@ -37,6 +37,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     configure(settings.log_level, settings.log_format)
     init_sentry(settings)
     services = load_services(settings)
+    services.require_key()  # the connect flows store tokens: refuse to start rather than fail then
     platform_port = os.environ.get("PORT")
     port = args.port or (int(platform_port) if platform_port else None)
     if port is None:

@@ -46,6 +46,7 @@ from closesync.connect.oauth_flow import (
 from closesync.connect.org_credentials import OrganizationBusy
 from closesync.connect.organizations import Organizations
 from closesync.connect.revoke import revoke_grant
+from closesync.connect.saving import ConnectionBusy, save_connection
 from closesync.connect.steps import KNOWN_ERRORS, FlowError, Step
 from closesync.core.calendly_payloads import TokenResponse as CalendlyToken
 from closesync.core.close_payloads import Me
@@ -251,6 +252,11 @@ class Connector:
             except PairingRefused as error:
                 self._revoke("close", grant)
                 raise _taken(error, "The Calendly member with your email") from None
+            except ConnectionBusy as error:
+                self._revoke("close", grant)  # not stored
+                raise FlowError(
+                    "provider", f"Not connected: {error}. Nothing was stored; please try again."
+                ) from None
             if connection is None:
                 return Step(
                     "waiting",
@@ -304,11 +310,20 @@ class Connector:
         now = time.time()
         connection = connection_between(existing, me, user, name=flow.name, now=now)
         try:
-            self.services.connections.save(connection, Grants(close=close_grant, calendly=grant))
+            # Under the refresh locks of the grants it replaces, which it then revokes.
+            save_connection(
+                self.services, existing, connection, Grants(close=close_grant, calendly=grant)
+            )
         except PairingRefused as error:
             self._revoke("calendly", grant)
             self._revoke("close", close_grant)
             raise _taken(error, "This Calendly account") from None
+        except ConnectionBusy as error:
+            self._revoke("calendly", grant)  # neither was stored
+            self._revoke("close", close_grant)
+            raise FlowError(
+                "provider", f"Not connected: {error}. Nothing was stored; please try again."
+            ) from None
         log.info("connection authorized", extra={"connection_id": connection.id})
         verb = "Updated" if existing else "Connected"
         return Step(
@@ -383,7 +398,7 @@ class Connector:
         # From here the grant is stored and shared: nothing below may revoke it.
         try:
             paired = self.orgs.pair_waiting()
-        except ApiError as error:
+        except (ApiError, ConnectionBusy) as error:
             log.warning("pairing after an organization connected failed: %s", error)
             return Step(
                 "organization",

@@ -29,7 +29,7 @@ import redis
 from closesync.core.connection import Side
 from closesync.settings import Settings
 from closesync.store.client import guard
-from closesync.store.keys import Keys
+from closesync.store.keys import Keys, Owner
 from closesync.store.secretbox import SecretBox
 
 # personal: a user connects their own accounts; organization: an owner or admin connects the
@@ -144,15 +144,17 @@ class FlowStates:
         self.keys = keys
         self.box = box
 
-    def _key(self, state: str) -> str:
-        return self.keys.oauth_state(hashlib.sha256(state.encode()).hexdigest())
+    @staticmethod
+    def _digest(state: str) -> str:
+        return hashlib.sha256(state.encode()).hexdigest()
 
     @guard("starting an OAuth flow")
     def put(self, flow: PendingFlow, ttl_seconds: int = STATE_TTL_SECONDS) -> str:
-        """Remember `flow` under a new `state`, which is returned."""
+        """Remember `flow` under a new `state`, which is returned; sealed for that `state`."""
         state = new_state()
-        sealed = self.box.seal(json.dumps(asdict(flow)).encode())
-        self.redis.set(self._key(state), sealed, ex=ttl_seconds)
+        digest = self._digest(state)
+        sealed = self.box.seal(json.dumps(asdict(flow)).encode(), owner=Owner.oauth_flow(digest))
+        self.redis.set(self.keys.oauth_state(digest), sealed, ex=ttl_seconds)
         return state
 
     @guard("finishing an OAuth flow")
@@ -160,11 +162,12 @@ class FlowStates:
         """The flow started with `state`, consumed; None when unknown, expired or used."""
         if not state:
             return None
-        sealed = self.redis.getdel(self._key(state))
+        digest = self._digest(state)
+        sealed = self.redis.getdel(self.keys.oauth_state(digest))
         if sealed is None:
             return None
         text = sealed.decode() if isinstance(sealed, bytes) else str(sealed)
-        return PendingFlow(**json.loads(self.box.open(text)))
+        return PendingFlow(**json.loads(self.box.open(text, owner=Owner.oauth_flow(digest))))
 
     def start(
         self, settings: Settings, flow: PendingFlow, *, verifier_challenge: bool = True

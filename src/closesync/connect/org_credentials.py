@@ -38,6 +38,7 @@ from closesync.core.errors import CloseSyncError, ConnectionNotFound, Encryption
 from closesync.core.retry import WaitBudget
 from closesync.store.client import guard
 from closesync.store.connections import ConnectionStore, grant_json
+from closesync.store.keys import Owner
 
 
 class OrganizationBusy(CloseSyncError):
@@ -163,7 +164,8 @@ class OrgCredentials:
         }
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.calendly_org(ref), json.dumps(info))
-            pipe.set(self.keys.calendly_org_grant(ref), self.box.seal(grant_json(grant)))
+            sealed = self.box.seal(grant_json(grant), owner=Owner.organization(ref))
+            pipe.set(self.keys.calendly_org_grant(ref), sealed)
             pipe.delete(self.keys.calendly_org_refused(ref))
             pipe.sadd(self.keys.calendly_orgs(), ref)
             pipe.execute()

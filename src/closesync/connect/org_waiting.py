@@ -18,7 +18,7 @@ from closesync.core.close_payloads import Me
 from closesync.core.connection import Grant
 from closesync.store.client import guard
 from closesync.store.connections import grant_json
-from closesync.store.keys import Keys
+from closesync.store.keys import Keys, Owner
 from closesync.store.secretbox import SecretBox
 
 
@@ -58,7 +58,8 @@ class WaitingRoom:
         entry = {"email": me.email, "organization_id": me.organization_id, "at": time.time()}
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.waiting_close(), me.id, json.dumps(entry))
-            pipe.set(self.keys.waiting_close_grant(me.id), self.box.seal(grant_json(grant)))
+            sealed = self.box.seal(grant_json(grant), owner=Owner.waiting_close_user(me.id))
+            pipe.set(self.keys.waiting_close_grant(me.id), sealed)
             pipe.execute()
 
     @guard("reading the Close users waiting for a match")
@@ -72,7 +73,10 @@ class WaitingRoom:
     @guard("reading a waiting Close user's grant")
     def grant(self, close_user_id: str) -> Grant | None:
         sealed = self.redis.get(self.keys.waiting_close_grant(close_user_id))
-        return None if sealed is None else Grant.model_validate_json(self.box.open(str(sealed)))
+        if sealed is None:
+            return None
+        owner = Owner.waiting_close_user(close_user_id)
+        return Grant.model_validate_json(self.box.open(str(sealed), owner=owner))
 
     @guard("forgetting a waiting Close user")
     def unwait(self, close_user_id: str) -> None:

@@ -32,6 +32,7 @@ from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
 from closesync.connect.org_members import Member, MemberCache, match
 from closesync.connect.org_waiting import Refusal, WaitingRoom
+from closesync.connect.saving import save_shared_connection
 from closesync.core.close_payloads import Me
 from closesync.core.connection import Connection, Grant, connection_from
 from closesync.core.errors import PairingRefused
@@ -48,6 +49,7 @@ class Organizations:
         self.waiting_room = WaitingRoom(services.redis, services.keys, services.box)
         self.connections = services.connections
         self.settings = services.settings
+        self.services = services
 
     def pair_close_user(self, me: Me, grant: Grant, name: str | None = None) -> Connection | None:
         """Pair a Close user who just authorized; None (and they wait) without a match.
@@ -144,7 +146,8 @@ class Organizations:
             now=now,
             calendly_grant_ref=ref,
         )
-        self.connections.save_shared(connection, grant)
+        # A re-authorizing Close user: under the old grants' refresh locks, which it revokes.
+        save_shared_connection(self.services, existing, connection, grant)
         self.waiting_room.forget_refusal(close_user_id)
         log.info("paired in organization mode", extra={"connection_id": connection.id})
         return connection

@@ -79,6 +79,15 @@ class Grant(BaseModel):
         """Whether the access token expires before `now + margin`."""
         return self.expires_at is not None and self.expires_at <= now + margin
 
+    def _token_values(self) -> set[str]:
+        tokens = (self.access_token, self.refresh_token)
+        return {t.get_secret_value() for t in tokens if t is not None}
+
+    def replaced_by(self, new: Grant | None) -> bool:
+        """Whether this grant is gone once `new` is stored in its place (they share no token),
+        and may be revoked; storing the same tokens again (a rename) replaces nothing."""
+        return new is None or not self._token_values() & new._token_values()
+
 
 class Grants(BaseModel):
     """Both sides' credentials of one connection; stored encrypted, never listed."""

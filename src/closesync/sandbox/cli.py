@@ -84,6 +84,9 @@ def _text(info: dict[str, Any]) -> str:
     lines += [f"  export {name}={url}" for name, url in info["urls"].items()]
     for name, value in info["oauth_apps"].items():
         lines.append(f"  export {name}={value}")
+    # Tokens are stored only under a key (never inferred from loopback URLs): a fresh one per
+    # shell, which the sandbox itself never sees nor prints.
+    lines.append("  export CLOSESYNC_ENCRYPTION_KEYS=$(closesync keys generate)")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from closesync.core.connection import (
 )
 from closesync.core.errors import ConnectionNotFound, PairingRefused
 from closesync.store.client import guard
-from closesync.store.keys import Keys, as_text, watched
+from closesync.store.keys import Keys, Owner, as_text, watched
 from closesync.store.secretbox import SecretBox
 
 # Seconds the removal mark outlives a removed connection: far longer than a task can run, be
@@ -80,7 +80,9 @@ class ConnectionStore:
 
         PairingRefused, and nothing written, when another connection has its Calendly user.
         """
-        self._save(connection, self.box.seal(_grants_json(grants)))
+        self._save(
+            connection, self.box.seal(_grants_json(grants), owner=Owner.connection(connection.id))
+        )
 
     @guard("saving a connection")
     def save_shared(self, connection: Connection, close: Grant) -> None:
@@ -89,7 +91,7 @@ class ConnectionStore:
         if ref is None or not self.redis.exists(self.keys.calendly_org_grant(ref)):
             raise ValueError("save_shared needs a stored shared Calendly grant to refer to")
         own = json.dumps({"close": close.revealed(), "calendly_ref": ref}).encode()
-        self._save(connection, self.box.seal(own))
+        self._save(connection, self.box.seal(own, owner=Owner.connection(connection.id)))
 
     def _save(self, connection: Connection, sealed_grants: str) -> None:
         """Write the connection and both indexes, or refuse a Calendly user another one holds.
@@ -169,7 +171,7 @@ class ConnectionStore:
         sealed = self.redis.get(self.keys.grants(conn_id))
         if sealed is None:
             raise _not_found(conn_id)
-        data = json.loads(self.box.open(as_text(sealed)))
+        data = json.loads(self.box.open(as_text(sealed), owner=Owner.connection(conn_id)))
         ref = data.pop("calendly_ref", None)
         if ref is not None:
             data["calendly"] = self.shared_grant(ref)
@@ -180,7 +182,8 @@ class ConnectionStore:
         sealed = self.redis.get(self.keys.grants(conn_id))
         if sealed is None:
             raise _not_found(conn_id)
-        ref = json.loads(self.box.open(as_text(sealed))).get("calendly_ref")
+        own = self.box.open(as_text(sealed), owner=Owner.connection(conn_id))
+        ref = json.loads(own).get("calendly_ref")
         return None if ref is None else str(ref)
 
     @guard("reading a shared Calendly grant")
@@ -191,11 +194,14 @@ class ConnectionStore:
                 f"no shared Calendly credential {ref!r}: the organization was disconnected; "
                 "an owner or admin must run `closesync connect --organization` again"
             )
-        return Grant.model_validate_json(self.box.open(as_text(sealed)))
+        return Grant.model_validate_json(
+            self.box.open(as_text(sealed), owner=Owner.organization(ref))
+        )
 
     @guard("writing a shared Calendly grant")
     def set_shared_grant(self, ref: str, grant: Grant) -> None:
-        self.redis.set(self.keys.calendly_org_grant(ref), self.box.seal(grant_json(grant)))
+        sealed = self.box.seal(grant_json(grant), owner=Owner.organization(ref))
+        self.redis.set(self.keys.calendly_org_grant(ref), sealed)
 
     @guard("marking a shared Calendly credential refused")
     def mark_shared_refused(self, ref: str, reason: str, *, now: float | None = None) -> bool:
@@ -218,7 +224,8 @@ class ConnectionStore:
     def set_grants(self, conn_id: str, grants: Grants) -> None:
         if not self.redis.exists(self.keys.conn(conn_id)):
             raise _not_found(conn_id)
-        self.redis.set(self.keys.grants(conn_id), self.box.seal(_grants_json(grants)))
+        sealed = self.box.seal(_grants_json(grants), owner=Owner.connection(conn_id))
+        self.redis.set(self.keys.grants(conn_id), sealed)
 
     @guard("writing a refreshed grant")
     def update_grant(self, conn_id: str, side: Side, grant: Grant) -> None:
@@ -237,10 +244,11 @@ class ConnectionStore:
             sealed = pipe.get(self.keys.grants(conn_id))
             if sealed is None:
                 raise _not_found(conn_id)
-            current = Grants.model_validate_json(self.box.open(as_text(sealed)))
+            owner = Owner.connection(conn_id)
+            current = Grants.model_validate_json(self.box.open(as_text(sealed), owner=owner))
             updated = current.model_copy(update={side: grant})
             pipe.multi()
-            pipe.set(self.keys.grants(conn_id), self.box.seal(_grants_json(updated)))
+            pipe.set(self.keys.grants(conn_id), self.box.seal(_grants_json(updated), owner=owner))
 
         watched(self.redis, self.keys.grants(conn_id), apply)
 

@@ -2,7 +2,8 @@
 
 Used by `closesync keys rotate|check`. Apart from the connection store because it walks every
 sealed value of every kind (connections' grants, organization credentials, waiting Close users'
-grants), not one connection's.
+grants), not one connection's. Re-sealing keeps each value bound to its owner, and binds the
+values sealed before owners were bound (`closesync.store.secretbox`).
 """
 
 from __future__ import annotations
@@ -11,42 +12,47 @@ import redis
 
 from closesync.core.errors import EncryptionError
 from closesync.store.client import guard
-from closesync.store.keys import Keys, as_text, watched
+from closesync.store.keys import Keys, Owner, as_text, watched
 from closesync.store.secretbox import PLAIN_PREFIX, FernetBox
 
 
 @guard("re-encrypting grants")
-def sealed_keys(redis_client: redis.Redis, keys: Keys) -> list[str]:
-    """Every key holding a sealed grant.
+def sealed_keys(redis_client: redis.Redis, keys: Keys) -> list[tuple[str, str]]:
+    """Every key holding a sealed grant, with the owner its value is sealed for.
 
     Connections' grants, the shared organization credentials and the grants of Close users
     waiting for a Calendly match; an OAuth flow under way lives minutes and is left to expire.
     """
-    sealed_keys = [keys.grants(as_text(m)) for m in redis_client.smembers(keys.connections())]
-    sealed_keys += [
-        keys.calendly_org_grant(as_text(m)) for m in redis_client.smembers(keys.calendly_orgs())
+    found = [
+        (keys.grants(conn_id), Owner.connection(conn_id))
+        for conn_id in map(as_text, redis_client.smembers(keys.connections()))
     ]
-    sealed_keys += [
-        keys.waiting_close_grant(as_text(f)) for f in redis_client.hkeys(keys.waiting_close())
+    found += [
+        (keys.calendly_org_grant(ref), Owner.organization(ref))
+        for ref in map(as_text, redis_client.smembers(keys.calendly_orgs()))
     ]
-    return sorted(sealed_keys)
+    found += [
+        (keys.waiting_close_grant(user), Owner.waiting_close_user(user))
+        for user in map(as_text, redis_client.hkeys(keys.waiting_close()))
+    ]
+    return sorted(found)
 
 
 @guard("re-encrypting stored grants")
 def rotate_keys(redis_client: redis.Redis, keys: Keys, box: FernetBox) -> int:
-    """Re-seal every stored grant under `box`'s first key; how many were re-sealed.
+    """Re-seal every stored grant under `box`'s first key, bound to its owner; how many.
 
-    A value no configured key opens is left as it is (and found by `check_keys`), so that
-    one bad value does not stop the rotation of all the others.
+    A value no configured key opens, or one sealed for another owner, is left as it is (and
+    found by `check_keys`), so that one bad value does not stop the rotation of all the others.
     """
     count = 0
-    for key in sealed_keys(redis_client, keys):
+    for key, owner in sealed_keys(redis_client, keys):
 
-        def apply(pipe: redis.client.Pipeline, key: str = key) -> bool:
+        def apply(pipe: redis.client.Pipeline, key: str = key, owner: str = owner) -> bool:
             sealed = pipe.get(key)
             if sealed is None:
                 return False
-            rotated = box.rotate(as_text(sealed))
+            rotated = box.rotate(as_text(sealed), owner=owner)
             pipe.multi()
             pipe.set(key, rotated)
             return True
@@ -64,9 +70,10 @@ def check_keys(
     redis_client: redis.Redis, keys: Keys, box: FernetBox, first: FernetBox
 ) -> dict[str, int]:
     """How many sealed grants open with the first key alone, need an older key, are stored
-    unencrypted (sandbox, before any key was set), or open with no configured key."""
-    counts = {"current": 0, "older_key": 0, "unencrypted": 0, "unreadable": 0}
-    for key in sealed_keys(redis_client, keys):
+    unencrypted (before any key was set), or open with no configured key (or belong to another
+    owner); and, of those that open, how many are not bound to their owner yet."""
+    counts = {"current": 0, "older_key": 0, "unencrypted": 0, "unreadable": 0, "unbound": 0}
+    for key, owner in sealed_keys(redis_client, keys):
         sealed = redis_client.get(key)
         if sealed is None:
             continue
@@ -75,10 +82,11 @@ def check_keys(
             continue
         for name, candidate in (("current", first), ("older_key", box)):
             try:
-                candidate.open(as_text(sealed))
+                opened = candidate.unseal(as_text(sealed), owner=owner)
             except EncryptionError:
                 continue
             counts[name] += 1
+            counts["unbound"] += 0 if opened.bound else 1
             break
         else:
             counts["unreadable"] += 1

@@ -38,7 +38,8 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             task, retry or redelivery lasts   no TTL, then EX 7 d
     {p}:refresh-lock:{grant_key}    STRING  single-flight token refresh of one grant
                                             (grant_key: credentials.grant_lock_name,
-                                            side + hash of the id): holder's token  PX ~30 s
+                                            side + hash of the id): holder's token,
+                                            renewed while the token call lasts      PX ~75 s
     {p}:tick:{name}:{slot}          STRING  "1": this scheduled tick was enqueued once     EX ttl
     {p}:scheduler:leader            STRING  token of the scheduler allowed to enqueue      PX ttl
     {p}:oauth-state:{digest}        STRING  an OAuth flow under way, sealed JSON (provider,
@@ -72,6 +73,11 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
 A connection whose `calendly_grant_ref` is set stores only its Close grant in `:grants` (sealed
 JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
 Calendly side at the shared `calendly-org:{ref}:grant`.
+
+Every sealed value is bound to its owner (`Owner`, `closesync.store.secretbox`): the connection
+`{id}` for `:grants`, the organization `{ref}` for `calendly-org:{ref}:grant`, the Close user for
+`waiting-close:{user}:grant`, the `state` digest for `oauth-state:{digest}`. Copied under another
+key it no longer opens, so a Redis writer without the key cannot swap grants between owners.
 
 Writes that must not be seen half-done (saving a connection, replacing the records) are one
 MULTI/EXEC; saving a connection WATCHes its Calendly user's index, so that of two saves racing
@@ -215,3 +221,24 @@ class Keys:
             self.rerun(conn_id),
             self.backfill(conn_id),
         ]
+
+
+class Owner:
+    """What each sealed value is sealed for: its owner, without the key prefix (so that a change
+    of REDIS_PREFIX keeps every value readable). Nothing else formats an owner."""
+
+    @staticmethod
+    def connection(conn_id: str) -> str:
+        return f"connection:{conn_id}"
+
+    @staticmethod
+    def organization(ref: str) -> str:
+        return f"calendly-organization:{ref}"
+
+    @staticmethod
+    def waiting_close_user(close_user_id: str) -> str:
+        return f"waiting-close-user:{close_user_id}"
+
+    @staticmethod
+    def oauth_flow(digest: str) -> str:
+        return f"oauth-flow:{digest}"

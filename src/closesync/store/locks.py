@@ -10,8 +10,9 @@ run lock).
 
 What `RedisLock` adds to redis-py's Lock: `held()`, which knows until when the lock is surely still
 ours; `renew()` and `release()` answering False instead of raising LockError when the lock is not
-ours; `acquire_wait()`, a wait that can be cancelled; and `hold()`, which renews the lock from a
-thread while a block runs.
+ours; `acquire_wait()`, a wait that can be cancelled; `renewing()`, which renews a lock already
+taken from a thread while a block runs; and `hold()`, which takes, renews and releases around a
+block.
 
 What a lock cannot do: stop a holder that lost it from continuing its work. `hold()` sets `lost`
 when a renewal finds the lock gone, and long work should check it between steps.
@@ -131,6 +132,28 @@ class RedisLock:
             return False
         self._valid_from(sent)
         return True
+
+    @contextmanager
+    def renewing(self, every: float | None = None) -> Iterator[RedisLock]:
+        """Renew this lock (taken already) every `every` seconds (default TTL/3) for the block.
+
+        For a holder whose work can outlast the TTL in ways no timeout bounds (a token call whose
+        server trickles its answer): the lock then lives as long as the holder does, and a dead
+        holder's lock still expires within the TTL. Sets `lost` if a renewal finds it gone.
+        """
+        stop = threading.Event()
+        renewer = threading.Thread(
+            target=_renew_until,
+            args=(self, every if every is not None else self.ttl_seconds / 3, stop),
+            name=f"renew {self.key}",
+            daemon=True,
+        )
+        renewer.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            renewer.join()
 
     @guard("releasing a lock")
     def release(self) -> bool:

@@ -2,10 +2,21 @@
 
 A stolen Redis dump or a `MONITOR` session must not yield a usable token, so the store only ever
 writes what a `SecretBox` sealed. `FernetBox` is the real one (decisions.md: the first key of
-`CLOSESYNC_ENCRYPTION_KEYS` encrypts, all of them decrypt, so keys can rotate). `PlainBox` exists
-only for the sandbox demo, which must run without any setup: what it seals carries a `plain:`
-prefix so that a FernetBox refuses it loudly instead of mistaking it for a bad token, and so that
-`rotate` can encrypt it later.
+`CLOSESYNC_ENCRYPTION_KEYS` encrypts, all of them decrypt, so keys can rotate). Without a key,
+`NoKeyBox` refuses every seal and open, naming the setting, so commands that decrypt nothing
+(`status`, `connections list`) still work. `PlainBox` stores in the clear only on the explicit
+choice CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true (decisions.md: never inferred from where the API URLs
+point), warned each time it is chosen: what it seals carries a `plain:` prefix so that a FernetBox
+refuses it loudly instead of mistaking it for a bad token, and so that `rotate` can encrypt it.
+
+Every sealed value is bound to its owner (the connection, organization, waiting Close user or
+OAuth flow it belongs to, `closesync.store.keys.Owner`): what is encrypted is an envelope
+`{"sealed_for": owner, "secret": base64}`, and `open` with another owner fails loudly. So whoever
+can write to Redis, but holds no key, cannot move one connection's grants under another's key
+and have that connection's runs use them. A value sealed before this binding existed (its
+plaintext is the secret itself) still opens, reported "unbound" by `closesync keys check`;
+`closesync keys rotate` re-seals it bound. Until such old values are gone, and the keys that
+sealed them too, copies of them could still be moved around: hence rotate to a new key.
 
 No message raised here ever contains a key or a secret; a bad key is named by its position.
 """
@@ -14,6 +25,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -21,20 +35,68 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from closesync.core.errors import ConfigError, EncryptionError
 from closesync.settings import Settings
 
+log = logging.getLogger(__name__)
+
 PLAIN_PREFIX = "plain:"
 
 _NO_KEY_HELP = (
     "CLOSESYNC_ENCRYPTION_KEYS is not set: stored OAuth tokens are encrypted with it. "
-    "Run `closesync keys generate` and set CLOSESYNC_ENCRYPTION_KEYS to the key it prints"
+    "Run `closesync keys generate` and set CLOSESYNC_ENCRYPTION_KEYS to the key it prints "
+    "(only a throwaway setup may set CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true instead)"
+)
+_PLAINTEXT_WARNING = (
+    "CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true and CLOSESYNC_ENCRYPTION_KEYS is not set: OAuth "
+    "tokens are stored unencrypted in Redis; set a key (`closesync keys generate`) and run "
+    "`closesync keys rotate` to encrypt them"
 )
 
 
 class SecretBox(Protocol):
-    """Turns secret bytes into a string safe to store, and back."""
+    """Turns secret bytes into a string safe to store, bound to `owner`, and back."""
 
-    def seal(self, plaintext: bytes) -> str: ...
+    def seal(self, plaintext: bytes, *, owner: str) -> str: ...
 
-    def open(self, sealed: str) -> bytes: ...
+    def open(self, sealed: str, *, owner: str) -> bytes: ...
+
+
+_FOR = "sealed_for"
+_SECRET = "secret"
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An opened secret; `bound` False: sealed before values were bound to an owner."""
+
+    plaintext: bytes
+    bound: bool
+
+
+def _bind(plaintext: bytes, owner: str) -> bytes:
+    """The envelope that is encrypted: the secret and the owner it is sealed for."""
+    return json.dumps({_FOR: owner, _SECRET: base64.b64encode(plaintext).decode("ascii")}).encode()
+
+
+def _unbind(data: bytes, owner: str) -> Opened:
+    """The secret in a decrypted envelope, refused unless it was sealed for `owner`.
+
+    Decrypted data that is no envelope was sealed before the binding (every secret closesync
+    seals is a JSON object of other fields): it opens, unbound.
+    """
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return Opened(data, bound=False)
+    if not (isinstance(value, dict) and set(value) == {_FOR, _SECRET}):
+        return Opened(data, bound=False)
+    if value[_FOR] != owner:
+        raise EncryptionError(
+            f"this secret was sealed for another owner ({value[_FOR]}), not for {owner}: it was "
+            "copied here from elsewhere in Redis, so it is refused; connect again to replace it"
+        )
+    try:
+        return Opened(base64.b64decode(str(value[_SECRET]), validate=True), bound=True)
+    except binascii.Error:
+        raise EncryptionError(f"the secret sealed for {owner} is corrupt (not base64)") from None
 
 
 def generate_key() -> str:
@@ -61,58 +123,89 @@ class FernetBox:
         self._fernet = MultiFernet(fernets)
         self.key_count = len(fernets)
 
-    def seal(self, plaintext: bytes) -> str:
-        return self._fernet.encrypt(plaintext).decode("ascii")
+    def seal(self, plaintext: bytes, *, owner: str) -> str:
+        return self._fernet.encrypt(_bind(plaintext, owner)).decode("ascii")
 
-    def open(self, sealed: str) -> bytes:
+    def open(self, sealed: str, *, owner: str) -> bytes:
+        return self.unseal(sealed, owner=owner).plaintext
+
+    def unseal(self, sealed: str, *, owner: str) -> Opened:
+        """`open`, also saying whether the value was bound to its owner already."""
         if sealed.startswith(PLAIN_PREFIX):
             raise EncryptionError(
-                "this secret was stored unencrypted by the sandbox (PlainBox); run "
+                "this secret was stored unencrypted (CLOSESYNC_ALLOW_PLAINTEXT_TOKENS); run "
                 "`closesync keys rotate` with CLOSESYNC_ENCRYPTION_KEYS set to encrypt it"
             )
         try:
-            return self._fernet.decrypt(sealed.encode("ascii"))
+            data = self._fernet.decrypt(sealed.encode("ascii"))
         except (InvalidToken, UnicodeEncodeError):
             raise EncryptionError(
                 f"none of the {self.key_count} keys in CLOSESYNC_ENCRYPTION_KEYS can decrypt this "
                 "secret: was the key that sealed it removed from the list?"
             ) from None
+        return _unbind(data, owner)
 
-    def rotate(self, sealed: str) -> str:
-        """`sealed` re-encrypted under the first key; a PlainBox secret is encrypted."""
+    def rotate(self, sealed: str, *, owner: str) -> str:
+        """`sealed` re-sealed under the first key, bound to `owner`.
+
+        A PlainBox secret gets encrypted and a value sealed before the binding gets bound; one
+        sealed for another owner raises EncryptionError (it is not re-sealed as if it were ours).
+        """
         if sealed.startswith(PLAIN_PREFIX):
-            return self.seal(PlainBox().open(sealed))
-        try:
-            return self._fernet.rotate(sealed.encode("ascii")).decode("ascii")
-        except (InvalidToken, UnicodeEncodeError):
-            raise EncryptionError(
-                f"none of the {self.key_count} keys in CLOSESYNC_ENCRYPTION_KEYS can decrypt this "
-                "secret, so it cannot be re-encrypted: was its key removed from the list?"
-            ) from None
+            return self.seal(PlainBox().open(sealed, owner=owner), owner=owner)
+        return self.seal(self.open(sealed, owner=owner), owner=owner)
 
 
 class PlainBox:
-    """No encryption: the sandbox demo only. Sealed strings are `plain:` + base64."""
+    """No encryption, on explicit choice only. Sealed strings are `plain:` + base64."""
 
-    def seal(self, plaintext: bytes) -> str:
-        return PLAIN_PREFIX + base64.b64encode(plaintext).decode("ascii")
+    def seal(self, plaintext: bytes, *, owner: str) -> str:
+        # Bound like a FernetBox value: no defence against a Redis writer here (they can write
+        # any plaintext), but a value moved by mistake still fails loudly.
+        return PLAIN_PREFIX + base64.b64encode(_bind(plaintext, owner)).decode("ascii")
 
-    def open(self, sealed: str) -> bytes:
+    def open(self, sealed: str, *, owner: str) -> bytes:
         if not sealed.startswith(PLAIN_PREFIX):
             raise EncryptionError(
                 "this secret is encrypted; set CLOSESYNC_ENCRYPTION_KEYS to the key that sealed it"
             )
         try:
-            return base64.b64decode(sealed[len(PLAIN_PREFIX) :], validate=True)
+            data = base64.b64decode(sealed[len(PLAIN_PREFIX) :], validate=True)
         except binascii.Error:
             raise EncryptionError("this unencrypted secret is corrupt (not base64)") from None
+        return _unbind(data, owner).plaintext
 
 
-def box_from_settings(settings: Settings, allow_plain: bool) -> SecretBox:
-    """FernetBox from CLOSESYNC_ENCRYPTION_KEYS; PlainBox when none is set and `allow_plain`."""
+class NoKeyBox:
+    """No key and no plaintext allowance: every seal and open fails, naming the setting.
+
+    Handed out instead of raising at startup, so that what reads only public records works.
+    """
+
+    def seal(self, plaintext: bytes, *, owner: str) -> str:
+        raise ConfigError(_NO_KEY_HELP)
+
+    def open(self, sealed: str, *, owner: str) -> bytes:
+        raise ConfigError(_NO_KEY_HELP)
+
+
+def box_from_settings(settings: Settings) -> SecretBox:
+    """FernetBox from CLOSESYNC_ENCRYPTION_KEYS; else PlainBox when CLOSESYNC_ALLOW_PLAINTEXT_TOKENS
+    is true (with a warning, every time); else NoKeyBox. Where the API URLs point plays no part."""
     keys = settings.encryption_keys()
     if keys:
         return FernetBox(keys)
-    if allow_plain:
+    if settings.closesync_allow_plaintext_tokens:
+        log.warning(_PLAINTEXT_WARNING)
         return PlainBox()
-    raise ConfigError(_NO_KEY_HELP)
+    return NoKeyBox()
+
+
+def require_key(box: SecretBox) -> None:
+    """ConfigError naming CLOSESYNC_ENCRYPTION_KEYS unless `box` can store tokens.
+
+    Checked at the start of whatever will store or use a token (the web process, the worker,
+    `connect`, `connections add`, an inline sync), so it fails before doing anything else.
+    """
+    if isinstance(box, NoKeyBox):
+        raise ConfigError(_NO_KEY_HELP)

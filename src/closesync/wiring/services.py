@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from redis import Redis
 
@@ -30,23 +29,10 @@ from closesync.store.connections import ConnectionStore
 from closesync.store.embedded import embedded
 from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock, hold
-from closesync.store.secretbox import SecretBox, box_from_settings
+from closesync.store.secretbox import SecretBox, box_from_settings, require_key
 from closesync.store.sync_state import SyncState
 from closesync.sync.engine import SyncEngine
 from closesync.sync.parts import Clients, EngineConfig, LockHandle
-
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def points_at_sandbox(settings: Settings) -> bool:
-    """Whether every API URL is on loopback: the sandbox, where tokens need no encryption."""
-    urls = (
-        settings.close_api_url,
-        settings.close_oauth_url,
-        settings.calendly_api_url,
-        settings.calendly_auth_url,
-    )
-    return all(urlsplit(url).hostname in _LOOPBACK for url in urls)
 
 
 def redis_url_of(settings: Settings) -> str:
@@ -67,8 +53,12 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Services:
-        """Connect to Redis and build the stores; raises ConfigError or StoreUnavailable."""
-        box = box_from_settings(settings, allow_plain=points_at_sandbox(settings))
+        """Connect to Redis and build the stores; raises ConfigError or StoreUnavailable.
+
+        Without an encryption key this still succeeds (what decrypts nothing works); storing or
+        reading a token then fails, and `require_key` says so up front.
+        """
+        box = box_from_settings(settings)
         client = redis_client if redis_client is not None else connect(redis_url_of(settings))
         keys = Keys(settings.redis_prefix)
         return cls(
@@ -79,6 +69,10 @@ class Services:
             connections=ConnectionStore(client, keys, box),
             state=SyncState(client, keys),
         )
+
+    def require_key(self) -> None:
+        """ConfigError naming CLOSESYNC_ENCRYPTION_KEYS unless tokens can be stored and read."""
+        require_key(self.box)
 
     # -- API clients -------------------------------------------------------------------------
 
@@ -118,8 +112,9 @@ class Services:
     def refresh_lock(self, name: str) -> RedisLock:
         """The single-flight lock of one grant's token refresh.
 
-        It must outlive the slowest token call it guards (connect + read timeout, twice for
-        margin), or a second process could present the same single-use refresh token.
+        A refresh renews it for as long as its token call lasts (`TokenKeeper`), since timeouts
+        bound each socket read, not the call; the TTL (a token call's timeouts, twice, for
+        margin) only bounds how long a holder that died keeps the grant from being refreshed.
         """
         s = self.settings
         ttl = 2 * (s.http_connect_timeout + s.http_read_timeout) + 5
@@ -207,6 +202,12 @@ class Services:
         """The per-connection run lock, renewed while held; `wait`: seconds to wait for it."""
         with hold(self.redis, self.keys.run_lock(connection_id), ttl, wait=wait) as lock:
             yield lock
+
+
+def require_token_storage(settings: Settings) -> None:
+    """At the start of a process that will store tokens before it builds its Services (the
+    worker, whose pool builds them later): ConfigError unless a key is set or plaintext allowed."""
+    require_key(box_from_settings(settings))
 
 
 def load_services(settings: Settings | None = None) -> Services:

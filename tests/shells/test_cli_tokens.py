@@ -1,0 +1,175 @@
+"""`closesync connections add` takes its tokens without putting them on the command line.
+
+A token in argv is visible to every user of the host (`ps`, /proc/PID/cmdline) and lands in shell
+history, so the tokens can come from the environment or from standard input; the old flags still
+work, with one warning line. Each test runs the real command as a process against the sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from closesync.sandbox import Sandbox
+from closesync.store.keys import Keys
+from closesync.store.secretbox import generate_key
+from tests._oauth import sandbox_env, services_for
+from tests._sandbox import running_sandbox
+
+
+@pytest.fixture
+def sb() -> Iterator[Sandbox]:
+    with running_sandbox(users=1) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def secret_key() -> str:
+    return generate_key()
+
+
+@pytest.fixture
+def env(sb: Sandbox, redis_url: str, keys: Keys, secret_key: str, tmp_path: Path) -> dict[str, str]:
+    """A process environment pointing closesync at the sandbox, with no token in it."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        **sandbox_env(sb, redis_url, keys.prefix, secret_key),
+        "LOG_FORMAT": "json",
+    }
+
+
+def add(
+    env: dict[str, str], cwd: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`closesync connections add --json ARGS` as a process."""
+    return subprocess.run(
+        [sys.executable, "-m", "closesync", "connections", "add", "--json", *args],
+        cwd=cwd,
+        env=env,
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_add_tokens_from_environment_stores_them_and_argv_holds_none(
+    sb: Sandbox,
+    env: dict[str, str],
+    tmp_path: Path,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    secret_key: str,
+) -> None:
+    """CLOSESYNC_CLOSE_ACCESS_TOKEN & co. in the environment: added, no warning, nothing in argv."""
+    user = sb.users[0]
+    tokens = {
+        "CLOSESYNC_CLOSE_ACCESS_TOKEN": user.close_access_token,
+        "CLOSESYNC_CLOSE_REFRESH_TOKEN": user.close_refresh_token,
+        "CLOSESYNC_CALENDLY_TOKEN": user.calendly_token,
+    }
+    done = add({**env, **tokens}, tmp_path, "--close-expires-in", "3000")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert not [t for t in tokens.values() if t in " ".join(done.args)]
+    added = json.loads(done.stdout)
+    services = services_for(sb, redis_client, redis_url, keys.prefix, secret_key)
+    grants = services.connections.grants(added["id"])
+    assert grants.close.access_token.get_secret_value() == user.close_access_token
+    assert grants.close.refresh_token is not None
+    assert grants.close.refresh_token.get_secret_value() == user.close_refresh_token
+    assert grants.calendly.access_token.get_secret_value() == user.calendly_token
+    assert grants.calendly.kind == "pat"
+
+
+def test_cli_add_tokens_from_stdin_stores_them_and_argv_holds_none(
+    sb: Sandbox,
+    env: dict[str, str],
+    tmp_path: Path,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    secret_key: str,
+) -> None:
+    """`--tokens-from-stdin` reads NAME=value lines (comments, blanks, `export` allowed)."""
+    user = sb.users[0]
+    stdin = (
+        "# from the secret store\n"
+        f"export CLOSESYNC_CLOSE_ACCESS_TOKEN={user.close_access_token}\n"
+        "\n"
+        f"CLOSESYNC_CALENDLY_TOKEN='{user.calendly_token}'\n"
+    )
+    done = add(env, tmp_path, "--tokens-from-stdin", stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert user.close_access_token not in " ".join(done.args)
+    grants = services_for(sb, redis_client, redis_url, keys.prefix, secret_key).connections.grants(
+        json.loads(done.stdout)["id"]
+    )
+    assert grants.close.access_token.get_secret_value() == user.close_access_token
+    assert grants.close.refresh_token is None
+    assert grants.calendly.access_token.get_secret_value() == user.calendly_token
+
+
+def test_cli_add_token_flags_still_work_with_one_warning_line(
+    sb: Sandbox, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The old token flags keep working for scripts; stderr says once how to keep them off argv."""
+    user = sb.users[0]
+    done = add(
+        env,
+        tmp_path,
+        "--close-access-token",
+        user.close_access_token,
+        "--calendly-token",
+        user.calendly_token,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["close_user_id"] == user.close_user_id
+    [warning] = done.stderr.splitlines()
+    assert "warning" in warning
+    assert "--close-access-token" in warning
+    assert "--calendly-token" in warning
+    assert "--tokens-from-stdin" in warning
+    assert "CLOSESYNC_CLOSE_ACCESS_TOKEN" in warning
+    assert user.close_access_token not in done.stderr
+    assert user.calendly_token not in done.stderr
+
+
+def test_cli_add_without_a_calendly_token_exits_2_naming_where_to_put_it(
+    sb: Sandbox, env: dict[str, str], tmp_path: Path, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A missing required token exits 2 naming the variable, the stdin flag and the flag."""
+    user = sb.users[0]
+    done = add({**env, "CLOSESYNC_CLOSE_ACCESS_TOKEN": user.close_access_token}, tmp_path)
+    assert done.returncode == 2
+    assert "CLOSESYNC_CALENDLY_TOKEN" in done.stderr
+    assert "--tokens-from-stdin" in done.stderr
+    assert "--calendly-token" in done.stderr
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == []
+
+
+def test_cli_add_bad_stdin_line_exits_2_without_echoing_it(
+    sb: Sandbox, env: dict[str, str], tmp_path: Path, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A line that is not NAME=value, or an unknown NAME, is refused by line number only."""
+    user = sb.users[0]
+    for stdin, said in (
+        (f"{user.close_access_token}\n", "line 1 of standard input is not NAME=value"),
+        (f"CLOSE_TOKEN={user.close_access_token}\n", "CLOSE_TOKEN"),
+    ):
+        done = add(env, tmp_path, "--tokens-from-stdin", stdin=stdin)
+        assert done.returncode == 2
+        assert said in done.stderr
+        assert user.close_access_token not in done.stderr
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == []
