@@ -134,16 +134,15 @@ def test_cli_add_bad_token_one_line_error_nothing_stored(
 
 
 def test_cli_add_calendly_user_of_another_connection_exits_two_naming_it(
-    env: Sandbox, capsys: pytest.CaptureFixture[str]
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Adding a second Close user with an already connected Calendly user exits 2, storing none."""
     first, second = env.users[0], env.users[1]
     assert main([*_add(first), "--json"]) == 0
     held = _json(capsys)["id"]
-    code = main(
-        ["connections", "add", "--close-access-token", second.close_access_token,
-         "--calendly-token", first.calendly_token]
-    )  # fmt: skip
+    monkeypatch.setenv("CLOSESYNC_CLOSE_ACCESS_TOKEN", second.close_access_token)
+    monkeypatch.setenv("CLOSESYNC_CALENDLY_TOKEN", first.calendly_token)
+    code = main(["connections", "add"])
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.count("\n") == 1

@@ -334,7 +334,14 @@ def test_store_grants_copied_to_another_connection_fail_to_open_loudly(
 ) -> None:
     """Grants sealed for one connection, written under another's key, are refused, not used."""
     store.save(connection("conn_aaaaaaaaaaaa", close_user_id="u_a"), grants("tok_of_a"))
-    store.save(connection("conn_bbbbbbbbbbbb", close_user_id="u_b"), grants("tok_of_b"))
+    store.save(
+        connection(
+            "conn_bbbbbbbbbbbb",
+            close_user_id="u_b",
+            calendly_user_uri="https://api.calendly.com/users/U2",
+        ),
+        grants("tok_of_b"),
+    )
     redis_client.set(
         keys.grants("conn_bbbbbbbbbbbb"), redis_client.get(keys.grants("conn_aaaaaaaaaaaa"))
     )
@@ -376,7 +383,12 @@ def test_store_rotate_keys_keeps_binding_and_binds_values_sealed_before_it(
     ConnectionStore(redis_client, keys, FernetBox([old_key])).save(connection(), grants())
     redis_client.set(keys.grants("conn_000000000001"), legacy.decode())
     ConnectionStore(redis_client, keys, FernetBox([old_key])).save(
-        connection("conn_bbbbbbbbbbbb", close_user_id="u_b"), grants("tok_of_b")
+        connection(
+            "conn_bbbbbbbbbbbb",
+            close_user_id="u_b",
+            calendly_user_uri="https://api.calendly.com/users/U2",
+        ),
+        grants("tok_of_b"),
     )
     both = FernetBox([new_key, old_key])
     assert ConnectionStore(redis_client, keys, both).grants("conn_000000000001") == grants()

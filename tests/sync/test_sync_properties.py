@@ -192,4 +192,4 @@ def test_sync_random_changes_and_faults_keep_the_invariants(
         assert {sid: after[sid] for sid in expected} == expected
         if clean_in_a_row >= 2:
             assert after == expected
-    assert harness.close_side(user) == harness.expected(user)
+    assert harness.close_side(user) == harness.expected(user), report.model_dump()
