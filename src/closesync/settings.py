@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # the deletions until `closesync sync --allow-mass-delete ID`. Lower = safer, noisier.
     mass_delete_min: int = Field(default=5, ge=0)
     mass_delete_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Seconds that must separate the first and the second complete listing missing an event type
+    # that still exists (a team type the user left) before its link is deleted: a retry, rerun
+    # or redelivery seconds later is no second opinion. Longer = safer, such links linger longer.
+    delete_confirm_seconds: float = Field(default=600.0, ge=0)
 
     # --- Timing -----------------------------------------------------------------------------
     # Seconds an inline run may spend waiting out 429s and transient errors, per connection.

@@ -12,6 +12,7 @@ from closesync.core.plan import (
     LinkRecord,
     ListingFacts,
     MassDeleteRule,
+    Misses,
     describe,
     make_plan,
     missing_from_listing,
@@ -32,8 +33,10 @@ def link(et: str, name: str = "Intro") -> LinkPayload:
     )
 
 
-def record(et: str, name: str = "Intro", missing: int = 0) -> LinkRecord:
-    return LinkRecord(fingerprint(link(et, name)), f"{BASE}/{et}", missing)
+def record(
+    et: str, name: str = "Intro", missing: int = 0, since: float | None = None
+) -> LinkRecord:
+    return LinkRecord(fingerprint(link(et, name)), f"{BASE}/{et}", missing, since)
 
 
 def facts(*listed: str, doubtful: tuple[str, ...] = (), complete: bool = True) -> ListingFacts:
@@ -106,30 +109,87 @@ def test_plan_missing_type_deleted_when_fetch_shows_it_gone() -> None:
 
 
 def test_plan_missing_type_that_exists_waits_for_a_second_listing() -> None:
-    """Missing but still existing: kept with missing=1, deleted when missed a second time."""
+    """Missing but still existing: kept (missed at 1000 s); deleted when missed 600 s later."""
     first = make_plan(
         desired={},
         records={"u1:a": record("a")},
         facts=facts(),
         verdicts={"u1:a": FetchVerdict.EXISTS},
+        now=1000.0,
     )
     assert first.deletes == []
-    assert first.missing_counts == {"u1:a": 1}
+    assert first.missing_counts == {"u1:a": Misses(1, 1000.0)}
     second = make_plan(
         desired={},
-        records={"u1:a": record("a", missing=1)},
+        records={"u1:a": record("a", missing=1, since=1000.0)},
         facts=facts(),
-        verdicts={"u1:a": FetchVerdict.UNKNOWN},
+        verdicts={"u1:a": FetchVerdict.EXISTS},
+        now=1600.0,
     )
-    assert [d.reason for d in second.deletes] == ["missing from two complete listings"]
+    assert [d.reason for d in second.deletes] == ["missing from 2 complete listings over 600 s"]
+
+
+def test_plan_second_miss_seconds_later_keeps_the_link() -> None:
+    """Two complete listings 5 s apart (a retry, a rerun) are no second opinion: the link stays."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=1, since=1000.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.EXISTS},
+        now=1005.0,
+    )
+    assert plan.deletes == []
+    assert plan.missing_counts == {"u1:a": Misses(2, 1000.0)}
+    assert plan.kept["u1:a"] == (
+        "missing from 2 complete listings within 5 s; deleted once two of them are 600 s apart"
+    )
+
+
+def test_plan_confirm_seconds_sets_how_far_apart_the_misses_must_be() -> None:
+    """With confirm_seconds=60 a second miss 60 s after the first deletes; 59 s does not."""
+    args = {
+        "desired": {},
+        "records": {"u1:a": record("a", missing=1, since=1000.0)},
+        "facts": facts(),
+        "verdicts": {"u1:a": FetchVerdict.EXISTS},
+        "confirm_seconds": 60.0,
+    }
+    assert make_plan(**args, now=1059.0).deletes == []  # type: ignore[arg-type]
+    assert len(make_plan(**args, now=1060.0).deletes) == 1  # type: ignore[arg-type]
+
+
+def test_plan_miss_counted_without_a_time_starts_the_clock_now() -> None:
+    """A record counted before misses were timed starts its clock at this listing: kept."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=3)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.EXISTS},
+        now=5000.0,
+    )
+    assert plan.deletes == []
+    assert plan.missing_counts == {"u1:a": Misses(4, 5000.0)}
+
+
+def test_plan_without_a_clock_deletes_nothing_for_misses_alone() -> None:
+    """No `now`: a missing type whose fetch shows it existing is kept whatever its count."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=5, since=1.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.EXISTS},
+    )
+    assert plan.deletes == []
 
 
 def test_plan_seen_again_resets_the_missing_count() -> None:
-    """A link whose event type is listed again starts counting from zero."""
+    """A link whose event type is listed again starts counting (and timing) from zero."""
     plan = make_plan(
-        desired={"u1:a": link("a")}, records={"u1:a": record("a", missing=1)}, facts=facts("a")
+        desired={"u1:a": link("a")},
+        records={"u1:a": record("a", missing=1, since=1000.0)},
+        facts=facts("a"),
     )
-    assert plan.missing_counts == {"u1:a": 0}
+    assert plan.missing_counts == {"u1:a": Misses(0)}
     assert plan.unchanged == ["u1:a"]
 
 
@@ -193,4 +253,4 @@ def test_plan_listed_doubtful_type_resets_the_missing_count() -> None:
         desired={}, records={"u1:a": record("a", missing=1)}, facts=facts("a", doubtful=("a",))
     )
     assert plan.deletes == []
-    assert plan.missing_counts == {"u1:a": 0}
+    assert plan.missing_counts == {"u1:a": Misses(0)}

@@ -5,9 +5,14 @@ applies a random sequence of Calendly changes and syncs, some syncs meeting inje
 (5xx, 429, dropped connections, broken bodies, failing direct fetches). After every sync:
 
 - no link whose event type is still synced was deleted (faults or not);
+- the link of the team type the user left is deleted only when a sync at least
+  DELETE_CONFIRM_SECONDS earlier also found the user out of the team;
 - after a fault-free sync, Close holds exactly the mapping of Calendly, except links whose event
   type left the user's list but still exists (they wait for a second complete listing);
-- after two fault-free syncs in a row, Close holds exactly the mapping, with no duplicates.
+- after fault-free syncs in a row spanning DELETE_CONFIRM_SECONDS, Close holds exactly the
+  mapping, with no duplicates.
+
+The engine runs on the sandbox's frozen clock, which `wait` steps move.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from closesync.core.plan import DELETE_CONFIRM_SECONDS
 from closesync.core.report import Outcome
 from closesync.sandbox import Sandbox, SandboxConfig
 from tests.sync_harness import Harness
@@ -74,6 +80,7 @@ step = st.one_of(
     st.tuples(st.just("active"), index, st.booleans()),
     st.tuples(st.just("delete"), index, st.booleans()),
     st.tuples(st.just("team"), st.booleans()),
+    st.tuples(st.just("wait"), st.sampled_from([5.0, 300.0, DELETE_CONFIRM_SECONDS, 900.0])),
     st.tuples(st.just("sync"), st.lists(fault, max_size=2)),
 )
 
@@ -100,6 +107,9 @@ class Story:
                 type="AdhocEventType" if one_off else "StandardEventType",
             )
             self.live.append(created["uri"].rsplit("/", 1)[-1])
+            return
+        if kind == "wait":
+            world.advance_clock(action[1])
             return
         if kind == "team":
             member = [self.user.calendly_user_uuid]
@@ -136,12 +146,16 @@ class Story:
         world.clear_faults()
         return met, report
 
+    @property
+    def team_sid(self) -> str:
+        return f"{self.user.calendly_user_uuid}:{self.team_uuid}"
+
+    def in_team(self) -> bool:
+        return any(et.uuid == self.team_uuid for et in self.harness.calendly_types(self.user))
+
     def still_existing_elsewhere(self) -> set[str]:
         """Source ids of links whose event type exists but is no longer the user's."""
-        team_listed = any(
-            et.uuid == self.team_uuid for et in self.harness.calendly_types(self.user)
-        )
-        return set() if team_listed else {f"{self.user.calendly_user_uuid}:{self.team_uuid}"}
+        return set() if self.in_team() else {self.team_sid}
 
 
 @settings(
@@ -171,25 +185,37 @@ def test_sync_random_changes_and_faults_keep_the_invariants(
         for i in range(3)
     ]
     story = Story(harness, user, mate, team["uri"].rsplit("/", 1)[-1], harness.add(user), live)
-    clean_in_a_row = 0
-    for action in [*steps, ("sync", []), ("sync", [])]:
+    # (sandbox time, whether the user was in the team) of every sync so far.
+    syncs: list[tuple[float, bool]] = []
+    clean_since: float | None = None  # start of the current run of fault-free syncs
+    final = [("sync", []), ("wait", DELETE_CONFIRM_SECONDS), ("sync", [])]
+    for action in [*steps, *final]:
         if action[0] != "sync":
             story.apply(action)
-            clean_in_a_row = 0
+            if action[0] != "wait":
+                clean_since = None
             continue
         before = harness.close_side(user)
+        started = world.now()
+        in_team = story.in_team()
         met, report = story.sync(action[1])
         after = harness.close_side(user)  # raises on a duplicate source_id
         expected = harness.expected(user)
         lost = {sid for sid in before if sid in expected and sid not in after}
         assert not lost, f"deleted links of synced event types: {lost} ({report.errors})"
+        if story.team_sid in before and story.team_sid not in after:
+            out_long_enough = [
+                at for at, member in syncs if not member and at <= started - DELETE_CONFIRM_SECONDS
+            ]
+            assert out_long_enough, f"team link deleted too early: {syncs} at {started}"
+        syncs.append((started, in_team))
         if met or report.outcome is Outcome.FAILED:
-            clean_in_a_row = 0
+            clean_since = None
             continue
-        clean_in_a_row += 1
+        clean_since = started if clean_since is None else clean_since
         pending = set(after) - set(expected)
         assert pending <= story.still_existing_elsewhere(), report.model_dump()
         assert {sid: after[sid] for sid in expected} == expected
-        if clean_in_a_row >= 2:
+        if started - clean_since >= DELETE_CONFIRM_SECONDS:
             assert after == expected
     assert harness.close_side(user) == harness.expected(user)

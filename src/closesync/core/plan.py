@@ -15,7 +15,9 @@ The rules, all in `make_plan`:
 - A link whose event type was listed but could not be mapped or parsed is kept: doubt.
 - A link whose event type is missing from the listing is deleted at once when a direct fetch shows
   it gone (404, `deleted_at`, inactive); otherwise (it still exists, or the fetch failed) only once
-  it has been missing from two complete listings in a row.
+  it has been missing from two complete listings in a row that ran at least `confirm_seconds`
+  apart (`now` is the time of this run's listing): a retry, rerun or redelivery seconds after the
+  first listing is no second opinion.
 - Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), all
   of them are held (and reported) unless the run was allowed to mass-delete.
 """
@@ -35,6 +37,8 @@ CONNECTION_ID = "<connection id>"
 # Complete listings in a row that must miss an event type (still existing elsewhere) before its
 # link is deleted. Two: one glitch of Calendly's listing never deletes a link.
 MISSING_LISTINGS_BEFORE_DELETE = 2
+# Seconds that must separate the first and the last of those listings (DELETE_CONFIRM_SECONDS).
+DELETE_CONFIRM_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,30 @@ class LinkRecord:
     event_type_uri: str
     # Complete listings in a row that did not contain the event type.
     missing: int = 0
+    # Epoch seconds of the first of those listings; None while `missing` is 0 (or for a record
+    # written before closesync kept the time: its count then starts its clock anew).
+    missing_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Misses:
+    """How many complete listings in a row missed a record's event type, since when."""
+
+    count: int
+    since: float | None = None
+
+    def elapsed(self, now: float | None) -> float:
+        """Seconds from the first of those listings to `now`; 0 when either time is unknown."""
+        return 0.0 if now is None or self.since is None else now - self.since
+
+    def confirmed(self, now: float | None, confirm_seconds: float) -> bool:
+        """Missed by enough listings, the first at least `confirm_seconds` before `now`."""
+        return (
+            self.count >= MISSING_LISTINGS_BEFORE_DELETE
+            and now is not None
+            and self.since is not None
+            and self.elapsed(now) >= confirm_seconds
+        )
 
 
 class FetchVerdict(StrEnum):
@@ -94,8 +122,8 @@ class Plan:
     still_rejected: list[str] = field(default_factory=list)
     # Links kept although their event type is not desired now, with why.
     kept: dict[str, str] = field(default_factory=dict)
-    # New `missing` counts of kept records (source_id -> count); absent = unchanged.
-    missing_counts: dict[str, int] = field(default_factory=dict)
+    # New `missing` counts (and their start) of kept records; absent = unchanged.
+    missing_counts: dict[str, Misses] = field(default_factory=dict)
 
     @property
     def writes(self) -> int:
@@ -125,10 +153,13 @@ def make_plan(
     rule: MassDeleteRule | None = None,
     allow_mass_delete: bool = False,
     force: bool = False,
+    now: float | None = None,
+    confirm_seconds: float = DELETE_CONFIRM_SECONDS,
 ) -> Plan:
     """Compare desired links with the records and decide every write.
 
-    `force` (backfill) pushes every desired link whatever the fingerprints say.
+    `force` (backfill) pushes every desired link whatever the fingerprints say. `now` is when
+    this run listed Calendly; without it no link is deleted for being missing alone.
     """
     verdicts = verdicts or {}
     rejected = rejected or {}
@@ -161,17 +192,23 @@ def make_plan(
             deletes.append(Deletion(source_id, uri, "event type listed but not synced"))
         elif verdicts.get(source_id) is FetchVerdict.GONE:
             deletes.append(Deletion(source_id, uri, "event type gone"))
-        elif record.missing + 1 >= MISSING_LISTINGS_BEFORE_DELETE:
-            deletes.append(Deletion(source_id, uri, "missing from two complete listings"))
         else:
-            plan.kept[source_id] = "missing from one complete listing"
-            plan.missing_counts[source_id] = record.missing + 1
+            misses = _missed_again(record, now)
+            if misses.confirmed(now, confirm_seconds):
+                reason = (
+                    f"missing from {misses.count} complete listings over "
+                    f"{misses.elapsed(now):.0f} s"
+                )
+                deletes.append(Deletion(source_id, uri, reason))
+            else:
+                plan.kept[source_id] = _why_waiting(misses, now, confirm_seconds)
+                plan.missing_counts[source_id] = misses
     # A record whose event type a complete listing showed (desired, doubtful or not synced)
     # starts counting from zero: "missing twice" means twice in a row.
     if facts.complete:
         for source_id, record in records.items():
             if record.missing and uuid_of(record.event_type_uri) in facts.listed_uuids:
-                plan.missing_counts[source_id] = 0
+                plan.missing_counts[source_id] = Misses(0)
     threshold = rule.threshold(len(records))
     if len(deletes) > threshold and not allow_mass_delete:
         reason = (
@@ -181,6 +218,23 @@ def make_plan(
         )
         return _with(plan, held=deletes, held_reason=reason)
     return _with(plan, deletes=deletes)
+
+
+def _missed_again(record: LinkRecord, now: float | None) -> Misses:
+    """The record's misses counting this listing; the clock starts with the first miss."""
+    if record.missing and record.missing_since is not None:
+        return Misses(record.missing + 1, record.missing_since)
+    # A first miss, or an older record whose first miss has no time: this listing starts it.
+    return Misses(record.missing + 1, now)
+
+
+def _why_waiting(misses: Misses, now: float | None, confirm_seconds: float) -> str:
+    if misses.count < MISSING_LISTINGS_BEFORE_DELETE:
+        return "missing from one complete listing"
+    return (
+        f"missing from {misses.count} complete listings within {misses.elapsed(now):.0f} s; "
+        f"deleted once two of them are {confirm_seconds:g} s apart"
+    )
 
 
 def _with(plan: Plan, **changes: object) -> Plan:

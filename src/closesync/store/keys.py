@@ -9,7 +9,10 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:close-user:{close_user_id}  STRING  -> connection id: adding the same Close user
                                             again updates its connection, no duplicate   no TTL
     {p}:conn:{id}:links             HASH    source_id -> JSON LinkRecord {fingerprint,
-                                            event_type_uri, missing}: what Close accepted no TTL
+                                            event_type_uri, missing, missing_since}: what
+                                            Close accepted; `missing` complete listings in
+                                            a row missed its event type, the first at
+                                            epoch seconds `missing_since` (null: none)   no TTL
     {p}:conn:{id}:rejected          HASH    source_id -> JSON {fingerprint, error}: a
                                             payload Close refused, not resent unchanged  no TTL
     {p}:conn:{id}:held              STRING  JSON {source_ids, reason, at}: deletions held

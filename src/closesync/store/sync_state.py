@@ -8,11 +8,12 @@ connection's run lock (`closesync.store.locks`).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import redis
 
-from closesync.core.plan import LinkRecord
+from closesync.core.plan import LinkRecord, Misses
 from closesync.core.report import RunReport
 from closesync.store.client import guard
 from closesync.store.keys import Fields, Keys, as_text
@@ -68,15 +69,21 @@ class SyncState:
         self.redis.hdel(self.keys.links(conn_id), source_id)
 
     @guard("recording missing counts")
-    def set_missing(self, conn_id: str, counts: dict[str, int]) -> None:
-        """Set `missing` of existing records; a source_id without a record is ignored."""
+    def set_missing(self, conn_id: str, counts: Mapping[str, Misses]) -> None:
+        """Set `missing` (and `missing_since`) of existing records; others are ignored."""
         if not counts:
             return
         key = self.keys.links(conn_id)
         ordered = sorted(counts)
         current = self.redis.hmget(key, ordered)
         updates: Fields = {
-            source_id: json.dumps({**json.loads(raw), "missing": counts[source_id]})
+            source_id: json.dumps(
+                {
+                    **json.loads(raw),
+                    "missing": counts[source_id].count,
+                    "missing_since": counts[source_id].since,
+                }
+            )
             for source_id, raw in zip(ordered, current, strict=True)
             if raw is not None
         }

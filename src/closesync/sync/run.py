@@ -126,6 +126,8 @@ class ConnectionRun:
     def plan(self) -> Plan:
         """Read Calendly (and, for backfill and drift, Close) and decide every write."""
         connection = self.connection
+        # Misses are timed from when the listing began: it is what saw the event type missing.
+        listed_at = self.engine.clock()
         listing = self._authed(
             self.clients.calendly_tokens,
             lambda: self.clients.calendly.list_event_types(connection.calendly_user_uri),
@@ -158,6 +160,8 @@ class ConnectionRun:
             rule=self.engine.config.mass_delete,
             allow_mass_delete=self.allow_mass_delete,
             force=mode is RunMode.BACKFILL,
+            now=listed_at,
+            confirm_seconds=self.engine.config.delete_confirm_seconds,
         )
 
     def _options(self) -> MappingOptions:
@@ -207,6 +211,7 @@ class ConnectionRun:
                 fingerprint=fingerprint(_payload_of(link)),
                 event_type_uri=(old.event_type_uri if old else event_type_uri(api_url, parsed[1])),
                 missing=old.missing if old else 0,
+                missing_since=old.missing_since if old else None,
             )
         if not self.report.dry_run:
             state.replace_records(self.connection.id, records)
