@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from closesync.core.calendly_payloads import EventType
 from closesync.core.close_payloads import LinkPayload
 from closesync.core.mapping import fingerprint
 from closesync.core.plan import (
@@ -14,6 +15,7 @@ from closesync.core.plan import (
     MassDeleteRule,
     Misses,
     describe,
+    fetch_verdict,
     make_plan,
     missing_from_listing,
 )
@@ -126,7 +128,62 @@ def test_plan_missing_type_that_exists_waits_for_a_second_listing() -> None:
         verdicts={"u1:a": FetchVerdict.EXISTS},
         now=1600.0,
     )
-    assert [d.reason for d in second.deletes] == ["missing from 2 complete listings over 600 s"]
+    assert [d.reason for d in second.deletes] == [
+        "missing from 2 complete listings over 600 s, and no longer this user's"
+    ]
+
+
+def test_plan_missing_type_the_fetch_shows_ours_is_kept_and_reported() -> None:
+    """Active and this user's by its fetch: the listing is doubtful; kept however long missed."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=4, since=1000.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.OURS},
+        now=100_000.0,
+    )
+    assert plan.deletes == []
+    assert plan.kept["u1:a"] == (
+        "missing from 5 complete listings, but a direct fetch shows it active and this user's: "
+        "the listing is doubtful"
+    )
+    assert plan.missing_counts == {"u1:a": Misses(5, 1000.0)}
+
+
+def test_plan_missing_type_whose_fetch_failed_is_never_deleted_for_misses() -> None:
+    """A failed fetch (or one naming no owner) proves nothing: kept, even missed long enough."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=1, since=1000.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.UNKNOWN},
+        now=5000.0,
+    )
+    assert plan.deletes == []
+    assert plan.kept["u1:a"] == (
+        "missing from 2 complete listings; its direct fetch failed or named no owner"
+    )
+    no_verdict = make_plan(
+        desired={}, records={"u1:a": record("a", missing=1, since=1000.0)}, facts=facts(), now=5e3
+    )
+    assert no_verdict.deletes == []
+
+
+def event_type(**fields: object) -> EventType:
+    return EventType.model_validate({"uri": f"{BASE}/a", "active": True, **fields})
+
+
+def test_fetch_verdict_reads_gone_ours_elsewhere_and_unknown() -> None:
+    """Deleted or inactive: gone; profile owner this user: ours; another: exists; none: unknown."""
+    me = "https://api.calendly.com/users/u1"
+    other = "https://api.calendly.com/users/u2"
+    team = {"type": "Team", "name": "Sales", "owner": other}
+    assert fetch_verdict(event_type(deleted_at="2026-01-01T00:00:00Z"), "u1") is FetchVerdict.GONE
+    assert fetch_verdict(event_type(active=False), "u1") is FetchVerdict.GONE
+    assert fetch_verdict(event_type(profile={"owner": me}), "u1") is FetchVerdict.OURS
+    assert fetch_verdict(event_type(profile=team), "u1") is FetchVerdict.EXISTS
+    assert fetch_verdict(event_type(profile=None), "u1") is FetchVerdict.UNKNOWN
+    assert fetch_verdict(event_type(profile={"type": "User"}), "u1") is FetchVerdict.UNKNOWN
 
 
 def test_plan_second_miss_seconds_later_keeps_the_link() -> None:

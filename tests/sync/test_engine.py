@@ -141,6 +141,29 @@ def test_engine_left_team_type_deleted_once_two_listings_are_600s_apart(harness:
     assert harness.close_side(user) == harness.expected(user)
 
 
+def test_engine_listing_omitting_an_own_active_type_keeps_its_link(harness: Harness) -> None:
+    """Listings that omit a type its fetch shows active and the user's keep the link, reported."""
+    world = harness.sandbox.world
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    target = _types(harness)[0]
+    sid = f"{user.calendly_user_uuid}:{target}"
+    world.add_fault(api="calendly", kind="omit", path_prefix="/event_types", omit=target, count=9)
+    first = harness.run(conn)
+    world.advance_clock(600)
+    second = harness.run(conn)
+    world.advance_clock(600)
+    third = harness.run(conn)
+    assert world.list_faults(), "the listing glitch should have lasted all three runs"
+    assert (first.deleted, second.deleted, third.deleted) == (0, 0, 0)
+    assert "a direct fetch shows it active and this user's" in third.kept[sid]
+    assert harness.close_side(user) == harness.expected(user)
+    stored = harness.services.state.last_report(conn)
+    assert stored is not None
+    assert stored.kept == third.kept
+
+
 def test_engine_failing_page_deletes_nothing(harness: Harness) -> None:
     """A listing with a failed page is incomplete: the run fails and no link is deleted."""
     world = harness.sandbox.world

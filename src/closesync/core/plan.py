@@ -14,10 +14,13 @@ The rules, all in `make_plan`:
   is deleted at once: the complete listing itself says so.
 - A link whose event type was listed but could not be mapped or parsed is kept: doubt.
 - A link whose event type is missing from the listing is deleted at once when a direct fetch shows
-  it gone (404, `deleted_at`, inactive); otherwise (it still exists, or the fetch failed) only once
-  it has been missing from two complete listings in a row that ran at least `confirm_seconds`
-  apart (`now` is the time of this run's listing): a retry, rerun or redelivery seconds after the
-  first listing is no second opinion.
+  it gone (404, `deleted_at`, inactive). When the fetch shows it active and no longer this user's
+  (its profile names another owner: a team type the user left), the link is deleted once it has
+  been missing from two complete listings in a row that ran at least `confirm_seconds` apart
+  (`now` is the time of this run's listing): a retry, rerun or redelivery seconds after the first
+  listing is no second opinion. When the fetch shows it active and still this user's, the listing
+  contradicts it: the link is kept, however often it is missed, and reported. A failed fetch, or
+  one that names no owner, proves nothing either: kept.
 - Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), all
   of them are held (and reported) unless the run was allowed to mass-delete.
 """
@@ -28,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from closesync.core.calendly_payloads import uuid_of
+from closesync.core.calendly_payloads import EventType, uuid_of
 from closesync.core.close_payloads import LinkPayload
 from closesync.core.mapping import fingerprint, parse_source_id
 
@@ -79,8 +82,22 @@ class FetchVerdict(StrEnum):
     """What a direct fetch of a missing event type showed."""
 
     GONE = "gone"  # 404, deleted_at set, or inactive: delete now
-    EXISTS = "exists"  # still there (e.g. the user left a team event type): wait for 2 listings
-    UNKNOWN = "unknown"  # the fetch failed: treat as exists
+    # Active, its profile naming another owner (a team type the user left): delete once the
+    # misses are confirmed (two complete listings, `confirm_seconds` apart).
+    EXISTS = "exists"
+    # Active and its profile names this user: the listing was wrong, not the event type gone.
+    OURS = "ours"
+    UNKNOWN = "unknown"  # the fetch failed, or its profile names no owner: kept on doubt
+
+
+def fetch_verdict(event_type: EventType, user_uuid: str) -> FetchVerdict:
+    """What a direct fetch of an event type missing from `user_uuid`'s listing says."""
+    if event_type.deleted_at is not None or not event_type.active:
+        return FetchVerdict.GONE
+    owner = event_type.profile.owner if event_type.profile is not None else None
+    if not owner:
+        return FetchVerdict.UNKNOWN
+    return FetchVerdict.OURS if uuid_of(owner) == user_uuid else FetchVerdict.EXISTS
 
 
 @dataclass(frozen=True)
@@ -193,15 +210,16 @@ def make_plan(
         elif verdicts.get(source_id) is FetchVerdict.GONE:
             deletes.append(Deletion(source_id, uri, "event type gone"))
         else:
+            verdict = verdicts.get(source_id, FetchVerdict.UNKNOWN)
             misses = _missed_again(record, now)
-            if misses.confirmed(now, confirm_seconds):
+            if verdict is FetchVerdict.EXISTS and misses.confirmed(now, confirm_seconds):
                 reason = (
                     f"missing from {misses.count} complete listings over "
-                    f"{misses.elapsed(now):.0f} s"
+                    f"{misses.elapsed(now):.0f} s, and no longer this user's"
                 )
                 deletes.append(Deletion(source_id, uri, reason))
             else:
-                plan.kept[source_id] = _why_waiting(misses, now, confirm_seconds)
+                plan.kept[source_id] = _why_kept(verdict, misses, now, confirm_seconds)
                 plan.missing_counts[source_id] = misses
     # A record whose event type a complete listing showed (desired, doubtful or not synced)
     # starts counting from zero: "missing twice" means twice in a row.
@@ -228,11 +246,21 @@ def _missed_again(record: LinkRecord, now: float | None) -> Misses:
     return Misses(record.missing + 1, now)
 
 
-def _why_waiting(misses: Misses, now: float | None, confirm_seconds: float) -> str:
+def _why_kept(
+    verdict: FetchVerdict, misses: Misses, now: float | None, confirm_seconds: float
+) -> str:
+    listings = "one complete listing" if misses.count == 1 else f"{misses.count} complete listings"
+    if verdict is FetchVerdict.OURS:
+        return (
+            f"missing from {listings}, but a direct fetch shows it active and this user's: "
+            "the listing is doubtful"
+        )
+    if verdict is not FetchVerdict.EXISTS:
+        return f"missing from {listings}; its direct fetch failed or named no owner"
     if misses.count < MISSING_LISTINGS_BEFORE_DELETE:
         return "missing from one complete listing"
     return (
-        f"missing from {misses.count} complete listings within {misses.elapsed(now):.0f} s; "
+        f"missing from {listings} within {misses.elapsed(now):.0f} s; "
         f"deleted once two of them are {confirm_seconds:g} s apart"
     )
 

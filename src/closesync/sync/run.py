@@ -31,6 +31,7 @@ from closesync.core.plan import (
     ListingFacts,
     Plan,
     describe,
+    fetch_verdict,
     make_plan,
     missing_from_listing,
 )
@@ -79,6 +80,7 @@ class ConnectionRun:
         report.planned = describe(plan)
         report.created, report.updated = len(plan.creates), len(plan.updates)
         report.deleted, report.unchanged = len(plan.deletes), len(plan.unchanged)
+        report.kept = dict(plan.kept)
         self._report_held(plan)
 
     def execute(self) -> None:
@@ -189,9 +191,7 @@ class ConnectionRun:
             raise
         except ApiError:
             return FetchVerdict.UNKNOWN
-        if event_type.deleted_at is not None or not event_type.active:
-            return FetchVerdict.GONE
-        return FetchVerdict.EXISTS
+        return fetch_verdict(event_type, self.connection.calendly_user_uuid)
 
     def _records_from_close(self) -> dict[str, LinkRecord]:
         """Rebuild the records from the links Close holds (backfill, drift), and store them."""
@@ -223,6 +223,7 @@ class ConnectionRun:
         """Write the plan to Close, recording each accepted write at once."""
         state, conn_id, report = self.engine.state, self.connection.id, self.report
         report.unchanged = len(plan.unchanged)
+        report.kept = dict(plan.kept)
         self._report_held(plan)
         state.set_held(conn_id, report.held_deletions, report.held_reason, self.engine.clock())
         if plan.missing_counts:
