@@ -277,12 +277,44 @@ def test_plan_mass_delete_over_threshold_is_held() -> None:
     assert allowed.held == []
 
 
+def test_plan_deleting_every_link_of_a_small_connection_is_held() -> None:
+    """Three of three links going is under the minimum of 5 but is every link: held."""
+    records = {f"u1:{i}": record(str(i)) for i in range(3)}
+    plan = make_plan(desired={}, records=records, facts=facts(*map(str, range(3))))
+    assert plan.deletes == []
+    assert [d.source_id for d in plan.held] == ["u1:0", "u1:1", "u1:2"]
+    assert plan.held_reason == (
+        "3 deletions would remove every link of this connection; if the user really deleted "
+        "all of their event types, run `closesync sync --allow-mass-delete <connection id>` "
+        "to let them through"
+    )
+    allowed = make_plan(
+        desired={}, records=records, facts=facts(*map(str, range(3))), allow_mass_delete=True
+    )
+    assert len(allowed.deletes) == 3
+
+
+def test_plan_small_connection_losing_some_links_or_its_only_one_is_not_held() -> None:
+    """Two of three links, or the one link of a connection that has one, go without a hold."""
+    three = {f"u1:{i}": record(str(i)) for i in range(3)}
+    keep_one = make_plan(desired={"u1:2": link("2")}, records=three, facts=facts("0", "1", "2"))
+    assert (len(keep_one.deletes), keep_one.held) == (2, [])
+    only = make_plan(desired={}, records={"u1:0": record("0")}, facts=facts("0"))
+    assert (len(only.deletes), only.held) == (1, [])
+
+
 def test_plan_mass_delete_threshold_arithmetic() -> None:
-    """The limit is max(minimum, fraction x recorded links)."""
+    """The limit is max(minimum, fraction x recorded links), and every one of 2+ links is held."""
     rule = MassDeleteRule(minimum=5, fraction=0.5)
     assert rule.threshold(4) == 5
     assert rule.threshold(30) == 15
     assert MassDeleteRule(minimum=0, fraction=0.1).threshold(50) == 5
+    assert [rule.holds(2, 2), rule.holds(1, 1), rule.holds(1, 2), rule.holds(6, 30)] == [
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_plan_describe_lists_each_write() -> None:

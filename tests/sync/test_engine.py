@@ -208,6 +208,26 @@ def test_engine_mass_delete_is_held_then_allowed(harness: Harness) -> None:
     assert harness.close_side(user) == harness.expected(user)
 
 
+def test_engine_every_link_of_a_small_connection_is_held_then_allowed(harness: Harness) -> None:
+    """A user with three links losing all three is held like a mass deletion until allowed."""
+    world = harness.sandbox.world
+    user = world.create_user()
+    made = [world.create_event_type(user.calendly_user_uuid, name=f"S{i}") for i in range(3)]
+    conn = harness.add(user)
+    assert harness.run(conn).created == 3
+    for event_type in made:
+        world.delete_event_type(event_type["uri"].rsplit("/", 1)[-1])
+    held = harness.run(conn)
+    assert (held.outcome, held.deleted, len(held.held_deletions)) == (Outcome.OK, 0, 3)
+    assert "would remove every link of this connection" in (held.held_reason or "")
+    assert f"closesync sync --allow-mass-delete {conn}" in (held.held_reason or "")
+    assert len(harness.close_side(user)) == 3
+    allowed = harness.run(conn, allow_mass_delete=True)
+    assert allowed.deleted == 3
+    assert harness.close_side(user) == {}
+    assert harness.services.state.held(conn) is None
+
+
 def test_engine_rate_limit_stops_run_and_keeps_written_links(harness: Harness) -> None:
     """A 429 past the wait budget stops the run; what was written stays, nothing is rewritten."""
     user = harness.sandbox.users[0]

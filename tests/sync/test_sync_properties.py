@@ -8,10 +8,11 @@ omits one of the user's own event types (a glitch its direct fetch contradicts).
 - no link whose event type is still synced was deleted (faults or not);
 - the link of the team type the user left is deleted only when a sync at least
   DELETE_CONFIRM_SECONDS earlier also found the user out of the team;
+- a sync without --allow-mass-delete never deletes every link of a user who has more than one;
 - after a fault-free sync, Close holds exactly the mapping of Calendly, except links whose event
   type left the user's list but still exists (they wait for a second complete listing);
-- after fault-free syncs in a row spanning DELETE_CONFIRM_SECONDS, Close holds exactly the
-  mapping, with no duplicates.
+- after fault-free syncs in a row spanning DELETE_CONFIRM_SECONDS (none holding deletions),
+  Close holds exactly the mapping, with no duplicates.
 
 The engine runs on the sandbox's frozen clock, which `wait` steps move.
 """
@@ -84,7 +85,8 @@ step = st.one_of(
     st.tuples(st.just("wait"), st.sampled_from([5.0, 300.0, DELETE_CONFIRM_SECONDS, 900.0])),
     # From now on every listing omits one of the user's own event types (None: none does).
     st.tuples(st.just("glitch"), st.one_of(st.none(), index)),
-    st.tuples(st.just("sync"), st.lists(fault, max_size=2)),
+    # Syncs with faults, and with --allow-mass-delete or without.
+    st.tuples(st.just("sync"), st.lists(fault, max_size=2), st.booleans()),
 )
 
 
@@ -142,7 +144,7 @@ class Story:
             world.delete_event_type(target, purge=action[2])
             self.live.remove(target)
 
-    def sync(self, faults: list[dict[str, Any]]) -> tuple[bool, Any]:
+    def sync(self, faults: list[dict[str, Any]], allow: bool) -> tuple[bool, Any]:
         """Run once with `faults` queued; return whether any fault was met, and the report."""
         world = self.harness.sandbox.world
         world.clear_faults()
@@ -154,7 +156,7 @@ class Story:
                 api="calendly", kind="omit", path_prefix="/event_types", count=999, omit=omitted
             )
         queued = world.list_faults()
-        report = self.harness.engine(wait_budget=1.0).run(self.conn, allow_mass_delete=True)
+        report = self.harness.engine(wait_budget=1.0).run(self.conn, allow_mass_delete=allow)
         met = world.list_faults() != queued
         world.clear_faults()
         return met, report
@@ -178,8 +180,28 @@ class Story:
 )
 @given(steps=st.lists(step, min_size=1, max_size=12))
 # Always tried: a glitch that outlasts two listings 600 s apart, and a team left for 600 s.
-@example(steps=[("sync", []), ("glitch", 0), ("sync", []), ("wait", 900.0), ("sync", [])])
-@example(steps=[("sync", []), ("team", False), ("sync", []), ("wait", 5.0), ("sync", [])])
+# Always tried: a glitch that outlasts two listings 900 s apart; a team left 5 s before a sync;
+# every link of a small connection going without --allow-mass-delete.
+@example(
+    steps=[
+        ("sync", [], True),
+        ("glitch", 0),
+        ("sync", [], True),
+        ("wait", 900.0),
+        ("sync", [], True),
+    ]
+)
+@example(steps=[("sync", [], True), ("team", False), ("sync", [], True), ("wait", 5.0)])
+@example(
+    steps=[
+        ("sync", [], True),
+        ("team", False),
+        ("sync", [], True),
+        ("wait", DELETE_CONFIRM_SECONDS),
+        *[("delete", 0, False)] * 3,
+        ("sync", [], False),
+    ]
+)
 def test_sync_random_changes_and_faults_keep_the_invariants(
     sandbox: Sandbox, redis_url: str, steps: list[tuple[Any, ...]]
 ) -> None:
@@ -204,7 +226,12 @@ def test_sync_random_changes_and_faults_keep_the_invariants(
     # (sandbox time, whether the user was in the team) of every sync so far.
     syncs: list[tuple[float, bool]] = []
     clean_since: float | None = None  # start of the current run of fault-free syncs
-    final = [("glitch", None), ("sync", []), ("wait", DELETE_CONFIRM_SECONDS), ("sync", [])]
+    final = [
+        ("glitch", None),
+        ("sync", [], True),
+        ("wait", DELETE_CONFIRM_SECONDS),
+        ("sync", [], True),
+    ]
     for action in [*steps, *final]:
         if action[0] != "sync":
             story.apply(action)
@@ -214,7 +241,7 @@ def test_sync_random_changes_and_faults_keep_the_invariants(
         before = harness.close_side(user)
         started = world.now()
         in_team = story.in_team()
-        met, report = story.sync(action[1])
+        met, report = story.sync(action[1], action[2])
         after = harness.close_side(user)  # raises on a duplicate source_id
         expected = harness.expected(user)
         lost = {sid for sid in before if sid in expected and sid not in after}
@@ -225,7 +252,9 @@ def test_sync_random_changes_and_faults_keep_the_invariants(
             ]
             assert out_long_enough, f"team link deleted too early: {syncs} at {started}"
         syncs.append((started, in_team))
-        if met or report.outcome is Outcome.FAILED:
+        if not action[2] and len(before) > 1:
+            assert set(before) & set(after), f"every link deleted unallowed: {report.deleted}"
+        if met or report.outcome is Outcome.FAILED or report.held_deletions:
             clean_since = None
             continue
         clean_since = started if clean_since is None else clean_since

@@ -21,8 +21,10 @@ The rules, all in `make_plan`:
   listing is no second opinion. When the fetch shows it active and still this user's, the listing
   contradicts it: the link is kept, however often it is missed, and reported. A failed fetch, or
   one that names no owner, proves nothing either: kept.
-- Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), all
-  of them are held (and reported) unless the run was allowed to mass-delete.
+- Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), or
+  remove every link of a connection that has more than one (however few: the minimum alone would
+  leave small connections unguarded), all of them are held (and reported) unless the run was
+  allowed to mass-delete.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ class MassDeleteRule:
 
     def threshold(self, recorded_links: int) -> float:
         return max(float(self.minimum), self.fraction * recorded_links)
+
+    def holds(self, deletions: int, recorded_links: int) -> bool:
+        """Whether deleting `deletions` of `recorded_links` links must wait for an allowance."""
+        every_link = recorded_links > 1 and deletions >= recorded_links
+        return deletions > self.threshold(recorded_links) or every_link
 
 
 @dataclass(frozen=True)
@@ -228,12 +235,18 @@ def make_plan(
             if record.missing and uuid_of(record.event_type_uri) in facts.listed_uuids:
                 plan.missing_counts[source_id] = Misses(0)
     threshold = rule.threshold(len(records))
-    if len(deletes) > threshold and not allow_mass_delete:
-        reason = (
-            f"{len(deletes)} deletions of {len(records)} links exceed the mass-delete limit "
-            f"of {threshold:g}; run `closesync sync --allow-mass-delete {CONNECTION_ID}` to let "
-            "them through"
-        )
+    if rule.holds(len(deletes), len(records)) and not allow_mass_delete:
+        command = f"`closesync sync --allow-mass-delete {CONNECTION_ID}`"
+        if len(deletes) > threshold:
+            reason = (
+                f"{len(deletes)} deletions of {len(records)} links exceed the mass-delete limit "
+                f"of {threshold:g}; run {command} to let them through"
+            )
+        else:
+            reason = (
+                f"{len(deletes)} deletions would remove every link of this connection; if the "
+                f"user really deleted all of their event types, run {command} to let them through"
+            )
         return _with(plan, held=deletes, held_reason=reason)
     return _with(plan, deletes=deletes)
 
