@@ -9,6 +9,7 @@ from closesync.core.calendly_payloads import EventType
 from closesync.core.close_payloads import LinkPayload
 from closesync.core.mapping import fingerprint
 from closesync.core.plan import (
+    DELETE_REFUSED,
     FetchVerdict,
     LinkRecord,
     ListingFacts,
@@ -74,6 +75,23 @@ def test_plan_rejected_payload_is_not_sent_again_until_it_changes() -> None:
     assert same.creates == []
     changed = make_plan(desired=desired, records={}, facts=facts("a"), rejected={"u1:a": "old"})
     assert [p.source_id for p in changed.creates] == ["u1:a"]
+
+
+def test_plan_refused_deletion_is_not_asked_again_but_by_a_backfill() -> None:
+    """A deletion Close refused is reported, not planned again; a backfill (force) asks again."""
+    records = {"u1:a": record("a"), "u1:b": record("b"), "u1:c": record("c")}
+    args = {
+        "desired": {"u1:c": link("c")},
+        "records": records,
+        "facts": facts("a", "b", "c"),
+        "rejected": {"u1:a": DELETE_REFUSED},
+    }
+    plan = make_plan(**args)  # type: ignore[arg-type]
+    assert [d.source_id for d in plan.deletes] == ["u1:b"]
+    assert plan.refused_deletes == ["u1:a"]
+    forced = make_plan(**args, force=True)  # type: ignore[arg-type]
+    assert [d.source_id for d in forced.deletes] == ["u1:a", "u1:b"]
+    assert forced.refused_deletes == []
 
 
 def test_plan_incomplete_listing_deletes_nothing() -> None:

@@ -171,6 +171,19 @@ def test_fault_omit_without_uuid_drops_the_first_listed(sandbox: Sandbox) -> Non
     assert glitched["collection"] == listed["collection"][1:]
 
 
+@pytest.mark.parametrize("kind", ["400", "422"])
+def test_fault_refusal_answers_in_each_vendor_shape(sandbox: Sandbox, kind: str) -> None:
+    """400/422 faults answer Close's errors/field-errors body and Calendly's title/message."""
+    sandbox.world.add_fault(api="close", kind=kind, method="GET")
+    close = _me(sandbox)
+    assert close.status_code == int(kind)
+    assert set(close.json()) == {"errors", "field-errors"}
+    sandbox.world.add_fault(api="calendly", kind=kind)
+    calendly = cal_get(sandbox, "/users/me", sandbox.users[0])
+    assert calendly.status_code == int(kind)
+    assert calendly.json()["title"] == "Invalid Argument"
+
+
 def test_fault_count_hits_that_many_requests_then_stops(sandbox: Sandbox) -> None:
     """count=2 hits two matching requests; the rule is then gone."""
     sandbox.world.add_fault(api="close", kind="500", count=2)

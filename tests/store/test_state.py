@@ -232,6 +232,14 @@ def test_sync_set_missing_updates_existing_records_only(sync: SyncState) -> None
     assert sync.records("c1")["s1"] == record(1)
 
 
+def test_sync_forget_drops_the_record_and_its_refusal(sync: SyncState) -> None:
+    """A link Close no longer holds leaves neither its record nor a refusal behind."""
+    sync.record_write("c1", "s1", record(1))
+    sync.record_rejection("c1", "s1", "delete", "Close DELETE … answered 400")
+    sync.forget("c1", "s1")
+    assert (sync.records("c1"), sync.rejected("c1")) == ({}, {})
+
+
 def test_sync_record_stored_without_missing_since_reads_as_none(sync: SyncState) -> None:
     """A record written before misses were timed still reads, its miss start unknown."""
     key = sync.keys.links("c1")

@@ -228,6 +228,39 @@ def test_engine_every_link_of_a_small_connection_is_held_then_allowed(harness: H
     assert harness.services.state.held(conn) is None
 
 
+def test_engine_refused_delete_is_recorded_and_the_other_deletes_go_on(harness: Harness) -> None:
+    """A 400 on one DELETE is recorded against that link; the next deletion still happens."""
+    world = harness.sandbox.world
+    user = world.create_user()
+    made = [world.create_event_type(user.calendly_user_uuid, name=f"D{i}") for i in range(3)]
+    conn = harness.add(user)
+    harness.run(conn)
+    gone = sorted(f"{user.calendly_user_uuid}:{et['uri'].rsplit('/', 1)[-1]}" for et in made)[:2]
+    for sid in gone:
+        world.delete_event_type(sid.split(":")[1])
+    world.add_fault(api="close", kind="400", method="DELETE", count=1)
+    world.reset_request_counts()
+    report = harness.run(conn)
+    deletes = "close DELETE /api/v1/scheduling_link/integration/{source_id}/"
+    assert world.request_counts()[deletes] == 2
+    assert (report.outcome, report.deleted) == (Outcome.PARTIAL, 1)
+    assert (
+        "Close DELETE /scheduling_link/integration/{source_id}/ answered 400"
+        in (report.failed[gone[0]])
+    )
+    assert set(harness.close_side(user)) == set(harness.expected(user)) | {gone[0]}
+    assert gone[0] in harness.services.state.rejected_errors(conn)
+    # Not asked again on the next sync: reported, no DELETE call.
+    world.reset_request_counts()
+    again = harness.run(conn)
+    assert "Close refused to delete it before" in again.failed[gone[0]]
+    assert deletes not in world.request_counts()
+    # A backfill asks again; once Close accepts, the refusal is forgotten with the record.
+    assert harness.backfill(conn).deleted == 1
+    assert harness.close_side(user) == harness.expected(user)
+    assert harness.services.state.rejected_errors(conn) == {}
+
+
 def test_engine_rate_limit_stops_run_and_keeps_written_links(harness: Harness) -> None:
     """A 429 past the wait budget stops the run; what was written stays, nothing is rewritten."""
     user = harness.sandbox.users[0]

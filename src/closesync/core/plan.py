@@ -8,7 +8,8 @@ event type was missing from a complete listing, what a direct fetch said (`Fetch
 The rules, all in `make_plan`:
 
 - create: desired, no record; update: desired, recorded fingerprint differs; unchanged: same.
-- A payload that Close rejected (400) is not sent again until it changes (`rejected`).
+- A payload that Close rejected (400) is not sent again until it changes (`rejected`); a deletion
+  Close refused (its rejection says DELETE_REFUSED) is not asked again, but by a backfill.
 - Nothing is deleted unless the listing was complete (every page answered 2xx).
 - A link whose event type was listed but is not synced (inactive, secret when excluded, one-off)
   is deleted at once: the complete listing itself says so.
@@ -44,6 +45,8 @@ CONNECTION_ID = "<connection id>"
 MISSING_LISTINGS_BEFORE_DELETE = 2
 # Seconds that must separate the first and the last of those listings (DELETE_CONFIRM_SECONDS).
 DELETE_CONFIRM_SECONDS = 600.0
+# Stands for the payload fingerprint of a refused deletion in the rejections (no hash equals it).
+DELETE_REFUSED = "delete"
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ class Plan:
     held_reason: str | None = None
     # Payloads Close refused before and that have not changed since: not sent again.
     still_rejected: list[str] = field(default_factory=list)
+    # Deletions Close refused before: not asked again (a backfill asks again).
+    refused_deletes: list[str] = field(default_factory=list)
     # Links kept although their event type is not desired now, with why.
     kept: dict[str, str] = field(default_factory=dict)
     # New `missing` counts (and their start) of kept records; absent = unchanged.
@@ -234,6 +239,10 @@ def make_plan(
         for source_id, record in records.items():
             if record.missing and uuid_of(record.event_type_uri) in facts.listed_uuids:
                 plan.missing_counts[source_id] = Misses(0)
+    if not force:
+        refused = {d.source_id for d in deletes if rejected.get(d.source_id) == DELETE_REFUSED}
+        plan.refused_deletes.extend(sorted(refused))
+        deletes = [d for d in deletes if d.source_id not in refused]
     threshold = rule.threshold(len(records))
     if rule.holds(len(deletes), len(records)) and not allow_mass_delete:
         command = f"`closesync sync --allow-mass-delete {CONNECTION_ID}`"

@@ -32,6 +32,8 @@ KINDS = (
     "hang",
     "reset",
     "omit",
+    "400",
+    "422",
 )
 
 _HTML_PAGE = (
@@ -139,6 +141,8 @@ def fault_response(api: str, rule: FaultRule) -> Response:
         return json_response(status, _error_body(api, status))
     if kind == "omit":
         return Response(0, action="omit", omit=rule.omit)
+    if kind in ("400", "422"):
+        return json_response(int(kind), _refusal_body(api, int(kind)))
     if kind == "html":
         return text_response(502, _HTML_PAGE, "text/html")
     if kind == "truncated":
@@ -191,6 +195,13 @@ def _too_many(api: str, rule: FaultRule) -> Response:
     )
     headers["Content-Type"] = "application/json"
     return Response(429, json.dumps(body).encode(), headers)
+
+
+def _refusal_body(api: str, status: int) -> dict[str, Any]:
+    """A 400/422 as each vendor words one: Close's errors and field-errors, Calendly's title."""
+    if api == "close":
+        return {"errors": [f"The request was refused ({status})."], "field-errors": {}}
+    return {"title": "Invalid Argument", "message": f"The request was refused ({status})."}
 
 
 def _error_body(api: str, status: int) -> dict[str, Any]:

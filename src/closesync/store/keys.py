@@ -14,7 +14,9 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             a row missed its event type, the first at
                                             epoch seconds `missing_since` (null: none)   no TTL
     {p}:conn:{id}:rejected          HASH    source_id -> JSON {fingerprint, error}: a
-                                            payload Close refused, not resent unchanged  no TTL
+                                            payload Close refused, not resent unchanged
+                                            (fingerprint "delete": a refused deletion,
+                                            asked again only by a backfill)              no TTL
     {p}:conn:{id}:held              STRING  JSON {source_ids, reason, at}: deletions held
                                             by the mass-delete guard; absent = none      no TTL
     {p}:conn:{id}:reports           LIST    RunReport JSON, newest first, LTRIMmed to

@@ -66,7 +66,11 @@ class SyncState:
 
     @guard("forgetting a link")
     def forget(self, conn_id: str, source_id: str) -> None:
-        self.redis.hdel(self.keys.links(conn_id), source_id)
+        """Close no longer holds the link: drop its record and any refusal of it."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.links(conn_id), source_id)
+            pipe.hdel(self.keys.rejected(conn_id), source_id)
+            pipe.execute()
 
     @guard("recording missing counts")
     def set_missing(self, conn_id: str, counts: Mapping[str, Misses]) -> None:

@@ -26,6 +26,7 @@ from closesync.core.mapping import (
 )
 from closesync.core.plan import (
     CONNECTION_ID,
+    DELETE_REFUSED,
     FetchVerdict,
     LinkRecord,
     ListingFacts,
@@ -230,6 +231,12 @@ class ConnectionRun:
             state.set_missing(conn_id, plan.missing_counts)
         for source_id in plan.still_rejected:
             report.failed[source_id] = "refused by Close before; not sent again until it changes"
+        refusals = state.rejected_errors(conn_id) if plan.refused_deletes else {}
+        for source_id in plan.refused_deletes:
+            report.failed[source_id] = (
+                f"Close refused to delete it before ({refusals.get(source_id, 'no reason kept')}); "
+                "not asked again until a backfill"
+            )
         total, done = plan.writes, 0
         records = state.records(conn_id) if plan.updates else {}
         upserts = sorted(
@@ -242,14 +249,20 @@ class ConnectionRun:
             self._progress(done, total, payload.source_id)
         for deletion in plan.deletes:
             self._check_lock()
-            self._authed(
-                self.clients.close_tokens,
-                lambda sid=deletion.source_id: self.clients.close.delete_link(sid),  # type: ignore[misc]
-            )
-            state.forget(conn_id, deletion.source_id)
-            report.deleted += 1
+            try:
+                self._delete(deletion.source_id)
+            except Rejected as error:
+                # Like a refused upsert: recorded against this link; the other deletions go on.
+                state.record_rejection(conn_id, deletion.source_id, DELETE_REFUSED, str(error))
+                report.failed[deletion.source_id] = str(error)
+            else:
+                state.forget(conn_id, deletion.source_id)
+                report.deleted += 1
             done += 1
             self._progress(done, total, None)
+
+    def _delete(self, source_id: str) -> None:
+        self._authed(self.clients.close_tokens, lambda: self.clients.close.delete_link(source_id))
 
     def _upsert(self, payload: LinkPayload, is_new: bool, old: LinkRecord | None) -> None:
         self._check_lock()
