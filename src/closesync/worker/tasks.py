@@ -10,6 +10,10 @@ rate-limited runs come back after the wait the API stated plus jitter; transient
 capped exponential backoff with jitter; anything else (auth, forbidden, rejected data) is not
 retried: the engine recorded it, and marked the connection needs_reauth for auth failures. A run
 stopped by the soft time limit resumes at most MAX_SOFT_LIMIT_RESUMES times.
+
+The caps are this module's: the per-connection tasks set Celery's own `max_retries` to None, since
+Celery's default (3, counted over every retry of a task) would otherwise end each of them first,
+with a MaxRetriesExceededError instead of a decision.
 """
 
 from __future__ import annotations
@@ -256,7 +260,7 @@ def sync_all(self: Task[Any, Any], slot: str) -> int:
         )
 
 
-@shared_task(bind=True, name=names.SYNC_CONNECTION)
+@shared_task(bind=True, name=names.SYNC_CONNECTION, max_retries=None)
 def sync_connection(
     self: Task[Any, Any], connection_id: str, slot: str | None = None, resumes: int = 0
 ) -> str:
@@ -265,7 +269,7 @@ def sync_connection(
         return run_connection(self, connection_id, RunMode.SYNC, resumes)
 
 
-@shared_task(bind=True, name=names.BACKFILL)
+@shared_task(bind=True, name=names.BACKFILL, max_retries=None)
 def backfill(self: Task[Any, Any], connection_id: str, resumes: int = 0) -> str:
     """Full reconciliation of one connection against what Close holds."""
     return run_connection(self, connection_id, RunMode.BACKFILL, resumes)
@@ -283,7 +287,7 @@ def drift_check(self: Task[Any, Any], slot: str) -> int:
         )
 
 
-@shared_task(bind=True, name=names.DRIFT_CONNECTION)
+@shared_task(bind=True, name=names.DRIFT_CONNECTION, max_retries=None)
 def drift_connection(
     self: Task[Any, Any], connection_id: str, slot: str | None = None, resumes: int = 0
 ) -> str:
