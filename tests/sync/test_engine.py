@@ -398,6 +398,29 @@ def test_engine_drift_repairs_links_changed_in_close(harness: Harness) -> None:
     assert harness.close_side(user) == harness.expected(user)
 
 
+def test_engine_drift_leaves_links_close_normalised_alone(harness: Harness) -> None:
+    """A Close that trims, re-encodes and stores null as "" is not drift; a real edit still is."""
+    world = harness.sandbox.world
+    world.update_config(close_normalises=True)
+    user = world.create_user()
+    world.create_event_type(user.calendly_user_uuid, name="No description")
+    world.create_event_type(user.calendly_user_uuid, name="Lines", description="One\nTwo")
+    world.create_event_type(user.calendly_user_uuid, name="Caf\u00e9", slug="caf\u00e9-chat")
+    conn = harness.add(user)
+    assert harness.run(conn).created == 3
+    stored = {link["name"]: link for link in world.close_links(user.close_user_id)}
+    assert stored["No description"]["description"] == ""
+    assert stored["Caf\u00e9"]["url"].endswith("/caf%C3%A9-chat")
+    world.reset_request_counts()
+    drift = harness.engine().run(conn, mode=RunMode.DRIFT)
+    assert (drift.created, drift.updated, drift.unchanged) == (0, 0, 3), drift.planned
+    assert "close POST /api/v1/scheduling_link/integration/" not in world.request_counts()
+    assert harness.run(conn).unchanged == 3
+    world.update_link(stored["Lines"]["id"], name="edited by hand")
+    repaired = harness.engine().run(conn, mode=RunMode.DRIFT)
+    assert (repaired.created, repaired.updated) == (0, 1)
+
+
 def test_engine_interrupted_backfill_resumes_after_its_cursor(harness: Harness) -> None:
     """A backfill stopped after two pushes resumes without pushing those two again."""
     user = harness.sandbox.users[0]
