@@ -61,7 +61,10 @@ class Harness:
         self.sandbox.world.advance_clock(seconds)
 
     def engine(self, wait_budget: float = 60.0) -> SyncEngine:
-        return self.services.engine(wait_budget=wait_budget, sleep=self.sleep)
+        # The sandbox's clock: a test moves time for both sides with `sandbox.world.advance_clock`.
+        return self.services.engine(
+            wait_budget=wait_budget, sleep=self.sleep, clock=self.sandbox.world.now
+        )
 
     def add(self, user: SeededUser, **grant_overrides: Any) -> str:
         """Store a connection for a sandbox user pair (as `connections add` would)."""

@@ -74,10 +74,15 @@ class Settings(BaseSettings):
     include_one_off_event_types: bool = False
 
     # --- Safety -----------------------------------------------------------------------------
-    # A run that would delete more than max(MASS_DELETE_MIN, MASS_DELETE_FRACTION x links) holds
-    # the deletions until `closesync sync --allow-mass-delete ID`. Lower = safer, noisier.
+    # A run that would delete more than max(MASS_DELETE_MIN, MASS_DELETE_FRACTION x links), or
+    # every link of a connection that has more than one, holds the deletions until
+    # `closesync sync --allow-mass-delete ID`. Lower = safer, noisier.
     mass_delete_min: int = Field(default=5, ge=0)
     mass_delete_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Seconds that must separate the first and the second complete listing missing an event type
+    # that still exists (a team type the user left) before its link is deleted: a retry, rerun
+    # or redelivery seconds later is no second opinion. Longer = safer, such links linger longer.
+    delete_confirm_seconds: float = Field(default=600.0, ge=0)
 
     # --- Timing -----------------------------------------------------------------------------
     # Seconds an inline run may spend waiting out 429s and transient errors, per connection.

@@ -21,6 +21,7 @@ from closesync.core.mapping import (
     UnmappableEventType,
     clean_description,
     clean_name,
+    comparable,
     cut_text,
     fingerprint,
     is_synced,
@@ -377,6 +378,40 @@ def test_fingerprint_non_ascii_and_nulls_literal_value() -> None:
         duration_in_minutes=None,
     )
     assert fingerprint(link) == "81dcf38fb289021c14fcc5652f962b1b"
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ({"name": "Intro call"}, {"name": "  Intro call \t"}),
+        ({"description": "Line one\nLine two"}, {"description": " Line one\r\nLine two\r\n"}),
+        ({"description": None}, {"description": ""}),
+        ({"description": None}, {"description": "  "}),
+        ({"name": "Caf\u00e9"}, {"name": "Cafe\u0301"}),
+        (
+            {"url": "https://calendly.com/ann/caf\u00e9"},
+            {"url": "https://calendly.com/ann/caf%C3%A9"},
+        ),
+        (
+            {"url": "https://calendly.com/ann/caf%c3%a9"},
+            {"url": " https://calendly.com/ann/caf%C3%A9"},
+        ),
+        ({"source_type": "Group"}, {"source_type": "Group "}),
+    ],
+)
+def test_fingerprint_of_what_close_normalised_equals_what_was_sent(
+    sent: dict[str, Any], stored: dict[str, Any]
+) -> None:
+    """Trimmed, CRLF, "" for null, NFC and percent-encoded forms hash as the payload sent."""
+    assert fingerprint(payload(**stored)) == fingerprint(payload(**sent))
+
+
+def test_comparable_leaves_what_mapping_sends_as_it_is() -> None:
+    """A mapped payload is its own comparable form: its fingerprint is that of the payload."""
+    mapped = map_event_type(
+        USER, event_type(name=" Caf\u00e9  call ", description_plain="a\r\nb \n", slug="x")
+    )
+    assert comparable(mapped) == mapped
 
 
 def test_fingerprint_equal_payloads_equal() -> None:

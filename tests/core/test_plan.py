@@ -5,14 +5,18 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from closesync.core.calendly_payloads import EventType
 from closesync.core.close_payloads import LinkPayload
 from closesync.core.mapping import fingerprint
 from closesync.core.plan import (
+    DELETE_REFUSED,
     FetchVerdict,
     LinkRecord,
     ListingFacts,
     MassDeleteRule,
+    Misses,
     describe,
+    fetch_verdict,
     make_plan,
     missing_from_listing,
 )
@@ -32,8 +36,10 @@ def link(et: str, name: str = "Intro") -> LinkPayload:
     )
 
 
-def record(et: str, name: str = "Intro", missing: int = 0) -> LinkRecord:
-    return LinkRecord(fingerprint(link(et, name)), f"{BASE}/{et}", missing)
+def record(
+    et: str, name: str = "Intro", missing: int = 0, since: float | None = None
+) -> LinkRecord:
+    return LinkRecord(fingerprint(link(et, name)), f"{BASE}/{et}", missing, since)
 
 
 def facts(*listed: str, doubtful: tuple[str, ...] = (), complete: bool = True) -> ListingFacts:
@@ -71,6 +77,23 @@ def test_plan_rejected_payload_is_not_sent_again_until_it_changes() -> None:
     assert [p.source_id for p in changed.creates] == ["u1:a"]
 
 
+def test_plan_refused_deletion_is_not_asked_again_but_by_a_backfill() -> None:
+    """A deletion Close refused is reported, not planned again; a backfill (force) asks again."""
+    records = {"u1:a": record("a"), "u1:b": record("b"), "u1:c": record("c")}
+    args = {
+        "desired": {"u1:c": link("c")},
+        "records": records,
+        "facts": facts("a", "b", "c"),
+        "rejected": {"u1:a": DELETE_REFUSED},
+    }
+    plan = make_plan(**args)  # type: ignore[arg-type]
+    assert [d.source_id for d in plan.deletes] == ["u1:b"]
+    assert plan.refused_deletes == ["u1:a"]
+    forced = make_plan(**args, force=True)  # type: ignore[arg-type]
+    assert [d.source_id for d in forced.deletes] == ["u1:a", "u1:b"]
+    assert forced.refused_deletes == []
+
+
 def test_plan_incomplete_listing_deletes_nothing() -> None:
     """Without a complete listing every recorded link is kept."""
     records = {"u1:a": record("a", missing=5)}
@@ -106,30 +129,142 @@ def test_plan_missing_type_deleted_when_fetch_shows_it_gone() -> None:
 
 
 def test_plan_missing_type_that_exists_waits_for_a_second_listing() -> None:
-    """Missing but still existing: kept with missing=1, deleted when missed a second time."""
+    """Missing but still existing: kept (missed at 1000 s); deleted when missed 600 s later."""
     first = make_plan(
         desired={},
         records={"u1:a": record("a")},
         facts=facts(),
         verdicts={"u1:a": FetchVerdict.EXISTS},
+        now=1000.0,
     )
     assert first.deletes == []
-    assert first.missing_counts == {"u1:a": 1}
+    assert first.missing_counts == {"u1:a": Misses(1, 1000.0)}
     second = make_plan(
         desired={},
-        records={"u1:a": record("a", missing=1)},
+        records={"u1:a": record("a", missing=1, since=1000.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.EXISTS},
+        now=1600.0,
+    )
+    assert [d.reason for d in second.deletes] == [
+        "missing from 2 complete listings over 600 s, and no longer this user's"
+    ]
+
+
+def test_plan_missing_type_the_fetch_shows_ours_is_kept_and_reported() -> None:
+    """Active and this user's by its fetch: the listing is doubtful; kept however long missed."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=4, since=1000.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.OURS},
+        now=100_000.0,
+    )
+    assert plan.deletes == []
+    assert plan.kept["u1:a"] == (
+        "missing from 5 complete listings, but a direct fetch shows it active and this user's: "
+        "the listing is doubtful"
+    )
+    assert plan.missing_counts == {"u1:a": Misses(5, 1000.0)}
+
+
+def test_plan_missing_type_whose_fetch_failed_is_never_deleted_for_misses() -> None:
+    """A failed fetch (or one naming no owner) proves nothing: kept, even missed long enough."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=1, since=1000.0)},
         facts=facts(),
         verdicts={"u1:a": FetchVerdict.UNKNOWN},
+        now=5000.0,
     )
-    assert [d.reason for d in second.deletes] == ["missing from two complete listings"]
+    assert plan.deletes == []
+    assert plan.kept["u1:a"] == (
+        "missing from 2 complete listings; its direct fetch failed or named no owner"
+    )
+    no_verdict = make_plan(
+        desired={}, records={"u1:a": record("a", missing=1, since=1000.0)}, facts=facts(), now=5e3
+    )
+    assert no_verdict.deletes == []
+
+
+def event_type(**fields: object) -> EventType:
+    return EventType.model_validate({"uri": f"{BASE}/a", "active": True, **fields})
+
+
+def test_fetch_verdict_reads_gone_ours_elsewhere_and_unknown() -> None:
+    """Deleted or inactive: gone; profile owner this user: ours; another: exists; none: unknown."""
+    me = "https://api.calendly.com/users/u1"
+    other = "https://api.calendly.com/users/u2"
+    team = {"type": "Team", "name": "Sales", "owner": other}
+    assert fetch_verdict(event_type(deleted_at="2026-01-01T00:00:00Z"), "u1") is FetchVerdict.GONE
+    assert fetch_verdict(event_type(active=False), "u1") is FetchVerdict.GONE
+    assert fetch_verdict(event_type(profile={"owner": me}), "u1") is FetchVerdict.OURS
+    assert fetch_verdict(event_type(profile=team), "u1") is FetchVerdict.EXISTS
+    assert fetch_verdict(event_type(profile=None), "u1") is FetchVerdict.UNKNOWN
+    assert fetch_verdict(event_type(profile={"type": "User"}), "u1") is FetchVerdict.UNKNOWN
+
+
+def test_plan_second_miss_seconds_later_keeps_the_link() -> None:
+    """Two complete listings 5 s apart (a retry, a rerun) are no second opinion: the link stays."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=1, since=1000.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.EXISTS},
+        now=1005.0,
+    )
+    assert plan.deletes == []
+    assert plan.missing_counts == {"u1:a": Misses(2, 1000.0)}
+    assert plan.kept["u1:a"] == (
+        "missing from 2 complete listings within 5 s; deleted once two of them are 600 s apart"
+    )
+
+
+def test_plan_confirm_seconds_sets_how_far_apart_the_misses_must_be() -> None:
+    """With confirm_seconds=60 a second miss 60 s after the first deletes; 59 s does not."""
+    args = {
+        "desired": {},
+        "records": {"u1:a": record("a", missing=1, since=1000.0)},
+        "facts": facts(),
+        "verdicts": {"u1:a": FetchVerdict.EXISTS},
+        "confirm_seconds": 60.0,
+    }
+    assert make_plan(**args, now=1059.0).deletes == []  # type: ignore[arg-type]
+    assert len(make_plan(**args, now=1060.0).deletes) == 1  # type: ignore[arg-type]
+
+
+def test_plan_miss_counted_without_a_time_starts_the_clock_now() -> None:
+    """A record counted before misses were timed starts its clock at this listing: kept."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=3)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.EXISTS},
+        now=5000.0,
+    )
+    assert plan.deletes == []
+    assert plan.missing_counts == {"u1:a": Misses(4, 5000.0)}
+
+
+def test_plan_without_a_clock_deletes_nothing_for_misses_alone() -> None:
+    """No `now`: a missing type whose fetch shows it existing is kept whatever its count."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=5, since=1.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.EXISTS},
+    )
+    assert plan.deletes == []
 
 
 def test_plan_seen_again_resets_the_missing_count() -> None:
-    """A link whose event type is listed again starts counting from zero."""
+    """A link whose event type is listed again starts counting (and timing) from zero."""
     plan = make_plan(
-        desired={"u1:a": link("a")}, records={"u1:a": record("a", missing=1)}, facts=facts("a")
+        desired={"u1:a": link("a")},
+        records={"u1:a": record("a", missing=1, since=1000.0)},
+        facts=facts("a"),
     )
-    assert plan.missing_counts == {"u1:a": 0}
+    assert plan.missing_counts == {"u1:a": Misses(0)}
     assert plan.unchanged == ["u1:a"]
 
 
@@ -160,12 +295,44 @@ def test_plan_mass_delete_over_threshold_is_held() -> None:
     assert allowed.held == []
 
 
+def test_plan_deleting_every_link_of_a_small_connection_is_held() -> None:
+    """Three of three links going is under the minimum of 5 but is every link: held."""
+    records = {f"u1:{i}": record(str(i)) for i in range(3)}
+    plan = make_plan(desired={}, records=records, facts=facts(*map(str, range(3))))
+    assert plan.deletes == []
+    assert [d.source_id for d in plan.held] == ["u1:0", "u1:1", "u1:2"]
+    assert plan.held_reason == (
+        "3 deletions would remove every link of this connection; if the user really deleted "
+        "all of their event types, run `closesync sync --allow-mass-delete <connection id>` "
+        "to let them through"
+    )
+    allowed = make_plan(
+        desired={}, records=records, facts=facts(*map(str, range(3))), allow_mass_delete=True
+    )
+    assert len(allowed.deletes) == 3
+
+
+def test_plan_small_connection_losing_some_links_or_its_only_one_is_not_held() -> None:
+    """Two of three links, or the one link of a connection that has one, go without a hold."""
+    three = {f"u1:{i}": record(str(i)) for i in range(3)}
+    keep_one = make_plan(desired={"u1:2": link("2")}, records=three, facts=facts("0", "1", "2"))
+    assert (len(keep_one.deletes), keep_one.held) == (2, [])
+    only = make_plan(desired={}, records={"u1:0": record("0")}, facts=facts("0"))
+    assert (len(only.deletes), only.held) == (1, [])
+
+
 def test_plan_mass_delete_threshold_arithmetic() -> None:
-    """The limit is max(minimum, fraction x recorded links)."""
+    """The limit is max(minimum, fraction x recorded links), and every one of 2+ links is held."""
     rule = MassDeleteRule(minimum=5, fraction=0.5)
     assert rule.threshold(4) == 5
     assert rule.threshold(30) == 15
     assert MassDeleteRule(minimum=0, fraction=0.1).threshold(50) == 5
+    assert [rule.holds(2, 2), rule.holds(1, 1), rule.holds(1, 2), rule.holds(6, 30)] == [
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_plan_describe_lists_each_write() -> None:
@@ -193,4 +360,4 @@ def test_plan_listed_doubtful_type_resets_the_missing_count() -> None:
         desired={}, records={"u1:a": record("a", missing=1)}, facts=facts("a", doubtful=("a",))
     )
     assert plan.deletes == []
-    assert plan.missing_counts == {"u1:a": 0}
+    assert plan.missing_counts == {"u1:a": Misses(0)}

@@ -9,6 +9,7 @@ import pytest
 
 from closesync.core.connection import ConnectionState
 from closesync.sandbox import Sandbox
+from closesync.worker.tasks import MAX_SOFT_LIMIT_RESUMES
 from tests.e2e.conftest import Deployment, converged, expected_links, our_links, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -91,6 +92,38 @@ def test_worker_sigkill_mid_run_redelivered_run_completes(
     # One finished run: the killed one never finished, so this is the redelivered task.
     assert [r.outcome.value for r in reports] == ["ok"]
     assert len(our_links(sandbox, user)) == total
+
+
+def test_worker_run_always_past_the_soft_limit_resumes_a_bounded_number_of_times(
+    deploy: Callable[..., Deployment], sandbox: Sandbox
+) -> None:
+    """A step that always overruns the soft limit is resumed MAX times, then reported failed."""
+    deployment = deploy(
+        BROKER_VISIBILITY_TIMEOUT="10",
+        TASK_SOFT_TIME_LIMIT="1",
+        TASK_TIME_LIMIT="4",
+        RUN_LOCK_TTL_SECONDS="5",
+    )
+    user = sandbox.users[0]
+    conn_id = deployment.add_connection(user)
+    # Every Calendly answer takes 2.5 s: the listing, the run's first step, always overruns 1 s.
+    sandbox.world.update_config(api="calendly", latency_ms=2500)
+    worker = deployment.start("worker", "--concurrency", "1")
+    enqueued = deployment.cli("sync", conn_id, "--enqueue")
+    assert enqueued.returncode == 0, enqueued.stderr
+    attempts = MAX_SOFT_LIMIT_RESUMES + 1
+
+    def settled() -> bool:
+        runs = len(deployment.services.state.reports(conn_id))
+        gave_up = "not resumed" in worker.output() and "succeeded in" in worker.output()
+        return runs > attempts or gave_up
+
+    wait_for("the soft-limited task to give up (or to loop)", settled, 60, 0.2)
+    reports = deployment.services.state.reports(conn_id)
+    assert len(reports) == attempts, [r.error for r in reports]
+    assert all(r.outcome.value == "failed" for r in reports)
+    assert all(r.error == "run interrupted: SoftTimeLimitExceeded" for r in reports)
+    assert our_links(sandbox, user) == []
 
 
 def test_worker_revoked_refresh_token_needs_reauth_others_sync(

@@ -33,6 +33,26 @@ def test_upsert_create_then_update_returns_same_id(sandbox: Sandbox) -> None:
     assert updated.json()["oauth_client_id"] == "oa2client_sandbox"
 
 
+def test_upsert_with_close_normalises_stores_trimmed_crlf_and_encoded() -> None:
+    """close_normalises trims text, stores a null description as "", CRLF, %-encoded URLs."""
+    with Sandbox.start(SandboxConfig(seed=1, users=1, close_normalises=True)) as sandbox:
+        token = sandbox.users[0].close_access_token
+        body = link_body(
+            name=" Intro ", url="https://calendly.com/ada/caf\u00e9", description="a\nb"
+        )
+        stored = close_call(sandbox, "POST", "/scheduling_link/integration/", token, json=body)
+        assert stored.status_code == 200
+        link = stored.json()
+        assert (link["name"], link["url"], link["description"]) == (
+            "Intro",
+            "https://calendly.com/ada/caf%C3%A9",
+            "a\r\nb",
+        )
+        body = link_body(description=None)
+        stored = close_call(sandbox, "POST", "/scheduling_link/integration/", token, json=body)
+        assert stored.json()["description"] == ""
+
+
 def test_upsert_same_source_id_for_two_users_keeps_two_links(sandbox: Sandbox) -> None:
     """source_id is scoped per app AND user: two users' links never merge."""
     first, second = sandbox.users[0], sandbox.users[1]

@@ -142,6 +142,48 @@ def test_fault_page_targets_only_that_listing_page(sandbox: Sandbox) -> None:
     assert (first.status_code, second.status_code) == (200, 502)
 
 
+def test_fault_omit_lists_without_the_event_type_it_still_serves(sandbox: Sandbox) -> None:
+    """omit leaves one event type out of a listing; its own resource still answers, active."""
+    user = sandbox.users[0]
+    listed = cal_get(sandbox, "/event_types", user, user=user.calendly_user_uri).json()
+    active = [item for item in listed["collection"] if item["active"]]
+    target = active[-1]["uri"].rsplit("/", 1)[-1]
+    sandbox.world.add_fault(api="calendly", kind="omit", path_prefix="/event_types", omit=target)
+    glitched = cal_get(sandbox, "/event_types", user, user=user.calendly_user_uri)
+    assert glitched.status_code == 200
+    uris = [item["uri"] for item in glitched.json()["collection"]]
+    assert uris == [i["uri"] for i in listed["collection"] if not i["uri"].endswith(target)]
+    resource = cal_get(sandbox, f"/event_types/{target}", user).json()["resource"]
+    assert resource["active"] is True
+    assert resource["deleted_at"] is None
+    again = cal_get(sandbox, "/event_types", user, user=user.calendly_user_uri).json()
+    assert again["collection"] == listed["collection"]
+
+
+def test_fault_omit_without_uuid_drops_the_first_listed(sandbox: Sandbox) -> None:
+    """omit with no uuid drops a page's first item; an answer without a collection is untouched."""
+    user = sandbox.users[0]
+    listed = cal_get(sandbox, "/event_types", user, user=user.calendly_user_uri).json()
+    sandbox.world.add_fault(api="calendly", kind="omit", count=2)
+    me = cal_get(sandbox, "/users/me", user)
+    assert me.json()["resource"]["uri"] == user.calendly_user_uri
+    glitched = cal_get(sandbox, "/event_types", user, user=user.calendly_user_uri).json()
+    assert glitched["collection"] == listed["collection"][1:]
+
+
+@pytest.mark.parametrize("kind", ["400", "422"])
+def test_fault_refusal_answers_in_each_vendor_shape(sandbox: Sandbox, kind: str) -> None:
+    """400/422 faults answer Close's errors/field-errors body and Calendly's title/message."""
+    sandbox.world.add_fault(api="close", kind=kind, method="GET")
+    close = _me(sandbox)
+    assert close.status_code == int(kind)
+    assert set(close.json()) == {"errors", "field-errors"}
+    sandbox.world.add_fault(api="calendly", kind=kind)
+    calendly = cal_get(sandbox, "/users/me", sandbox.users[0])
+    assert calendly.status_code == int(kind)
+    assert calendly.json()["title"] == "Invalid Argument"
+
+
 def test_fault_count_hits_that_many_requests_then_stops(sandbox: Sandbox) -> None:
     """count=2 hits two matching requests; the rule is then gone."""
     sandbox.world.add_fault(api="close", kind="500", count=2)

@@ -322,6 +322,28 @@ def test_cli_status_shows_held_deletions_with_the_command_to_release_them(
     assert _json(capsys)["connections"][0]["held_deletions"] is None
 
 
+def test_cli_status_says_every_link_of_a_small_connection_is_held(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both links of a two-link user going are held; status says so and how to release them."""
+    world = env.world
+    user = world.create_user()
+    made = [world.create_event_type(user.calendly_user_uuid, name=f"T{i}") for i in range(2)]
+    main([*_add(user), "--json"])
+    conn = _json(capsys)["id"]
+    assert main(["sync", conn]) == 0
+    for event_type in made:
+        world.delete_event_type(event_type["uri"].rsplit("/", 1)[-1])
+    assert main(["sync", conn]) == 0
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"{conn}: held deletions: 2 deletions would remove every link of this connection" in out
+    assert f"run `closesync sync --allow-mass-delete {conn}`" in out
+    assert main(["sync", conn, "--allow-mass-delete"]) == 0
+    assert world.close_links(user.close_user_id) == []
+
+
 def test_cli_empty_settings_in_the_environment_mean_unset(
     env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

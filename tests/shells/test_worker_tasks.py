@@ -22,6 +22,8 @@ from closesync.worker.tasks import (
     sync_connection,
     use_services,
 )
+from tests._sandbox import running_sandbox
+from tests.sync_harness import Harness
 
 
 def report(
@@ -71,6 +73,26 @@ def test_verdict_auth_forbidden_rejected_locked_not_retried() -> None:
     """Errors a retry cannot fix are recorded, not retried."""
     for failure in ("auth", "forbidden", "rejected", "locked", "error"):
         assert retry_verdict(report(Outcome.FAILED, failure), 0, half).retry is False
+
+
+def test_task_transient_failures_retry_up_to_the_module_cap_not_celerys(
+    redis_url: str, keys: Keys
+) -> None:
+    """Run eagerly against real Redis, a failing task retries MAX_TRANSIENT_RETRIES times, then
+    reports failed: Celery's own default of 3 retries does not end it first."""
+    with running_sandbox() as sandbox:
+        harness = Harness.build(sandbox, redis_url, keys.prefix, task_inline_wait_seconds=0)
+        conn = harness.add(sandbox.users[0])
+        sandbox.world.add_fault(api="close", kind="503", method="POST", count=1000)
+        use_services(harness.services)
+        try:
+            result = sync_connection.apply(args=[conn, None])
+        finally:
+            use_services(None)
+        assert result.get() == "failed"
+        reports = harness.services.state.reports(conn)
+        assert len(reports) == MAX_TRANSIENT_RETRIES + 1
+        assert {r.failure for r in reports} == {"transient"}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from closesync.core.errors import (
     PairingRefused,
     StoreUnavailable,
 )
-from closesync.core.plan import LinkRecord
+from closesync.core.plan import LinkRecord, Misses
 from closesync.core.report import RunReport
 from closesync.store.client import connect, guard, redacted_url
 from closesync.store.connections import REMOVED_TTL_SECONDS, ConnectionStore
@@ -420,10 +420,29 @@ def test_sync_record_write_clears_rejection(sync: SyncState) -> None:
 
 
 def test_sync_set_missing_updates_existing_records_only(sync: SyncState) -> None:
-    """Missing counts change existing records and create none."""
+    """Missing counts and their start change existing records and create none."""
     sync.record_write("c1", "s1", record(1))
-    sync.set_missing("c1", {"s1": 1, "ghost": 2})
-    assert sync.records("c1") == {"s1": LinkRecord("fp1", record(1).event_type_uri, missing=1)}
+    sync.set_missing("c1", {"s1": Misses(1, 1000.5), "ghost": Misses(2, 1.0)})
+    assert sync.records("c1") == {
+        "s1": LinkRecord("fp1", record(1).event_type_uri, missing=1, missing_since=1000.5)
+    }
+    sync.set_missing("c1", {"s1": Misses(0)})
+    assert sync.records("c1")["s1"] == record(1)
+
+
+def test_sync_forget_drops_the_record_and_its_refusal(sync: SyncState) -> None:
+    """A link Close no longer holds leaves neither its record nor a refusal behind."""
+    sync.record_write("c1", "s1", record(1))
+    sync.record_rejection("c1", "s1", "delete", "Close DELETE … answered 400")
+    sync.forget("c1", "s1")
+    assert (sync.records("c1"), sync.rejected("c1")) == ({}, {})
+
+
+def test_sync_record_stored_without_missing_since_reads_as_none(sync: SyncState) -> None:
+    """A record written before misses were timed still reads, its miss start unknown."""
+    key = sync.keys.links("c1")
+    sync.redis.hset(key, "s1", '{"fingerprint": "fp1", "event_type_uri": "u", "missing": 1}')
+    assert sync.records("c1") == {"s1": LinkRecord("fp1", "u", missing=1, missing_since=None)}
 
 
 def test_sync_replace_records_swaps_all_and_forget_removes_one(sync: SyncState) -> None:

@@ -112,8 +112,8 @@ def test_engine_deactivated_type_is_deleted(harness: Harness) -> None:
     assert harness.close_side(user) == harness.expected(user)
 
 
-def test_engine_left_team_type_waits_for_two_listings(harness: Harness) -> None:
-    """A type that left the user's list but still exists is deleted on the second listing."""
+def test_engine_left_team_type_deleted_once_two_listings_are_600s_apart(harness: Harness) -> None:
+    """A type that left the user's list but still exists goes when missed twice 600 s apart."""
     world = harness.sandbox.world
     user, other = harness.sandbox.users[0], harness.sandbox.users[1]
     team = world.create_event_type(
@@ -130,10 +130,38 @@ def test_engine_left_team_type_waits_for_two_listings(harness: Harness) -> None:
     world.change_members(team_uuid, add=[], remove=[user.calendly_user_uuid])
     first = harness.run(conn)
     assert first.deleted == 0
+    # A retry, rerun or redelivery seconds later is no second opinion.
+    world.advance_clock(5)
+    again = harness.run(conn)
+    assert again.deleted == 0
     assert any(sid.endswith(team_uuid) for sid in harness.close_side(user))
+    world.advance_clock(595)
     second = harness.run(conn)
     assert second.deleted == 1
     assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_listing_omitting_an_own_active_type_keeps_its_link(harness: Harness) -> None:
+    """Listings that omit a type its fetch shows active and the user's keep the link, reported."""
+    world = harness.sandbox.world
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    target = _types(harness)[0]
+    sid = f"{user.calendly_user_uuid}:{target}"
+    world.add_fault(api="calendly", kind="omit", path_prefix="/event_types", omit=target, count=9)
+    first = harness.run(conn)
+    world.advance_clock(600)
+    second = harness.run(conn)
+    world.advance_clock(600)
+    third = harness.run(conn)
+    assert world.list_faults(), "the listing glitch should have lasted all three runs"
+    assert (first.deleted, second.deleted, third.deleted) == (0, 0, 0)
+    assert "a direct fetch shows it active and this user's" in third.kept[sid]
+    assert harness.close_side(user) == harness.expected(user)
+    stored = harness.services.state.last_report(conn)
+    assert stored is not None
+    assert stored.kept == third.kept
 
 
 def test_engine_failing_page_deletes_nothing(harness: Harness) -> None:
@@ -178,6 +206,59 @@ def test_engine_mass_delete_is_held_then_allowed(harness: Harness) -> None:
     assert allowed.deleted == 8
     assert harness.services.state.held(conn) is None
     assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_every_link_of_a_small_connection_is_held_then_allowed(harness: Harness) -> None:
+    """A user with three links losing all three is held like a mass deletion until allowed."""
+    world = harness.sandbox.world
+    user = world.create_user()
+    made = [world.create_event_type(user.calendly_user_uuid, name=f"S{i}") for i in range(3)]
+    conn = harness.add(user)
+    assert harness.run(conn).created == 3
+    for event_type in made:
+        world.delete_event_type(event_type["uri"].rsplit("/", 1)[-1])
+    held = harness.run(conn)
+    assert (held.outcome, held.deleted, len(held.held_deletions)) == (Outcome.OK, 0, 3)
+    assert "would remove every link of this connection" in (held.held_reason or "")
+    assert f"closesync sync --allow-mass-delete {conn}" in (held.held_reason or "")
+    assert len(harness.close_side(user)) == 3
+    allowed = harness.run(conn, allow_mass_delete=True)
+    assert allowed.deleted == 3
+    assert harness.close_side(user) == {}
+    assert harness.services.state.held(conn) is None
+
+
+def test_engine_refused_delete_is_recorded_and_the_other_deletes_go_on(harness: Harness) -> None:
+    """A 400 on one DELETE is recorded against that link; the next deletion still happens."""
+    world = harness.sandbox.world
+    user = world.create_user()
+    made = [world.create_event_type(user.calendly_user_uuid, name=f"D{i}") for i in range(3)]
+    conn = harness.add(user)
+    harness.run(conn)
+    gone = sorted(f"{user.calendly_user_uuid}:{et['uri'].rsplit('/', 1)[-1]}" for et in made)[:2]
+    for sid in gone:
+        world.delete_event_type(sid.split(":")[1])
+    world.add_fault(api="close", kind="400", method="DELETE", count=1)
+    world.reset_request_counts()
+    report = harness.run(conn)
+    deletes = "close DELETE /api/v1/scheduling_link/integration/{source_id}/"
+    assert world.request_counts()[deletes] == 2
+    assert (report.outcome, report.deleted) == (Outcome.PARTIAL, 1)
+    assert (
+        "Close DELETE /scheduling_link/integration/{source_id}/ answered 400"
+        in (report.failed[gone[0]])
+    )
+    assert set(harness.close_side(user)) == set(harness.expected(user)) | {gone[0]}
+    assert gone[0] in harness.services.state.rejected_errors(conn)
+    # Not asked again on the next sync: reported, no DELETE call.
+    world.reset_request_counts()
+    again = harness.run(conn)
+    assert "Close refused to delete it before" in again.failed[gone[0]]
+    assert deletes not in world.request_counts()
+    # A backfill asks again; once Close accepts, the refusal is forgotten with the record.
+    assert harness.backfill(conn).deleted == 1
+    assert harness.close_side(user) == harness.expected(user)
+    assert harness.services.state.rejected_errors(conn) == {}
 
 
 def test_engine_rate_limit_stops_run_and_keeps_written_links(harness: Harness) -> None:
@@ -315,6 +396,29 @@ def test_engine_drift_repairs_links_changed_in_close(harness: Harness) -> None:
     report = harness.engine().run(conn, mode=RunMode.DRIFT)
     assert (report.created, report.updated) == (1, 1)
     assert harness.close_side(user) == harness.expected(user)
+
+
+def test_engine_drift_leaves_links_close_normalised_alone(harness: Harness) -> None:
+    """A Close that trims, re-encodes and stores null as "" is not drift; a real edit still is."""
+    world = harness.sandbox.world
+    world.update_config(close_normalises=True)
+    user = world.create_user()
+    world.create_event_type(user.calendly_user_uuid, name="No description")
+    world.create_event_type(user.calendly_user_uuid, name="Lines", description="One\nTwo")
+    world.create_event_type(user.calendly_user_uuid, name="Caf\u00e9", slug="caf\u00e9-chat")
+    conn = harness.add(user)
+    assert harness.run(conn).created == 3
+    stored = {link["name"]: link for link in world.close_links(user.close_user_id)}
+    assert stored["No description"]["description"] == ""
+    assert stored["Caf\u00e9"]["url"].endswith("/caf%C3%A9-chat")
+    world.reset_request_counts()
+    drift = harness.engine().run(conn, mode=RunMode.DRIFT)
+    assert (drift.created, drift.updated, drift.unchanged) == (0, 0, 3), drift.planned
+    assert "close POST /api/v1/scheduling_link/integration/" not in world.request_counts()
+    assert harness.run(conn).unchanged == 3
+    world.update_link(stored["Lines"]["id"], name="edited by hand")
+    repaired = harness.engine().run(conn, mode=RunMode.DRIFT)
+    assert (repaired.created, repaired.updated) == (0, 1)
 
 
 def test_engine_interrupted_backfill_resumes_after_its_cursor(harness: Harness) -> None:

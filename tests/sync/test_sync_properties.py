@@ -2,12 +2,19 @@
 
 Each example gets a fresh user pair in one shared sandbox and a fresh Redis key prefix, then
 applies a random sequence of Calendly changes and syncs, some syncs meeting injected faults
-(5xx, 429, dropped connections, broken bodies, failing direct fetches). After every sync:
+(5xx, 429, dropped connections, broken bodies, failing direct fetches), some while every listing
+omits one of the user's own event types (a glitch its direct fetch contradicts). After every sync:
 
 - no link whose event type is still synced was deleted (faults or not);
+- the link of the team type the user left is deleted only when a sync at least
+  DELETE_CONFIRM_SECONDS earlier also found the user out of the team;
+- a sync without --allow-mass-delete never deletes every link of a user who has more than one;
 - after a fault-free sync, Close holds exactly the mapping of Calendly, except links whose event
   type left the user's list but still exists (they wait for a second complete listing);
-- after two fault-free syncs in a row, Close holds exactly the mapping, with no duplicates.
+- after fault-free syncs in a row spanning DELETE_CONFIRM_SECONDS (none holding deletions),
+  Close holds exactly the mapping, with no duplicates.
+
+The engine runs on the sandbox's frozen clock, which `wait` steps move.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from closesync.core.plan import DELETE_CONFIRM_SECONDS
 from closesync.core.report import Outcome
 from closesync.sandbox import Sandbox, SandboxConfig
 from tests.sync_harness import Harness
@@ -74,7 +82,11 @@ step = st.one_of(
     st.tuples(st.just("active"), index, st.booleans()),
     st.tuples(st.just("delete"), index, st.booleans()),
     st.tuples(st.just("team"), st.booleans()),
-    st.tuples(st.just("sync"), st.lists(fault, max_size=2)),
+    st.tuples(st.just("wait"), st.sampled_from([5.0, 300.0, DELETE_CONFIRM_SECONDS, 900.0])),
+    # From now on every listing omits one of the user's own event types (None: none does).
+    st.tuples(st.just("glitch"), st.one_of(st.none(), index)),
+    # Syncs with faults, and with --allow-mass-delete or without.
+    st.tuples(st.just("sync"), st.lists(fault, max_size=2), st.booleans()),
 )
 
 
@@ -86,6 +98,8 @@ class Story:
     team_uuid: str
     conn: str
     live: list[str]
+    # Index (into `live`) of the event type every listing omits while a glitch lasts.
+    glitch: int | None = None
 
     def apply(self, action: tuple[Any, ...]) -> None:
         world = self.harness.sandbox.world
@@ -100,6 +114,12 @@ class Story:
                 type="AdhocEventType" if one_off else "StandardEventType",
             )
             self.live.append(created["uri"].rsplit("/", 1)[-1])
+            return
+        if kind == "wait":
+            world.advance_clock(action[1])
+            return
+        if kind == "glitch":
+            self.glitch = action[1]
             return
         if kind == "team":
             member = [self.user.calendly_user_uuid]
@@ -124,24 +144,33 @@ class Story:
             world.delete_event_type(target, purge=action[2])
             self.live.remove(target)
 
-    def sync(self, faults: list[dict[str, Any]]) -> tuple[bool, Any]:
+    def sync(self, faults: list[dict[str, Any]], allow: bool) -> tuple[bool, Any]:
         """Run once with `faults` queued; return whether any fault was met, and the report."""
         world = self.harness.sandbox.world
         world.clear_faults()
         for spec in faults:
             world.add_fault(**spec)
+        if self.glitch is not None and self.live:
+            omitted = self.live[self.glitch % len(self.live)]
+            world.add_fault(
+                api="calendly", kind="omit", path_prefix="/event_types", count=999, omit=omitted
+            )
         queued = world.list_faults()
-        report = self.harness.engine(wait_budget=1.0).run(self.conn, allow_mass_delete=True)
+        report = self.harness.engine(wait_budget=1.0).run(self.conn, allow_mass_delete=allow)
         met = world.list_faults() != queued
         world.clear_faults()
         return met, report
 
+    @property
+    def team_sid(self) -> str:
+        return f"{self.user.calendly_user_uuid}:{self.team_uuid}"
+
+    def in_team(self) -> bool:
+        return any(et.uuid == self.team_uuid for et in self.harness.calendly_types(self.user))
+
     def still_existing_elsewhere(self) -> set[str]:
         """Source ids of links whose event type exists but is no longer the user's."""
-        team_listed = any(
-            et.uuid == self.team_uuid for et in self.harness.calendly_types(self.user)
-        )
-        return set() if team_listed else {f"{self.user.calendly_user_uuid}:{self.team_uuid}"}
+        return set() if self.in_team() else {self.team_sid}
 
 
 @settings(
@@ -150,6 +179,29 @@ class Story:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(steps=st.lists(step, min_size=1, max_size=12))
+# Always tried: a glitch that outlasts two listings 600 s apart, and a team left for 600 s.
+# Always tried: a glitch that outlasts two listings 900 s apart; a team left 5 s before a sync;
+# every link of a small connection going without --allow-mass-delete.
+@example(
+    steps=[
+        ("sync", [], True),
+        ("glitch", 0),
+        ("sync", [], True),
+        ("wait", 900.0),
+        ("sync", [], True),
+    ]
+)
+@example(steps=[("sync", [], True), ("team", False), ("sync", [], True), ("wait", 5.0)])
+@example(
+    steps=[
+        ("sync", [], True),
+        ("team", False),
+        ("sync", [], True),
+        ("wait", DELETE_CONFIRM_SECONDS),
+        *[("delete", 0, False)] * 3,
+        ("sync", [], False),
+    ]
+)
 def test_sync_random_changes_and_faults_keep_the_invariants(
     sandbox: Sandbox, redis_url: str, steps: list[tuple[Any, ...]]
 ) -> None:
@@ -171,25 +223,44 @@ def test_sync_random_changes_and_faults_keep_the_invariants(
         for i in range(3)
     ]
     story = Story(harness, user, mate, team["uri"].rsplit("/", 1)[-1], harness.add(user), live)
-    clean_in_a_row = 0
-    for action in [*steps, ("sync", []), ("sync", [])]:
+    # (sandbox time, whether the user was in the team) of every sync so far.
+    syncs: list[tuple[float, bool]] = []
+    clean_since: float | None = None  # start of the current run of fault-free syncs
+    final = [
+        ("glitch", None),
+        ("sync", [], True),
+        ("wait", DELETE_CONFIRM_SECONDS),
+        ("sync", [], True),
+    ]
+    for action in [*steps, *final]:
         if action[0] != "sync":
             story.apply(action)
-            clean_in_a_row = 0
+            if action[0] != "wait":
+                clean_since = None
             continue
         before = harness.close_side(user)
-        met, report = story.sync(action[1])
+        started = world.now()
+        in_team = story.in_team()
+        met, report = story.sync(action[1], action[2])
         after = harness.close_side(user)  # raises on a duplicate source_id
         expected = harness.expected(user)
         lost = {sid for sid in before if sid in expected and sid not in after}
         assert not lost, f"deleted links of synced event types: {lost} ({report.errors})"
-        if met or report.outcome is Outcome.FAILED:
-            clean_in_a_row = 0
+        if story.team_sid in before and story.team_sid not in after:
+            out_long_enough = [
+                at for at, member in syncs if not member and at <= started - DELETE_CONFIRM_SECONDS
+            ]
+            assert out_long_enough, f"team link deleted too early: {syncs} at {started}"
+        syncs.append((started, in_team))
+        if not action[2] and len(before) > 1:
+            assert set(before) & set(after), f"every link deleted unallowed: {report.deleted}"
+        if met or report.outcome is Outcome.FAILED or report.held_deletions:
+            clean_since = None
             continue
-        clean_in_a_row += 1
+        clean_since = started if clean_since is None else clean_since
         pending = set(after) - set(expected)
         assert pending <= story.still_existing_elsewhere(), report.model_dump()
         assert {sid: after[sid] for sid in expected} == expected
-        if clean_in_a_row >= 2:
+        if started - clean_since >= DELETE_CONFIRM_SECONDS:
             assert after == expected
     assert harness.close_side(user) == harness.expected(user), report.model_dump()

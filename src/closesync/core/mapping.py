@@ -39,7 +39,12 @@ a real limit counted differently (e.g. in UTF-16 units):
 
 `fingerprint` hashes the canonical JSON of a payload, so "unchanged" needs no stored copy. The
 hash of a given payload never changes; the payload made from text with characters newer than the
-running Python's Unicode database may (NFC and categories follow that database).
+running Python's Unicode database may (NFC and categories follow that database). It hashes the
+payload as Close may store it (`comparable`): text stripped, NFC, line breaks as `\\n`, an empty
+description as None, the URL percent-encoded beyond ASCII with upper-case escapes. So the link
+Close hands back after normalising what was sent has the fingerprint recorded when it was sent,
+and the daily drift check does not rewrite every link. Mapping already sends such payloads, so
+their fingerprints are those of the payloads themselves.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from closesync.core.calendly_payloads import EventType
 from closesync.core.close_payloads import LinkPayload, SchedulingLink
@@ -88,6 +93,10 @@ _LINE_BREAKS = re.compile("\r\n|[\r\x85\u2028\u2029]")
 _WHITESPACE_RUN = re.compile(r"\s+")
 _ZWJ = "\u200d"
 _DESCRIPTION_KEEP = frozenset("\n\t")
+# ASCII a URL keeps unencoded in `comparable` (with letters, digits and `-._~`); the rest, as a
+# normalising server re-encodes it, is percent-encoded. `%` stays: existing escapes are kept.
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]"
+_ESCAPE = re.compile("%[0-9a-fA-F]{2}")
 
 
 class UnmappableEventType(ValueError):
@@ -312,13 +321,32 @@ def map_event_types(
     return result
 
 
+def _comparable_text(text: str) -> str:
+    return unicodedata.normalize("NFC", _LINE_BREAKS.sub("\n", text)).strip()
+
+
+def comparable(payload: LinkPayload) -> LinkPayload:
+    """`payload` as a normalising Close may store it (see the module docstring)."""
+    url = quote(payload.url.strip(), safe=_URL_SAFE)
+    description = _comparable_text(payload.description or "")
+    return payload.model_copy(
+        update={
+            "name": _comparable_text(payload.name),
+            "url": _ESCAPE.sub(lambda m: m.group(0).upper(), url),
+            "description": description or None,
+            "source_type": payload.source_type.strip(),
+        }
+    )
+
+
 def fingerprint(payload: LinkPayload) -> str:
-    """32 hex characters of SHA-256 over the payload's canonical JSON; equal payloads, equal hash.
+    """32 hex characters of SHA-256 over the canonical JSON of `comparable(payload)`: equal
+    payloads, and payloads that differ only as Close normalises them, have equal hashes.
 
     Sorted keys, no whitespace, ASCII escapes: the same bytes in every process and Python version.
     """
     canonical = json.dumps(
-        payload.model_dump(mode="json"),
+        comparable(payload).model_dump(mode="json"),
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=True,
@@ -336,6 +364,7 @@ __all__ = [
     "UnmappableEventType",
     "clean_description",
     "clean_name",
+    "comparable",
     "cut_text",
     "fingerprint",
     "is_synced",

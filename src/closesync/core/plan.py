@@ -8,16 +8,24 @@ event type was missing from a complete listing, what a direct fetch said (`Fetch
 The rules, all in `make_plan`:
 
 - create: desired, no record; update: desired, recorded fingerprint differs; unchanged: same.
-- A payload that Close rejected (400) is not sent again until it changes (`rejected`).
+- A payload that Close rejected (400) is not sent again until it changes (`rejected`); a deletion
+  Close refused (its rejection says DELETE_REFUSED) is not asked again, but by a backfill.
 - Nothing is deleted unless the listing was complete (every page answered 2xx).
 - A link whose event type was listed but is not synced (inactive, secret when excluded, one-off)
   is deleted at once: the complete listing itself says so.
 - A link whose event type was listed but could not be mapped or parsed is kept: doubt.
 - A link whose event type is missing from the listing is deleted at once when a direct fetch shows
-  it gone (404, `deleted_at`, inactive); otherwise (it still exists, or the fetch failed) only once
-  it has been missing from two complete listings in a row.
-- Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), all
-  of them are held (and reported) unless the run was allowed to mass-delete.
+  it gone (404, `deleted_at`, inactive). When the fetch shows it active and no longer this user's
+  (its profile names another owner: a team type the user left), the link is deleted once it has
+  been missing from two complete listings in a row that ran at least `confirm_seconds` apart
+  (`now` is the time of this run's listing): a retry, rerun or redelivery seconds after the first
+  listing is no second opinion. When the fetch shows it active and still this user's, the listing
+  contradicts it: the link is kept, however often it is missed, and reported. A failed fetch, or
+  one that names no owner, proves nothing either: kept.
+- Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), or
+  remove every link of a connection that has more than one (however few: the minimum alone would
+  leave small connections unguarded), all of them are held (and reported) unless the run was
+  allowed to mass-delete.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from closesync.core.calendly_payloads import uuid_of
+from closesync.core.calendly_payloads import EventType, uuid_of
 from closesync.core.close_payloads import LinkPayload
 from closesync.core.mapping import fingerprint, parse_source_id
 
@@ -35,6 +43,10 @@ CONNECTION_ID = "<connection id>"
 # Complete listings in a row that must miss an event type (still existing elsewhere) before its
 # link is deleted. Two: one glitch of Calendly's listing never deletes a link.
 MISSING_LISTINGS_BEFORE_DELETE = 2
+# Seconds that must separate the first and the last of those listings (DELETE_CONFIRM_SECONDS).
+DELETE_CONFIRM_SECONDS = 600.0
+# Stands for the payload fingerprint of a refused deletion in the rejections (no hash equals it).
+DELETE_REFUSED = "delete"
 
 
 @dataclass(frozen=True)
@@ -45,14 +57,52 @@ class LinkRecord:
     event_type_uri: str
     # Complete listings in a row that did not contain the event type.
     missing: int = 0
+    # Epoch seconds of the first of those listings; None while `missing` is 0 (or for a record
+    # written before closesync kept the time: its count then starts its clock anew).
+    missing_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Misses:
+    """How many complete listings in a row missed a record's event type, since when."""
+
+    count: int
+    since: float | None = None
+
+    def elapsed(self, now: float | None) -> float:
+        """Seconds from the first of those listings to `now`; 0 when either time is unknown."""
+        return 0.0 if now is None or self.since is None else now - self.since
+
+    def confirmed(self, now: float | None, confirm_seconds: float) -> bool:
+        """Missed by enough listings, the first at least `confirm_seconds` before `now`."""
+        return (
+            self.count >= MISSING_LISTINGS_BEFORE_DELETE
+            and now is not None
+            and self.since is not None
+            and self.elapsed(now) >= confirm_seconds
+        )
 
 
 class FetchVerdict(StrEnum):
     """What a direct fetch of a missing event type showed."""
 
     GONE = "gone"  # 404, deleted_at set, or inactive: delete now
-    EXISTS = "exists"  # still there (e.g. the user left a team event type): wait for 2 listings
-    UNKNOWN = "unknown"  # the fetch failed: treat as exists
+    # Active, its profile naming another owner (a team type the user left): delete once the
+    # misses are confirmed (two complete listings, `confirm_seconds` apart).
+    EXISTS = "exists"
+    # Active and its profile names this user: the listing was wrong, not the event type gone.
+    OURS = "ours"
+    UNKNOWN = "unknown"  # the fetch failed, or its profile names no owner: kept on doubt
+
+
+def fetch_verdict(event_type: EventType, user_uuid: str) -> FetchVerdict:
+    """What a direct fetch of an event type missing from `user_uuid`'s listing says."""
+    if event_type.deleted_at is not None or not event_type.active:
+        return FetchVerdict.GONE
+    owner = event_type.profile.owner if event_type.profile is not None else None
+    if not owner:
+        return FetchVerdict.UNKNOWN
+    return FetchVerdict.OURS if uuid_of(owner) == user_uuid else FetchVerdict.EXISTS
 
 
 @dataclass(frozen=True)
@@ -74,6 +124,11 @@ class MassDeleteRule:
     def threshold(self, recorded_links: int) -> float:
         return max(float(self.minimum), self.fraction * recorded_links)
 
+    def holds(self, deletions: int, recorded_links: int) -> bool:
+        """Whether deleting `deletions` of `recorded_links` links must wait for an allowance."""
+        every_link = recorded_links > 1 and deletions >= recorded_links
+        return deletions > self.threshold(recorded_links) or every_link
+
 
 @dataclass(frozen=True)
 class Deletion:
@@ -92,10 +147,12 @@ class Plan:
     held_reason: str | None = None
     # Payloads Close refused before and that have not changed since: not sent again.
     still_rejected: list[str] = field(default_factory=list)
+    # Deletions Close refused before: not asked again (a backfill asks again).
+    refused_deletes: list[str] = field(default_factory=list)
     # Links kept although their event type is not desired now, with why.
     kept: dict[str, str] = field(default_factory=dict)
-    # New `missing` counts of kept records (source_id -> count); absent = unchanged.
-    missing_counts: dict[str, int] = field(default_factory=dict)
+    # New `missing` counts (and their start) of kept records; absent = unchanged.
+    missing_counts: dict[str, Misses] = field(default_factory=dict)
 
     @property
     def writes(self) -> int:
@@ -125,10 +182,13 @@ def make_plan(
     rule: MassDeleteRule | None = None,
     allow_mass_delete: bool = False,
     force: bool = False,
+    now: float | None = None,
+    confirm_seconds: float = DELETE_CONFIRM_SECONDS,
 ) -> Plan:
     """Compare desired links with the records and decide every write.
 
-    `force` (backfill) pushes every desired link whatever the fingerprints say.
+    `force` (backfill) pushes every desired link whatever the fingerprints say. `now` is when
+    this run listed Calendly; without it no link is deleted for being missing alone.
     """
     verdicts = verdicts or {}
     rejected = rejected or {}
@@ -161,26 +221,70 @@ def make_plan(
             deletes.append(Deletion(source_id, uri, "event type listed but not synced"))
         elif verdicts.get(source_id) is FetchVerdict.GONE:
             deletes.append(Deletion(source_id, uri, "event type gone"))
-        elif record.missing + 1 >= MISSING_LISTINGS_BEFORE_DELETE:
-            deletes.append(Deletion(source_id, uri, "missing from two complete listings"))
         else:
-            plan.kept[source_id] = "missing from one complete listing"
-            plan.missing_counts[source_id] = record.missing + 1
+            verdict = verdicts.get(source_id, FetchVerdict.UNKNOWN)
+            misses = _missed_again(record, now)
+            if verdict is FetchVerdict.EXISTS and misses.confirmed(now, confirm_seconds):
+                reason = (
+                    f"missing from {misses.count} complete listings over "
+                    f"{misses.elapsed(now):.0f} s, and no longer this user's"
+                )
+                deletes.append(Deletion(source_id, uri, reason))
+            else:
+                plan.kept[source_id] = _why_kept(verdict, misses, now, confirm_seconds)
+                plan.missing_counts[source_id] = misses
     # A record whose event type a complete listing showed (desired, doubtful or not synced)
     # starts counting from zero: "missing twice" means twice in a row.
     if facts.complete:
         for source_id, record in records.items():
             if record.missing and uuid_of(record.event_type_uri) in facts.listed_uuids:
-                plan.missing_counts[source_id] = 0
+                plan.missing_counts[source_id] = Misses(0)
+    if not force:
+        refused = {d.source_id for d in deletes if rejected.get(d.source_id) == DELETE_REFUSED}
+        plan.refused_deletes.extend(sorted(refused))
+        deletes = [d for d in deletes if d.source_id not in refused]
     threshold = rule.threshold(len(records))
-    if len(deletes) > threshold and not allow_mass_delete:
-        reason = (
-            f"{len(deletes)} deletions of {len(records)} links exceed the mass-delete limit "
-            f"of {threshold:g}; run `closesync sync --allow-mass-delete {CONNECTION_ID}` to let "
-            "them through"
-        )
+    if rule.holds(len(deletes), len(records)) and not allow_mass_delete:
+        command = f"`closesync sync --allow-mass-delete {CONNECTION_ID}`"
+        if len(deletes) > threshold:
+            reason = (
+                f"{len(deletes)} deletions of {len(records)} links exceed the mass-delete limit "
+                f"of {threshold:g}; run {command} to let them through"
+            )
+        else:
+            reason = (
+                f"{len(deletes)} deletions would remove every link of this connection; if the "
+                f"user really deleted all of their event types, run {command} to let them through"
+            )
         return _with(plan, held=deletes, held_reason=reason)
     return _with(plan, deletes=deletes)
+
+
+def _missed_again(record: LinkRecord, now: float | None) -> Misses:
+    """The record's misses counting this listing; the clock starts with the first miss."""
+    if record.missing and record.missing_since is not None:
+        return Misses(record.missing + 1, record.missing_since)
+    # A first miss, or an older record whose first miss has no time: this listing starts it.
+    return Misses(record.missing + 1, now)
+
+
+def _why_kept(
+    verdict: FetchVerdict, misses: Misses, now: float | None, confirm_seconds: float
+) -> str:
+    listings = "one complete listing" if misses.count == 1 else f"{misses.count} complete listings"
+    if verdict is FetchVerdict.OURS:
+        return (
+            f"missing from {listings}, but a direct fetch shows it active and this user's: "
+            "the listing is doubtful"
+        )
+    if verdict is not FetchVerdict.EXISTS:
+        return f"missing from {listings}; its direct fetch failed or named no owner"
+    if misses.count < MISSING_LISTINGS_BEFORE_DELETE:
+        return "missing from one complete listing"
+    return (
+        f"missing from {listings} within {misses.elapsed(now):.0f} s; "
+        f"deleted once two of them are {confirm_seconds:g} s apart"
+    )
 
 
 def _with(plan: Plan, **changes: object) -> Plan:

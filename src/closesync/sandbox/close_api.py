@@ -16,7 +16,8 @@ Documented choices (unknown in the docs):
   description null or at most 4000 chars; duration_in_minutes null or a positive integer;
   source_id required, 1..255 chars, no "/"; failures answer 400 {"errors", "field-errors"};
 - DELETE of a missing integration link answers 404 {"error": …};
-- PUT/DELETE /scheduling_link/{id}/ only edit MANUAL links (others: 400 {"error": …}).
+- PUT/DELETE /scheduling_link/{id}/ only edit MANUAL links (others: 400 {"error": …});
+- integration links are stored as sent, unless `SandboxConfig.close_normalises` (`normalised`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import base64
 import unicodedata
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from closesync.sandbox.oauth_api import add_close_oauth
 from closesync.sandbox.ratelimit import close_header, retry_after
@@ -89,6 +90,22 @@ def validate_link(body: Any, required: tuple[str, ...]) -> dict[str, Any] | Resp
         if problem:
             errors[key] = problem
     return _field_errors(errors) if errors else values
+
+
+def normalised(values: dict[str, Any]) -> dict[str, Any]:
+    """Accepted link fields as a normalising Close stores them: name, description and source
+    type trimmed; a null description as ""; line breaks as CRLF; the URL trimmed and its
+    non-ASCII characters percent-encoded (UTF-8)."""
+    out = dict(values)
+    for key in ("name", "source_type"):
+        if isinstance(out.get(key), str):
+            out[key] = out[key].strip()
+    if "description" in out:
+        text = (out["description"] or "").strip().replace("\r\n", "\n")
+        out["description"] = text.replace("\n", "\r\n")
+    if isinstance(out.get("url"), str):
+        out["url"] = quote(out["url"].strip(), safe="".join(map(chr, range(33, 127))))
+    return out
 
 
 class CloseApi:
@@ -176,6 +193,8 @@ class CloseApi:
         values = validate_link(body, ("source_id", "name", "url"))
         if isinstance(values, Response):
             return values
+        if self.world.config.close_normalises:
+            values = normalised(values)
         client = token.client_id or ""
         return json_response(200, self.world.upsert_integration_link(client, token.user, values))
 

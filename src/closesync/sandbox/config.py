@@ -67,3 +67,7 @@ class SandboxConfig:
     close_lists_organization_links: bool = False
     # Print one line per request to stderr (the CLI turns it on).
     log_requests: bool = False
+    # True: Close stores integration links normalised, as a real one may (its docs are silent):
+    # text fields trimmed, a null description as "", line breaks as CRLF, non-ASCII URL
+    # characters percent-encoded. False (default): stored exactly as sent.
+    close_normalises: bool = False

@@ -21,7 +21,23 @@ from typing import Any
 from closesync.sandbox.ratelimit import RateVerdict, calendly_headers, close_header, retry_after
 from closesync.sandbox.routing import Response, json_response, text_response
 
-KINDS = ("429", "500", "502", "503", "html", "truncated", "empty", "not_json", "hang", "reset")
+# `omit` answers a listing as the emulator would, less one event type: a listing that contradicts
+# the event type's own resource (still fetchable, active), as a Calendly glitch would.
+KINDS = (
+    "429",
+    "500",
+    "502",
+    "503",
+    "html",
+    "truncated",
+    "empty",
+    "not_json",
+    "hang",
+    "reset",
+    "omit",
+    "400",
+    "422",
+)
 
 _HTML_PAGE = (
     "<html><head><title>502 Bad Gateway</title></head>"
@@ -45,6 +61,9 @@ class FaultRule:
     json_body: bool | None = None
     # Matching requests to let through before the rule starts hitting (fail the k-th write).
     skip: int = 0
+    # Kind `omit`: the uuid of the event type a listing leaves out (None: its first item). An
+    # answer without that item (a direct fetch, say) goes out unchanged, the hit still spent.
+    omit: str | None = None
 
     def __post_init__(self) -> None:
         if self.api not in ("calendly", "close"):
@@ -123,6 +142,10 @@ def fault_response(api: str, rule: FaultRule, rate_limit: int) -> Response:
         if rule.json_body is False:
             return text_response(status, f"{status} Server Error")
         return json_response(status, _error_body(api, status))
+    if kind == "omit":
+        return Response(0, action="omit", omit=rule.omit)
+    if kind in ("400", "422"):
+        return json_response(int(kind), _refusal_body(api, int(kind)))
     if kind == "html":
         return text_response(502, _HTML_PAGE, "text/html")
     if kind == "truncated":
@@ -130,6 +153,25 @@ def fault_response(api: str, rule: FaultRule, rate_limit: int) -> Response:
     if kind == "empty":
         return Response(200, b"", {"Content-Type": "application/json"})
     return text_response(200, "OK, but not JSON")
+
+
+def omit_listed(response: Response, uuid: str | None) -> Response:
+    """`response` less one item of its `collection`: the one whose uri ends in `uuid`, else the
+    first. Any other answer (no collection, not JSON) is returned unchanged."""
+    try:
+        body = json.loads(response.body)
+    except ValueError:
+        return response
+    items = body.get("collection") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        return response
+    if uuid is None:
+        kept = items[1:]
+    else:
+        kept = [i for i in items if not str(i.get("uri", "")).endswith(f"/{uuid}")]
+    return Response(
+        response.status, json.dumps({**body, "collection": kept}).encode(), response.headers
+    )
 
 
 def random_error(api: str, status: int) -> Response:
@@ -155,6 +197,13 @@ def _too_many(api: str, rule: FaultRule, rate_limit: int) -> Response:
     )
     headers["Content-Type"] = "application/json"
     return Response(429, json.dumps(body).encode(), headers)
+
+
+def _refusal_body(api: str, status: int) -> dict[str, Any]:
+    """A 400/422 as each vendor words one: Close's errors and field-errors, Calendly's title."""
+    if api == "close":
+        return {"errors": [f"The request was refused ({status})."], "field-errors": {}}
+    return {"title": "Invalid Argument", "message": f"The request was refused ({status})."}
 
 
 def _error_body(api: str, status: int) -> dict[str, Any]:

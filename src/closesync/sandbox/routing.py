@@ -54,12 +54,15 @@ class Request:
 
 @dataclass
 class Response:
-    """What to answer; `action` other than "send" is a transport fault (see faults.py)."""
+    """What to answer; `action` other than "send" is a fault (see faults.py): "hang" and
+    "reset" are carried out by the server, "omit" by the pipeline (the emulator's answer less
+    the listed item `omit`)."""
 
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
-    action: Literal["send", "hang", "reset"] = "send"
+    action: Literal["send", "hang", "reset", "omit"] = "send"
+    omit: str | None = None
 
 
 def json_response(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:

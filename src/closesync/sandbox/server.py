@@ -39,6 +39,7 @@ from closesync.sandbox.admin_api import build_admin_router, handle_admin
 from closesync.sandbox.calendly_api import build_calendly_router
 from closesync.sandbox.close_api import build_close_router
 from closesync.sandbox.config import SandboxConfig
+from closesync.sandbox.faults import omit_listed
 from closesync.sandbox.paging import page_number
 from closesync.sandbox.records import SeededUser
 from closesync.sandbox.routing import Request, Response, Router, json_response
@@ -141,7 +142,7 @@ class ApiApp:
         browser = template.rstrip("/").endswith("/authorize")
         page = page_number(self.api, request.query)
         fault = world.draw_fault(self.api, request.method, request.path, page, not browser)
-        if fault is not None:
+        if fault is not None and fault.action != "omit":
             return fault
         if match is None:
             return _not_found(self.api)
@@ -151,7 +152,8 @@ class ApiApp:
             return response
         request.params = match.params
         request.template = template
-        return match.handler(request)
+        response = match.handler(request)
+        return response if fault is None else omit_listed(response, fault.omit)
 
 
 def _not_found(api: str) -> Response:

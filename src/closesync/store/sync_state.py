@@ -10,13 +10,13 @@ read the connection before it went must not bring any of its keys back.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import redis
 
 from closesync.core.errors import ConnectionRemoved
-from closesync.core.plan import LinkRecord
+from closesync.core.plan import LinkRecord, Misses
 from closesync.core.report import RunReport
 from closesync.store.client import guard
 from closesync.store.keys import Fields, Keys, as_text, watched
@@ -100,18 +100,28 @@ class SyncState:
 
     @guard("forgetting a link")
     def forget(self, conn_id: str, source_id: str) -> None:
-        self.redis.hdel(self.keys.links(conn_id), source_id)
+        """Close no longer holds the link: drop its record and any refusal of it."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.links(conn_id), source_id)
+            pipe.hdel(self.keys.rejected(conn_id), source_id)
+            pipe.execute()
 
     @guard("recording missing counts")
-    def set_missing(self, conn_id: str, counts: dict[str, int]) -> None:
-        """Set `missing` of existing records; a source_id without a record is ignored."""
+    def set_missing(self, conn_id: str, counts: Mapping[str, Misses]) -> None:
+        """Set `missing` (and `missing_since`) of existing records; others are ignored."""
         if not counts:
             return
         key = self.keys.links(conn_id)
         ordered = sorted(counts)
         current = self.redis.hmget(key, ordered)
         updates: Fields = {
-            source_id: json.dumps({**json.loads(raw), "missing": counts[source_id]})
+            source_id: json.dumps(
+                {
+                    **json.loads(raw),
+                    "missing": counts[source_id].count,
+                    "missing_since": counts[source_id].since,
+                }
+            )
             for source_id, raw in zip(ordered, current, strict=True)
             if raw is not None
         }

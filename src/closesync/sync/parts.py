@@ -17,7 +17,7 @@ from closesync.apis.http import ApiHttp
 from closesync.core.connection import Connection
 from closesync.core.errors import RunLocked
 from closesync.core.mapping import MappingOptions
-from closesync.core.plan import MassDeleteRule
+from closesync.core.plan import DELETE_CONFIRM_SECONDS, MassDeleteRule
 from closesync.store.sync_state import SyncState
 
 Progress = Callable[[int, int], None]
@@ -65,6 +65,8 @@ class EngineConfig:
     # whose source_id has closesync's format for this Calendly user).
     close_client_id: str | None = None
     calendly_api_url: str = "https://api.calendly.com"
+    # Seconds between two complete listings that miss an event type before its link goes.
+    delete_confirm_seconds: float = DELETE_CONFIRM_SECONDS
 
 
 class RunDeps(Protocol):

@@ -33,11 +33,13 @@ from closesync.core.mapping import (
 )
 from closesync.core.plan import (
     CONNECTION_ID,
+    DELETE_REFUSED,
     FetchVerdict,
     LinkRecord,
     ListingFacts,
     Plan,
     describe,
+    fetch_verdict,
     make_plan,
     missing_from_listing,
 )
@@ -86,6 +88,7 @@ class ConnectionRun:
         report.planned = describe(plan)
         report.created, report.updated = len(plan.creates), len(plan.updates)
         report.deleted, report.unchanged = len(plan.deletes), len(plan.unchanged)
+        report.kept = dict(plan.kept)
         self._report_held(plan)
 
     def execute(self) -> None:
@@ -133,6 +136,8 @@ class ConnectionRun:
     def plan(self) -> Plan:
         """Read Calendly (and, for backfill and drift, Close) and decide every write."""
         connection = self.connection
+        # Misses are timed from when the listing began: it is what saw the event type missing.
+        listed_at = self.engine.clock()
         listing = self._authed(
             self.clients.calendly_tokens,
             lambda: self.clients.calendly.list_event_types(connection.calendly_user_uri),
@@ -165,6 +170,8 @@ class ConnectionRun:
             rule=self.engine.config.mass_delete,
             allow_mass_delete=self.allow_mass_delete,
             force=mode is RunMode.BACKFILL,
+            now=listed_at,
+            confirm_seconds=self.engine.config.delete_confirm_seconds,
         )
 
     def _options(self) -> MappingOptions:
@@ -192,9 +199,7 @@ class ConnectionRun:
             raise
         except ApiError:
             return FetchVerdict.UNKNOWN
-        if event_type.deleted_at is not None or not event_type.active:
-            return FetchVerdict.GONE
-        return FetchVerdict.EXISTS
+        return fetch_verdict(event_type, self.connection.calendly_user_uuid)
 
     def _records_from_close(self) -> dict[str, LinkRecord]:
         """Rebuild the records from the links Close holds (backfill, drift), and store them."""
@@ -214,6 +219,7 @@ class ConnectionRun:
                 fingerprint=fingerprint(_payload_of(link)),
                 event_type_uri=(old.event_type_uri if old else event_type_uri(api_url, parsed[1])),
                 missing=old.missing if old else 0,
+                missing_since=old.missing_since if old else None,
             )
         if not self.report.dry_run:
             state.replace_records(self.connection.id, records)
@@ -225,12 +231,19 @@ class ConnectionRun:
         """Write the plan to Close, recording each accepted write at once."""
         state, conn_id, report = self.engine.state, self.connection.id, self.report
         report.unchanged = len(plan.unchanged)
+        report.kept = dict(plan.kept)
         self._report_held(plan)
         state.set_held(conn_id, report.held_deletions, report.held_reason, self.engine.clock())
         if plan.missing_counts:
             state.set_missing(conn_id, plan.missing_counts)
         for source_id in plan.still_rejected:
             report.failed[source_id] = "refused by Close before; not sent again until it changes"
+        refusals = state.rejected_errors(conn_id) if plan.refused_deletes else {}
+        for source_id in plan.refused_deletes:
+            report.failed[source_id] = (
+                f"Close refused to delete it before ({refusals.get(source_id, 'no reason kept')}); "
+                "not asked again until a backfill"
+            )
         total, done = plan.writes, 0
         records = state.records(conn_id) if plan.updates else {}
         upserts = sorted(
@@ -243,14 +256,20 @@ class ConnectionRun:
             self._progress(done, total, payload.source_id)
         for deletion in plan.deletes:
             self._check_may_write()
-            self._authed(
-                self.clients.close_tokens,
-                lambda sid=deletion.source_id: self.clients.close.delete_link(sid),  # type: ignore[misc]
-            )
-            state.forget(conn_id, deletion.source_id)
-            report.deleted += 1
+            try:
+                self._delete(deletion.source_id)
+            except Rejected as error:
+                # Like a refused upsert: recorded against this link; the other deletions go on.
+                state.record_rejection(conn_id, deletion.source_id, DELETE_REFUSED, str(error))
+                report.failed[deletion.source_id] = str(error)
+            else:
+                state.forget(conn_id, deletion.source_id)
+                report.deleted += 1
             done += 1
             self._progress(done, total, None)
+
+    def _delete(self, source_id: str) -> None:
+        self._authed(self.clients.close_tokens, lambda: self.clients.close.delete_link(source_id))
 
     def _upsert(self, payload: LinkPayload, is_new: bool, old: LinkRecord | None) -> None:
         self._check_may_write()

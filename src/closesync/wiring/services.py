@@ -179,12 +179,20 @@ class Services:
             run_lock_ttl=s.run_lock_ttl_seconds,
             close_client_id=s.close_client_id,
             calendly_api_url=s.calendly_api_url,
+            delete_confirm_seconds=s.delete_confirm_seconds,
         )
 
     def engine(
-        self, *, wait_budget: float, sleep: Callable[[float], None] = time.sleep
+        self,
+        *,
+        wait_budget: float,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
     ) -> SyncEngine:
-        """An engine whose runs may each wait `wait_budget` seconds inline for the APIs."""
+        """An engine whose runs may each wait `wait_budget` seconds inline for the APIs.
+
+        `clock` (epoch seconds) times the reports and the misses that confirm a deletion.
+        """
 
         def clients_for(connection: Connection) -> Clients:
             return self.clients_for(connection, WaitBudget(wait_budget), sleep)
@@ -195,6 +203,7 @@ class Services:
             state=self.state,
             run_lock=self.run_lock,
             clients_for=clients_for,
+            clock=clock,
         )
 
     @contextmanager

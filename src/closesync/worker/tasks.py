@@ -9,7 +9,12 @@ engine finds the removal mark before any write, or the connection is gone.
 What happens after a run is a pure decision (`verdict`), tested with literal reports:
 rate-limited runs come back after the wait the API stated plus jitter; transient failures after a
 capped exponential backoff with jitter; anything else (auth, forbidden, rejected data) is not
-retried: the engine recorded it, and marked the connection needs_reauth for auth failures.
+retried: the engine recorded it, and marked the connection needs_reauth for auth failures. A run
+stopped by the soft time limit resumes at most MAX_SOFT_LIMIT_RESUMES times.
+
+The caps are this module's: the per-connection tasks set Celery's own `max_retries` to None, since
+Celery's default (3, counted over every retry of a task) would otherwise end each of them first,
+with a MaxRetriesExceededError instead of a decision.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ MAX_RATE_LIMIT_RETRIES = 16
 MAX_RERUNS = 3
 # Seconds before a run stopped by the soft time limit resumes (a backfill resumes where it was).
 RESUME_AFTER_SECONDS = 1.0
+# Resumes of a run stopped by the soft time limit before the task gives up until the next tick:
+# a long backfill resumes where it stopped and needs a few, but a step that always overruns the
+# limit (an API answering slower than it) must not loop for ever. Counted in the task's
+# `resumes` argument, apart from the other retries.
+MAX_SOFT_LIMIT_RESUMES = 3
 # A backfill or drift check that found a sync running comes back after this many seconds (the
 # holder's rerun would be a plain sync), at most this many times.
 LOCKED_RETRY_SECONDS = 15.0
@@ -168,8 +178,13 @@ def pair_organizations(services: Services) -> int:
 # --- running a connection -------------------------------------------------------------------------
 
 
-def run_connection(task: Task[Any, Any], connection_id: str, mode: RunMode) -> str:
-    """Run the engine, rerun once per request that arrived meanwhile, then retry or not."""
+def run_connection(
+    task: Task[Any, Any], connection_id: str, mode: RunMode, resumes: int = 0
+) -> str:
+    """Run the engine, rerun once per request that arrived meanwhile, then retry or not.
+
+    `resumes`: how often this task already resumed after the soft time limit.
+    """
     services = get_services()
     engine = services.engine(wait_budget=services.settings.task_inline_wait_seconds)
     with bind(connection_id=connection_id, task_id=task.request.id):
@@ -199,9 +214,25 @@ def run_connection(task: Task[Any, Any], connection_id: str, mode: RunMode) -> s
                 log.info("a sync was requested while this run lasted: running once more")
                 report = engine.run(connection_id, mode=RunMode.SYNC)
         except SoftTimeLimitExceeded:
-            # The engine released the lock on the way out; what was written stays recorded.
-            log.warning("run stopped by the soft time limit; resuming shortly")
-            raise task.retry(countdown=RESUME_AFTER_SECONDS, max_retries=None) from None
+            # The engine released the lock on the way out and stored the run's report as failed;
+            # what was written stays recorded.
+            if resumes >= MAX_SOFT_LIMIT_RESUMES:
+                log.warning(
+                    "run stopped by the soft time limit %d times; not resumed: the next tick "
+                    "tries again",
+                    resumes + 1,
+                )
+                return Outcome.FAILED.value
+            log.warning(
+                "run stopped by the soft time limit; resuming shortly (%d of %d)",
+                resumes + 1,
+                MAX_SOFT_LIMIT_RESUMES,
+            )
+            raise task.retry(
+                args=tuple(task.request.args or ()),
+                kwargs={**(task.request.kwargs or {}), "resumes": resumes + 1},
+                countdown=RESUME_AFTER_SECONDS,
+            ) from None
         decision = retry_verdict(report, task.request.retries, random.random)
         if decision.retry:
             log.info(
@@ -235,17 +266,19 @@ def sync_all(self: Task[Any, Any], slot: str) -> int:
         )
 
 
-@shared_task(bind=True, name=names.SYNC_CONNECTION)
-def sync_connection(self: Task[Any, Any], connection_id: str, slot: str | None = None) -> str:
+@shared_task(bind=True, name=names.SYNC_CONNECTION, max_retries=None)
+def sync_connection(
+    self: Task[Any, Any], connection_id: str, slot: str | None = None, resumes: int = 0
+) -> str:
     """Sync one connection (`slot`: the tick that asked, for the logs)."""
     with bind(slot=slot):
-        return run_connection(self, connection_id, RunMode.SYNC)
+        return run_connection(self, connection_id, RunMode.SYNC, resumes)
 
 
-@shared_task(bind=True, name=names.BACKFILL)
-def backfill(self: Task[Any, Any], connection_id: str) -> str:
+@shared_task(bind=True, name=names.BACKFILL, max_retries=None)
+def backfill(self: Task[Any, Any], connection_id: str, resumes: int = 0) -> str:
     """Full reconciliation of one connection against what Close holds."""
-    return run_connection(self, connection_id, RunMode.BACKFILL)
+    return run_connection(self, connection_id, RunMode.BACKFILL, resumes)
 
 
 @shared_task(bind=True, name=names.DRIFT_CHECK)
@@ -260,8 +293,10 @@ def drift_check(self: Task[Any, Any], slot: str) -> int:
         )
 
 
-@shared_task(bind=True, name=names.DRIFT_CONNECTION)
-def drift_connection(self: Task[Any, Any], connection_id: str, slot: str | None = None) -> str:
+@shared_task(bind=True, name=names.DRIFT_CONNECTION, max_retries=None)
+def drift_connection(
+    self: Task[Any, Any], connection_id: str, slot: str | None = None, resumes: int = 0
+) -> str:
     """Compare one connection's links in Close with the desired ones and repair the drift."""
     with bind(slot=slot):
-        return run_connection(self, connection_id, RunMode.DRIFT)
+        return run_connection(self, connection_id, RunMode.DRIFT, resumes)
