@@ -1,0 +1,688 @@
+"""The fleet benchmark: a real closesync worker syncing N connections, beside two naive peers.
+
+For each N it starts the sandbox in a process of its own (latency injected on every API
+request, N user pairs with 6 event types each), seeds N connections straight into a real Redis
+(REDIS_URL if it is on loopback, else an embedded one of the benchmark's own), starts a real
+`closesync worker` at its default settings and measures two phases, each "enqueue a sync_all
+tick -> every connection has reported": the first run (every link created) and a steady-state
+tick (nothing changed in Calendly). The naive peers (benchmarks/naive.py, sequential and on 16
+threads) then do the same two passes, each against a fresh sandbox, so every peer starts from
+an empty Close. Numbers, not assertions: one table, and the machine beside it.
+
+One setting differs from the defaults: SYNC_SPREAD_FRACTION=0. By default sync_all spreads a
+tick over half the cron interval (150 s for */5), on purpose; measured with it, a tick would
+take 150 s whatever the worker can do. With 0 the tick is fanned out at once, and its length
+is what the worker takes to get through the fleet.
+
+The sequential naive peer is timed on its first --naive-sample connections and scaled to N (it
+makes the same calls for every connection, one after another, so its time is linear in N); at
+100 ms a call, all of 1,000 would take some 13 minutes per pass.
+
+    python -m benchmarks.fleet                       # N = 1,000
+    python -m benchmarks.fleet --n 100,1000,10000 --latency-ms 100 --timeout 900
+
+Every wait has a bound: a phase that does not finish within --timeout seconds is reported as
+"timed out after X s (k/N reported)" and the steady phase after it is skipped. Traffic goes
+only to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from celery import Celery
+
+from closesync.sandbox import (
+    CALENDLY_CLIENT_ID,
+    CALENDLY_CLIENT_SECRET,
+    CLOSE_CLIENT_ID,
+    CLOSE_CLIENT_SECRET,
+    SeededUser,
+)
+from closesync.sandbox.connections import sandbox_connection
+from closesync.settings import Settings
+from closesync.store.embedded import embedded
+from closesync.wiring.services import Services
+from closesync.worker import celery_app as names
+from closesync.worker.celery_app import create_app
+from closesync.worker.schedule import slot_of
+
+CLOSESYNC = str(Path(sys.executable).with_name("closesync"))
+# The helper processes run `python -m benchmarks.…`, which needs the repository as their cwd.
+REPO = Path(__file__).resolve().parent.parent
+TYPES_PER_USER = 6
+NAIVE_THREADS = 16
+# Seconds between two looks at the reports in Redis. Phase times do not depend on it: a phase
+# ends at the latest report's finished_at, not when the poll noticed it.
+POLL_SECONDS = 0.5
+# Reports read per Redis round trip while polling.
+POLL_BATCH = 2000
+# Seconds to wait for the sandbox to seed and for the worker to answer a ping.
+SANDBOX_START_SECONDS = 1800.0
+WORKER_START_SECONDS = 60.0
+# Seconds a stopping worker gets to finish its current tasks before it is killed.
+WORKER_STOP_SECONDS = 20.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def log(message: str) -> None:
+    """Progress on stderr; the table alone goes to stdout."""
+    print(f"[fleet {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- /proc -------------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces): field 3 onwards."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime of a process (and of its reaped children, with `children`)."""
+    try:
+        fields = _stat_fields(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / _CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (pool children of a worker, say)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set (VmHWM) of one process, MB; 0 once it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process tree: the root with its reaped children, plus the live descendants."""
+    return cpu_seconds(pid, children=True) + sum(cpu_seconds(p) for p in descendants(pid))
+
+
+def tree_hwm_mb(pid: int) -> float:
+    """Sum of the peak RSS of the processes alive now: an upper bound of the tree's peak (the
+    peaks need not coincide, and copy-on-write pages shared with the parent count in each)."""
+    return vm_hwm_mb(pid) + sum(vm_hwm_mb(p) for p in descendants(pid))
+
+
+def machine_line() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = 0.0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = int(line.split()[1]) / 1024 / 1024
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"machine: nproc {len(os.sched_getaffinity(0))}, {model}, {mem_gb:.1f} GB RAM, "
+        f"load average {load} at the start, Python {platform.python_version()}"
+    )
+
+
+# --- the sandbox, in its own process -----------------------------------------------------------
+
+
+@dataclass
+class SandboxProcess:
+    """`benchmarks.sandbox_host` running in a child process; admin calls over loopback."""
+
+    popen: subprocess.Popen[str]
+    info: dict[str, Any]
+    data_file: Path
+    http: requests.Session = field(default_factory=requests.Session)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, users: int, latency_ms: float, workdir: Path) -> Iterator[SandboxProcess]:
+        data_file = workdir / f"sandbox-{users}-{uuid.uuid4().hex[:6]}.json"
+        errors = (workdir / "sandbox.log").open("a")
+        popen = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "benchmarks.sandbox_host", "--users", str(users)),
+                *("--event-types", str(TYPES_PER_USER), "--latency-ms", str(latency_ms)),
+                *("--out", str(data_file)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            cwd=REPO,
+        )
+        try:
+            _wait_ready(popen, SANDBOX_START_SECONDS)
+            sandbox = cls(popen, json.loads(data_file.read_text()), data_file)
+            sandbox.http.trust_env = False
+            for url in (sandbox.info["calendly_api_url"], sandbox.info["close_api_url"]):
+                if urlsplit(url).hostname not in _LOOPBACK:
+                    raise SystemExit(f"the sandbox is not on loopback: {url}")
+            yield sandbox
+        finally:
+            if popen.stdin:
+                popen.stdin.close()
+            popen.terminate()
+            try:
+                popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+            errors.close()
+
+    @property
+    def users(self) -> list[SeededUser]:
+        return [SeededUser(**user) for user in self.info["users"]]
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.popen.pid)
+
+    def _admin(self, method: str, path: str) -> Any:
+        url = f"{self.info['calendly_api_url']}/_sandbox/{path}"
+        response = self.http.request(method, url, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def reset_counts(self) -> None:
+        self._admin("POST", "requests/reset")
+
+    def calls(self) -> tuple[int, int]:
+        """API requests (Calendly, Close) since the last reset; admin calls are not counted."""
+        counts: dict[str, int] = self._admin("GET", "requests")
+        calendly = sum(v for k, v in counts.items() if k.startswith("calendly "))
+        close = sum(v for k, v in counts.items() if k.startswith("close "))
+        return calendly, close
+
+    def env(self) -> dict[str, str]:
+        return {
+            "CALENDLY_API_URL": self.info["calendly_api_url"],
+            "CALENDLY_AUTH_URL": self.info["calendly_auth_url"],
+            "CLOSE_API_URL": self.info["close_api_url"],
+            "CLOSE_OAUTH_URL": self.info["close_oauth_url"],
+            "CLOSE_CLIENT_ID": CLOSE_CLIENT_ID,
+            "CLOSE_CLIENT_SECRET": CLOSE_CLIENT_SECRET,
+            "CALENDLY_CLIENT_ID": CALENDLY_CLIENT_ID,
+            "CALENDLY_CLIENT_SECRET": CALENDLY_CLIENT_SECRET,
+        }
+
+
+def _wait_ready(popen: subprocess.Popen[str], timeout: float) -> None:
+    """Wait for the child's `ready` line; fail if it exits or the deadline passes."""
+    assert popen.stdout is not None  # noqa: S101 - stdout=PIPE above
+    with selectors.DefaultSelector() as selector:
+        selector.register(popen.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise SystemExit(f"the sandbox did not seed within {timeout:.0f} s")
+    line = popen.stdout.readline().strip()
+    if line != "ready":
+        raise SystemExit(f"the sandbox did not start (exit {popen.poll()}): see sandbox.log")
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One pass over the fleet by one peer."""
+
+    seconds: float
+    reported: int
+    total: int
+    calendly: int
+    close: int
+    sandbox_cpu_pct: float
+    peer_cpu_pct: float
+    timed_out: bool = False
+    # The sequential naive peer is timed on `sample` connections and scaled to `total`.
+    sample: int | None = None
+
+    def per_conn(self, calls: int) -> float:
+        return calls / max(self.sample or self.reported, 1)
+
+
+@dataclass
+class Row:
+    config: str
+    n: int
+    phases: dict[str, Phase] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+# --- closesync ---------------------------------------------------------------------------------
+
+
+def seed_connections(services: Services, users: list[SeededUser]) -> list[str]:
+    """Store a connection per user pair, as `closesync connections add` would (no OAuth)."""
+    now = time.time()
+    ids = []
+    for user in users:
+        connection, grants = sandbox_connection(user, now)
+        services.connections.save(connection, grants)
+        ids.append(connection.id)
+    return ids
+
+
+@dataclass
+class Worker:
+    """A `closesync worker` process in its own session, its log in a file."""
+
+    popen: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, env: dict[str, str], workdir: Path) -> Worker:
+        with (workdir / "worker.log").open("ab") as out:
+            popen = subprocess.Popen(
+                [CLOSESYNC, "worker"],
+                env=env,
+                cwd=workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return cls(popen)
+
+    def wait_ready(self, app: Celery, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise SystemExit(f"closesync worker exited with {self.popen.returncode}")
+            if app.control.ping(timeout=1.0):
+                return
+        raise SystemExit(f"closesync worker did not answer a ping within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+
+def _next_slot(previous: str | None) -> str:
+    """A tick slot of its own: sync_all claims each slot once, so two phases need two."""
+    for _ in range(30):
+        slot = slot_of(datetime.now(UTC))
+        if slot != previous:
+            return slot
+        time.sleep(0.1)
+    raise RuntimeError("the clock did not move for 3 s")
+
+
+def run_tick(
+    services: Services,
+    app: Celery,
+    sandbox: SandboxProcess,
+    worker: Worker,
+    ids: list[str],
+    slot: str,
+    timeout: float,
+    rss: list[float],
+) -> Phase:
+    """Enqueue one sync_all tick and wait until every connection reported a good run."""
+    sandbox.reset_counts()
+    sandbox_cpu0, worker_cpu0 = sandbox.cpu_seconds(), tree_cpu_seconds(worker.popen.pid)
+    started_wall, started = time.time(), time.monotonic()
+    app.send_task(names.SYNC_ALL, args=[slot])
+    pending, last_finished = list(ids), started_wall
+    while pending and time.monotonic() - started < timeout:
+        time.sleep(POLL_SECONDS)
+        if worker.popen.poll() is not None:
+            raise SystemExit(f"closesync worker exited with {worker.popen.returncode}")
+        rss.append(tree_hwm_mb(worker.popen.pid))
+        still: list[str] = []
+        for i in range(0, len(pending), POLL_BATCH):
+            batch = pending[i : i + POLL_BATCH]
+            with services.redis.pipeline(transaction=False) as pipe:
+                for conn_id in batch:
+                    pipe.lindex(services.keys.reports(conn_id), 0)
+                raws = pipe.execute()
+            for conn_id, raw in zip(batch, raws, strict=True):
+                report = json.loads(raw) if raw else None
+                # A failed run is retried by Celery: only a finished good run counts.
+                if (
+                    report is not None
+                    and report["started_at"] >= started_wall
+                    and report["outcome"] in ("ok", "partial")
+                ):
+                    last_finished = max(last_finished, float(report["finished_at"]))
+                else:
+                    still.append(conn_id)
+        pending = still
+    wall = time.monotonic() - started
+    calendly, close = sandbox.calls()
+    timed_out = bool(pending)
+    return Phase(
+        seconds=wall if timed_out else last_finished - started_wall,
+        reported=len(ids) - len(pending),
+        total=len(ids),
+        calendly=calendly,
+        close=close,
+        sandbox_cpu_pct=100 * (sandbox.cpu_seconds() - sandbox_cpu0) / wall,
+        peer_cpu_pct=100 * (tree_cpu_seconds(worker.popen.pid) - worker_cpu0) / wall,
+        timed_out=timed_out,
+    )
+
+
+def measure_closesync(n: int, args: argparse.Namespace, redis_url: str, workdir: Path) -> Row:
+    row = Row("closesync worker", n)
+    with SandboxProcess.running(n, args.latency_ms, workdir) as sandbox:
+        prefix = f"fleet-{n}-{uuid.uuid4().hex[:6]}"
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(workdir),
+            "REDIS_URL": redis_url,
+            "REDIS_PREFIX": prefix,
+            "DATA_DIR": str(workdir / "var"),
+            # Loopback sandbox tokens: stored unencrypted, by explicit choice.
+            "CLOSESYNC_ALLOW_PLAINTEXT_TOKENS": "true",
+            "LOG_FORMAT": "json",
+            # Fan the tick out at once: see the module docstring.
+            "SYNC_SPREAD_FRACTION": "0",
+            "NO_PROXY": "127.0.0.1,localhost",
+            **sandbox.env(),
+        }
+        values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k not in ("PATH", "HOME")}
+        settings = Settings(_env_file=None, **values)
+        services = Services.build(settings)
+        app = create_app(settings)
+        log(f"N={n}: seeding {n} connections into Redis")
+        ids = seed_connections(services, sandbox.users)
+        worker = Worker.start(env, workdir)
+        rss: list[float] = []
+        try:
+            worker.wait_ready(app, WORKER_START_SECONDS)
+            procs = 1 + len(descendants(worker.popen.pid))
+            row.config = f"closesync worker (default: {procs - 1} pool procs)"
+            slot: str | None = None
+            for phase in ("first", "steady"):
+                slot = _next_slot(slot)
+                log(f"N={n}: closesync {phase} tick")
+                result = run_tick(services, app, sandbox, worker, ids, slot, args.timeout, rss)
+                row.phases[phase] = result
+                log(f"N={n}: closesync {phase}: {describe_phase(result)}")
+                if result.timed_out:
+                    row.notes.append(f"closesync {phase} run, N={n}: {describe_phase(result)}")
+                    break
+            rss.append(tree_hwm_mb(worker.popen.pid))
+        finally:
+            worker.stop()
+            app.close()
+            services.redis.close()
+        row.peak_rss_mb = max(rss, default=0.0)
+    return row
+
+
+# --- the naive peers ---------------------------------------------------------------------------
+
+
+def measure_naive(
+    n: int, threads: int, sample: int | None, args: argparse.Namespace, workdir: Path
+) -> Row:
+    label = "naive sequential" if threads == 1 else f"naive {threads} threads"
+    row = Row(label, n)
+    with SandboxProcess.running(n, args.latency_ms, workdir) as sandbox:
+        for phase in ("first", "steady"):
+            log(f"N={n}: {label} {phase} pass" + (f" on {sample} connections" if sample else ""))
+            sandbox.reset_counts()
+            cpu0 = sandbox.cpu_seconds()
+            command = [sys.executable, "-m", "benchmarks.naive", "--input", str(sandbox.data_file)]
+            command += ["--threads", str(threads), "--timeout", str(args.timeout)]
+            if sample:
+                command += ["--limit", str(sample)]
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=args.timeout + 60,
+                check=True,
+                cwd=REPO,
+            )
+            result = json.loads(done.stdout)
+            calendly, close = sandbox.calls()
+            seconds = float(result["seconds"])
+            scale = n / sample if sample else 1.0
+            outcome = Phase(
+                seconds=seconds * scale,
+                reported=int(result["done"]),
+                total=n,
+                calendly=calendly,
+                close=close,
+                sandbox_cpu_pct=100 * (sandbox.cpu_seconds() - cpu0) / seconds,
+                peer_cpu_pct=100 * float(result["cpu_seconds"]) / seconds,
+                timed_out=bool(result["timed_out"]),
+                sample=sample,
+            )
+            row.phases[phase] = outcome
+            row.peak_rss_mb = max(row.peak_rss_mb, float(result["peak_rss_mb"]))
+            log(f"N={n}: {label} {phase}: {describe_phase(outcome)}")
+            if result["errors"]:
+                row.notes.append(f"{label} {phase} pass, N={n}: {result['errors']} failed")
+            if outcome.timed_out:
+                row.notes.append(f"{label} {phase} pass, N={n}: {describe_phase(outcome)}")
+                break
+    return row
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def describe_phase(phase: Phase) -> str:
+    if phase.timed_out:
+        return f"timed out after {phase.seconds:.0f} s ({phase.reported}/{phase.total} reported)"
+    scaled = f" (timed on {phase.sample}, scaled)" if phase.sample else ""
+    return f"{phase.seconds:.1f} s{scaled}, sandbox CPU {phase.sandbox_cpu_pct:.0f} %"
+
+
+def _seconds(phase: Phase | None) -> str:
+    if phase is None:
+        return "-"
+    if phase.timed_out:
+        return f">{phase.seconds:.0f} (t/o)"
+    return f"~{phase.seconds:.1f}" if phase.sample else f"{phase.seconds:.1f}"
+
+
+def _pair(row: Row, value: Any, fmt: str) -> str:
+    parts = [format(value(row.phases[p]), fmt) if p in row.phases else "-" for p in PHASES]
+    return " / ".join(parts)
+
+
+PHASES = ("first", "steady")
+HEADERS = (
+    "configuration",
+    "N",
+    "first run s",
+    "steady tick s",
+    "Calendly calls/conn",
+    "Close calls/conn",
+    "peak RSS MB",
+    "peer CPU %",
+    "sandbox CPU %",
+    "closesync time / this",
+)
+
+
+def _ratio(ours: Row | None, row: Row) -> str:
+    if ours is None or ours is row:
+        return "-"
+    parts = []
+    for phase in PHASES:
+        a, b = ours.phases.get(phase), row.phases.get(phase)
+        if a is None or b is None or a.timed_out or b.timed_out or b.seconds <= 0:
+            parts.append("-")
+        else:
+            parts.append(f"{a.seconds / b.seconds:.2f}")
+    return " / ".join(parts)
+
+
+def table(rows: list[Row]) -> list[str]:
+    lines: list[list[str]] = [list(HEADERS)]
+    for row in rows:
+        ours = next((r for r in rows if r.n == row.n and r.config.startswith("closesync")), None)
+        lines.append(
+            [
+                row.config,
+                f"{row.n:,}",
+                _seconds(row.phases.get("first")),
+                _seconds(row.phases.get("steady")),
+                _pair(row, lambda p: p.per_conn(p.calendly), ".1f"),
+                _pair(row, lambda p: p.per_conn(p.close), ".1f"),
+                f"{row.peak_rss_mb:.0f}",
+                _pair(row, lambda p: p.peer_cpu_pct, ".0f"),
+                _pair(row, lambda p: p.sandbox_cpu_pct, ".0f"),
+                _ratio(ours, row),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADERS))]
+    return [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def redis_for_benchmark(workdir: Path) -> str:
+    """REDIS_URL when it is on loopback, else an embedded Redis in the run's own directory."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        return embedded(str(workdir / "redis"))
+    if urlsplit(url).hostname not in _LOOPBACK:
+        raise SystemExit("REDIS_URL must be on 127.0.0.1: the benchmark sends nothing elsewhere")
+    return url
+
+
+def stop_embedded(directory: Path) -> None:
+    """Stop the embedded Redis of this run before its directory is removed.
+
+    embedded() would stop it at exit, but only after this process removed the directory under
+    it; its pid is in `embedded.json` (see closesync.store.embedded).
+    """
+    registry = directory / "embedded.json"
+    if not registry.exists():
+        return
+    pid = int(json.loads(registry.read_text())["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        time.sleep(0.05)
+
+
+def parse_sizes(text: str) -> list[int]:
+    sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("--n takes positive sizes, e.g. 100,1000")
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=parse_sizes, default=[1000], help="fleet sizes, e.g. 100,1000")
+    parser.add_argument("--latency-ms", type=float, default=100.0, help="per request, both APIs")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per phase")
+    parser.add_argument(
+        "--naive-sample",
+        type=int,
+        default=50,
+        help="connections the sequential naive peer is timed on, scaled to N (0: all of them)",
+    )
+    parser.add_argument(
+        "--peers",
+        default="closesync,sequential,threads",
+        help="which configurations to run (comma-separated)",
+    )
+    args = parser.parse_args(argv)
+    peers = {p.strip() for p in args.peers.split(",")}
+    workdir = Path(tempfile.mkdtemp(prefix="closesync-fleet-"))
+    machine = machine_line()
+    rows: list[Row] = []
+    try:
+        redis_url = redis_for_benchmark(workdir)
+        for n in args.n:
+            if "closesync" in peers:
+                rows.append(measure_closesync(n, args, redis_url, workdir))
+            if "threads" in peers:
+                rows.append(measure_naive(n, NAIVE_THREADS, None, args, workdir))
+            if "sequential" in peers:
+                sample = args.naive_sample if 0 < args.naive_sample < n else None
+                rows.append(measure_naive(n, 1, sample, args, workdir))
+    finally:
+        stop_embedded(workdir / "redis")
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        f"fleet: {TYPES_PER_USER} event types per connection, {args.latency_ms:g} ms added to "
+        "every API request, each pass from enqueue to the last connection reported"
+    )
+    for line in table(rows):
+        print(line)
+    print(machine)
+    print(
+        "pairs are first run / steady tick; peer CPU % is of one core (the whole worker tree for "
+        "closesync); ~ = the sequential peer timed on its first "
+        f"{args.naive_sample} connections and scaled to N"
+    )
+    for row in rows:
+        for note in row.notes:
+            print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
