@@ -136,6 +136,14 @@ def vm_hwm_mb(pid: int) -> float:
     return 0.0
 
 
+def proc_threads(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU of a process tree: the root with its reaped children, plus the live descendants."""
     return cpu_seconds(pid, children=True) + sum(cpu_seconds(p) for p in descendants(pid))
@@ -221,6 +229,10 @@ class SandboxProcess:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.popen.pid)
 
+    def threads(self) -> int:
+        """Its threads now: one per open client connection, plus the two accept loops."""
+        return proc_threads(self.popen.pid)
+
     def _admin(self, method: str, path: str) -> Any:
         url = f"{self.info['calendly_api_url']}/_sandbox/{path}"
         response = self.http.request(method, url, timeout=30)
@@ -277,11 +289,14 @@ class Phase:
     sandbox_cpu_pct: float
     peer_cpu_pct: float
     timed_out: bool = False
+    # Most threads the sandbox had at once (one per open client connection).
+    sandbox_threads: int = 0
     # The sequential naive peer is timed on `sample` connections and scaled to `total`.
     sample: int | None = None
 
-    def per_conn(self, calls: int) -> float:
-        return calls / max(self.sample or self.reported, 1)
+    def per_conn(self, calls: int) -> str:
+        """Calls per connection, only for a complete pass (a timed-out one was cut midway)."""
+        return "-" if self.timed_out else f"{calls / max(self.sample or self.reported, 1):.1f}"
 
 
 @dataclass
@@ -373,12 +388,13 @@ def run_tick(
     sandbox_cpu0, worker_cpu0 = sandbox.cpu_seconds(), tree_cpu_seconds(worker.popen.pid)
     started_wall, started = time.time(), time.monotonic()
     app.send_task(names.SYNC_ALL, args=[slot])
-    pending, last_finished = list(ids), started_wall
+    pending, last_finished, threads = list(ids), started_wall, 0
     while pending and time.monotonic() - started < timeout:
         time.sleep(POLL_SECONDS)
         if worker.popen.poll() is not None:
             raise SystemExit(f"closesync worker exited with {worker.popen.returncode}")
         rss.append(tree_hwm_mb(worker.popen.pid))
+        threads = max(threads, sandbox.threads())
         still: list[str] = []
         for i in range(0, len(pending), POLL_BATCH):
             batch = pending[i : i + POLL_BATCH]
@@ -410,6 +426,7 @@ def run_tick(
         sandbox_cpu_pct=100 * (sandbox.cpu_seconds() - sandbox_cpu0) / wall,
         peer_cpu_pct=100 * (tree_cpu_seconds(worker.popen.pid) - worker_cpu0) / wall,
         timed_out=timed_out,
+        sandbox_threads=threads,
     )
 
 
@@ -465,6 +482,30 @@ def measure_closesync(n: int, args: argparse.Namespace, redis_url: str, workdir:
 # --- the naive peers ---------------------------------------------------------------------------
 
 
+def run_naive(
+    command: list[str], sandbox: SandboxProcess, timeout: float
+) -> tuple[dict[str, Any], int]:
+    """Run one naive pass (it bounds itself; `timeout` is the backstop); its result, and the
+    most threads the sandbox had meanwhile."""
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=REPO) as proc,
+    ):
+        deadline, threads = time.monotonic() + timeout, 0
+        while proc.poll() is None:
+            if time.monotonic() >= deadline:
+                proc.kill()
+                raise SystemExit(f"the naive peer did not stop within {timeout:.0f} s")
+            threads = max(threads, sandbox.threads())
+            time.sleep(POLL_SECONDS)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"the naive peer failed ({proc.returncode}): {err.read()[-2000:]}")
+        out.seek(0)
+        return json.loads(out.read()), threads
+
+
 def measure_naive(
     n: int, threads: int, sample: int | None, args: argparse.Namespace, workdir: Path
 ) -> Row:
@@ -479,28 +520,22 @@ def measure_naive(
             command += ["--threads", str(threads), "--timeout", str(args.timeout)]
             if sample:
                 command += ["--limit", str(sample)]
-            done = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=args.timeout + 60,
-                check=True,
-                cwd=REPO,
-            )
-            result = json.loads(done.stdout)
+            result, sandbox_threads = run_naive(command, sandbox, args.timeout + 60)
             calendly, close = sandbox.calls()
             seconds = float(result["seconds"])
-            scale = n / sample if sample else 1.0
+            # Scaled only when it finished: a timed-out pass says how long it was given.
+            scale = n / sample if sample and not result["timed_out"] else 1.0
             outcome = Phase(
                 seconds=seconds * scale,
                 reported=int(result["done"]),
-                total=n,
+                total=sample or n,
                 calendly=calendly,
                 close=close,
                 sandbox_cpu_pct=100 * (sandbox.cpu_seconds() - cpu0) / seconds,
                 peer_cpu_pct=100 * float(result["cpu_seconds"]) / seconds,
                 timed_out=bool(result["timed_out"]),
                 sample=sample,
+                sandbox_threads=sandbox_threads,
             )
             row.phases[phase] = outcome
             row.peak_rss_mb = max(row.peak_rss_mb, float(result["peak_rss_mb"]))
@@ -520,7 +555,10 @@ def describe_phase(phase: Phase) -> str:
     if phase.timed_out:
         return f"timed out after {phase.seconds:.0f} s ({phase.reported}/{phase.total} reported)"
     scaled = f" (timed on {phase.sample}, scaled)" if phase.sample else ""
-    return f"{phase.seconds:.1f} s{scaled}, sandbox CPU {phase.sandbox_cpu_pct:.0f} %"
+    return (
+        f"{phase.seconds:.1f} s{scaled}, sandbox CPU {phase.sandbox_cpu_pct:.0f} %, "
+        f"at most {phase.sandbox_threads} sandbox threads"
+    )
 
 
 def _seconds(phase: Phase | None) -> str:
@@ -574,8 +612,8 @@ def table(rows: list[Row]) -> list[str]:
                 f"{row.n:,}",
                 _seconds(row.phases.get("first")),
                 _seconds(row.phases.get("steady")),
-                _pair(row, lambda p: p.per_conn(p.calendly), ".1f"),
-                _pair(row, lambda p: p.per_conn(p.close), ".1f"),
+                _pair(row, lambda p: p.per_conn(p.calendly), ""),
+                _pair(row, lambda p: p.per_conn(p.close), ""),
                 f"{row.peak_rss_mb:.0f}",
                 _pair(row, lambda p: p.peer_cpu_pct, ".0f"),
                 _pair(row, lambda p: p.sandbox_cpu_pct, ".0f"),
