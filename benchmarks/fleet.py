@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import selectors
 import shutil
 import signal
@@ -51,6 +50,15 @@ from urllib.parse import urlsplit
 import requests
 from celery import Celery
 
+from benchmarks.fleet_table import Phase, Row, describe_phase, table
+from benchmarks.procfs import (
+    cpu_seconds,
+    descendants,
+    machine_line,
+    proc_threads,
+    tree_cpu_seconds,
+    tree_hwm_mb,
+)
 from closesync.sandbox import (
     CALENDLY_CLIENT_ID,
     CALENDLY_CLIENT_SECRET,
@@ -81,97 +89,12 @@ SANDBOX_START_SECONDS = 1800.0
 WORKER_START_SECONDS = 60.0
 # Seconds a stopping worker gets to finish its current tasks before it is killed.
 WORKER_STOP_SECONDS = 20.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def log(message: str) -> None:
     """Progress on stderr; the table alone goes to stdout."""
     print(f"[fleet {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# --- /proc -------------------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/<pid>/stat after the command name (which may hold spaces): field 3 onwards."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """utime + stime of a process (and of its reaped children, with `children`)."""
-    try:
-        fields = _stat_fields(pid)
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / _CLK_TCK
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (pool children of a worker, say)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parents.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def vm_hwm_mb(pid: int) -> float:
-    """Peak resident set (VmHWM) of one process, MB; 0 once it is gone."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def proc_threads(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    return 0
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process tree: the root with its reaped children, plus the live descendants."""
-    return cpu_seconds(pid, children=True) + sum(cpu_seconds(p) for p in descendants(pid))
-
-
-def tree_hwm_mb(pid: int) -> float:
-    """Sum of the peak RSS of the processes alive now: an upper bound of the tree's peak (the
-    peaks need not coincide, and copy-on-write pages shared with the parent count in each)."""
-    return vm_hwm_mb(pid) + sum(vm_hwm_mb(p) for p in descendants(pid))
-
-
-def machine_line() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gb = 0.0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gb = int(line.split()[1]) / 1024 / 1024
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"machine: nproc {len(os.sched_getaffinity(0))}, {model}, {mem_gb:.1f} GB RAM, "
-        f"load average {load} at the start, Python {platform.python_version()}"
-    )
 
 
 # --- the sandbox, in its own process -----------------------------------------------------------
@@ -275,37 +198,6 @@ def _wait_ready(popen: subprocess.Popen[str], timeout: float) -> None:
 
 
 # --- results -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Phase:
-    """One pass over the fleet by one peer."""
-
-    seconds: float
-    reported: int
-    total: int
-    calendly: int
-    close: int
-    sandbox_cpu_pct: float
-    peer_cpu_pct: float
-    timed_out: bool = False
-    # Most threads the sandbox had at once (one per open client connection).
-    sandbox_threads: int = 0
-    # The sequential naive peer is timed on `sample` connections and scaled to `total`.
-    sample: int | None = None
-
-    def per_conn(self, calls: int) -> str:
-        """Calls per connection, only for a complete pass (a timed-out one was cut midway)."""
-        return "-" if self.timed_out else f"{calls / max(self.sample or self.reported, 1):.1f}"
-
-
-@dataclass
-class Row:
-    config: str
-    n: int
-    phases: dict[str, Phase] = field(default_factory=dict)
-    peak_rss_mb: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 # --- closesync ---------------------------------------------------------------------------------
@@ -549,85 +441,6 @@ def measure_naive(
 
 
 # --- the table ---------------------------------------------------------------------------------
-
-
-def describe_phase(phase: Phase) -> str:
-    if phase.timed_out:
-        return f"timed out after {phase.seconds:.0f} s ({phase.reported}/{phase.total} reported)"
-    scaled = f" (timed on {phase.sample}, scaled)" if phase.sample else ""
-    return (
-        f"{phase.seconds:.1f} s{scaled}, sandbox CPU {phase.sandbox_cpu_pct:.0f} %, "
-        f"at most {phase.sandbox_threads} sandbox threads"
-    )
-
-
-def _seconds(phase: Phase | None) -> str:
-    if phase is None:
-        return "-"
-    if phase.timed_out:
-        return f">{phase.seconds:.0f} (t/o)"
-    return f"~{phase.seconds:.1f}" if phase.sample else f"{phase.seconds:.1f}"
-
-
-def _pair(row: Row, value: Any, fmt: str) -> str:
-    parts = [format(value(row.phases[p]), fmt) if p in row.phases else "-" for p in PHASES]
-    return " / ".join(parts)
-
-
-PHASES = ("first", "steady")
-HEADERS = (
-    "configuration",
-    "N",
-    "first run s",
-    "steady tick s",
-    "Calendly calls/conn",
-    "Close calls/conn",
-    "peak RSS MB",
-    "peer CPU %",
-    "sandbox CPU %",
-    "closesync time / this",
-)
-
-
-def _ratio(ours: Row | None, row: Row) -> str:
-    if ours is None or ours is row:
-        return "-"
-    parts = []
-    for phase in PHASES:
-        a, b = ours.phases.get(phase), row.phases.get(phase)
-        if a is None or b is None or a.timed_out or b.timed_out or b.seconds <= 0:
-            parts.append("-")
-        else:
-            parts.append(f"{a.seconds / b.seconds:.2f}")
-    return " / ".join(parts)
-
-
-def table(rows: list[Row]) -> list[str]:
-    lines: list[list[str]] = [list(HEADERS)]
-    for row in rows:
-        ours = next((r for r in rows if r.n == row.n and r.config.startswith("closesync")), None)
-        lines.append(
-            [
-                row.config,
-                f"{row.n:,}",
-                _seconds(row.phases.get("first")),
-                _seconds(row.phases.get("steady")),
-                _pair(row, lambda p: p.per_conn(p.calendly), ""),
-                _pair(row, lambda p: p.per_conn(p.close), ""),
-                f"{row.peak_rss_mb:.0f}",
-                _pair(row, lambda p: p.peer_cpu_pct, ".0f"),
-                _pair(row, lambda p: p.sandbox_cpu_pct, ".0f"),
-                _ratio(ours, row),
-            ]
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADERS))]
-    return [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
-    ]
 
 
 # --- main --------------------------------------------------------------------------------------
