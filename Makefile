@@ -33,8 +33,11 @@ demo: $(STAMP)
 sandbox: $(STAMP)
 	$(BIN)/closesync sandbox
 
+# FLEET_ARGS picks the fleet sizes and more, e.g. make bench FLEET_ARGS="--n 100,1000".
+FLEET_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.sync_cost
+	$(BIN)/python -m benchmarks.fleet $(FLEET_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -34,6 +34,9 @@ class LinkBook:
 
     def __init__(self) -> None:
         self.links: dict[str, Link] = {}
+        # `links` by user, in creation order: listing a user's links and finding an upsert's
+        # link cost that user's links, not the whole organization's. Kept by the methods below.
+        self._by_user: dict[str, dict[str, Link]] = {}
 
     def new_id(self, prefix: str) -> str:
         raise NotImplementedError
@@ -44,15 +47,17 @@ class LinkBook:
         """Every link (of one user, or of the organization of `organization_of`, when given),
         all sources, in creation order."""
         with self.lock:
-            organization = (
-                self.close_users[organization_of].organization_id if organization_of else None
-            )
-            return [
-                render_link(link)
-                for link in self.links.values()
-                if (user_id is None or link.user_id == user_id)
-                and (organization is None or link.organization_id == organization)
-            ]
+            if organization_of is not None:
+                # The organization's links (close_lists_organization_links): a scan, rarely used.
+                organization = self.close_users[organization_of].organization_id
+                return [
+                    render_link(link)
+                    for link in self.links.values()
+                    if (user_id is None or link.user_id == user_id)
+                    and link.organization_id == organization
+                ]
+            links = self.links if user_id is None else self._by_user.get(user_id, {})
+            return [render_link(link) for link in links.values()]
 
     def create_link(self, user_id: str, source: str = "MANUAL", **values: Any) -> JSON:
         """A link of any source, created directly (admin) or by POST /scheduling_link/."""
@@ -75,6 +80,7 @@ class LinkBook:
                 **values,
             )
             self.links[link.id] = link
+            self._by_user.setdefault(user_id, {})[link.id] = link
             return render_link(link)
 
     def get_link(self, link_id: str) -> JSON | None:
@@ -99,10 +105,14 @@ class LinkBook:
     def delete_link(self, link_id: str) -> bool:
         """Remove any link; False when there was none."""
         with self.lock:
-            return self.links.pop(link_id, None) is not None
+            link = self.links.pop(link_id, None)
+            if link is None:
+                return False
+            self._by_user.get(link.user_id, {}).pop(link_id, None)
+            return True
 
     def _integration_link(self, client_id: str, user_id: str, source_id: str) -> Link | None:
-        for link in self.links.values():
+        for link in self._by_user.get(user_id, {}).values():
             if (link.oauth_client_id, link.user_id, link.source_id) == (
                 client_id,
                 user_id,
@@ -129,5 +139,4 @@ class LinkBook:
             link = self._integration_link(client_id, user_id, source_id)
             if link is None:
                 return False
-            del self.links[link.id]
-            return True
+            return self.delete_link(link.id)

@@ -163,6 +163,10 @@ def _not_found(api: str) -> Response:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # Listen backlog. socketserver's default of 5 overflows when more clients than that connect
+    # at once (16 threads starting together); Linux then drops the handshake's last ACK and each
+    # such client stalls ~1 s for a SYN-ACK retransmit. The kernel caps it at somaxconn.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], app: ApiApp | None = None) -> None:
         super().__init__(address, _Handler)

@@ -92,6 +92,7 @@ class World(EventTypeBook, LinkBook, TrafficBook):
         self.latency_ms = dict.fromkeys(APIS, config.latency_ms)
         self.error_rate = dict.fromkeys(APIS, config.error_rate)
         self._oauth_next: dict[str, tuple[str | None, bool]] = {}
+        EventTypeBook.__init__(self)
         LinkBook.__init__(self)
 
     # ids and time -------------------------------------------------------------------------
