@@ -151,7 +151,11 @@ class ApiApp:
             return response
         request.params = match.params
         request.template = template
-        return match.handler(request)
+        response = match.handler(request)
+        if response.status == 429:
+            # A limit the emulator enforced, as opposed to an injected fault (returned above).
+            world.count_rate_limited(f"{self.api} {request.method} {template}")
+        return response
 
 
 def _not_found(api: str) -> Response:
