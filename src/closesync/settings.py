@@ -103,6 +103,23 @@ class Settings(BaseSettings):
     # Run reports kept per connection (newest first).
     reports_kept: int = Field(default=20, ge=1, le=1000)
 
+    # --- Rate budgets (kept in Redis, shared by every process and host) ----------------------
+    # Close requests per second per Close organization and endpoint group, all processes
+    # together. Close documents an organization-wide limit of 3x the per-key one (its example: 20
+    # per key, 60 per organization), shared with the customer's other integrations: 40 leaves
+    # them a third. Higher = faster first syncs of large organizations, less room for the rest;
+    # Close's RateLimit headers (remaining=0, or a 429) stop every process early when the real
+    # limit is lower.
+    close_org_requests_per_second: int = Field(default=40, ge=1)
+    # Close requests per second per Close user (one OAuth grant: Close's per-key limit) and
+    # endpoint group: three quarters of the 20 of Close's example, for a margin.
+    close_user_requests_per_second: int = Field(default=15, ge=1)
+    # Calendly requests per minute per Calendly user, or per organization credential (its admin's
+    # budget, shared by every connection that reads it). Calendly allows 500 on paid plans, 50 on
+    # Free; 400 keeps a margin on paid plans, and a Free user's headers (remaining=0) stop every
+    # process until the minute resets. A sync costs one request per 100 event types.
+    calendly_user_requests_per_minute: int = Field(default=400, ge=1)
+
     # --- Scheduling -------------------------------------------------------------------------
     # Cron expression (UTC) of the scheduled sync of every active connection.
     sync_cron: str = "*/5 * * * *"

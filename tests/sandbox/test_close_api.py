@@ -5,7 +5,7 @@ from __future__ import annotations
 import requests
 
 from closesync.sandbox import Sandbox, SandboxConfig
-from tests.sandbox.conftest import close_call, link_body
+from tests.sandbox.conftest import admin, close_call, link_body
 
 
 def test_me_with_api_key_basic_auth_returns_user(sandbox: Sandbox) -> None:
@@ -225,3 +225,15 @@ def test_rate_limit_organization_bucket_is_three_times_the_token_limit() -> None
     with Sandbox.start(config) as sb:
         codes = [close_call(sb, "GET", "/me/", u.close_access_token).status_code for u in sb.users]
         assert codes == [200, 200, 200, 429]
+
+
+def test_rate_limit_counts_natural_429s_apart_from_injected_ones() -> None:
+    """GET /_sandbox/requests/rate_limited counts the emulated limits' 429s, never a fault's."""
+    config = SandboxConfig(seed=1, close_rate_limit=1, close_rate_window=10, freeze_clock=True)
+    with Sandbox.start(config) as sb:
+        token = sb.users[0].close_access_token
+        sb.world.add_fault(api="close", kind="429", method="GET", path_prefix="/api/v1/me/")
+        codes = [close_call(sb, "GET", "/me/", token).status_code for _ in range(3)]
+        counted = admin(sb, "GET", "/requests/rate_limited")
+        assert codes == [429, 200, 429]
+        assert counted.json() == {"close GET /api/v1/me/": 1}

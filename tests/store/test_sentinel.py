@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import redis
+from limits import RateLimitItemPerMinute
 
 from closesync.core.errors import StoreUnavailable
 from closesync.store.client import connect, redacted_url
+from closesync.store.keys import Keys
+from closesync.store.rate_budget import RateBudgets
 from tests.redis_server import RedisServer, free_port, redis_executable
 
 
@@ -56,6 +59,26 @@ def test_connect_sentinel_url_reaches_the_master(sentinel_url: str) -> None:
     client.set("closesync-sentinel-probe", "ok")
     assert client.get("closesync-sentinel-probe") == "ok"
     assert client.connection_pool.connection_kwargs["db"] == 2
+
+
+def test_rate_budget_sentinel_clients_share_one_budget(sentinel_url: str) -> None:
+    """The rate budget runs on the Sentinel-found master through closesync's own clients."""
+    per_minute = RateLimitItemPerMinute(2)
+    first, second = (
+        RateBudgets(
+            connect(sentinel_url),
+            Keys("sentinel-budget"),
+            close_org=per_minute,
+            close_user=per_minute,
+            calendly_user=per_minute,
+        ).close("orga_1", user)
+        for user in ("user_a", "user_b")
+    )
+    group = "POST /scheduling_link/integration/"
+    assert [first.take(group), second.take(group)] == [0.0, 0.0]
+    assert first.take(group) > 0
+    second.block("GET /scheduling_link/", 30)
+    assert first.take("GET /scheduling_link/") > 20
 
 
 def test_connect_sentinel_unknown_master_is_store_unavailable(sentinel_url: str) -> None:

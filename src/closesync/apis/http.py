@@ -6,6 +6,11 @@ honouring the rate-limit headers of both APIs (read by `closesync.core.ratelimit
 rate limits and transient errors within a `WaitBudget`, and counting calls. It knows nothing of
 event types or links.
 
+A `RateBudget` (optional) is the rate budget that every process calling the API for the same
+account shares (in Redis: `closesync.store.rate_budget`; wired by `closesync.wiring.services`):
+each call takes one request from it first, and a response saying the group has none left (or a
+429) blocks every caller of that budget until the reset, not only this one.
+
 `sleep`, `rand` and `clock` are injected so tests run with a fake clock instead of patching time.
 """
 
@@ -16,7 +21,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 
@@ -39,6 +44,20 @@ from closesync.core.retry import Random, WaitBudget, rate_limit_delay, transient
 DEFAULT_TIMEOUT = (5.0, 30.0)
 # Attempts per call when the budget still allows waiting (first try included).
 DEFAULT_MAX_ATTEMPTS = 5
+
+
+class RateBudget(Protocol):
+    """A rate budget shared by every caller of one API account (a Close organization, a Calendly
+    user); `group` is the call's rate-limit group (`METHOD /endpoint/template/`)."""
+
+    def take(self, group: str) -> float:
+        """Spend one request of `group` and return 0, or return the seconds (> 0) until one may be
+        spent, spending nothing."""
+        ...
+
+    def block(self, group: str, seconds: float) -> None:
+        """The API said `group` has no requests left for `seconds`: nobody spends any until then."""
+        ...
 
 
 def _decode_json(body: bytes) -> Any:
@@ -151,6 +170,9 @@ class ApiHttp:
     One instance serves one connection's run (its budget and counters are per run). `group` names
     the rate-limit bucket of a call (Close buckets per endpoint group); when an earlier response
     said a group has no requests left, the next call to it waits for the reset first.
+    `rate_budget`, when set, is the account's budget shared with every other process: each
+    attempt takes a request from it, waiting within `budget` when it is spent (a wait past
+    `budget` raises RateLimited before any request is sent, so the caller retries later).
     """
 
     api: str
@@ -164,6 +186,7 @@ class ApiHttp:
     rand: Random = random.random
     calls: int = 0
     calls_by_endpoint: dict[str, int] = field(default_factory=dict)
+    rate_budget: RateBudget | None = None
     _blocked_until: dict[str, float] = field(default_factory=dict)
 
     def request(
@@ -189,6 +212,7 @@ class ApiHttp:
         attempt = 0
         while True:
             self._wait_for_group(group, method, endpoint)
+            self._take_from_budget(group, method, endpoint)
             try:
                 return self._once(
                     method,
@@ -234,6 +258,29 @@ class ApiHttp:
         self.sleep(wait)
         self._blocked_until.pop(group, None)
 
+    def _take_from_budget(self, group: str, method: str, endpoint: str) -> None:
+        """Take one request from the shared rate budget, waiting for it within `budget`."""
+        if self.rate_budget is None:
+            return
+        while True:
+            wait = self.rate_budget.take(group)
+            if wait <= 0:
+                return
+            # Jitter: the callers that found the budget spent together must not return together.
+            delay = rate_limit_delay(wait, self.rand)
+            if not self.budget.allows(delay):
+                raise RateLimited(
+                    f"{self.api} {method} {endpoint}: the shared rate budget is spent for "
+                    f"{wait:.2f} s",
+                    wait_seconds=wait,
+                    api=self.api,
+                    method=method,
+                    endpoint=endpoint,
+                    status=None,
+                )
+            self.budget.spend(delay)
+            self.sleep(delay)
+
     def _once(
         self,
         method: str,
@@ -262,6 +309,12 @@ class ApiHttp:
         info = rate_limit_of(self.api, response.headers)
         if info is not None and info.remaining == 0 and info.reset_seconds:
             self._blocked_until[group] = self.clock() + info.reset_seconds
+        if self.rate_budget is not None:
+            # What this response taught about the group holds for every process of the account.
+            if response.status_code == 429:
+                self.rate_budget.block(group, wait_from_429(self.api, response.headers))
+            elif info is not None and info.remaining == 0 and info.reset_seconds:
+                self.rate_budget.block(group, info.reset_seconds)
         return raise_for_response(
             self.api, method, endpoint, response.status_code, response.headers, body
         )

@@ -2,7 +2,8 @@
 
 Lets a demo, an e2e test or a person with curl change the world (add users and event types,
 edit or delete Close links to simulate drift), inject faults, expire tokens, move the clock,
-steer the next OAuth approval and read request counts. Admin requests are never counted,
+steer the next OAuth approval and read request counts (and how many of the answers were 429s
+of the emulated rate limits, injected faults apart). Admin requests are never counted,
 delayed, rate limited or faulted. Errors answer {"error": …}: 400 for bad input, 404 for an
 unknown id.
 """
@@ -117,6 +118,10 @@ def build_admin_router(world: World) -> Router:
     @add("GET", "/requests")
     def counts(request: Request) -> Response:
         return _ok(world.request_counts())
+
+    @add("GET", "/requests/rate_limited")
+    def rate_limited(request: Request) -> Response:
+        return _ok(world.rate_limited_counts())
 
     @add("POST", "/requests/reset")
     def reset_counts(request: Request) -> Response:

@@ -153,6 +153,9 @@ class ApiApp:
         request.params = match.params
         request.template = template
         response = match.handler(request)
+        if response.status == 429:
+            # A limit the emulator enforced, as opposed to an injected fault (returned above).
+            world.count_rate_limited(f"{self.api} {request.method} {template}")
         return response if fault is None else omit_listed(response, fault.omit)
 
 

@@ -27,6 +27,7 @@ class TrafficBook:
     faults: FaultBook
     limiter: FixedWindowLimiter
     counts: Counter[str]
+    rate_limited: Counter[str]
     error_rate: dict[str, float]
 
     def now(self) -> float:
@@ -82,7 +83,18 @@ class TrafficBook:
         with self.lock:
             return dict(self.counts)
 
+    def count_rate_limited(self, key: str) -> None:
+        """Count one 429 the emulated limits answered (never an injected one) under its key."""
+        with self.lock:
+            self.rate_limited[key] += 1
+
+    def rate_limited_counts(self) -> dict[str, int]:
+        """The emulated limits' 429 answers per "api METHOD template" since the last reset."""
+        with self.lock:
+            return dict(self.rate_limited)
+
     def reset_request_counts(self) -> None:
-        """Start counting from zero."""
+        """Start counting from zero (requests and rate-limited answers)."""
         with self.lock:
             self.counts.clear()
+            self.rate_limited.clear()

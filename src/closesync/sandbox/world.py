@@ -11,7 +11,8 @@ State layout (all in memory, gone when the sandbox stops):
                 by (oauth client, user, source_id).
 - `tokens`      TokenStore: PATs, API keys, OAuth grants and codes with their expiry.
 - `faults`      FaultBook of queued rules; `latency_ms` / `error_rate` per API.
-- `limiter`     fixed-window counters; `counts` requests per "api METHOD template".
+- `limiter`     fixed-window counters; `counts` requests per "api METHOD template";
+                `rate_limited` the 429s the emulated limits (not injected faults) answered.
 - `clock`       wall time (or frozen) plus whatever `advance` added.
 
 Every public method takes the lock, so the HTTP threads, tests and admin calls can share one
@@ -88,6 +89,7 @@ class World(EventTypeBook, LinkBook, TrafficBook):
         self.faults = FaultBook()
         self.limiter = FixedWindowLimiter()
         self.counts: Counter[str] = Counter()
+        self.rate_limited: Counter[str] = Counter()
         self.seeded: list[SeededUser] = []
         self.latency_ms = dict.fromkeys(APIS, config.latency_ms)
         self.error_rate = dict.fromkeys(APIS, config.error_rate)

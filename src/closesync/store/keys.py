@@ -45,6 +45,17 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             (grant_key: credentials.grant_lock_name,
                                             side + hash of the id): holder's token,
                                             renewed while the token call lasts      PX ~75 s
+    {p}:rate:LIMITER/{scope}[/{group}]/{n}/1/{unit}
+                                    LIST    a shared rate budget (closesync.store.rate_budget):
+                                            the `limits` package's moving window, the taking
+                                            times of the last n requests. scope close-org:{id}
+                                            or close-user:{id}, per endpoint group ("POST
+                                            /scheduling_link/integration/"); calendly-user:
+                                            {uuid} or calendly-org:{ref}, no group; unit second
+                                            or minute                        EX the window
+    {p}:rate-blocked:{scope}:{group|*} STRING the reset (seconds) an API announced with a 429
+                                            or remaining=0: no process takes a request of that
+                                            budget until it expires; never shortened  PX reset
     {p}:tick:{name}:{slot}          STRING  "1": this scheduled tick was enqueued once     EX ttl
     {p}:scheduler:leader            STRING  token of the scheduler allowed to enqueue      PX ttl
     {p}:oauth-state:{digest}        STRING  an OAuth flow under way, sealed JSON (provider,
@@ -174,6 +185,13 @@ class Keys:
 
     def refresh_lock(self, grant_key: str) -> str:
         return f"{self.prefix}:refresh-lock:{grant_key}"
+
+    def rate_budget(self) -> str:
+        """The prefix of the `limits` package's keys (it appends the rest itself)."""
+        return f"{self.prefix}:rate"
+
+    def rate_blocked(self, scope: str, group: str | None) -> str:
+        return f"{self.prefix}:rate-blocked:{scope}:{group or '*'}"
 
     def tick(self, name: str, slot: str) -> str:
         return f"{self.prefix}:tick:{name}:{slot}"

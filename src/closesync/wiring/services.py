@@ -29,6 +29,7 @@ from closesync.store.connections import ConnectionStore
 from closesync.store.embedded import embedded
 from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock, hold
+from closesync.store.rate_budget import RateBudgets
 from closesync.store.secretbox import SecretBox, box_from_settings, require_key
 from closesync.store.sync_state import SyncState
 from closesync.sync.engine import SyncEngine
@@ -50,6 +51,9 @@ class Services:
     box: SecretBox
     connections: ConnectionStore
     state: SyncState
+    # The rate budgets every process shares; None: each run only heeds the headers it saw
+    # itself (tests whose sleeps move a fake clock, which a budget on Redis's clock ignores).
+    budgets: RateBudgets | None
 
     @classmethod
     def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Services:
@@ -68,6 +72,7 @@ class Services:
             box=box,
             connections=ConnectionStore(client, keys, box),
             state=SyncState(client, keys),
+            budgets=RateBudgets.from_settings(client, keys, settings),
         )
 
     def require_key(self) -> None:
@@ -152,10 +157,29 @@ class Services:
             ),
         )
         rand = random.random
-        calendly_http = self.api_http(
-            "Calendly", s.calendly_api_url, budget, sleep=sleep, rand=rand
+        # Every process calling for the same Close organization / Calendly account shares these.
+        budgets = self.budgets
+        calendly_rate = (
+            budgets.calendly(connection.calendly_user_uuid, connection.calendly_grant_ref)
+            if budgets
+            else None
         )
-        close_http = self.api_http("Close", s.close_api_url, budget, sleep=sleep, rand=rand)
+        close_rate = (
+            budgets.close(connection.close_organization_id, connection.close_user_id)
+            if budgets
+            else None
+        )
+        calendly_http = self.api_http(
+            "Calendly",
+            s.calendly_api_url,
+            budget,
+            sleep=sleep,
+            rand=rand,
+            rate_budget=calendly_rate,
+        )
+        close_http = self.api_http(
+            "Close", s.close_api_url, budget, sleep=sleep, rand=rand, rate_budget=close_rate
+        )
         return Clients(
             calendly=CalendlyClient(http=calendly_http, token=calendly_tokens.access_token),
             close=CloseClient(http=close_http, token=close_tokens.access_token),
