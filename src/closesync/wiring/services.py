@@ -29,6 +29,7 @@ from closesync.store.connections import ConnectionStore
 from closesync.store.embedded import embedded
 from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock, hold
+from closesync.store.schedule import Schedule
 from closesync.store.secretbox import SecretBox, box_from_settings, require_key
 from closesync.store.sync_state import SyncState
 from closesync.sync.engine import SyncEngine
@@ -50,6 +51,7 @@ class Services:
     box: SecretBox
     connections: ConnectionStore
     state: SyncState
+    schedule: Schedule
 
     @classmethod
     def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Services:
@@ -67,7 +69,8 @@ class Services:
             keys=keys,
             box=box,
             connections=ConnectionStore(client, keys, box),
-            state=SyncState(client, keys),
+            state=SyncState(client, keys, queued_ttl=settings.broker_visibility_timeout),
+            schedule=Schedule(client, keys),
         )
 
     def require_key(self) -> None:
