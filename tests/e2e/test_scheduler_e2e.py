@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import signal
 from collections.abc import Callable
 
 import pytest
 
+from tests._broker import queued
 from tests.e2e.conftest import Deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def enqueued_slots(deployment: Deployment) -> list[str]:
-    """The slot of every sync_all message waiting in the `sync` queue, oldest first."""
-    queue = f"{deployment.settings.redis_prefix}:celery:sync"
-    slots = []
-    for raw in reversed(deployment.services.redis.lrange(queue, 0, -1)):
-        message = json.loads(raw)
-        assert message["headers"]["task"] == "closesync.sync_all"
-        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        slots.append(args[0])
-    return slots
+    """The slot of every sync_all message waiting in the `fanout` queue, oldest first."""
+    messages = queued(deployment.services.redis, deployment.settings.redis_prefix, "fanout")
+    assert {message.task for message in messages} <= {"closesync.sync_all"}
+    return [message.args[0] for message in messages]
 
 
 def test_scheduler_two_processes_each_tick_enqueued_once(

@@ -8,7 +8,12 @@ import pytest
 
 from closesync.core.errors import ConfigError
 from closesync.settings import Settings
-from closesync.worker.celery_app import broker_url_and_options, celery_config, create_app
+from closesync.worker.celery_app import (
+    broker_url_and_options,
+    celery_config,
+    create_app,
+    worker_queues,
+)
 
 URL = "redis://127.0.0.1:6379/3"
 
@@ -45,13 +50,20 @@ def test_celery_config_limits_come_from_settings_below_visibility() -> None:
 
 
 def test_celery_config_routes_backfill_and_drift_to_backfill_queue() -> None:
-    """Scheduled syncs go to `sync`; backfills and per-connection drift runs to `backfill`."""
+    """Syncs go to `sync`; backfills and drift runs to `backfill`; fan-outs to `fanout`."""
     routes = celery_config(settings(), URL)["task_routes"]
-    assert routes["closesync.sync_all"] == {"queue": "sync"}
     assert routes["closesync.sync_connection"] == {"queue": "sync"}
-    assert routes["closesync.drift_check"] == {"queue": "sync"}
     assert routes["closesync.backfill"] == {"queue": "backfill"}
     assert routes["closesync.drift_connection"] == {"queue": "backfill"}
+    for fan_out in ("closesync.sync_all", "closesync.drift_check", "closesync.drain_schedule"):
+        assert routes[fan_out] == {"queue": "fanout"}
+
+
+def test_worker_queues_dedicated_or_default_always_take_the_fanout_queue() -> None:
+    """`--queues sync` or `backfill` dedicates a worker, which still takes the fan-outs first."""
+    assert worker_queues("sync,backfill") == "fanout,sync,backfill"
+    assert worker_queues("sync") == "fanout,sync"
+    assert worker_queues(" backfill , fanout,") == "fanout,backfill"
 
 
 @pytest.mark.parametrize(

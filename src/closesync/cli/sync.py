@@ -220,6 +220,10 @@ def _print_enqueued(done: dict[str, object], json_output: bool) -> int:
     assert isinstance(ids, list)  # noqa: S101 - enqueue_sync/enqueue_backfill return a list here
     for connection_id in ids:
         sys.stdout.write(f"enqueued {done['task']} of {connection_id}\n")
-    if not ids:
+    coalesced = done.get("already_queued") or []
+    assert isinstance(coalesced, list)  # noqa: S101 - enqueue_sync returns a list here
+    for connection_id in coalesced:
+        sys.stdout.write(f"a {done['task']} of {connection_id} is already queued or running\n")
+    if not ids and not coalesced:
         sys.stdout.write("no active connections\n")
     return 0

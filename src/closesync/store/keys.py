@@ -25,8 +25,15 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:conn:{id}:reports           LIST    RunReport JSON, newest first, LTRIMmed to
                                             settings.reports_kept                        no TTL
     {p}:conn:{id}:lock              STRING  run lock: random token of the holder   PX run_lock_ttl
-    {p}:conn:{id}:rerun             STRING  "1": a sync was asked for while one ran;
-                                            the running one runs again once          EX 1 day
+    {p}:conn:{id}:queued            STRING  the sync marker (closesync.core.queueing):
+                                            who owes the connection its next sync.
+                                            "queued:<task id>": that task is queued, not
+                                            started (an ask is coalesced into it; SET NX
+                                            by the ask, cleared by the task as it starts);
+                                            "holder": the run holding the lock runs once
+                                            more when it ends (stale without the lock).
+                                            Absent: an ask publishes a task
+                                                                EX broker_visibility_timeout
     {p}:conn:{id}:backfill          HASH    backfill progress: cursor, done, total,
                                             started_at                                   no TTL
     {p}:removed:{id}                STRING  JSON {at}: the removal mark (tombstone), set
@@ -57,6 +64,13 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             or remaining=0: no process takes a request of that
                                             budget until it expires; never shortened  PX reset
     {p}:tick:{name}:{slot}          STRING  "1": this scheduled tick was enqueued once     EX ttl
+    {p}:schedule:{kind}             ZSET    connection id -> epoch seconds its run of the
+                                            tick is due (kind: sync | drift): the fan-out
+                                            spreads a tick here (ZADD LT), the drain task
+                                            publishes what is due and removes it       no TTL
+    {p}:schedule:{kind}:drain       STRING  id of the drain task that is to drain the
+                                            schedule next: one chain of drains at a time
+                                                                    PX next drain + 30 s
     {p}:scheduler:leader            STRING  token of the scheduler allowed to enqueue      PX ttl
     {p}:oauth-state:{digest}        STRING  an OAuth flow under way, sealed JSON (provider,
                                             redirect URI, PKCE verifier, the Close grant
@@ -105,7 +119,8 @@ and each one is a MULTI/EXEC that WATCHes the connection's removal mark and is r
 (ConnectionRemoved) while it exists. Every Redis error leaves this module as StoreUnavailable.
 
 The stores live beside this module: `closesync.store.connections` (connections and their sealed
-grants) and `closesync.store.sync_state` (link records, reports, flags, ticks).
+grants), `closesync.store.sync_state` (link records, reports, sync markers, ticks) and
+`closesync.store.schedule` (the spread of a tick).
 """
 
 from __future__ import annotations
@@ -174,8 +189,8 @@ class Keys:
     def run_lock(self, conn_id: str) -> str:
         return f"{self.conn(conn_id)}:lock"
 
-    def rerun(self, conn_id: str) -> str:
-        return f"{self.conn(conn_id)}:rerun"
+    def queued(self, conn_id: str) -> str:
+        return f"{self.conn(conn_id)}:queued"
 
     def backfill(self, conn_id: str) -> str:
         return f"{self.conn(conn_id)}:backfill"
@@ -195,6 +210,12 @@ class Keys:
 
     def tick(self, name: str, slot: str) -> str:
         return f"{self.prefix}:tick:{name}:{slot}"
+
+    def schedule(self, kind: str) -> str:
+        return f"{self.prefix}:schedule:{kind}"
+
+    def schedule_drain(self, kind: str) -> str:
+        return f"{self.schedule(kind)}:drain"
 
     def scheduler_leader(self) -> str:
         return f"{self.prefix}:scheduler:leader"
@@ -241,7 +262,7 @@ class Keys:
             self.held(conn_id),
             self.reports(conn_id),
             self.run_lock(conn_id),
-            self.rerun(conn_id),
+            self.queued(conn_id),
             self.backfill(conn_id),
         ]
 

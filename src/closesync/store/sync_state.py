@@ -1,5 +1,6 @@
 """What closesync knows of each connection's links and runs: records, rejections, held
-deletions, reports, rerun flags, backfill progress and scheduler ticks.
+deletions, reports, sync markers (queued or rerun, `closesync.core.queueing`), backfill progress
+and scheduler ticks.
 
 The key layout is in `closesync.store.keys`. Writes for one connection assume the caller holds that
 connection's run lock (`closesync.store.locks`). Every write of a connection's state is refused with
@@ -17,6 +18,14 @@ import redis
 
 from closesync.core.errors import ConnectionRemoved
 from closesync.core.plan import LinkRecord, Misses
+from closesync.core.queueing import (
+    HOLDER,
+    ask_publishes,
+    holder_reruns,
+    queued_by,
+    retry_takes_over,
+    start_clears,
+)
 from closesync.core.report import RunReport
 from closesync.store.client import guard
 from closesync.store.keys import Fields, Keys, as_text, watched
@@ -24,9 +33,8 @@ from closesync.store.keys import Fields, Keys, as_text, watched
 # Queues writes on a pipeline in MULTI mode; what it returns is ignored.
 Queue = Callable[[redis.client.Pipeline], object]
 
-# Seconds a rerun flag lives: a flag left by a crashed run only causes one extra run, but none
-# should linger for ever on a connection that is never run again.
-RERUN_TTL_SECONDS = 24 * 3600
+# Seconds a sync marker lives by default; Services sets it to BROKER_VISIBILITY_TIMEOUT.
+QUEUED_TTL_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,18 @@ class BackfillProgress:
 class SyncState:
     """Per-connection sync bookkeeping: link records, rejections, holds, reports, flags."""
 
-    def __init__(self, redis: redis.Redis, keys: Keys) -> None:
+    def __init__(
+        self, redis: redis.Redis, keys: Keys, queued_ttl: int = QUEUED_TTL_SECONDS
+    ) -> None:
         self.redis = redis
         self.keys = keys
+        # Seconds a sync marker lives: the broker's visibility timeout. A queued task either
+        # starts (and clears its marker) or, its worker dead, is delivered again within that
+        # time; a marker older than that outlived every delivery of its task (lost, purged, or
+        # stuck behind a backlog that long), so the next ask may publish again. A lost task thus
+        # holds its connection back at most this long, and a backlog grows by at most one task
+        # per connection per this long, not one per tick.
+        self.queued_ttl = queued_ttl
 
     # --- the removal mark ------------------------------------------------------------------------
 
@@ -209,21 +226,128 @@ class SyncState:
         raw = self.redis.lindex(self.keys.reports(conn_id), 0)
         return None if raw is None else RunReport.model_validate_json(raw)
 
-    # --- rerun flag -----------------------------------------------------------------------------
+    # --- the sync marker: at most one queued sync per connection (closesync.core.queueing) -----
+
+    @guard("asking for syncs")
+    def ask_syncs(self, asks: Mapping[str, str]) -> list[str]:
+        """Ask for a sync of each connection id, by the task id that would run it.
+
+        The ids whose task must now be published, in the order given: the marker names that task.
+        Any other ask is coalesced into the task already queued or the rerun of the run in
+        progress; a connection being removed is asked nothing. Batched: two round trips for the
+        lot, and one transaction more only per stale `holder` marker.
+        """
+        ids = list(asks)
+        if not ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for conn_id in ids:
+                pipe.exists(self.keys.removed(conn_id))
+                pipe.set(
+                    self.keys.queued(conn_id),
+                    queued_by(asks[conn_id]),
+                    nx=True,
+                    ex=self.queued_ttl,
+                )
+            replies = pipe.execute()
+        publish: set[str] = set()
+        undo: list[str] = []
+        contested: list[str] = []
+        for conn_id, removed, taken in zip(ids, replies[::2], replies[1::2], strict=True):
+            if removed:
+                if taken:
+                    undo.append(conn_id)
+            elif taken:
+                publish.add(conn_id)
+            else:
+                contested.append(conn_id)
+        if undo:
+            # Set by us a moment ago (NX), so still ours: a removed connection gets no key back.
+            self.redis.delete(*(self.keys.queued(conn_id) for conn_id in undo))
+        if contested:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for conn_id in contested:
+                    pipe.get(self.keys.queued(conn_id))
+                    pipe.exists(self.keys.run_lock(conn_id))
+                seen = pipe.execute()
+            for conn_id, marker, locked in zip(contested, seen[::2], seen[1::2], strict=True):
+                text = None if marker is None else as_text(marker)
+                if ask_publishes(text, bool(locked)) and self._ask_again(conn_id, asks[conn_id]):
+                    publish.add(conn_id)
+        return [conn_id for conn_id in ids if conn_id in publish]
+
+    def _ask_again(self, conn_id: str, task_id: str) -> bool:
+        """The marker was stale (or gone) when looked at: set it for `task_id` if it still is."""
+        marker_key = self.keys.queued(conn_id)
+        lock_key = self.keys.run_lock(conn_id)
+
+        def apply(pipe: redis.client.Pipeline) -> bool:
+            pipe.watch(lock_key)  # type: ignore[no-untyped-call]
+            marker = pipe.get(marker_key)
+            text = None if marker is None else as_text(marker)
+            if not ask_publishes(text, bool(pipe.exists(lock_key))):
+                pipe.multi()
+                return False
+            pipe.multi()
+            pipe.set(marker_key, queued_by(task_id), ex=self.queued_ttl)
+            return True
+
+        return watched(self.redis, marker_key, apply)
+
+    @guard("withdrawing a sync")
+    def withdraw_sync(self, conn_id: str, task_id: str) -> None:
+        """The task `task_id` could not be published after all: let the next ask publish."""
+        self._clear_if(conn_id, lambda marker: start_clears(marker, task_id))
+
+    @guard("starting a sync")
+    def sync_started(self, conn_id: str, task_id: str) -> None:
+        """The task `task_id` starts: an ask from now on wants a run after this one."""
+        self._clear_if(conn_id, lambda marker: start_clears(marker, task_id))
+
+    @guard("re-queueing a sync")
+    def requeue_sync(self, conn_id: str, task_id: str) -> bool:
+        """The task `task_id` is about to be retried: whether it now owes the next sync.
+
+        False when another task is queued for the connection: that one runs it instead.
+        """
+        key = self.keys.queued(conn_id)
+
+        def apply(pipe: redis.client.Pipeline) -> bool:
+            marker = pipe.get(key)
+            owes = retry_takes_over(None if marker is None else as_text(marker), task_id)
+            pipe.multi()
+            if owes:
+                pipe.set(key, queued_by(task_id), ex=self.queued_ttl)
+            return owes
+
+        return watched(self.redis, key, apply)
 
     @guard("requesting a rerun")
     def request_rerun(self, conn_id: str) -> None:
-        key = self.keys.rerun(conn_id)
-        self._unless_removed(conn_id, lambda pipe: pipe.set(key, "1", ex=RERUN_TTL_SECONDS))
+        """Ask the run holding the lock to run once more, unless a task is queued already."""
+        key = self.keys.queued(conn_id)
+        self._unless_removed(
+            conn_id, lambda pipe: pipe.set(key, HOLDER, nx=True, ex=self.queued_ttl)
+        )
 
-    @guard("reading the rerun flag")
+    @guard("reading the rerun request")
     def pop_rerun(self, conn_id: str) -> bool:
-        """Whether a rerun was requested; the request is consumed."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.get(self.keys.rerun(conn_id))
-            pipe.delete(self.keys.rerun(conn_id))
-            value, _ = pipe.execute()
-        return value is not None
+        """Whether the holder of the lock was asked to run once more; the request is consumed."""
+        return self._clear_if(conn_id, holder_reruns)
+
+    def _clear_if(self, conn_id: str, clears: Callable[[str | None], bool]) -> bool:
+        """Delete the marker if `clears` says so of its value; whether it was deleted."""
+        key = self.keys.queued(conn_id)
+
+        def apply(pipe: redis.client.Pipeline) -> bool:
+            marker = pipe.get(key)
+            cleared = clears(None if marker is None else as_text(marker))
+            pipe.multi()
+            if cleared:
+                pipe.delete(key)
+            return cleared
+
+        return watched(self.redis, key, apply)
 
     # --- backfill progress ----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from closesync.store.embedded import embedded
 from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock, hold
 from closesync.store.rate_budget import RateBudgets
+from closesync.store.schedule import Schedule
 from closesync.store.secretbox import SecretBox, box_from_settings, require_key
 from closesync.store.sync_state import SyncState
 from closesync.sync.engine import SyncEngine
@@ -54,6 +55,7 @@ class Services:
     # The rate budgets every process shares; None: each run only heeds the headers it saw
     # itself (tests whose sleeps move a fake clock, which a budget on Redis's clock ignores).
     budgets: RateBudgets | None
+    schedule: Schedule
 
     @classmethod
     def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Services:
@@ -71,7 +73,8 @@ class Services:
             keys=keys,
             box=box,
             connections=ConnectionStore(client, keys, box),
-            state=SyncState(client, keys),
+            state=SyncState(client, keys, queued_ttl=settings.broker_visibility_timeout),
+            schedule=Schedule(client, keys),
             budgets=RateBudgets.from_settings(client, keys, settings),
         )
 

@@ -21,14 +21,28 @@ from closesync.store.client import DEFAULT_SENTINEL_MASTER
 
 SYNC_QUEUE = "sync"
 BACKFILL_QUEUE = "backfill"
+# The fan-outs and the drains of their schedules: short tasks that must never wait behind
+# thousands of per-connection runs. Every worker consumes it, whatever `--queues` says.
+FANOUT_QUEUE = "fanout"
 # Task names are part of the wire format between the enqueuers and the workers: never rename.
 SYNC_ALL = "closesync.sync_all"
 SYNC_CONNECTION = "closesync.sync_connection"
 BACKFILL = "closesync.backfill"
 DRIFT_CHECK = "closesync.drift_check"
 DRIFT_CONNECTION = "closesync.drift_connection"
+DRAIN_SCHEDULE = "closesync.drain_schedule"
 # Seconds a task result is kept in Redis: only eager tests and `celery inspect` look at them.
 RESULT_EXPIRES_SECONDS = 3600
+
+
+def worker_queues(requested: str) -> str:
+    """The queues a worker consumes: the fan-out queue first, then those asked for, once each.
+
+    Dedicating workers to `sync` or `backfill` must never leave the fan-outs without a consumer:
+    they are short, and a tick that nobody fans out would silently run nothing.
+    """
+    named = [queue.strip() for queue in requested.split(",") if queue.strip()]
+    return ",".join(dict.fromkeys([FANOUT_QUEUE, *named]))
 
 
 def broker_url_and_options(url: str) -> tuple[str, dict[str, Any]]:
@@ -104,12 +118,16 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         # Nothing reads task results: the engine keeps its own run reports in Redis.
         "task_ignore_result": True,
         "result_expires": RESULT_EXPIRES_SECONDS,
-        # Two queues: a backfill or drift check (many calls) never delays a scheduled sync.
+        # Two queues of runs: a backfill or drift check (many calls) never delays a scheduled
+        # sync. The fan-outs have a third, so a tick never waits behind the runs of the last one:
+        # a dedicated list, rather than priorities, which the Redis transport only emulates with
+        # more lists, and which every worker consumes.
         "task_default_queue": SYNC_QUEUE,
         "task_routes": {
-            SYNC_ALL: {"queue": SYNC_QUEUE},
+            SYNC_ALL: {"queue": FANOUT_QUEUE},
+            DRIFT_CHECK: {"queue": FANOUT_QUEUE},
+            DRAIN_SCHEDULE: {"queue": FANOUT_QUEUE},
             SYNC_CONNECTION: {"queue": SYNC_QUEUE},
-            DRIFT_CHECK: {"queue": SYNC_QUEUE},
             DRIFT_CONNECTION: {"queue": BACKFILL_QUEUE},
             BACKFILL: {"queue": BACKFILL_QUEUE},
         },

@@ -3,10 +3,13 @@
 `enqueue_tick` is shared by the scheduler process and `closesync sync --all --enqueue` (system
 cron, a Kubernetes CronJob): both name the tick by the slot of the cron's most recent fire time
 and claim it with SET NX, so however many of them fire for one tick, one `sync_all` is enqueued.
+Chosen connections go through their sync markers (`ask_for_syncs`): a connection whose sync is
+queued already, or asked of the run in progress, gets no second one.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,6 +22,7 @@ from closesync.core.errors import StoreUnavailable
 from closesync.wiring.services import Services
 from closesync.worker import celery_app as names
 from closesync.worker.celery_app import create_app
+from closesync.worker.publish import Message, publish
 from closesync.worker.schedule import current_slot, interval_after, tick_ttl
 
 Tick = Literal["sync", "drift"]
@@ -63,21 +67,39 @@ def enqueue_tick(
     return slot, True
 
 
+def ask_for_syncs(services: Services, app: Celery, ids: list[str]) -> list[str]:
+    """Ask for a sync of each connection now: the ids whose task this call published.
+
+    The others are coalesced (`closesync.core.queueing`): a sync of theirs is queued already,
+    or asked of the run in progress, and runs after this ask.
+    """
+    task_ids = {connection_id: str(uuid.uuid4()) for connection_id in dict.fromkeys(ids)}
+    chosen = services.state.ask_syncs(task_ids)
+    try:
+        with _broker("enqueueing syncs"):
+            publish(app, [Message(names.SYNC_CONNECTION, [c, None], task_ids[c]) for c in chosen])
+    except BaseException:
+        # Not published after all: the next ask must not be coalesced into nothing.
+        for connection_id in chosen:
+            services.state.withdraw_sync(connection_id, task_ids[connection_id])
+        raise
+    return chosen
+
+
 def enqueue_sync(services: Services, ids: list[str] | None) -> dict[str, object]:
     """`sync --enqueue`: the current tick (ids None, i.e. --all) or these connections now.
 
     What was enqueued: `{"tick", "slot", "enqueued": bool}` for a tick, else
-    `{"task": "sync", "enqueued": [ids]}`; the CLI prints it.
+    `{"task": "sync", "enqueued": [ids], "already_queued": [ids]}`; the CLI prints it.
     """
     app = create_app(services.settings)
     try:
         if ids is None:
             slot, enqueued = enqueue_tick(services, app, "sync")
             return {"tick": "sync", "slot": slot, "enqueued": enqueued}
-        with _broker("enqueueing syncs"):
-            for connection_id in ids:
-                app.send_task(names.SYNC_CONNECTION, args=[connection_id, None])
-        return {"task": "sync", "enqueued": ids}
+        published = ask_for_syncs(services, app, ids)
+        coalesced = [c for c in dict.fromkeys(ids) if c not in set(published)]
+        return {"task": "sync", "enqueued": published, "already_queued": coalesced}
     finally:
         app.close()
 

@@ -112,14 +112,16 @@ def spread_window(interval: float, fraction: float, visibility_timeout: float) -
     """Seconds over which one tick's runs are spread.
 
     At most `fraction` of the interval (decisions.md: at most half), so every connection runs
-    once per tick; and at most half the broker's visibility timeout, because a task waiting on a
-    countdown stays unacknowledged, and the Redis broker redelivers one held longer than that.
+    once per tick; and at most half the broker's visibility timeout (30 min by default), as
+    before the spread moved from countdown tasks (which the Redis broker redelivers when held
+    longer than that) to a schedule in Redis: a daily drift check still ends within that
+    time of the hour its cron picked.
     """
     return max(0.0, min(interval * fraction, visibility_timeout / 2))
 
 
 def spread_offset(connection_id: str, window: float) -> float:
-    """Countdown (seconds, < `window`) of a connection's run within its tick.
+    """Offset (seconds, < `window`) of a connection's run within its tick.
 
     A hash of the id, not a random draw: a connection keeps the same place in every tick, so its
     runs stay one interval apart, and any process computes the same offset.

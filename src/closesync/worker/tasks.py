@@ -12,6 +12,14 @@ capped exponential backoff with jitter; anything else (auth, forbidden, rejected
 retried: the engine recorded it, and marked the connection needs_reauth for auth failures. A run
 stopped by the soft time limit resumes at most MAX_SOFT_LIMIT_RESUMES times.
 
+A tick is spread through a schedule in Redis, not countdowns: `fan_out` writes each connection's
+due time there and publishes what is due, and a chain of `drain_schedule` tasks (one at a time,
+each a second apart at most, on the `fanout` queue with the fan-outs) publishes the rest as it
+falls due, in batches over one producer. Every sync asked for goes through the connection's sync
+marker (`closesync.core.queueing`): at most one sync per connection is queued, a task clears the
+marker as it starts, a task that met the run lock hands its ask to the holder (which runs once
+more), and a retry of a sync is the queued one, or gives way to the one queued meanwhile.
+
 The caps are this module's: the per-connection tasks set Celery's own `max_retries` to None, since
 Celery's default (3, counted over every retry of a task) would otherwise end each of them first,
 with a MaxRetriesExceededError instead of a decision.
@@ -22,20 +30,25 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery, Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 
 from closesync.core.connection import ConnectionState
 from closesync.core.errors import CloseSyncError, ConnectionNotFound, StoreUnavailable
+from closesync.core.queueing import next_drain_in
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.core.retry import Random, rate_limit_delay, transient_delay
 from closesync.wiring.logs import bind
 from closesync.wiring.observability import cron_checkin
 from closesync.wiring.services import Services
 from closesync.worker import celery_app as names
+from closesync.worker.publish import Message, PublishFailed, publish
 from closesync.worker.schedule import interval_after, spread_offset, spread_window, tick_ttl
 
 log = logging.getLogger(__name__)
@@ -119,12 +132,37 @@ def use_services(services: Services | None) -> None:
 # --- fan-out --------------------------------------------------------------------------------------
 
 
-def fan_out(services: Services, app: Celery, *, tick: str, slot: str, cron: str, task: str) -> int:
-    """Claim the tick and enqueue `task` for every active connection, spread over the window.
+Kind = Literal["sync", "drift"]
 
-    A second delivery of the same tick finds the claim taken and enqueues nothing. The claim is
-    taken before the fan-out: a worker dying mid-fan-out loses the rest of this tick (the next
-    tick runs them) rather than risking a tick fanned out twice.
+# The per-connection task each kind of tick runs. Only syncs are coalesced by the sync marker
+# (closesync.core.queueing); a drift check is daily, and its schedule holds a connection once.
+_RUNS: dict[str, str] = {"sync": names.SYNC_CONNECTION, "drift": names.DRIFT_CONNECTION}
+# Due runs a drain takes from a schedule at a time: one ZRANGE, two pipelines of markers and
+# one flush of published messages per batch.
+DRAIN_BATCH = 500
+# Seconds a drain's turn outlives the countdown it was published with: room for a worker that
+# is busy when the drain is due. A chain that died is replaced by the next tick's fan-out once
+# the turn lapsed.
+DRAIN_TURN_GRACE_SECONDS = 30.0
+
+
+def fan_out(
+    services: Services,
+    app: Celery,
+    *,
+    tick: Kind,
+    slot: str,
+    cron: str,
+    clock: Callable[[], float] = time.time,
+) -> int:
+    """Claim the tick and schedule every active connection's run of it, spread over the window.
+
+    The runs go into the tick's schedule in Redis (`closesync.store.schedule`) at their hashed
+    offsets, and the ones due now are published at once; drain tasks publish the rest as they
+    fall due. No run waits in a worker as a countdown task. A second delivery of the same tick
+    finds the claim taken and schedules nothing. The claim is taken before the fan-out: a
+    worker dying before the schedule is written loses this tick (the next tick runs them)
+    rather than risking a tick fanned out twice; once written, the schedule survives it.
     """
     settings = services.settings
     interval = interval_after(cron, slot)
@@ -134,23 +172,106 @@ def fan_out(services: Services, app: Celery, *, tick: str, slot: str, cron: str,
     window = spread_window(
         interval, settings.sync_spread_fraction, settings.broker_visibility_timeout
     )
-    count = 0
-    for connection in services.connections.list():
-        if connection.state is not ConnectionState.ACTIVE:
-            continue
-        app.send_task(
-            task, args=[connection.id, slot], countdown=spread_offset(connection.id, window)
-        )
-        count += 1
+    now = clock()
+    due = {
+        connection.id: now + spread_offset(connection.id, window)
+        for connection in services.connections.list()
+        if connection.state is ConnectionState.ACTIVE
+    }
+    services.schedule.add(tick, due)
     log.info(
-        "tick %s %s: enqueued %d connections over %.0f s",
+        "tick %s %s: scheduled %d connections over %.0f s",
         tick,
         slot,
-        count,
+        len(due),
         window,
-        extra={"slot": slot, "connections": count},
+        extra={"slot": slot, "connections": len(due)},
     )
-    return count
+    drain(services, app, kind=tick, slot=slot, clock=clock)
+    return len(due)
+
+
+def drain(
+    services: Services,
+    app: Celery,
+    *,
+    kind: Kind,
+    slot: str,
+    drain_id: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> int:
+    """Publish the runs of `kind` due now, then hand the schedule over to the next drain.
+
+    `drain_id`: this drain's task id, when it runs as the drain task that had the turn. What a
+    failed publish left in the schedule is tried again by the next drain. How many were
+    published.
+    """
+    schedule = services.schedule
+    if drain_id is not None:
+        schedule.take_drain(kind, drain_id)
+    published = 0
+    try:
+        while ids := schedule.due(kind, clock(), DRAIN_BATCH):
+            published += _publish_runs(services, app, kind, slot, ids)
+            schedule.remove(kind, ids)
+            if len(ids) < DRAIN_BATCH:
+                break
+    except PublishFailed as error:
+        log.warning("publishing the due %s runs failed; the next drain retries: %s", kind, error)
+    if published:
+        log.debug("published %d %s runs of %s", published, kind, slot, extra={"slot": slot})
+    _hand_over(services, app, kind, slot, clock())
+    return published
+
+
+def _publish_runs(
+    services: Services, app: Celery, kind: Kind, slot: str, conn_ids: Sequence[str]
+) -> int:
+    """Publish the runs of `conn_ids`, each at most once queued (syncs): how many were."""
+    # Celery's own id format: a dashed uuid, which the log redaction leaves readable.
+    task_ids = {conn_id: str(uuid.uuid4()) for conn_id in conn_ids}
+    chosen = services.state.ask_syncs(task_ids) if kind == "sync" else list(conn_ids)
+    messages = [Message(_RUNS[kind], [conn_id, slot], task_ids[conn_id]) for conn_id in chosen]
+    try:
+        publish(app, messages)
+    except PublishFailed:
+        if kind == "sync":
+            _withdraw(services, {conn_id: task_ids[conn_id] for conn_id in chosen})
+        raise
+    return len(chosen)
+
+
+def _withdraw(services: Services, asks: dict[str, str]) -> None:
+    """Publishing failed: clear the markers set for it, so that the next ask publishes."""
+    try:
+        for conn_id, task_id in asks.items():
+            services.state.withdraw_sync(conn_id, task_id)
+    except StoreUnavailable as error:
+        # The same Redis is likely the broker that failed: the markers expire by themselves.
+        log.warning("could not withdraw the sync markers: %s", error)
+
+
+def _hand_over(services: Services, app: Celery, kind: Kind, slot: str, now: float) -> None:
+    """Publish the next drain (one countdown task of a second at most), unless one is coming."""
+    schedule = services.schedule
+    delay = next_drain_in(schedule.next_due(kind), now)
+    if delay is None:
+        return
+    drain_id = str(uuid.uuid4())
+    if not schedule.pass_drain(kind, drain_id, delay + DRAIN_TURN_GRACE_SECONDS):
+        return
+    try:
+        app.send_task(
+            names.DRAIN_SCHEDULE,
+            args=[kind, slot],
+            task_id=drain_id,
+            countdown=delay,
+            ignore_result=True,
+            add_to_parent=False,
+        )
+    except BaseException:
+        schedule.take_drain(kind, drain_id)
+        raise
 
 
 def pair_organizations(services: Services) -> int:
@@ -190,6 +311,9 @@ def run_connection(
     with bind(connection_id=connection_id, task_id=task.request.id):
         try:
             try:
+                if mode is RunMode.SYNC and task.request.id:
+                    # From now on an ask wants a run after this one: it queues one more.
+                    services.state.sync_started(connection_id, task.request.id)
                 report = engine.run(connection_id, mode=mode)
             except ConnectionNotFound:
                 # Removed (its removal mark expired too) or never stored: a queued or
@@ -205,6 +329,8 @@ def run_connection(
                 raise task.retry(countdown=countdown, max_retries=None) from None
             reruns = 0
             # SKIPPED means another run holds the lock: it, not this task, owns the rerun.
+            # A sync asked for during this run is either queued (its own task will run it) or
+            # was handed to this run by a task that met the lock: `pop_rerun` takes the latter.
             while (
                 report.outcome in (Outcome.OK, Outcome.PARTIAL)
                 and reruns < MAX_RERUNS
@@ -228,11 +354,16 @@ def run_connection(
                 resumes + 1,
                 MAX_SOFT_LIMIT_RESUMES,
             )
-            raise task.retry(
+            retry_later(
+                task,
+                services,
+                connection_id,
+                mode,
                 args=tuple(task.request.args or ()),
                 kwargs={**(task.request.kwargs or {}), "resumes": resumes + 1},
                 countdown=RESUME_AFTER_SECONDS,
-            ) from None
+            )
+            return Outcome.FAILED.value
         decision = retry_verdict(report, task.request.retries, random.random)
         if decision.retry:
             log.info(
@@ -241,7 +372,10 @@ def run_connection(
                 decision.reason,
                 extra={"run_id": report.run_id, "retries": task.request.retries},
             )
-            raise task.retry(countdown=decision.countdown, max_retries=None)
+            retry_later(
+                task, services, connection_id, mode, countdown=decision.countdown, max_retries=None
+            )
+            return report.outcome.value
         if report.outcome is Outcome.FAILED:
             log.warning(
                 "not retried (%s): %s",
@@ -252,18 +386,45 @@ def run_connection(
         return report.outcome.value
 
 
+def retry_later(
+    task: Task[Any, Any], services: Services, connection_id: str, mode: RunMode, **options: Any
+) -> None:
+    """Raise the task's retry, unless a sync queued meanwhile replaces it (then return).
+
+    A sync's retry is one more queued sync: it takes the connection's marker, so that asks
+    coalesce into it, or gives way to the task that has it. A retry that cannot be published
+    gives the marker back.
+    """
+    task_id = task.request.id if mode is RunMode.SYNC else None
+    if task_id and not services.state.requeue_sync(connection_id, task_id):
+        log.info("a sync of this connection is queued already: it replaces this retry")
+        return
+    try:
+        retry: Retry = task.retry(throw=False, **options)
+    except Reject:
+        # Celery drops a task whose retry it could not publish: let the next ask publish.
+        if task_id:
+            _withdraw(services, {connection_id: task_id})
+        raise
+    raise retry from None
+
+
 # --- the tasks --------------------------------------------------------------------------------
 
 
 @shared_task(bind=True, name=names.SYNC_ALL)
 def sync_all(self: Task[Any, Any], slot: str) -> int:
-    """Fan out one sync_connection per active connection for the tick `slot`."""
+    """Schedule one sync_connection per active connection for the tick `slot`."""
     services = get_services()
     cron = services.settings.sync_cron
     with cron_checkin("closesync-sync-all", cron):
-        return fan_out(
-            services, self.app, tick="sync", slot=slot, cron=cron, task=names.SYNC_CONNECTION
-        )
+        return fan_out(services, self.app, tick="sync", slot=slot, cron=cron)
+
+
+@shared_task(bind=True, name=names.DRAIN_SCHEDULE)
+def drain_schedule(self: Task[Any, Any], kind: Kind, slot: str) -> int:
+    """Publish the runs of the `kind` schedule that are due, and hand over to the next drain."""
+    return drain(get_services(), self.app, kind=kind, slot=slot, drain_id=self.request.id)
 
 
 @shared_task(bind=True, name=names.SYNC_CONNECTION, max_retries=None)
@@ -283,14 +444,12 @@ def backfill(self: Task[Any, Any], connection_id: str, resumes: int = 0) -> str:
 
 @shared_task(bind=True, name=names.DRIFT_CHECK)
 def drift_check(self: Task[Any, Any], slot: str) -> int:
-    """Pair waiting organization users, then fan out one drift_connection per connection."""
+    """Pair waiting organization users, then schedule one drift_connection per connection."""
     services = get_services()
     cron = services.settings.drift_cron
     with cron_checkin("closesync-drift-check", cron):
         pair_organizations(services)
-        return fan_out(
-            services, self.app, tick="drift", slot=slot, cron=cron, task=names.DRIFT_CONNECTION
-        )
+        return fan_out(services, self.app, tick="drift", slot=slot, cron=cron)
 
 
 @shared_task(bind=True, name=names.DRIFT_CONNECTION, max_retries=None)
