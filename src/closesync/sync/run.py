@@ -126,8 +126,11 @@ class ConnectionRun:
                 unchanged=sorted([*plan.unchanged, *done]),
             )
         started = progress.started_at if progress is not None else self.engine.clock()
+        # The cursor stays until a later push moves it: a resume stopped before its first push
+        # must leave the next one the same skip, or it pushes again what was pushed.
+        kept = progress.cursor if progress is not None else None
         state.set_backfill_progress(
-            conn_id, BackfillProgress(started_at=started, cursor=None, done=0, total=plan.writes)
+            conn_id, BackfillProgress(started_at=started, cursor=kept, done=0, total=plan.writes)
         )
         return plan
 

@@ -1,0 +1,61 @@
+"""The engine against stale or doubtful state: reconnects to another Calendly user, team types a
+listing misses, refusals that outlive their cause, interrupted backfills, skewed worker clocks.
+
+Sandbox over loopback HTTP and a real Redis, as in test_engine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from closesync.core.report import Outcome, RunMode
+from closesync.sandbox import Sandbox, SandboxConfig
+from tests.sync_harness import Harness
+
+POSTS = "close POST /api/v1/scheduling_link/integration/"
+DELETES = "close DELETE /api/v1/scheduling_link/integration/{source_id}/"
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    sb = Sandbox.start(SandboxConfig(seed=7, users=3, event_types=8, freeze_clock=True))
+    try:
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture
+def harness(sandbox: Sandbox, redis_url: str) -> Harness:
+    return Harness.build(sandbox, redis_url, f"test-{uuid.uuid4().hex[:8]}")
+
+
+def test_backfill_interrupted_twice_does_not_push_the_first_attempts_links_again(
+    harness: Harness,
+) -> None:
+    """A resume stopped before its first push keeps the cursor: the third attempt pushes 4 of 10."""
+    world = harness.sandbox.world
+    user = world.create_user()
+    for i in range(10):
+        world.create_event_type(user.calendly_user_uuid, name=f"B{i}")
+    conn = harness.add(user)
+    harness.run(conn)
+    world.add_fault(api="close", kind="502", method="POST", skip=6, count=50)
+    first = harness.engine(wait_budget=0).run(conn, mode=RunMode.BACKFILL)
+    assert first.outcome is Outcome.FAILED
+    world.clear_faults()
+    world.add_fault(api="close", kind="502", method="POST", count=50)
+    second = harness.engine(wait_budget=0).run(conn, mode=RunMode.BACKFILL)
+    assert second.outcome is Outcome.FAILED
+    progress = harness.services.state.backfill_progress(conn)
+    assert progress is not None
+    assert progress.cursor is not None
+    world.clear_faults()
+    world.reset_request_counts()
+    third = harness.backfill(conn)
+    assert third.outcome is Outcome.OK
+    assert world.request_counts().get(POSTS) == 4
+    assert harness.close_side(user) == harness.expected(user)
