@@ -94,6 +94,25 @@ def test_plan_refused_deletion_is_not_asked_again_but_by_a_backfill() -> None:
     assert forced.refused_deletes == []
 
 
+def test_plan_refused_deletion_of_a_link_desired_again_is_lifted() -> None:
+    """A link whose deletion Close refused and that is desired again loses the refusal."""
+    plan = make_plan(
+        desired={"u1:a": link("a")},
+        records={"u1:a": record("a")},
+        facts=facts("a"),
+        rejected={"u1:a": DELETE_REFUSED},
+    )
+    assert plan.unchanged == ["u1:a"]
+    assert plan.lifted_refusals == ["u1:a"]
+    rejected_payload = make_plan(
+        desired={"u1:a": link("a")},
+        records={},
+        facts=facts("a"),
+        rejected={"u1:a": fingerprint(link("a"))},
+    )
+    assert rejected_payload.lifted_refusals == []
+
+
 def test_plan_incomplete_listing_deletes_nothing() -> None:
     """Without a complete listing every recorded link is kept."""
     records = {"u1:a": record("a", missing=5)}

@@ -59,3 +59,31 @@ def test_backfill_interrupted_twice_does_not_push_the_first_attempts_links_again
     assert third.outcome is Outcome.OK
     assert world.request_counts().get(POSTS) == 4
     assert harness.close_side(user) == harness.expected(user)
+
+
+def test_refused_delete_of_a_link_that_came_back_is_asked_again_next_time(
+    harness: Harness,
+) -> None:
+    """Refused DELETE, type reactivated unchanged, deactivated again: the DELETE is sent again."""
+    world = harness.sandbox.world
+    user = world.create_user()
+    made = [world.create_event_type(user.calendly_user_uuid, name=f"R{i}") for i in range(3)]
+    conn = harness.add(user)
+    harness.run(conn)
+    target = made[0]["uri"].rsplit("/", 1)[-1]
+    sid = f"{user.calendly_user_uuid}:{target}"
+    world.update_event_type(target, active=False)
+    world.add_fault(api="close", kind="400", method="DELETE", count=1)
+    refused = harness.run(conn)
+    assert sid in refused.failed
+    world.update_event_type(target, active=True)
+    back = harness.run(conn)
+    assert back.outcome is Outcome.OK
+    assert back.unchanged == 3
+    assert harness.services.state.rejected(conn) == {}
+    world.update_event_type(target, active=False)
+    world.reset_request_counts()
+    again = harness.run(conn)
+    assert again.outcome is Outcome.OK, again.failed
+    assert world.request_counts().get(DELETES) == 1
+    assert sid not in harness.close_side(user)

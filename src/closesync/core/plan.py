@@ -9,7 +9,9 @@ The rules, all in `make_plan`:
 
 - create: desired, no record; update: desired, recorded fingerprint differs; unchanged: same.
 - A payload that Close rejected (400) is not sent again until it changes (`rejected`); a deletion
-  Close refused (its rejection says DELETE_REFUSED) is not asked again, but by a backfill.
+  Close refused (its rejection says DELETE_REFUSED) is not asked again, but by a backfill, while
+  the link stays undesired: once it is desired again the refusal is lifted, so that the next
+  deletion of it is asked (the refusal was of that deletion, not of every later one).
 - Nothing is deleted unless the listing was complete (every page answered 2xx).
 - A link whose event type was listed but is not synced (inactive, secret when excluded, one-off)
   is deleted at once: the complete listing itself says so.
@@ -149,6 +151,8 @@ class Plan:
     still_rejected: list[str] = field(default_factory=list)
     # Deletions Close refused before: not asked again (a backfill asks again).
     refused_deletes: list[str] = field(default_factory=list)
+    # Links desired again whose deletion Close refused before: that refusal is to be dropped.
+    lifted_refusals: list[str] = field(default_factory=list)
     # Links kept although their event type is not desired now, with why.
     kept: dict[str, str] = field(default_factory=dict)
     # New `missing` counts (and their start) of kept records; absent = unchanged.
@@ -198,6 +202,8 @@ def make_plan(
         payload = desired[source_id]
         record = records.get(source_id)
         current = fingerprint(payload)
+        if rejected.get(source_id) == DELETE_REFUSED:
+            plan.lifted_refusals.append(source_id)
         if rejected.get(source_id) == current and not force:
             plan.still_rejected.append(source_id)
         elif record is None:

@@ -19,7 +19,8 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:conn:{id}:rejected          HASH    source_id -> JSON {fingerprint, error}: a
                                             payload Close refused, not resent unchanged
                                             (fingerprint "delete": a refused deletion,
-                                            asked again only by a backfill)              no TTL
+                                            asked again by a backfill; dropped once the
+                                            link is desired again)                       no TTL
     {p}:conn:{id}:held              STRING  JSON {source_ids, reason, at}: deletions held
                                             by the mass-delete guard; absent = none      no TTL
     {p}:conn:{id}:reports           LIST    RunReport JSON, newest first, LTRIMmed to

@@ -157,6 +157,13 @@ class SyncState:
         """source_id -> why Close refused it."""
         return {sid: entry["error"] for sid, entry in self._rejections(conn_id).items()}
 
+    @guard("forgetting rejections")
+    def forget_rejections(self, conn_id: str, source_ids: list[str]) -> None:
+        """Drop the rejections of these links (a refused deletion of a link desired again)."""
+        if source_ids:
+            key = self.keys.rejected(conn_id)
+            self._unless_removed(conn_id, lambda pipe: pipe.hdel(key, *source_ids))
+
     @guard("recording a rejection")
     def record_rejection(self, conn_id: str, source_id: str, fingerprint: str, error: str) -> None:
         entry = json.dumps({"fingerprint": fingerprint, "error": error})

@@ -239,6 +239,8 @@ class ConnectionRun:
         state.set_held(conn_id, report.held_deletions, report.held_reason, self.engine.clock())
         if plan.missing_counts:
             state.set_missing(conn_id, plan.missing_counts)
+        if plan.lifted_refusals:
+            state.forget_rejections(conn_id, plan.lifted_refusals)
         for source_id in plan.still_rejected:
             report.failed[source_id] = "refused by Close before; not sent again until it changes"
         refusals = state.rejected_errors(conn_id) if plan.refused_deletes else {}
