@@ -187,6 +187,20 @@ def test_plan_missing_type_the_fetch_shows_ours_is_kept_and_reported() -> None:
     assert plan.missing_counts == {"u1:a": Misses(5, 1000.0)}
 
 
+def test_plan_missing_team_type_is_never_deleted_for_misses() -> None:
+    """A team type missing from listings far apart is kept, with why: membership is unknowable."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=7, since=1000.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.TEAM},
+        now=90_000.0,
+    )
+    assert plan.deletes == []
+    assert "active team event type" in plan.kept["u1:a"]
+    assert plan.missing_counts == {"u1:a": Misses(8, 1000.0)}
+
+
 def test_plan_missing_type_whose_fetch_failed_is_never_deleted_for_misses() -> None:
     """A failed fetch (or one naming no owner) proves nothing: kept, even missed long enough."""
     plan = make_plan(
@@ -210,15 +224,19 @@ def event_type(**fields: object) -> EventType:
     return EventType.model_validate({"uri": f"{BASE}/a", "active": True, **fields})
 
 
-def test_fetch_verdict_reads_gone_ours_elsewhere_and_unknown() -> None:
-    """Deleted or inactive: gone; profile owner this user: ours; another: exists; none: unknown."""
+def test_fetch_verdict_reads_gone_ours_elsewhere_team_and_unknown() -> None:
+    """Deleted or inactive: gone; owner this user: ours; another: exists; a team's: team."""
     me = "https://api.calendly.com/users/u1"
     other = "https://api.calendly.com/users/u2"
     team = {"type": "Team", "name": "Sales", "owner": other}
     assert fetch_verdict(event_type(deleted_at="2026-01-01T00:00:00Z"), "u1") is FetchVerdict.GONE
     assert fetch_verdict(event_type(active=False), "u1") is FetchVerdict.GONE
     assert fetch_verdict(event_type(profile={"owner": me}), "u1") is FetchVerdict.OURS
-    assert fetch_verdict(event_type(profile=team), "u1") is FetchVerdict.EXISTS
+    assert fetch_verdict(event_type(profile={"type": "User", "owner": other}), "u1") is (
+        FetchVerdict.EXISTS
+    )
+    assert fetch_verdict(event_type(profile=team), "u1") is FetchVerdict.TEAM
+    assert fetch_verdict(event_type(profile={**team, "owner": me}), "u1") is FetchVerdict.TEAM
     assert fetch_verdict(event_type(profile=None), "u1") is FetchVerdict.UNKNOWN
     assert fetch_verdict(event_type(profile={"type": "User"}), "u1") is FetchVerdict.UNKNOWN
 

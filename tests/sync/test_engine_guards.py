@@ -87,3 +87,62 @@ def test_refused_delete_of_a_link_that_came_back_is_asked_again_next_time(
     assert again.outcome is Outcome.OK, again.failed
     assert world.request_counts().get(DELETES) == 1
     assert sid not in harness.close_side(user)
+
+
+def _team_type(harness: Harness) -> tuple[str, str]:
+    """A round-robin type made by users[1] with users[0] as member; (its uuid, users[0]'s sid)."""
+    world = harness.sandbox.world
+    user, other = harness.sandbox.users[0], harness.sandbox.users[1]
+    team = world.create_event_type(
+        other.calendly_user_uuid,
+        name="Team intro",
+        kind="group",
+        pooling_type="round_robin",
+        members=[user.calendly_user_uuid],
+    )
+    team_uuid = team["uri"].rsplit("/", 1)[-1]
+    return team_uuid, f"{user.calendly_user_uuid}:{team_uuid}"
+
+
+def test_listings_omitting_a_team_type_the_user_still_hosts_keep_its_link(
+    harness: Harness,
+) -> None:
+    """Listings 600 s apart omitting a team type still hosted keep its link, reported why."""
+    world = harness.sandbox.world
+    user = harness.sandbox.users[0]
+    team_uuid, sid = _team_type(harness)
+    conn = harness.add(user)
+    harness.run(conn)
+    assert sid in harness.close_side(user)
+    world.add_fault(
+        api="calendly", kind="omit", path_prefix="/event_types", omit=team_uuid, count=9
+    )
+    first = harness.run(conn)
+    world.advance_clock(600)
+    second = harness.run(conn)
+    world.advance_clock(600)
+    third = harness.run(conn)
+    assert (first.deleted, second.deleted, third.deleted) == (0, 0, 0)
+    assert "team event type" in third.kept[sid]
+    assert sid in harness.expected(user)
+    assert harness.close_side(user) == harness.expected(user)
+
+
+def test_left_team_type_link_stays_while_the_type_exists_and_goes_when_deactivated(
+    harness: Harness,
+) -> None:
+    """A team type the user left keeps its link (nothing proves they left) until it is inactive."""
+    world = harness.sandbox.world
+    user = harness.sandbox.users[0]
+    team_uuid, sid = _team_type(harness)
+    conn = harness.add(user)
+    harness.run(conn)
+    world.change_members(team_uuid, add=[], remove=[user.calendly_user_uuid])
+    for _ in range(3):
+        assert harness.run(conn).deleted == 0
+        world.advance_clock(900)
+    assert sid in harness.close_side(user)
+    world.update_event_type(team_uuid, active=False)
+    gone = harness.run(conn)
+    assert gone.deleted == 1
+    assert harness.close_side(user) == harness.expected(user)

@@ -18,12 +18,15 @@ The rules, all in `make_plan`:
 - A link whose event type was listed but could not be mapped or parsed is kept: doubt.
 - A link whose event type is missing from the listing is deleted at once when a direct fetch shows
   it gone (404, `deleted_at`, inactive). When the fetch shows it active and no longer this user's
-  (its profile names another owner: a team type the user left), the link is deleted once it has
-  been missing from two complete listings in a row that ran at least `confirm_seconds` apart
-  (`now` is the time of this run's listing): a retry, rerun or redelivery seconds after the first
-  listing is no second opinion. When the fetch shows it active and still this user's, the listing
-  contradicts it: the link is kept, however often it is missed, and reported. A failed fetch, or
-  one that names no owner, proves nothing either: kept.
+  (a User profile naming another owner), the link is deleted once it has been missing from two
+  complete listings in a row that ran at least `confirm_seconds` apart (`now` is the time of this
+  run's listing): a retry, rerun or redelivery seconds after the first listing is no second
+  opinion. When the fetch shows it active and still this user's, the listing contradicts it: the
+  link is kept, however often it is missed, and reported. A failed fetch, or one that names no
+  owner, proves nothing either: kept. Nor does an active team type's: its profile names one user
+  (or the team), never its hosts, and Calendly offers no way to ask whether this user still hosts
+  it, so a listing glitch and a user who left the team look the same. Its link is kept (and
+  reported) until the type is deactivated or deleted, or the link is deleted in Close by hand.
 - Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), or
   remove every link of a connection that has more than one (however few: the minimum alone would
   leave small connections unguarded), all of them are held (and reported) unless the run was
@@ -89,9 +92,11 @@ class FetchVerdict(StrEnum):
     """What a direct fetch of a missing event type showed."""
 
     GONE = "gone"  # 404, deleted_at set, or inactive: delete now
-    # Active, its profile naming another owner (a team type the user left): delete once the
-    # misses are confirmed (two complete listings, `confirm_seconds` apart).
+    # Active, a User profile naming another owner: delete once the misses are confirmed (two
+    # complete listings, `confirm_seconds` apart).
     EXISTS = "exists"
+    # Active and a team's: whether this user still hosts it is not in the answer: kept.
+    TEAM = "team"
     # Active and its profile names this user: the listing was wrong, not the event type gone.
     OURS = "ours"
     UNKNOWN = "unknown"  # the fetch failed, or its profile names no owner: kept on doubt
@@ -101,7 +106,11 @@ def fetch_verdict(event_type: EventType, user_uuid: str) -> FetchVerdict:
     """What a direct fetch of an event type missing from `user_uuid`'s listing says."""
     if event_type.deleted_at is not None or not event_type.active:
         return FetchVerdict.GONE
-    owner = event_type.profile.owner if event_type.profile is not None else None
+    profile = event_type.profile
+    if profile is not None and (profile.type or "").casefold() == "team":
+        # The owner of a team type is no answer: every member but one would read "another's".
+        return FetchVerdict.TEAM
+    owner = profile.owner if profile is not None else None
     if not owner:
         return FetchVerdict.UNKNOWN
     return FetchVerdict.OURS if uuid_of(owner) == user_uuid else FetchVerdict.EXISTS
@@ -282,6 +291,12 @@ def _why_kept(
         return (
             f"missing from {listings}, but a direct fetch shows it active and this user's: "
             "the listing is doubtful"
+        )
+    if verdict is FetchVerdict.TEAM:
+        return (
+            f"missing from {listings}; a direct fetch shows an active team event type, and "
+            "Calendly does not say whether this user still hosts it: kept until it is "
+            "deactivated or deleted"
         )
     if verdict is not FetchVerdict.EXISTS:
         return f"missing from {listings}; its direct fetch failed or named no owner"
