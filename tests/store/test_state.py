@@ -203,6 +203,28 @@ def test_store_calendly_user_freed_by_remove_or_by_moving_to_another_user(
     }
 
 
+def test_store_save_with_another_calendly_user_forgets_the_previous_users_state(
+    store: ConnectionStore, sync: SyncState, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A reconnect to another Calendly user drops records, refusals, holds and backfill progress."""
+    conn_id = "conn_000000000001"
+    store.save(connection(), grants())
+    sync.record_write(conn_id, "U1:a", record())
+    sync.record_rejection(conn_id, "U1:b", "delete", "refused")
+    sync.set_held(conn_id, ["U1:a"], "too many", 1.0)
+    sync.set_backfill_progress(conn_id, BackfillProgress(started_at=1.0, cursor="U1:a"))
+    sync.push_report(conn_id, RunReport(connection_id=conn_id, started_at=1.0), keep=5)
+    store.save(connection(), grants("tok_again"))  # the same Calendly user: all of it stays
+    assert set(sync.records(conn_id)) == {"U1:a"}
+    assert sync.held(conn_id) is not None
+    store.save(connection(calendly_user_uri="https://api.calendly.com/users/U2"), grants())
+    assert sync.records(conn_id) == {}
+    assert sync.rejected(conn_id) == {}
+    assert sync.held(conn_id) is None
+    assert sync.backfill_progress(conn_id) is None
+    assert len(sync.reports(conn_id)) == 1  # the history stays
+
+
 def _save_racing(
     redis_url: str, keys: Keys, box: FernetBox, candidate: Connection, barrier: threading.Barrier
 ) -> str:

@@ -98,6 +98,12 @@ class ConnectionStore:
 
         The Calendly user's index is WATCHed from the check to the write: of two saves racing
         for one Calendly user, the second's transaction fails, re-reads, and is refused.
+
+        A reconnect to another Calendly user drops, in the same transaction, what the connection
+        knew of the previous one's links (records, rejections, held deletions, backfill
+        progress): those source_ids name the previous Calendly user, whose links may now be
+        another connection's, so no run of this one may plan from them, let alone delete them.
+        The links themselves stay in Close.
         """
         conn_id = connection.id
         calendly_key = self.keys.calendly_user(connection.calendly_user_uuid)
@@ -110,16 +116,23 @@ class ConnectionStore:
             previous = pipe.get(self.keys.conn(conn_id))
             # Index entries of the previous record that this save makes wrong, if still ours.
             moved: list[str] = []
+            forgotten: list[str] = []
             if previous is not None:
                 old = Connection.model_validate_json(previous)
                 if old.close_user_id != connection.close_user_id:
                     moved.append(self.keys.close_user(old.close_user_id))
                 if old.calendly_user_uuid != connection.calendly_user_uuid:
                     moved.append(self.keys.calendly_user(old.calendly_user_uuid))
+                    forgotten = [
+                        self.keys.links(conn_id),
+                        self.keys.rejected(conn_id),
+                        self.keys.held(conn_id),
+                        self.keys.backfill(conn_id),
+                    ]
             stale = [key for key in moved if _text(pipe.get(key)) == conn_id]
             pipe.multi()
-            if stale:
-                pipe.delete(*stale)
+            if stale or forgotten:
+                pipe.delete(*stale, *forgotten)
             pipe.set(self.keys.conn(conn_id), connection.model_dump_json())
             pipe.set(self.keys.grants(conn_id), sealed_grants)
             pipe.set(self.keys.close_user(connection.close_user_id), conn_id)
