@@ -313,6 +313,25 @@ def test_plan_foreign_source_id_is_never_deleted() -> None:
     assert plan.kept == {"manual-thing": "source_id not in closesync's format"}
 
 
+def test_plan_record_of_another_calendly_user_is_set_apart_never_deleted() -> None:
+    """Records naming another Calendly user are set apart (to forget), not fetched or counted."""
+    records = {"u0:a": record("a"), "u1:b": record("b"), "u1:c": record("c")}
+    plan = make_plan(
+        desired={},
+        records=records,
+        facts=facts(),
+        verdicts={sid: FetchVerdict.GONE for sid in records},
+        user_uuid=USER,
+    )
+    assert plan.foreign == ["u0:a"]
+    assert "another Calendly user" in plan.kept["u0:a"]
+    # Both of this user's links going is every link of the connection: held.
+    assert [d.source_id for d in plan.held] == ["u1:b", "u1:c"]
+    assert missing_from_listing(records, {}, facts(), USER) == ["u1:b", "u1:c"]
+    unchecked = make_plan(desired={}, records=records, facts=facts(), allow_mass_delete=True)
+    assert unchecked.foreign == []
+
+
 def test_plan_mass_delete_over_threshold_is_held() -> None:
     """Six of ten links going exceeds max(5, 0.5 x 10) = 5: all six are held with a reason."""
     records = {f"u1:{i}": record(str(i)) for i in range(10)}

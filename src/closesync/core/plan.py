@@ -12,6 +12,9 @@ The rules, all in `make_plan`:
   Close refused (its rejection says DELETE_REFUSED) is not asked again, but by a backfill, while
   the link stays undesired: once it is desired again the refusal is lifted, so that the next
   deletion of it is asked (the refusal was of that deletion, not of every later one).
+- A record whose source_id names another Calendly user than the connection's (left by a
+  reconnect to another Calendly user, or by a run of the old pairing) is dropped from the
+  records, never deleted: that link is not this connection's and may be another connection's.
 - Nothing is deleted unless the listing was complete (every page answered 2xx).
 - A link whose event type was listed but is not synced (inactive, secret when excluded, one-off)
   is deleted at once: the complete listing itself says so.
@@ -162,6 +165,8 @@ class Plan:
     refused_deletes: list[str] = field(default_factory=list)
     # Links desired again whose deletion Close refused before: that refusal is to be dropped.
     lifted_refusals: list[str] = field(default_factory=list)
+    # Records of another Calendly user's source_ids: to be dropped from the records, untouched.
+    foreign: list[str] = field(default_factory=list)
     # Links kept although their event type is not desired now, with why.
     kept: dict[str, str] = field(default_factory=dict)
     # New `missing` counts (and their start) of kept records; absent = unchanged.
@@ -172,8 +177,17 @@ class Plan:
         return len(self.creates) + len(self.updates) + len(self.deletes)
 
 
+def names_another_user(source_id: str, user_uuid: str | None) -> bool:
+    """Whether `source_id` has closesync's format for a Calendly user other than `user_uuid`."""
+    parsed = parse_source_id(source_id)
+    return user_uuid is not None and parsed is not None and parsed[0] != user_uuid
+
+
 def missing_from_listing(
-    records: Mapping[str, LinkRecord], desired: Mapping[str, LinkPayload], facts: ListingFacts
+    records: Mapping[str, LinkRecord],
+    desired: Mapping[str, LinkPayload],
+    facts: ListingFacts,
+    user_uuid: str | None = None,
 ) -> list[str]:
     """Recorded links whose event type a complete listing did not show: they need a direct fetch."""
     if not facts.complete:
@@ -181,7 +195,9 @@ def missing_from_listing(
     return sorted(
         source_id
         for source_id, record in records.items()
-        if source_id not in desired and uuid_of(record.event_type_uri) not in facts.listed_uuids
+        if source_id not in desired
+        and uuid_of(record.event_type_uri) not in facts.listed_uuids
+        and not names_another_user(source_id, user_uuid)
     )
 
 
@@ -197,16 +213,26 @@ def make_plan(
     force: bool = False,
     now: float | None = None,
     confirm_seconds: float = DELETE_CONFIRM_SECONDS,
+    user_uuid: str | None = None,
 ) -> Plan:
     """Compare desired links with the records and decide every write.
 
     `force` (backfill) pushes every desired link whatever the fingerprints say. `now` is when
     this run listed Calendly; without it no link is deleted for being missing alone.
+    `user_uuid` is the connection's Calendly user: records of any other are set apart.
     """
     verdicts = verdicts or {}
     rejected = rejected or {}
     rule = rule or MassDeleteRule()
-    plan = Plan()
+    foreign = sorted(sid for sid in records if names_another_user(sid, user_uuid))
+    plan = Plan(foreign=foreign)
+    for source_id in foreign:
+        plan.kept[source_id] = (
+            "recorded for another Calendly user than this connection's (it was reconnected): "
+            "forgotten; the link is left in Close"
+        )
+    set_apart = set(foreign)
+    records = {sid: record for sid, record in records.items() if sid not in set_apart}
     for source_id in sorted(desired):
         payload = desired[source_id]
         record = records.get(source_id)

@@ -160,9 +160,10 @@ class ConnectionRun:
         records = (
             self._records_from_close() if rebuilt else self.engine.state.records(connection.id)
         )
+        user_uuid = connection.calendly_user_uuid
         verdicts = {
             source_id: self._verdict(records[source_id])
-            for source_id in missing_from_listing(records, result.links, facts)
+            for source_id in missing_from_listing(records, result.links, facts, user_uuid)
         }
         return make_plan(
             desired=result.links,
@@ -175,6 +176,7 @@ class ConnectionRun:
             force=mode is RunMode.BACKFILL,
             now=listed_at,
             confirm_seconds=self.engine.config.delete_confirm_seconds,
+            user_uuid=user_uuid,
         )
 
     def _options(self) -> MappingOptions:
@@ -241,6 +243,9 @@ class ConnectionRun:
             state.set_missing(conn_id, plan.missing_counts)
         if plan.lifted_refusals:
             state.forget_rejections(conn_id, plan.lifted_refusals)
+        for source_id in plan.foreign:
+            # Not this connection's link (see plan): only our record of it goes.
+            state.forget(conn_id, source_id)
         for source_id in plan.still_rejected:
             report.failed[source_id] = "refused by Close before; not sent again until it changes"
         refusals = state.rejected_errors(conn_id) if plan.refused_deletes else {}
