@@ -6,13 +6,20 @@ Sandbox over loopback HTTP and a real Redis, as in test_engine.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
-from closesync.core.report import Outcome, RunMode
+from closesync.core.connection import Connection, Grants
+from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.sandbox import Sandbox, SandboxConfig
+from closesync.sandbox.connections import sandbox_connection
+from closesync.sandbox.links import LinkBook
+from closesync.sandbox.records import SeededUser
 from tests.sync_harness import Harness
 
 POSTS = "close POST /api/v1/scheduling_link/integration/"
@@ -146,3 +153,140 @@ def test_left_team_type_link_stays_while_the_type_exists_and_goes_when_deactivat
     gone = harness.run(conn)
     assert gone.deleted == 1
     assert harness.close_side(user) == harness.expected(user)
+
+
+def _move(harness: Harness, conn_id: str, to: SeededUser) -> None:
+    """Reconnect `conn_id` (same Close user) to the Calendly user of `to`, as `add` would."""
+    services = harness.services
+    existing = services.connections.get(conn_id)
+    close = services.connections.grants(conn_id).close
+    moved = existing.model_copy(
+        update={"calendly_user_uri": to.calendly_user_uri, "calendly_email": to.email}
+    )
+    _, theirs = sandbox_connection(to, time.time())
+    services.connections.save(moved, Grants(close=close, calendly=theirs.calendly))
+
+
+def _pair(harness: Harness, close_of: SeededUser, calendly_of: SeededUser) -> str:
+    """A new connection of `close_of`'s Close user with `calendly_of`'s Calendly user."""
+    base, close = sandbox_connection(close_of, time.time())
+    _, calendly = sandbox_connection(calendly_of, time.time())
+    connection = Connection(
+        **{
+            **base.model_dump(),
+            "calendly_user_uri": calendly_of.calendly_user_uri,
+            "calendly_email": calendly_of.email,
+        }
+    )
+    harness.services.connections.save(
+        connection, Grants(close=close.close, calendly=calendly.calendly)
+    )
+    return connection.id
+
+
+def _deleted(*reports: RunReport) -> list[str]:
+    return [line.split()[1] for r in reports for line in r.planned if line.startswith("delete ")]
+
+
+def test_reconnect_to_another_calendly_user_never_deletes_the_previous_users_source_ids(
+    harness: Harness,
+) -> None:
+    """C0 moves from Calendly U0 to U1, C1 connects U0: C0's runs delete no `U0:*` link."""
+    world = harness.sandbox.world
+    u0, u1 = harness.sandbox.users[0], harness.sandbox.users[1]
+    conn_1 = harness.add(u0)
+    assert harness.run(conn_1).outcome is Outcome.OK
+    made = set(harness.close_side(u0))
+    assert made
+    _move(harness, conn_1, u1)
+    assert harness.services.state.records(conn_1) == {}
+    conn_2 = _pair(harness, u1, u0)
+    assert harness.run(conn_2).outcome is Outcome.OK
+    first = harness.run(conn_1)
+    world.advance_clock(601)
+    second = harness.run(conn_1)
+    assert (first.outcome, second.outcome) == (Outcome.OK, Outcome.OK)
+    assert not [sid for sid in _deleted(first, second) if sid.startswith(u0.calendly_user_uuid)]
+    # C0 keeps the links made for U0 (no longer its connection's) beside U1's new ones.
+    assert made <= set(harness.close_side(u0))
+
+
+def test_reconnect_with_source_ids_scoped_per_application_leaves_the_new_owners_links(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With source_id unique per app only, the moved connection leaves U0's new connection alone."""
+
+    def per_app(self: LinkBook, client_id: str, user_id: str, source_id: str) -> Any:
+        return next(
+            (
+                link
+                for link in self.links.values()
+                if (link.oauth_client_id, link.source_id) == (client_id, source_id)
+                and link.source == "THIRD_PARTY"
+            ),
+            None,
+        )
+
+    monkeypatch.setattr(LinkBook, "_integration_link", per_app)
+    world = harness.sandbox.world
+    u0, u1 = harness.sandbox.users[0], harness.sandbox.users[1]
+    conn_1 = harness.add(u0)
+    harness.run(conn_1)
+    _move(harness, conn_1, u1)
+    conn_2 = _pair(harness, u1, u0)
+    harness.run(conn_2)
+
+    def u0_links() -> list[str]:
+        return sorted(
+            link["source_id"]
+            for link in world.close_links()
+            if link["source"] == "THIRD_PARTY"
+            and link["source_id"].startswith(u0.calendly_user_uuid)
+        )
+
+    before = u0_links()
+    assert before
+    harness.run(conn_1)
+    world.advance_clock(601)
+    harness.run(conn_1)
+    assert u0_links() == before
+
+
+def test_record_of_another_calendly_user_is_forgotten_never_deleted(harness: Harness) -> None:
+    """A record whose source_id names another Calendly user is dropped; its link is not deleted."""
+    u0, u1 = harness.sandbox.users[0], harness.sandbox.users[1]
+    conn_1 = harness.add(u0)
+    harness.run(conn_1)
+    records = harness.services.state.records(conn_1)
+    _move(harness, conn_1, u1)
+    # As a run of the old pairing still going during the reconnect would have left them.
+    for sid, record in records.items():
+        harness.services.state.record_write(conn_1, sid, record)
+    harness.sandbox.world.reset_request_counts()
+    report = harness.run(conn_1)
+    assert report.outcome is Outcome.OK
+    assert harness.sandbox.world.request_counts().get(DELETES, 0) == 0
+    assert set(records) <= set(report.kept)
+    assert set(harness.services.state.records(conn_1)) == set(harness.expected(u1))
+    assert set(records) <= set(harness.close_side(u0))
+
+
+def test_run_reads_the_connection_again_once_it_holds_the_lock(harness: Harness) -> None:
+    """A reconnect while a run waits for its lock: the run syncs the new Calendly user."""
+    u0, u1 = harness.sandbox.users[0], harness.sandbox.users[1]
+    conn_1 = harness.add(u0)
+    engine = harness.engine()
+    real_lock = engine.run_lock
+
+    @contextmanager
+    def lock_after_a_reconnect(connection_id: str, ttl: int) -> Iterator[Any]:
+        _move(harness, conn_1, u1)
+        with real_lock(connection_id, ttl) as lock:
+            yield lock
+
+    engine.run_lock = lock_after_a_reconnect
+    report = engine.run(conn_1)
+    assert report.outcome is Outcome.OK, report.errors
+    assert set(harness.services.state.records(conn_1)) == set(harness.expected(u1))
+    # Close user C0's links are U1's only: none was made for U0 with U1's token.
+    assert set(harness.close_side(u0)) == set(harness.expected(u1))
