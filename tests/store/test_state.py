@@ -300,6 +300,33 @@ def test_store_remove_erases_every_key(
         store.remove(conn_id)
 
 
+def test_store_save_after_remove_is_refused_and_brings_no_key_back(
+    store: ConnectionStore, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A save of a removed connection (read before the remove) raises and writes nothing."""
+    conn_id = "conn_000000000001"
+    stale = connection()
+    store.save(stale, grants())
+    store.remove(conn_id)
+    with pytest.raises(ConnectionRemoved, match="connect again"):
+        store.save(stale, grants())
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == [keys.removed(conn_id)]
+    store.save(connection("conn_000000000002"), grants())  # a new connection of that user
+    assert [c.id for c in store.list()] == ["conn_000000000002"]
+
+
+def test_store_save_of_a_connection_whose_removal_stopped_midway_is_refused(
+    store: ConnectionStore,
+) -> None:
+    """While the mark of an unfinished removal stands, the connection is not saved over."""
+    store.save(connection(), grants())
+    assert store.mark_removing("conn_000000000001")
+    with pytest.raises(ConnectionRemoved, match="run it again to finish"):
+        store.save(connection(name="again"), grants("tok_new"))
+    assert store.get("conn_000000000001").name is None
+    assert store.grants("conn_000000000001").close.access_token.get_secret_value() == ACCESS
+
+
 def test_sync_state_writes_after_removal_refused_no_key_recreated(
     store: ConnectionStore, sync: SyncState, redis_client: redis.Redis, keys: Keys
 ) -> None:
