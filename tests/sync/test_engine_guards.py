@@ -290,3 +290,21 @@ def test_run_reads_the_connection_again_once_it_holds_the_lock(harness: Harness)
     assert set(harness.services.state.records(conn_1)) == set(harness.expected(u1))
     # Close user C0's links are U1's only: none was made for U0 with U1's token.
     assert set(harness.close_side(u0)) == set(harness.expected(u1))
+
+
+def test_misses_are_timed_by_redis_not_by_the_workers_own_clock(harness: Harness) -> None:
+    """A worker whose clock is 15 min slow times a listing's miss by Redis, as every worker does."""
+    world = harness.sandbox.world
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    target = next(et.uuid for et in harness.calendly_types(user) if et.active)
+    sid = f"{user.calendly_user_uuid}:{target}"
+    world.add_fault(api="calendly", kind="omit", path_prefix="/event_types", omit=target, count=9)
+    services = harness.services
+    slow = services.engine(wait_budget=5, sleep=harness.sleep, clock=lambda: time.time() - 900)
+    assert slow.run(conn).outcome is Outcome.OK
+    seconds, micros = services.redis.time()
+    since = services.state.records(conn)[sid].missing_since
+    assert since is not None
+    assert abs(seconds + micros / 1e6 - since) < 60

@@ -15,7 +15,8 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             event_type_uri, missing, missing_since}: what
                                             Close accepted; `missing` complete listings in
                                             a row missed its event type, the first at
-                                            epoch seconds `missing_since` (null: none)   no TTL
+                                            `missing_since`, epoch seconds by Redis's
+                                            TIME, one clock for all workers (null: none) no TTL
     {p}:conn:{id}:rejected          HASH    source_id -> JSON {fingerprint, error}: a
                                             payload Close refused, not resent unchanged
                                             (fingerprint "delete": a refused deletion,

@@ -55,6 +55,19 @@ class SyncState:
         self.redis = redis
         self.keys = keys
 
+    # --- the deployment's clock -------------------------------------------------------------------
+
+    @guard("reading Redis's clock")
+    def now(self) -> float:
+        """Epoch seconds by Redis's clock (TIME), the one clock every worker and host shares.
+
+        A time one worker stores and another compares against (when a listing first missed an
+        event type) must not depend on whose clock is off: a worker 15 minutes slow would
+        otherwise make the next worker's listing look 15 minutes later.
+        """
+        seconds, micros = self.redis.time()
+        return float(seconds) + float(micros) / 1e6
+
     # --- the removal mark ------------------------------------------------------------------------
 
     @guard("reading the removal mark")

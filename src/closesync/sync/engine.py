@@ -71,13 +71,17 @@ class SyncEngine:
         run_lock: Callable[[str, int], AbstractContextManager[LockHandle]],
         clients_for: Callable[[Connection], Clients],
         clock: Callable[[], float] = time.time,
+        shared_clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.connections = connections
         self.state = state
         self.run_lock = run_lock
         self.clients_for = clients_for
+        # `clock` times this process's reports; `shared_clock` (Redis's, from the services)
+        # times the listings, whose misses another worker may confirm (run.py).
         self.clock = clock
+        self.shared_clock = shared_clock or clock
 
     def run(
         self,

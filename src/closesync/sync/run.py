@@ -140,7 +140,8 @@ class ConnectionRun:
         """Read Calendly (and, for backfill and drift, Close) and decide every write."""
         connection = self.connection
         # Misses are timed from when the listing began: it is what saw the event type missing.
-        listed_at = self.engine.clock()
+        # By the clock every worker shares: the next listing may run on another host.
+        listed_at = self.engine.shared_clock()
         listing = self._authed(
             self.clients.calendly_tokens,
             lambda: self.clients.calendly.list_event_types(connection.calendly_user_uri),
