@@ -308,3 +308,21 @@ def test_misses_are_timed_by_redis_not_by_the_workers_own_clock(harness: Harness
     since = services.state.records(conn)[sid].missing_since
     assert since is not None
     assert abs(seconds + micros / 1e6 - since) < 60
+
+
+def test_fetch_answered_by_a_proxys_html_404_keeps_the_link(harness: Harness) -> None:
+    """A listing misses a type and its fetch gets an HTML 404 (not Calendly's): kept, not gone."""
+    world = harness.sandbox.world
+    user = harness.sandbox.users[0]
+    conn = harness.add(user)
+    harness.run(conn)
+    target = next(et.uuid for et in harness.calendly_types(user) if et.active)
+    sid = f"{user.calendly_user_uuid}:{target}"
+    world.add_fault(api="calendly", kind="omit", path_prefix="/event_types", omit=target)
+    world.add_fault(
+        api="calendly", kind="404", path_prefix=f"/event_types/{target}", json_body=False
+    )
+    report = harness.run(conn)
+    assert report.deleted == 0
+    assert "direct fetch failed" in report.kept[sid]
+    assert sid in harness.close_side(user)

@@ -20,16 +20,17 @@ The rules, all in `make_plan`:
   is deleted at once: the complete listing itself says so.
 - A link whose event type was listed but could not be mapped or parsed is kept: doubt.
 - A link whose event type is missing from the listing is deleted at once when a direct fetch shows
-  it gone (404, `deleted_at`, inactive). When the fetch shows it active and no longer this user's
-  (a User profile naming another owner), the link is deleted once it has been missing from two
-  complete listings in a row that ran at least `confirm_seconds` apart (`now` is the time of this
-  run's listing): a retry, rerun or redelivery seconds after the first listing is no second
-  opinion. When the fetch shows it active and still this user's, the listing contradicts it: the
-  link is kept, however often it is missed, and reported. A failed fetch, or one that names no
-  owner, proves nothing either: kept. Nor does an active team type's: its profile names one user
-  (or the team), never its hosts, and Calendly offers no way to ask whether this user still hosts
-  it, so a listing glitch and a user who left the team look the same. Its link is kept (and
-  reported) until the type is deactivated or deleted, or the link is deleted in Close by hand.
+  it gone (Calendly's own 404, `deleted_at`, inactive; a proxy's 404 page is a failed fetch).
+  When the fetch shows it active and no longer this user's (a User profile naming another
+  owner), the link is deleted once it has been missing from two complete listings in a row that
+  ran at least `confirm_seconds` apart (`now` is the time of this run's listing): a retry, rerun
+  or redelivery seconds after the first listing is no second opinion. When the fetch shows it
+  active and still this user's, the listing contradicts it: the link is kept, however often it
+  is missed, and reported. A failed fetch, or one that names no owner, proves nothing either:
+  kept. Nor does an active team type's: its profile names one user (or the team), never its
+  hosts, and Calendly offers no way to ask whether this user still hosts it, so a listing glitch
+  and a user who left the team look the same. Its link is kept (and reported) until the type is
+  deactivated or deleted, or the link is deleted in Close by hand.
 - Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), or
   remove every link of a connection that has more than one (however few: the minimum alone would
   leave small connections unguarded), all of them are held (and reported) unless the run was
@@ -94,7 +95,7 @@ class Misses:
 class FetchVerdict(StrEnum):
     """What a direct fetch of a missing event type showed."""
 
-    GONE = "gone"  # 404, deleted_at set, or inactive: delete now
+    GONE = "gone"  # Calendly's 404, deleted_at set, or inactive: delete now
     # Active, a User profile naming another owner: delete once the misses are confirmed (two
     # complete listings, `confirm_seconds` apart).
     EXISTS = "exists"

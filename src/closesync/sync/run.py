@@ -199,8 +199,9 @@ class ConnectionRun:
             event_type = self._authed(
                 self.clients.calendly_tokens, lambda: self.clients.calendly.get_event_type(uuid)
             )
-        except NotFound:
-            return FetchVerdict.GONE
+        except NotFound as error:
+            # A proxy's 404 page is not Calendly saying the event type is gone.
+            return FetchVerdict.GONE if error.from_api else FetchVerdict.UNKNOWN
         except AuthFailed:
             raise
         except ApiError:
