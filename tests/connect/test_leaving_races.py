@@ -10,7 +10,8 @@ import pytest
 import redis
 
 from closesync.cli.main import main
-from closesync.core.connection import ConnectionState
+from closesync.connect.leaving import remove_connection
+from closesync.core.connection import ConnectionState, Grants
 from closesync.core.report import Outcome
 from closesync.sandbox import Sandbox
 from closesync.sandbox.connections import sandbox_connection
@@ -80,3 +81,24 @@ def test_add_over_a_removal_stopped_midway_is_refused_until_the_removal_is_finis
     report = services.engine(wait_budget=5).run(fresh.id)
     assert report.outcome is Outcome.OK, report.errors
     assert report.created > 0
+
+
+def test_remove_delete_links_targets_the_calendly_user_stored_when_it_runs(
+    sb: Sandbox, services: Services
+) -> None:
+    """A reconnect to U1 after `remove` read the connection: --delete-links deletes U1's links."""
+    u0, u1 = sb.users[0], sb.users[1]
+    stale, grants = sandbox_connection(u0, time.time())
+    services.connections.save(stale, grants)
+    engine = services.engine(wait_budget=5)
+    assert engine.run(stale.id).created > 0
+    _, theirs = sandbox_connection(u1, time.time())
+    moved = stale.model_copy(update={"calendly_user_uri": u1.calendly_user_uri})
+    services.connections.save(moved, Grants(close=grants.close, calendly=theirs.calendly))
+    assert engine.run(stale.id).created > 0
+    removal = remove_connection(services, stale, delete_links=True, revoke=False)
+    left = {link["source_id"] for link in sb.world.close_links(u0.close_user_id)}
+    assert removal.links_deleted is not None
+    assert removal.links_deleted > 0
+    assert left
+    assert all(sid.startswith(u0.calendly_user_uuid) for sid in left)

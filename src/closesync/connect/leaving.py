@@ -69,7 +69,9 @@ def remove_connection(
                 ) from None
             raise
         # Another `remove` may have finished while we waited: ConnectionNotFound, as for any id.
-        services.connections.get(conn_id)
+        # And the record read before the mark may be stale (a reconnect to another Calendly
+        # user, new grants): what is deleted and revoked is what is stored now.
+        connection = services.connections.get(conn_id)
         try:
             deleted = delete_our_links(services, connection) if delete_links else None
             revoked = revoke_connection(services, connection) if revoke else []
