@@ -102,3 +102,21 @@ def test_remove_delete_links_targets_the_calendly_user_stored_when_it_runs(
     assert removal.links_deleted > 0
     assert left
     assert all(sid.startswith(u0.calendly_user_uuid) for sid in left)
+
+
+def test_remove_that_gives_up_on_the_lock_asks_the_run_holding_it_to_run_once_more(
+    sb: Sandbox,
+    services: Services,
+    cli_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Syncs skipped while a remove waited in vain are made up by one more run of the holder."""
+    connection, grants = sandbox_connection(sb.users[0], time.time())
+    services.connections.save(connection, grants)
+    monkeypatch.setenv("REMOVE_WAIT_SECONDS", "0.3")
+    with services.run_lock(connection.id, 30):  # a long run, holding it throughout
+        assert main(["connections", "remove", connection.id]) == 1
+    assert "nothing was removed" in capsys.readouterr().err
+    assert not services.state.is_removed(connection.id)
+    assert services.state.pop_rerun(connection.id)
