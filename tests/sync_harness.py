@@ -66,8 +66,9 @@ class Harness:
 
     def engine(self, wait_budget: float = 60.0) -> SyncEngine:
         # The sandbox's clock: a test moves time for both sides with `sandbox.world.advance_clock`.
+        now = self.sandbox.world.now
         return self.services.engine(
-            wait_budget=wait_budget, sleep=self.sleep, clock=self.sandbox.world.now
+            wait_budget=wait_budget, sleep=self.sleep, clock=now, shared_clock=now
         )
 
     def add(self, user: SeededUser, **grant_overrides: Any) -> str:

@@ -103,6 +103,19 @@ def test_raise_for_response_502_html_names_the_html_page() -> None:
     assert caught.value.message == "Close GET /me/ answered 502 with an HTML page instead of JSON"
 
 
+def test_raise_for_response_404_says_whether_the_api_itself_answered() -> None:
+    """A 404 in the vendor's JSON error shape is the API's word; a proxy's HTML page is not."""
+    calendly = b'{"title": "Resource Not Found", "message": "The server could not find it."}'
+    with pytest.raises(NotFound) as from_api:
+        _raise(404, calendly)
+    assert from_api.value.from_api
+    page = b"<html><body><h1>404 Not Found</h1><hr>nginx</body></html>"
+    with pytest.raises(NotFound) as proxy:
+        _raise(404, page, {"Content-Type": "text/html"})
+    assert not proxy.value.from_api
+    assert "HTML page" in proxy.value.message
+
+
 def test_raise_for_response_400_close_field_errors_are_kept() -> None:
     """Close's field-errors ride on the Rejected error."""
     body = {"errors": [], "field-errors": {"name": "This field is required."}}

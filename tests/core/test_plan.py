@@ -94,6 +94,25 @@ def test_plan_refused_deletion_is_not_asked_again_but_by_a_backfill() -> None:
     assert forced.refused_deletes == []
 
 
+def test_plan_refused_deletion_of_a_link_desired_again_is_lifted() -> None:
+    """A link whose deletion Close refused and that is desired again loses the refusal."""
+    plan = make_plan(
+        desired={"u1:a": link("a")},
+        records={"u1:a": record("a")},
+        facts=facts("a"),
+        rejected={"u1:a": DELETE_REFUSED},
+    )
+    assert plan.unchanged == ["u1:a"]
+    assert plan.lifted_refusals == ["u1:a"]
+    rejected_payload = make_plan(
+        desired={"u1:a": link("a")},
+        records={},
+        facts=facts("a"),
+        rejected={"u1:a": fingerprint(link("a"))},
+    )
+    assert rejected_payload.lifted_refusals == []
+
+
 def test_plan_incomplete_listing_deletes_nothing() -> None:
     """Without a complete listing every recorded link is kept."""
     records = {"u1:a": record("a", missing=5)}
@@ -168,6 +187,20 @@ def test_plan_missing_type_the_fetch_shows_ours_is_kept_and_reported() -> None:
     assert plan.missing_counts == {"u1:a": Misses(5, 1000.0)}
 
 
+def test_plan_missing_team_type_is_never_deleted_for_misses() -> None:
+    """A team type missing from listings far apart is kept, with why: membership is unknowable."""
+    plan = make_plan(
+        desired={},
+        records={"u1:a": record("a", missing=7, since=1000.0)},
+        facts=facts(),
+        verdicts={"u1:a": FetchVerdict.TEAM},
+        now=90_000.0,
+    )
+    assert plan.deletes == []
+    assert "active team event type" in plan.kept["u1:a"]
+    assert plan.missing_counts == {"u1:a": Misses(8, 1000.0)}
+
+
 def test_plan_missing_type_whose_fetch_failed_is_never_deleted_for_misses() -> None:
     """A failed fetch (or one naming no owner) proves nothing: kept, even missed long enough."""
     plan = make_plan(
@@ -191,15 +224,19 @@ def event_type(**fields: object) -> EventType:
     return EventType.model_validate({"uri": f"{BASE}/a", "active": True, **fields})
 
 
-def test_fetch_verdict_reads_gone_ours_elsewhere_and_unknown() -> None:
-    """Deleted or inactive: gone; profile owner this user: ours; another: exists; none: unknown."""
+def test_fetch_verdict_reads_gone_ours_elsewhere_team_and_unknown() -> None:
+    """Deleted or inactive: gone; owner this user: ours; another: exists; a team's: team."""
     me = "https://api.calendly.com/users/u1"
     other = "https://api.calendly.com/users/u2"
     team = {"type": "Team", "name": "Sales", "owner": other}
     assert fetch_verdict(event_type(deleted_at="2026-01-01T00:00:00Z"), "u1") is FetchVerdict.GONE
     assert fetch_verdict(event_type(active=False), "u1") is FetchVerdict.GONE
     assert fetch_verdict(event_type(profile={"owner": me}), "u1") is FetchVerdict.OURS
-    assert fetch_verdict(event_type(profile=team), "u1") is FetchVerdict.EXISTS
+    assert fetch_verdict(event_type(profile={"type": "User", "owner": other}), "u1") is (
+        FetchVerdict.EXISTS
+    )
+    assert fetch_verdict(event_type(profile=team), "u1") is FetchVerdict.TEAM
+    assert fetch_verdict(event_type(profile={**team, "owner": me}), "u1") is FetchVerdict.TEAM
     assert fetch_verdict(event_type(profile=None), "u1") is FetchVerdict.UNKNOWN
     assert fetch_verdict(event_type(profile={"type": "User"}), "u1") is FetchVerdict.UNKNOWN
 
@@ -274,6 +311,25 @@ def test_plan_foreign_source_id_is_never_deleted() -> None:
     plan = make_plan(desired={}, records=records, facts=facts(), verdicts={})
     assert plan.deletes == []
     assert plan.kept == {"manual-thing": "source_id not in closesync's format"}
+
+
+def test_plan_record_of_another_calendly_user_is_set_apart_never_deleted() -> None:
+    """Records naming another Calendly user are set apart (to forget), not fetched or counted."""
+    records = {"u0:a": record("a"), "u1:b": record("b"), "u1:c": record("c")}
+    plan = make_plan(
+        desired={},
+        records=records,
+        facts=facts(),
+        verdicts={sid: FetchVerdict.GONE for sid in records},
+        user_uuid=USER,
+    )
+    assert plan.foreign == ["u0:a"]
+    assert "another Calendly user" in plan.kept["u0:a"]
+    # Both of this user's links going is every link of the connection: held.
+    assert [d.source_id for d in plan.held] == ["u1:b", "u1:c"]
+    assert missing_from_listing(records, {}, facts(), USER) == ["u1:b", "u1:c"]
+    unchecked = make_plan(desired={}, records=records, facts=facts(), allow_mass_delete=True)
+    assert unchecked.foreign == []
 
 
 def test_plan_mass_delete_over_threshold_is_held() -> None:

@@ -203,6 +203,28 @@ def test_store_calendly_user_freed_by_remove_or_by_moving_to_another_user(
     }
 
 
+def test_store_save_with_another_calendly_user_forgets_the_previous_users_state(
+    store: ConnectionStore, sync: SyncState, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A reconnect to another Calendly user drops records, refusals, holds and backfill progress."""
+    conn_id = "conn_000000000001"
+    store.save(connection(), grants())
+    sync.record_write(conn_id, "U1:a", record())
+    sync.record_rejection(conn_id, "U1:b", "delete", "refused")
+    sync.set_held(conn_id, ["U1:a"], "too many", 1.0)
+    sync.set_backfill_progress(conn_id, BackfillProgress(started_at=1.0, cursor="U1:a"))
+    sync.push_report(conn_id, RunReport(connection_id=conn_id, started_at=1.0), keep=5)
+    store.save(connection(), grants("tok_again"))  # the same Calendly user: all of it stays
+    assert set(sync.records(conn_id)) == {"U1:a"}
+    assert sync.held(conn_id) is not None
+    store.save(connection(calendly_user_uri="https://api.calendly.com/users/U2"), grants())
+    assert sync.records(conn_id) == {}
+    assert sync.rejected(conn_id) == {}
+    assert sync.held(conn_id) is None
+    assert sync.backfill_progress(conn_id) is None
+    assert len(sync.reports(conn_id)) == 1  # the history stays
+
+
 def _save_racing(
     redis_url: str, keys: Keys, box: FernetBox, candidate: Connection, barrier: threading.Barrier
 ) -> str:
@@ -276,6 +298,33 @@ def test_store_remove_erases_every_key(
     assert store.list() == []
     with pytest.raises(ConnectionNotFound):
         store.remove(conn_id)
+
+
+def test_store_save_after_remove_is_refused_and_brings_no_key_back(
+    store: ConnectionStore, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A save of a removed connection (read before the remove) raises and writes nothing."""
+    conn_id = "conn_000000000001"
+    stale = connection()
+    store.save(stale, grants())
+    store.remove(conn_id)
+    with pytest.raises(ConnectionRemoved, match="connect again"):
+        store.save(stale, grants())
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == [keys.removed(conn_id)]
+    store.save(connection("conn_000000000002"), grants())  # a new connection of that user
+    assert [c.id for c in store.list()] == ["conn_000000000002"]
+
+
+def test_store_save_of_a_connection_whose_removal_stopped_midway_is_refused(
+    store: ConnectionStore,
+) -> None:
+    """While the mark of an unfinished removal stands, the connection is not saved over."""
+    store.save(connection(), grants())
+    assert store.mark_removing("conn_000000000001")
+    with pytest.raises(ConnectionRemoved, match="run it again to finish"):
+        store.save(connection(name="again"), grants("tok_new"))
+    assert store.get("conn_000000000001").name is None
+    assert store.grants("conn_000000000001").close.access_token.get_secret_value() == ACCESS
 
 
 def test_sync_state_writes_after_removal_refused_no_key_recreated(

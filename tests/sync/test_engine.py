@@ -112,35 +112,6 @@ def test_engine_deactivated_type_is_deleted(harness: Harness) -> None:
     assert harness.close_side(user) == harness.expected(user)
 
 
-def test_engine_left_team_type_deleted_once_two_listings_are_600s_apart(harness: Harness) -> None:
-    """A type that left the user's list but still exists goes when missed twice 600 s apart."""
-    world = harness.sandbox.world
-    user, other = harness.sandbox.users[0], harness.sandbox.users[1]
-    team = world.create_event_type(
-        other.calendly_user_uuid,
-        name="Team intro",
-        kind="group",
-        pooling_type="round_robin",
-        members=[user.calendly_user_uuid],
-    )
-    conn = harness.add(user)
-    harness.run(conn)
-    team_uuid = team["uri"].rsplit("/", 1)[-1]
-    assert any(sid.endswith(team_uuid) for sid in harness.close_side(user))
-    world.change_members(team_uuid, add=[], remove=[user.calendly_user_uuid])
-    first = harness.run(conn)
-    assert first.deleted == 0
-    # A retry, rerun or redelivery seconds later is no second opinion.
-    world.advance_clock(5)
-    again = harness.run(conn)
-    assert again.deleted == 0
-    assert any(sid.endswith(team_uuid) for sid in harness.close_side(user))
-    world.advance_clock(595)
-    second = harness.run(conn)
-    assert second.deleted == 1
-    assert harness.close_side(user) == harness.expected(user)
-
-
 def test_engine_listing_omitting_an_own_active_type_keeps_its_link(harness: Harness) -> None:
     """Listings that omit a type its fetch shows active and the user's keep the link, reported."""
     world = harness.sandbox.world

@@ -148,7 +148,8 @@ def raise_for_response(
     if status == 403:
         raise Forbidden(message, **kwargs)
     if status == 404:
-        raise NotFound(message, **kwargs)
+        # Only an error body of the API's own (a JSON object naming the error) is its word.
+        raise NotFound(message, from_api=bool(text), **kwargs)
     if status in (400, 409, 422):
         raise Rejected(message, field_errors=field_errors_of(value), **kwargs)
     if status >= 500 or status == 408:

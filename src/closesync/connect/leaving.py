@@ -6,7 +6,10 @@ an order that no run of the connection can interleave with:
 1. the removal mark is set: from then on a run stops before its next write, a queued or
    redelivered task does nothing, and no sync state of the connection is written;
 2. the run lock is taken, waiting (REMOVE_WAIT_SECONDS at most) for a run in progress to stop;
-   if it cannot be taken, the mark is cleared and nothing was changed;
+   if it cannot be taken, the mark is cleared and nothing was changed, but the syncs of the
+   connection that found the mark meanwhile did nothing: the run holding the lock is asked to
+   run once more (a rerun request, as those syncs would have left without the mark). A backfill
+   or drift check that found the mark is not made up: it waits for the next one asked;
 3. the links go, while the Close grant still works; then the grants are revoked at both
    providers; then every key of the connection is erased and the mark gets its TTL, in one
    transaction. A removal stopped in this step keeps the mark (the connection is no longer
@@ -61,6 +64,7 @@ def remove_connection(
             # stopped midway, whose mark stays).
             if marked:
                 services.connections.unmark_removing(conn_id)
+                services.state.request_rerun(conn_id)
             if isinstance(error, RunLocked):
                 raise RunLocked(
                     f"a run of {conn_id} still held its lock after "
@@ -69,7 +73,9 @@ def remove_connection(
                 ) from None
             raise
         # Another `remove` may have finished while we waited: ConnectionNotFound, as for any id.
-        services.connections.get(conn_id)
+        # And the record read before the mark may be stale (a reconnect to another Calendly
+        # user, new grants): what is deleted and revoked is what is stored now.
+        connection = services.connections.get(conn_id)
         try:
             deleted = delete_our_links(services, connection) if delete_links else None
             revoked = revoke_connection(services, connection) if revoke else []

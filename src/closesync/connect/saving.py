@@ -15,6 +15,9 @@ providers, best effort (never a shared grant, which others still use; never a gr
 still contains, e.g. `connections add` run again with the same tokens).
 
 A new connection has no old grants and no refresh in flight: it is stored at once.
+
+A connection that a `connections remove` marked meanwhile is not stored (ConnectionLeaving, a
+ConnectionBusy: both ask the user to try again, which then makes a new connection).
 """
 
 from __future__ import annotations
@@ -25,12 +28,21 @@ from closesync.apis.credentials import REFRESH_WAIT_SECONDS, grant_lock_name, sh
 from closesync.connect.deps import ConnectServices
 from closesync.connect.revoke import revoke_grant
 from closesync.core.connection import Connection, Grant, Grants
-from closesync.core.errors import CloseSyncError, ConnectionNotFound, EncryptionError
+from closesync.core.errors import (
+    CloseSyncError,
+    ConnectionNotFound,
+    ConnectionRemoved,
+    EncryptionError,
+)
 from closesync.store.locks import RedisLock
 
 
 class ConnectionBusy(CloseSyncError):
     """A refresh of the connection's grants stayed in flight: the new grants were not stored."""
+
+
+class ConnectionLeaving(ConnectionBusy):
+    """The connection being replaced is being (or was just) removed: nothing was stored."""
 
 
 def save_connection(
@@ -91,7 +103,7 @@ def _replacing(
     wait_seconds: float,
 ) -> None:
     if existing is None:
-        write()
+        _store(write)
         return
     held: list[RedisLock] = []
     try:
@@ -104,7 +116,7 @@ def _replacing(
                 )
             held.append(lock)
         old = _stored_grants(services, existing.id)
-        write()
+        _store(write)
     finally:
         for lock in reversed(held):
             lock.release()
@@ -115,6 +127,14 @@ def _replacing(
     # A shared Calendly grant is the organization's: leaving it revokes nothing.
     if existing.calendly_grant_ref is None and old.calendly.replaced_by(new_calendly):
         revoke_grant(services, "calendly", old.calendly)
+
+
+def _store(write: Callable[[], None]) -> None:
+    """`write`, a removal marked meanwhile becoming what the connect flows tell the user."""
+    try:
+        write()
+    except ConnectionRemoved as error:
+        raise ConnectionLeaving(str(error)) from None
 
 
 def _stored_grants(services: ConnectServices, conn_id: str) -> Grants | None:

@@ -135,7 +135,16 @@ class Forbidden(ApiError):
 
 
 class NotFound(ApiError):
-    """The resource does not exist (404)."""
+    """The resource does not exist (404).
+
+    `from_api`: the body was the API's own JSON error. A 404 without it (an HTML page, an empty
+    body) may come from a proxy or load balancer in front of the API, and says nothing of the
+    resource: it is no ground for deleting anything.
+    """
+
+    def __init__(self, message: str, *, from_api: bool = True, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.from_api = from_api
 
 
 class Rejected(ApiError):

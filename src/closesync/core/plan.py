@@ -9,19 +9,28 @@ The rules, all in `make_plan`:
 
 - create: desired, no record; update: desired, recorded fingerprint differs; unchanged: same.
 - A payload that Close rejected (400) is not sent again until it changes (`rejected`); a deletion
-  Close refused (its rejection says DELETE_REFUSED) is not asked again, but by a backfill.
+  Close refused (its rejection says DELETE_REFUSED) is not asked again, but by a backfill, while
+  the link stays undesired: once it is desired again the refusal is lifted, so that the next
+  deletion of it is asked (the refusal was of that deletion, not of every later one).
+- A record whose source_id names another Calendly user than the connection's (left by a
+  reconnect to another Calendly user, or by a run of the old pairing) is dropped from the
+  records, never deleted: that link is not this connection's and may be another connection's.
 - Nothing is deleted unless the listing was complete (every page answered 2xx).
 - A link whose event type was listed but is not synced (inactive, secret when excluded, one-off)
   is deleted at once: the complete listing itself says so.
 - A link whose event type was listed but could not be mapped or parsed is kept: doubt.
 - A link whose event type is missing from the listing is deleted at once when a direct fetch shows
-  it gone (404, `deleted_at`, inactive). When the fetch shows it active and no longer this user's
-  (its profile names another owner: a team type the user left), the link is deleted once it has
-  been missing from two complete listings in a row that ran at least `confirm_seconds` apart
-  (`now` is the time of this run's listing): a retry, rerun or redelivery seconds after the first
-  listing is no second opinion. When the fetch shows it active and still this user's, the listing
-  contradicts it: the link is kept, however often it is missed, and reported. A failed fetch, or
-  one that names no owner, proves nothing either: kept.
+  it gone (Calendly's own 404, `deleted_at`, inactive; a proxy's 404 page is a failed fetch).
+  When the fetch shows it active and no longer this user's (a User profile naming another
+  owner), the link is deleted once it has been missing from two complete listings in a row that
+  ran at least `confirm_seconds` apart (`now` is the time of this run's listing): a retry, rerun
+  or redelivery seconds after the first listing is no second opinion. When the fetch shows it
+  active and still this user's, the listing contradicts it: the link is kept, however often it
+  is missed, and reported. A failed fetch, or one that names no owner, proves nothing either:
+  kept. Nor does an active team type's: its profile names one user (or the team), never its
+  hosts, and Calendly offers no way to ask whether this user still hosts it, so a listing glitch
+  and a user who left the team look the same. Its link is kept (and reported) until the type is
+  deactivated or deleted, or the link is deleted in Close by hand.
 - Mass-delete guard: when the deletions would exceed max(minimum, fraction x recorded links), or
   remove every link of a connection that has more than one (however few: the minimum alone would
   leave small connections unguarded), all of them are held (and reported) unless the run was
@@ -86,10 +95,12 @@ class Misses:
 class FetchVerdict(StrEnum):
     """What a direct fetch of a missing event type showed."""
 
-    GONE = "gone"  # 404, deleted_at set, or inactive: delete now
-    # Active, its profile naming another owner (a team type the user left): delete once the
-    # misses are confirmed (two complete listings, `confirm_seconds` apart).
+    GONE = "gone"  # Calendly's 404, deleted_at set, or inactive: delete now
+    # Active, a User profile naming another owner: delete once the misses are confirmed (two
+    # complete listings, `confirm_seconds` apart).
     EXISTS = "exists"
+    # Active and a team's: whether this user still hosts it is not in the answer: kept.
+    TEAM = "team"
     # Active and its profile names this user: the listing was wrong, not the event type gone.
     OURS = "ours"
     UNKNOWN = "unknown"  # the fetch failed, or its profile names no owner: kept on doubt
@@ -99,7 +110,11 @@ def fetch_verdict(event_type: EventType, user_uuid: str) -> FetchVerdict:
     """What a direct fetch of an event type missing from `user_uuid`'s listing says."""
     if event_type.deleted_at is not None or not event_type.active:
         return FetchVerdict.GONE
-    owner = event_type.profile.owner if event_type.profile is not None else None
+    profile = event_type.profile
+    if profile is not None and (profile.type or "").casefold() == "team":
+        # The owner of a team type is no answer: every member but one would read "another's".
+        return FetchVerdict.TEAM
+    owner = profile.owner if profile is not None else None
     if not owner:
         return FetchVerdict.UNKNOWN
     return FetchVerdict.OURS if uuid_of(owner) == user_uuid else FetchVerdict.EXISTS
@@ -149,6 +164,10 @@ class Plan:
     still_rejected: list[str] = field(default_factory=list)
     # Deletions Close refused before: not asked again (a backfill asks again).
     refused_deletes: list[str] = field(default_factory=list)
+    # Links desired again whose deletion Close refused before: that refusal is to be dropped.
+    lifted_refusals: list[str] = field(default_factory=list)
+    # Records of another Calendly user's source_ids: to be dropped from the records, untouched.
+    foreign: list[str] = field(default_factory=list)
     # Links kept although their event type is not desired now, with why.
     kept: dict[str, str] = field(default_factory=dict)
     # New `missing` counts (and their start) of kept records; absent = unchanged.
@@ -159,8 +178,17 @@ class Plan:
         return len(self.creates) + len(self.updates) + len(self.deletes)
 
 
+def names_another_user(source_id: str, user_uuid: str | None) -> bool:
+    """Whether `source_id` has closesync's format for a Calendly user other than `user_uuid`."""
+    parsed = parse_source_id(source_id)
+    return user_uuid is not None and parsed is not None and parsed[0] != user_uuid
+
+
 def missing_from_listing(
-    records: Mapping[str, LinkRecord], desired: Mapping[str, LinkPayload], facts: ListingFacts
+    records: Mapping[str, LinkRecord],
+    desired: Mapping[str, LinkPayload],
+    facts: ListingFacts,
+    user_uuid: str | None = None,
 ) -> list[str]:
     """Recorded links whose event type a complete listing did not show: they need a direct fetch."""
     if not facts.complete:
@@ -168,7 +196,9 @@ def missing_from_listing(
     return sorted(
         source_id
         for source_id, record in records.items()
-        if source_id not in desired and uuid_of(record.event_type_uri) not in facts.listed_uuids
+        if source_id not in desired
+        and uuid_of(record.event_type_uri) not in facts.listed_uuids
+        and not names_another_user(source_id, user_uuid)
     )
 
 
@@ -184,20 +214,32 @@ def make_plan(
     force: bool = False,
     now: float | None = None,
     confirm_seconds: float = DELETE_CONFIRM_SECONDS,
+    user_uuid: str | None = None,
 ) -> Plan:
     """Compare desired links with the records and decide every write.
 
     `force` (backfill) pushes every desired link whatever the fingerprints say. `now` is when
     this run listed Calendly; without it no link is deleted for being missing alone.
+    `user_uuid` is the connection's Calendly user: records of any other are set apart.
     """
     verdicts = verdicts or {}
     rejected = rejected or {}
     rule = rule or MassDeleteRule()
-    plan = Plan()
+    foreign = sorted(sid for sid in records if names_another_user(sid, user_uuid))
+    plan = Plan(foreign=foreign)
+    for source_id in foreign:
+        plan.kept[source_id] = (
+            "recorded for another Calendly user than this connection's (it was reconnected): "
+            "forgotten; the link is left in Close"
+        )
+    set_apart = set(foreign)
+    records = {sid: record for sid, record in records.items() if sid not in set_apart}
     for source_id in sorted(desired):
         payload = desired[source_id]
         record = records.get(source_id)
         current = fingerprint(payload)
+        if rejected.get(source_id) == DELETE_REFUSED:
+            plan.lifted_refusals.append(source_id)
         if rejected.get(source_id) == current and not force:
             plan.still_rejected.append(source_id)
         elif record is None:
@@ -276,6 +318,12 @@ def _why_kept(
         return (
             f"missing from {listings}, but a direct fetch shows it active and this user's: "
             "the listing is doubtful"
+        )
+    if verdict is FetchVerdict.TEAM:
+        return (
+            f"missing from {listings}; a direct fetch shows an active team event type, and "
+            "Calendly does not say whether this user still hosts it: kept until it is "
+            "deactivated or deleted"
         )
     if verdict is not FetchVerdict.EXISTS:
         return f"missing from {listings}; its direct fetch failed or named no owner"

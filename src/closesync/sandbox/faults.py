@@ -22,7 +22,8 @@ from closesync.sandbox.ratelimit import RateVerdict, calendly_headers, close_hea
 from closesync.sandbox.routing import Response, json_response, text_response
 
 # `omit` answers a listing as the emulator would, less one event type: a listing that contradicts
-# the event type's own resource (still fetchable, active), as a Calendly glitch would.
+# the event type's own resource (still fetchable, active), as a Calendly glitch would. `404` is the
+# vendor's own JSON 404, or with `json_body` False a proxy's HTML 404 page (no word of the API's).
 KINDS = (
     "429",
     "500",
@@ -36,9 +37,14 @@ KINDS = (
     "reset",
     "omit",
     "400",
+    "404",
     "422",
 )
 
+_HTML_404 = (
+    "<html><head><title>404 Not Found</title></head>"
+    "<body><center><h1>404 Not Found</h1></center><hr><center>nginx</center></body></html>"
+)
 _HTML_PAGE = (
     "<html><head><title>502 Bad Gateway</title></head>"
     "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
@@ -146,6 +152,14 @@ def fault_response(api: str, rule: FaultRule, rate_limit: int) -> Response:
         return Response(0, action="omit", omit=rule.omit)
     if kind in ("400", "422"):
         return json_response(int(kind), _refusal_body(api, int(kind)))
+    if kind == "404":
+        if rule.json_body is False:
+            return text_response(404, _HTML_404, "text/html")
+        if api == "close":
+            return json_response(404, {"error": "Not found."})
+        return json_response(
+            404, {"title": "Resource Not Found", "message": "The server could not find it."}
+        )
     if kind == "html":
         return text_response(502, _HTML_PAGE, "text/html")
     if kind == "truncated":

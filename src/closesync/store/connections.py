@@ -20,7 +20,7 @@ from closesync.core.connection import (
     Grants,
     Side,
 )
-from closesync.core.errors import ConnectionNotFound, PairingRefused
+from closesync.core.errors import ConnectionNotFound, ConnectionRemoved, PairingRefused
 from closesync.store.client import guard
 from closesync.store.keys import Keys, Owner, as_text, watched
 from closesync.store.secretbox import SecretBox
@@ -57,6 +57,14 @@ def _taken(wanted: Connection, holder: Connection) -> str:
         f"{holder.id}; a Calendly user can have only one connection (both would write the same "
         f"source_ids in Close). Nothing was stored; remove {holder.id} first "
         f"(`closesync connections remove {holder.id}`)"
+    )
+
+
+def _being_removed(conn_id: str) -> ConnectionRemoved:
+    return ConnectionRemoved(
+        f"connection {conn_id} is being removed, or was removed moments ago, so it was not "
+        f"stored again. If a `closesync connections remove {conn_id}` stopped midway, run it "
+        "again to finish it; then connect again (as a new connection)"
     )
 
 
@@ -98,28 +106,50 @@ class ConnectionStore:
 
         The Calendly user's index is WATCHed from the check to the write: of two saves racing
         for one Calendly user, the second's transaction fails, re-reads, and is refused.
+
+        A reconnect to another Calendly user drops, in the same transaction, what the connection
+        knew of the previous one's links (records, rejections, held deletions, backfill
+        progress): those source_ids name the previous Calendly user, whose links may now be
+        another connection's, so no run of this one may plan from them, let alone delete them.
+        The links themselves stay in Close.
+
+        ConnectionRemoved, and nothing written, while the connection carries its removal mark
+        (WATCHed too): a save that read the connection before a `remove` (an OAuth callback,
+        `connections add`) would bring back a connection no run syncs while the mark lasts, and
+        one whose unfinished removal, run again, would remove the fresh reconnect. A removed
+        connection's user connects again as a new connection.
         """
         conn_id = connection.id
         calendly_key = self.keys.calendly_user(connection.calendly_user_uuid)
 
         def apply(pipe: redis.client.Pipeline) -> None:
-            pipe.watch(self.keys.conn(conn_id))  # type: ignore[no-untyped-call]
+            mark = self.keys.removed(conn_id)
+            pipe.watch(self.keys.conn(conn_id), mark)  # type: ignore[no-untyped-call]
+            if pipe.exists(mark):
+                raise _being_removed(conn_id)
             holder = self._calendly_holder(pipe, connection)
             if holder is not None:
                 raise PairingRefused(_taken(connection, holder), connection_id=holder.id)
             previous = pipe.get(self.keys.conn(conn_id))
             # Index entries of the previous record that this save makes wrong, if still ours.
             moved: list[str] = []
+            forgotten: list[str] = []
             if previous is not None:
                 old = Connection.model_validate_json(previous)
                 if old.close_user_id != connection.close_user_id:
                     moved.append(self.keys.close_user(old.close_user_id))
                 if old.calendly_user_uuid != connection.calendly_user_uuid:
                     moved.append(self.keys.calendly_user(old.calendly_user_uuid))
+                    forgotten = [
+                        self.keys.links(conn_id),
+                        self.keys.rejected(conn_id),
+                        self.keys.held(conn_id),
+                        self.keys.backfill(conn_id),
+                    ]
             stale = [key for key in moved if _text(pipe.get(key)) == conn_id]
             pipe.multi()
-            if stale:
-                pipe.delete(*stale)
+            if stale or forgotten:
+                pipe.delete(*stale, *forgotten)
             pipe.set(self.keys.conn(conn_id), connection.model_dump_json())
             pipe.set(self.keys.grants(conn_id), sealed_grants)
             pipe.set(self.keys.close_user(connection.close_user_id), conn_id)

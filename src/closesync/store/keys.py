@@ -15,11 +15,13 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             event_type_uri, missing, missing_since}: what
                                             Close accepted; `missing` complete listings in
                                             a row missed its event type, the first at
-                                            epoch seconds `missing_since` (null: none)   no TTL
+                                            `missing_since`, epoch seconds by Redis's
+                                            TIME, one clock for all workers (null: none) no TTL
     {p}:conn:{id}:rejected          HASH    source_id -> JSON {fingerprint, error}: a
                                             payload Close refused, not resent unchanged
                                             (fingerprint "delete": a refused deletion,
-                                            asked again only by a backfill)              no TTL
+                                            asked again by a backfill; dropped once the
+                                            link is desired again)                       no TTL
     {p}:conn:{id}:held              STRING  JSON {source_ids, reason, at}: deletions held
                                             by the mass-delete guard; absent = none      no TTL
     {p}:conn:{id}:reports           LIST    RunReport JSON, newest first, LTRIMmed to

@@ -72,6 +72,19 @@ class SyncState:
         # per connection per this long, not one per tick.
         self.queued_ttl = queued_ttl
 
+    # --- the deployment's clock -------------------------------------------------------------------
+
+    @guard("reading Redis's clock")
+    def now(self) -> float:
+        """Epoch seconds by Redis's clock (TIME), the one clock every worker and host shares.
+
+        A time one worker stores and another compares against (when a listing first missed an
+        event type) must not depend on whose clock is off: a worker 15 minutes slow would
+        otherwise make the next worker's listing look 15 minutes later.
+        """
+        seconds, micros = self.redis.time()
+        return float(seconds) + float(micros) / 1e6
+
     # --- the removal mark ------------------------------------------------------------------------
 
     @guard("reading the removal mark")
@@ -173,6 +186,13 @@ class SyncState:
     def rejected_errors(self, conn_id: str) -> dict[str, str]:
         """source_id -> why Close refused it."""
         return {sid: entry["error"] for sid, entry in self._rejections(conn_id).items()}
+
+    @guard("forgetting rejections")
+    def forget_rejections(self, conn_id: str, source_ids: list[str]) -> None:
+        """Drop the rejections of these links (a refused deletion of a link desired again)."""
+        if source_ids:
+            key = self.keys.rejected(conn_id)
+            self._unless_removed(conn_id, lambda pipe: pipe.hdel(key, *source_ids))
 
     @guard("recording a rejection")
     def record_rejection(self, conn_id: str, source_id: str, fingerprint: str, error: str) -> None:

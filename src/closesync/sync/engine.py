@@ -71,13 +71,17 @@ class SyncEngine:
         run_lock: Callable[[str, int], AbstractContextManager[LockHandle]],
         clients_for: Callable[[Connection], Clients],
         clock: Callable[[], float] = time.time,
+        shared_clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.connections = connections
         self.state = state
         self.run_lock = run_lock
         self.clients_for = clients_for
+        # `clock` times this process's reports; `shared_clock` (Redis's, from the services)
+        # times the listings, whose misses another worker may confirm (run.py).
         self.clock = clock
+        self.shared_clock = shared_clock or clock
 
     def run(
         self,
@@ -101,13 +105,9 @@ class SyncEngine:
         if self.state.is_removed(connection_id):
             return self._removed(report)
         connection = self.connections.get(connection_id)
-        if connection.state is not ConnectionState.ACTIVE:
-            return self._skip(report, f"connection is {connection.state.value}; not synced")
-        ref = connection.calendly_grant_ref
-        refused = self.connections.shared_refused(ref) if ref is not None else None
-        if refused is not None:
-            # Not tried again: every run would spend a refresh on a grant Calendly refused.
-            return self._skip(report, f"needs_reauth: {refused}")
+        why_not = self._why_not_run(connection)
+        if why_not is not None:
+            return self._skip(report, why_not)
         if dry_run:
             run = ConnectionRun(self, connection, report, None, allow_mass_delete, progress)
             return self._conclude(connection, report, run, run.dry_run, keep=False)
@@ -121,6 +121,12 @@ class SyncEngine:
                     if attempt == 2:
                         # Our own request below: we are the run it asked for.
                         self.state.pop_rerun(connection_id)
+                    # Read again under the lock: a reconnect while we waited (another Calendly
+                    # user, new grants) must not be run with the record read before it.
+                    connection = self.connections.get(connection_id)
+                    why_not = self._why_not_run(connection)
+                    if why_not is not None:
+                        return self._skip(report, why_not)
                     run = ConnectionRun(self, connection, report, lock, allow_mass_delete, progress)
                     return self._conclude(connection, report, run, run.execute, keep=True)
             except RunLocked:
@@ -135,6 +141,17 @@ class SyncEngine:
                         return self._removed(report)
         report.failure = "locked"
         return self._skip(report, "another run of this connection is in progress")
+
+    def _why_not_run(self, connection: Connection) -> str | None:
+        """Why the connection is not to be run now (paused, a grant refused), or None."""
+        if connection.state is not ConnectionState.ACTIVE:
+            return f"connection is {connection.state.value}; not synced"
+        ref = connection.calendly_grant_ref
+        refused = self.connections.shared_refused(ref) if ref is not None else None
+        if refused is not None:
+            # Not tried again: every run would spend a refresh on a grant Calendly refused.
+            return f"needs_reauth: {refused}"
+        return None
 
     def _removed(self, report: RunReport) -> RunReport:
         """The connection is being removed: the run writes nothing, and leaves no report."""

@@ -126,8 +126,11 @@ class ConnectionRun:
                 unchanged=sorted([*plan.unchanged, *done]),
             )
         started = progress.started_at if progress is not None else self.engine.clock()
+        # The cursor stays until a later push moves it: a resume stopped before its first push
+        # must leave the next one the same skip, or it pushes again what was pushed.
+        kept = progress.cursor if progress is not None else None
         state.set_backfill_progress(
-            conn_id, BackfillProgress(started_at=started, cursor=None, done=0, total=plan.writes)
+            conn_id, BackfillProgress(started_at=started, cursor=kept, done=0, total=plan.writes)
         )
         return plan
 
@@ -137,7 +140,8 @@ class ConnectionRun:
         """Read Calendly (and, for backfill and drift, Close) and decide every write."""
         connection = self.connection
         # Misses are timed from when the listing began: it is what saw the event type missing.
-        listed_at = self.engine.clock()
+        # By the clock every worker shares: the next listing may run on another host.
+        listed_at = self.engine.shared_clock()
         listing = self._authed(
             self.clients.calendly_tokens,
             lambda: self.clients.calendly.list_event_types(connection.calendly_user_uri),
@@ -157,9 +161,10 @@ class ConnectionRun:
         records = (
             self._records_from_close() if rebuilt else self.engine.state.records(connection.id)
         )
+        user_uuid = connection.calendly_user_uuid
         verdicts = {
             source_id: self._verdict(records[source_id])
-            for source_id in missing_from_listing(records, result.links, facts)
+            for source_id in missing_from_listing(records, result.links, facts, user_uuid)
         }
         return make_plan(
             desired=result.links,
@@ -172,6 +177,7 @@ class ConnectionRun:
             force=mode is RunMode.BACKFILL,
             now=listed_at,
             confirm_seconds=self.engine.config.delete_confirm_seconds,
+            user_uuid=user_uuid,
         )
 
     def _options(self) -> MappingOptions:
@@ -193,8 +199,9 @@ class ConnectionRun:
             event_type = self._authed(
                 self.clients.calendly_tokens, lambda: self.clients.calendly.get_event_type(uuid)
             )
-        except NotFound:
-            return FetchVerdict.GONE
+        except NotFound as error:
+            # A proxy's 404 page is not Calendly saying the event type is gone.
+            return FetchVerdict.GONE if error.from_api else FetchVerdict.UNKNOWN
         except AuthFailed:
             raise
         except ApiError:
@@ -236,6 +243,11 @@ class ConnectionRun:
         state.set_held(conn_id, report.held_deletions, report.held_reason, self.engine.clock())
         if plan.missing_counts:
             state.set_missing(conn_id, plan.missing_counts)
+        if plan.lifted_refusals:
+            state.forget_rejections(conn_id, plan.lifted_refusals)
+        for source_id in plan.foreign:
+            # Not this connection's link (see plan): only our record of it goes.
+            state.forget(conn_id, source_id)
         for source_id in plan.still_rejected:
             report.failed[source_id] = "refused by Close before; not sent again until it changes"
         refusals = state.rejected_errors(conn_id) if plan.refused_deletes else {}

@@ -215,10 +215,12 @@ class Services:
         wait_budget: float,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
+        shared_clock: Callable[[], float] | None = None,
     ) -> SyncEngine:
         """An engine whose runs may each wait `wait_budget` seconds inline for the APIs.
 
-        `clock` (epoch seconds) times the reports and the misses that confirm a deletion.
+        `clock` (epoch seconds) times the reports; `shared_clock` (default: Redis's TIME, the
+        same for every worker) times the listings whose misses confirm a deletion.
         """
 
         def clients_for(connection: Connection) -> Clients:
@@ -231,6 +233,7 @@ class Services:
             run_lock=self.run_lock,
             clients_for=clients_for,
             clock=clock,
+            shared_clock=shared_clock or self.state.now,
         )
 
     @contextmanager
