@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -237,6 +237,18 @@ class ConnectionStore:
         """Why the shared grant `ref` needs re-authorization; None while it is usable."""
         raw = self.redis.get(self.keys.calendly_org_refused(ref))
         return None if raw is None else str(json.loads(raw)["reason"])
+
+    @guard("reading shared Calendly credentials' state")
+    def shared_refused_of(self, refs: Iterable[str]) -> dict[str, str | None]:
+        """`shared_refused` of each ref, in one MGET (a fleet has few organizations)."""
+        ordered = sorted(set(refs))
+        if not ordered:
+            return {}
+        raws = self.redis.mget([self.keys.calendly_org_refused(ref) for ref in ordered])
+        return {
+            ref: None if raw is None else str(json.loads(raw)["reason"])
+            for ref, raw in zip(ordered, raws, strict=True)
+        }
 
     @guard("writing a connection's grants")
     def set_grants(self, conn_id: str, grants: Grants) -> None:

@@ -10,8 +10,9 @@ read the connection before it went must not bring any of its keys back.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import redis
 
@@ -23,6 +24,15 @@ from closesync.store.keys import Fields, Keys, as_text, watched
 
 # Queues writes on a pipeline in MULTI mode; what it returns is ignored.
 Queue = Callable[[redis.client.Pipeline], object]
+
+# Connections whose status facts one pipeline reads (`status_facts`): few round trips for a
+# fleet (20 for 10,000 connections), while one reply stays a few megabytes at most.
+FACTS_BATCH = 500
+# The one spelling of an empty `errors` in a report's JSON: pydantic writes it compact, and a
+# quote inside a JSON string is escaped, so this text appears only as that empty field (the
+# other dicts of a report hold strings or numbers, never lists). Reports containing it are
+# skipped unparsed when looking for the last error; any other spelling is simply parsed.
+_NO_ERRORS = '"errors":[]'
 
 # Seconds a rerun flag lives: a flag left by a crashed run only causes one extra run, but none
 # should linger for ever on a connection that is never run again.
@@ -46,6 +56,61 @@ class BackfillProgress:
     cursor: str | None = None
     done: int = 0
     total: int | None = None
+
+
+@dataclass(frozen=True)
+class StatusFacts:
+    """What `closesync status` shows of one connection's runs, read for many in one batch."""
+
+    last: RunReport | None
+    # The newest error among the reports read, and when its run finished.
+    last_error: str | None
+    last_error_at: float | None
+    held: HeldDeletions | None
+    backfill: BackfillProgress | None
+
+
+def _held(raw: str | None) -> HeldDeletions | None:
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return HeldDeletions(list(data["source_ids"]), data["reason"], float(data["at"]))
+
+
+def _backfill(raw: dict[Any, Any]) -> BackfillProgress | None:
+    if not raw:
+        return None
+    return BackfillProgress(
+        started_at=float(raw["started_at"]),
+        cursor=as_text(raw.get("cursor") or "") or None,
+        done=int(raw.get("done", 0)),
+        total=int(raw["total"]) if raw.get("total") else None,
+    )
+
+
+def _facts(reports: list[str], held: str | None, backfill: dict[Any, Any]) -> StatusFacts:
+    last = RunReport.model_validate_json(reports[0]) if reports else None
+    errored = last if last is not None and last.error else None
+    if errored is None:
+        errored = next(
+            (
+                report
+                for report in (
+                    RunReport.model_validate_json(raw)
+                    for raw in reports[1:]
+                    if _NO_ERRORS not in raw
+                )
+                if report.error
+            ),
+            None,
+        )
+    return StatusFacts(
+        last=last,
+        last_error=errored.error if errored else None,
+        last_error_at=errored.finished_at if errored else None,
+        held=_held(held),
+        backfill=_backfill(backfill),
+    )
 
 
 class SyncState:
@@ -168,10 +233,7 @@ class SyncState:
     @guard("reading held deletions")
     def held(self, conn_id: str) -> HeldDeletions | None:
         raw = self.redis.get(self.keys.held(conn_id))
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return HeldDeletions(list(data["source_ids"]), data["reason"], float(data["at"]))
+        return _held(None if raw is None else as_text(raw))
 
     # --- reports --------------------------------------------------------------------------------
 
@@ -199,6 +261,30 @@ class SyncState:
         raw = self.redis.lindex(self.keys.reports(conn_id), 0)
         return None if raw is None else RunReport.model_validate_json(raw)
 
+    @guard("reading the sync state of connections")
+    def status_facts(self, conn_ids: Sequence[str], *, depth: int) -> list[StatusFacts]:
+        """Each connection's last report, last error (within its newest `depth` reports), held
+        deletions and backfill progress, in the order of `conn_ids`.
+
+        Read in pipelines of FACTS_BATCH connections (three commands each), not three round
+        trips per connection: what makes `closesync status` take seconds for 10,000 of them.
+        Not a transaction: each connection's facts are as consistent as reading them one by one.
+        """
+        found: list[StatusFacts] = []
+        for start in range(0, len(conn_ids), FACTS_BATCH):
+            batch = conn_ids[start : start + FACTS_BATCH]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for conn_id in batch:
+                    pipe.lrange(self.keys.reports(conn_id), 0, max(depth, 1) - 1)
+                    pipe.get(self.keys.held(conn_id))
+                    pipe.hgetall(self.keys.backfill(conn_id))
+                replies = pipe.execute()
+            for index in range(len(batch)):
+                reports, held, backfill = replies[3 * index : 3 * index + 3]
+                texts = [as_text(raw) for raw in reports]
+                found.append(_facts(texts, None if held is None else as_text(held), backfill))
+        return found
+
     # --- rerun flag -----------------------------------------------------------------------------
 
     @guard("requesting a rerun")
@@ -219,15 +305,7 @@ class SyncState:
 
     @guard("reading backfill progress")
     def backfill_progress(self, conn_id: str) -> BackfillProgress | None:
-        raw = self.redis.hgetall(self.keys.backfill(conn_id))
-        if not raw:
-            return None
-        return BackfillProgress(
-            started_at=float(raw["started_at"]),
-            cursor=as_text(raw.get("cursor") or "") or None,
-            done=int(raw.get("done", 0)),
-            total=int(raw["total"]) if raw.get("total") else None,
-        )
+        return _backfill(self.redis.hgetall(self.keys.backfill(conn_id)))
 
     @guard("recording backfill progress")
     def set_backfill_progress(self, conn_id: str, progress: BackfillProgress) -> None:
