@@ -1,4 +1,4 @@
-"""`closesync status` over a fleet of 300 connections in a real Redis."""
+"""`closesync status` and `connections list` over a fleet of 300 connections in a real Redis."""
 
 from __future__ import annotations
 
@@ -161,3 +161,17 @@ def test_status_all_and_json_every_connection_every_field(
     for failing, error in fleet.failing.items():
         assert by_id[failing]["last_error"] == error
 
+
+def test_connections_list_pages_with_limit_and_offset(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--offset/--limit page through the connections in their order; --json keeps its shape."""
+    assert main(["connections", "list", "--json"]) == 0
+    everyone = json.loads(capsys.readouterr().out)
+    assert [c["id"] for c in everyone] == fleet.ids
+    assert main(["connections", "list", "--json", "--offset", "100", "--limit", "50"]) == 0
+    assert json.loads(capsys.readouterr().out) == everyone[100:150]
+    assert main(["connections", "list", "--offset", "290", "--limit", "50"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["ID", "NAME", "STATE"]
+    assert [line.split()[0] for line in lines[1:]] == fleet.ids[290:]

@@ -63,7 +63,16 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     add.add_argument("--json", action="store_true", help="print JSON")
     add.set_defaults(func=cmd_add)
 
-    listing = commands.add_parser("list", help="every connection")
+    listing = commands.add_parser(
+        "list",
+        help="every connection, oldest first (--offset/--limit for a page)",
+        description="Every connection, oldest first. --offset N skips the first N and --limit M "
+        "prints at most M: a page of a large fleet, in the same order every time.",
+    )
+    listing.add_argument(
+        "--offset", type=_non_negative, default=0, help="skip the first N connections"
+    )
+    listing.add_argument("--limit", type=_non_negative, help="print at most M connections")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=cmd_list)
 
@@ -192,13 +201,26 @@ def _secret(value: str | None) -> SecretStr | None:
     return SecretStr(value) if value else None
 
 
+def _non_negative(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return value
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     services = load_services()
-    connections: list[Connection] = services.connections.list()
+    everyone: list[Connection] = services.connections.list()
+    end = None if args.limit is None else args.offset + args.limit
+    connections = everyone[args.offset : end]
     if args.json:
         print_json([public(c) for c in connections])
         return 0
-    if not connections:
+    if not everyone:
         sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
         return 0
     print_table(
