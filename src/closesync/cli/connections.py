@@ -1,9 +1,9 @@
-"""`closesync connections …`: add, list, show, remove, pause and resume connections.
+"""`closesync connections …`: add, import, list, show, remove, pause and resume connections.
 
 Adding resolves both users (Close `GET /me/`, Calendly `GET /users/me`), which also proves both
 tokens work; nothing is stored unless both answered, the Close organization may connect
 (CLOSE_ORGANIZATION_IDS) and no other connection has that Calendly user (exit 2, naming it).
-Those steps are `closesync.connect.by_tokens`, which `connections import` shares.
+`add` and `import` (`closesync.cli.bulk_import`) share those steps: `closesync.connect.by_tokens`.
 Output never contains a token.
 
 `add` takes its tokens without them going on the command line (`closesync.cli.token_input`).
@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from closesync.cli import bulk_import
 from closesync.cli.common import print_json, print_table, when
 from closesync.cli.token_input import TOKEN_FLAGS, TOKEN_VARIABLES, gather_tokens
 from closesync.connect.by_tokens import connect_by_tokens
@@ -51,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     add.add_argument("--name", help="a label for people reading `connections list`")
     add.add_argument("--json", action="store_true", help="print JSON")
     add.set_defaults(func=cmd_add)
+
+    bulk_import.register(commands)
 
     listing = commands.add_parser(
         "list",
