@@ -10,6 +10,7 @@ Nothing here ever puts a token's value in a message: a malformed value may be a 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,16 +67,20 @@ class TokenLine:
 
 
 def _described(error: ValidationError) -> str:
-    """Each problem as `field: message`, without the value pydantic would quote."""
+    """Each problem as `field: message`, without the value pydantic would quote.
+
+    An unknown field is named only when its name looks like a field's (lowercase letters and
+    underscores, as `close_token`): a line with a token where a name belongs must not print it.
+    """
     parts = []
     for problem in error.errors(include_input=False, include_url=False):
         where = ".".join(str(part) for part in problem["loc"]) or "the line"
-        message = (
-            "not a field of a token set"
-            if problem["type"] == "extra_forbidden"
-            else (problem["msg"])
-        )
-        parts.append(f"{where}: {message}")
+        if problem["type"] != "extra_forbidden":
+            parts.append(f"{where}: {problem['msg']}")
+        elif re.fullmatch(r"[a-z_]{1,40}", where):
+            parts.append(f"{where}: not a field of a token set")
+        else:
+            parts.append("a field that is not one of a token set (its name could be a token)")
     return "; ".join(parts)
 
 
