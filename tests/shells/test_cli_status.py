@@ -51,8 +51,7 @@ def _report(conn_id: str, at: float, error: str | None = None) -> RunReport:
 
 @pytest.fixture
 def fleet(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Fleet:
-    """300 connections, added a day ago, as the store holds them: most ran a minute ago, some
-    failed, are paused, need re-authorization, stopped running hours ago or never ran."""
+    """300 connections added a day ago: most ran a minute ago, some failed, paused, late, never."""
     prefix = f"status-{uuid.uuid4().hex[:8]}"
     key = generate_key()
     for name, value in {
