@@ -50,6 +50,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         "--concurrency",
         type=_concurrency,
         default=DEFAULT_CONCURRENCY,
+        metavar="N",
         help=f"lines checked at the APIs at once (default {DEFAULT_CONCURRENCY})",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -62,9 +62,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "prints at most M: a page of a large fleet, in the same order every time.",
     )
     listing.add_argument(
-        "--offset", type=_non_negative, default=0, help="skip the first N connections"
+        "--offset", type=_non_negative, default=0, metavar="N", help="skip the first N connections"
     )
-    listing.add_argument("--limit", type=_non_negative, help="print at most M connections")
+    listing.add_argument(
+        "--limit", type=_non_negative, metavar="M", help="print at most M connections"
+    )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=cmd_list)
 
