@@ -51,31 +51,37 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.set_defaults(func=cmd_status)
 
 
-def status_rows(
-    services: Services, connections: Sequence[Connection], *, depth: int = ERROR_DEPTH
-) -> list[dict[str, Any]]:
-    """Everything `status` shows of each connection, as JSON-ready values, read in batches.
-
-    `depth`: how many of each connection's newest reports are searched for its last error.
-    """
+def _read(
+    services: Services, connections: Sequence[Connection], *, depth: int
+) -> list[tuple[Connection, StatusFacts, str | None]]:
+    """Each connection with its facts and the refusal of its shared Calendly grant, if any,
+    read in batches. `depth`: how many of its newest reports are searched for its last error."""
     refused = services.connections.shared_refused_of(
         c.calendly_grant_ref for c in connections if c.calendly_grant_ref is not None
     )
     facts = services.state.status_facts([c.id for c in connections], depth=depth)
     return [
-        _row(connection, found, refused.get(connection.calendly_grant_ref or ""))
+        (connection, found, refused.get(connection.calendly_grant_ref or ""))
         for connection, found in zip(connections, facts, strict=True)
     ]
 
 
+def _state(connection: Connection, shared: str | None) -> tuple[str, str | None]:
+    """The state and reason `status` shows: needs_reauth while its organization's is refused."""
+    if shared is not None and connection.state is ConnectionState.ACTIVE:
+        return ConnectionState.NEEDS_REAUTH.value, shared
+    return connection.state.value, connection.state_reason
+
+
 def _row(connection: Connection, facts: StatusFacts, shared: str | None) -> dict[str, Any]:
-    waits_for_org = shared is not None and connection.state is ConnectionState.ACTIVE
+    """Everything `status --json` shows of one connection, as JSON-ready values."""
     last, held, backfill = facts.last, facts.held, facts.backfill
+    state, reason = _state(connection, shared)
     return {
         "id": connection.id,
         "name": connection.name,
-        "state": ConnectionState.NEEDS_REAUTH.value if waits_for_org else connection.state.value,
-        "state_reason": shared if waits_for_org else connection.state_reason,
+        "state": state,
+        "state_reason": reason,
         "last_run": last.model_dump(mode="json") if last else None,
         "held_deletions": asdict(held) if held else None,
         "last_error": facts.last_error,
@@ -89,7 +95,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     connections: list[Connection] = services.connections.list()
     # The summary names each failing connection's last run's error: one report each is enough.
     detailed = args.json or args.all
-    rows = status_rows(services, connections, depth=ERROR_DEPTH if detailed else 1)
+    read = _read(services, connections, depth=ERROR_DEPTH if detailed else 1)
+    rows = [_row(*each) for each in read] if detailed else []
     unmatched = _unmatched(services)
     organizations = _organizations(services)
     if args.json:
@@ -103,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     _print_organizations(organizations)
     _print_unmatched(unmatched)
-    if not rows:
+    if not connections:
         sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
         return 0
     if args.all:
@@ -111,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     settings = services.settings
     summary = summarize(
-        (_glance(connection, row) for connection, row in zip(connections, rows, strict=True)),
+        (_glance(*each) for each in read),
         now=time.time(),
         deadline=lambda last: run_deadline(
             settings.sync_cron,
@@ -124,21 +131,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _glance(connection: Connection, row: dict[str, Any]) -> Glance:
-    last = row["last_run"]
-    held = row["held_deletions"]
+def _glance(connection: Connection, facts: StatusFacts, shared: str | None) -> Glance:
+    last, held = facts.last, facts.held
+    state, reason = _state(connection, shared)
     return Glance(
-        id=row["id"],
-        name=row["name"],
-        state=row["state"],
-        state_reason=row["state_reason"],
+        id=connection.id,
+        name=connection.name,
+        state=state,
+        state_reason=reason,
         created_at=connection.created_at,
-        last_run_at=(last["finished_at"] or last["started_at"]) if last else None,
-        last_outcome=last["outcome"] if last else None,
-        last_error=(last["errors"] or [None])[-1] if last else None,
+        last_run_at=(last.finished_at or last.started_at) if last else None,
+        last_outcome=last.outcome.value if last else None,
+        last_error=last.error if last else None,
         held=held is not None,
-        held_reason=held["reason"] if held else None,
-        backfilling=row["backfill"] is not None,
+        held_reason=held.reason if held else None,
+        backfilling=facts.backfill is not None,
     )
 
 

@@ -266,9 +266,10 @@ class SyncState:
         """Each connection's last report, last error (within its newest `depth` reports), held
         deletions and backfill progress, in the order of `conn_ids`.
 
-        Read in pipelines of FACTS_BATCH connections (three commands each), not three round
-        trips per connection: what makes `closesync status` take seconds for 10,000 of them.
-        Not a transaction: each connection's facts are as consistent as reading them one by one.
+        Read in pipelines of FACTS_BATCH connections (an LRANGE and an HGETALL each, one MGET
+        of their held deletions), not three round trips per connection: what makes `closesync
+        status` take seconds for 10,000 of them. Not a transaction: each connection's facts are
+        as consistent as reading them one by one.
         """
         found: list[StatusFacts] = []
         for start in range(0, len(conn_ids), FACTS_BATCH):
@@ -276,13 +277,18 @@ class SyncState:
             with self.redis.pipeline(transaction=False) as pipe:
                 for conn_id in batch:
                     pipe.lrange(self.keys.reports(conn_id), 0, max(depth, 1) - 1)
-                    pipe.get(self.keys.held(conn_id))
+                for conn_id in batch:
                     pipe.hgetall(self.keys.backfill(conn_id))
+                pipe.mget([self.keys.held(conn_id) for conn_id in batch])
                 replies = pipe.execute()
-            for index in range(len(batch)):
-                reports, held, backfill = replies[3 * index : 3 * index + 3]
-                texts = [as_text(raw) for raw in reports]
-                found.append(_facts(texts, None if held is None else as_text(held), backfill))
+            count = len(batch)
+            reports, backfills, held = replies[:count], replies[count : 2 * count], replies[-1]
+            for index in range(count):
+                texts = [as_text(raw) for raw in reports[index]]
+                raw_held = held[index]
+                found.append(
+                    _facts(texts, None if raw_held is None else as_text(raw_held), backfills[index])
+                )
         return found
 
     # --- rerun flag -----------------------------------------------------------------------------
