@@ -300,7 +300,7 @@ def test_cli_add_token_with_odd_characters_names_the_option(
 def test_cli_status_shows_held_deletions_with_the_command_to_release_them(
     env: Sandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Held mass deletions appear in status (text and JSON) with the connection's own command."""
+    """Held mass deletions appear in status (summary, --all, JSON) with the connection's command."""
     world = env.world
     user = world.create_user()
     made = [world.create_event_type(user.calendly_user_uuid, name=f"H{i}") for i in range(10)]
@@ -315,6 +315,10 @@ def test_cli_status_shows_held_deletions_with_the_command_to_release_them(
     row = _json(capsys)["connections"][0]
     assert len(row["held_deletions"]["source_ids"]) == 8
     assert main(["status"]) == 0
+    summary = capsys.readouterr().out
+    assert f"held deletions: 1\n  {conn}  " in summary
+    assert f"closesync sync --allow-mass-delete {conn}" in summary
+    assert main(["status", "--all"]) == 0
     assert f"{conn}: held deletions:" in capsys.readouterr().out
     assert main(["sync", conn, "--allow-mass-delete"]) == 0
     capsys.readouterr()

@@ -117,6 +117,39 @@ def test_print_table_no_color_terminal_has_no_colour_codes(
     assert LONG_ID in out
 
 
+def test_print_table_fitting_terminal_bold_header_rule_and_coloured_states(
+    terminal_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A table that fits the terminal: bold header, a rule, coloured values, none with NO_COLOR."""
+    rows = [["conn_1", "Sales [EU]", "active"], ["conn_22", None, "needs_reauth"]]
+    print_table(["ID", "NAME", "STATE"], rows)
+    out = capsys.readouterr().out
+    assert "\x1b[1mID" in out
+    assert "\x1b[32mactive" in out
+    assert "\x1b[31mneeds_reauth" in out
+    plain = _SGR.sub("", out).splitlines()
+    assert plain[1] == "\u2500" * len(plain[0])
+    assert plain[2].startswith("conn_1   Sales [EU]  ")
+    assert plain[0].index("STATE") == plain[2].index("active") == plain[3].index("needs_reauth")
+    monkeypatch.setenv("NO_COLOR", "1")
+    print_table(["ID", "NAME", "STATE"], rows)
+    assert _colours(capsys.readouterr().out) == []
+
+
+def test_print_table_many_rows_too_wide_header_once_and_columns_aligned_across_pages(
+    terminal_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows past one page on a narrow terminal: one header, and every page's columns line up."""
+    monkeypatch.setenv("COLUMNS", "70")
+    rows = [[f"conn_{i:03}", "x" * (90 if i == 0 else 1), "active"] for i in range(250)]
+    print_table(["ID", "NAME", "STATE"], rows)
+    lines = _SGR.sub("", capsys.readouterr().out).splitlines()
+    assert sum(line.split()[:1] == ["ID"] for line in lines) == 1
+    rows_drawn = [line for line in lines if line.startswith("conn_")]
+    assert len(rows_drawn) == 250
+    assert len({line.index("active") for line in rows_drawn}) == 1
+
+
 def test_bar_disabled_yields_no_callback_and_writes_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -10,6 +10,7 @@ from closesync.core.errors import ConfigError
 from closesync.worker.schedule import (
     current_slot,
     interval_after,
+    run_deadline,
     spread_offset,
     spread_window,
     tick_ttl,
@@ -116,3 +117,17 @@ def test_tick_ttl_outlives_two_intervals_and_a_minute() -> None:
     """A claim lives two intervals, and never less than a minute."""
     assert tick_ttl(300.0) == 600
     assert tick_ttl(2.0) == 60
+
+
+def test_run_deadline_is_the_end_of_the_next_ticks_spread_window() -> None:
+    """Run at 10:03:10 with ticks every 5 minutes spread over half: due again by 10:07:30."""
+    last = at(2026, 3, 4, 10, 3, 10).timestamp()
+    deadline = run_deadline("*/5 * * * *", last, 0.5, 3600)
+    assert deadline == at(2026, 3, 4, 10, 7, 30).timestamp()
+
+
+def test_run_deadline_workdays_cron_waits_for_monday_window_capped_by_visibility() -> None:
+    """Run on a Friday of a workdays cron: due on Monday, within half the visibility timeout."""
+    friday = at(2026, 3, 6, 9, 0, 5).timestamp()
+    deadline = run_deadline("0 9 * * 1-5", friday, 0.5, 3600)
+    assert deadline == at(2026, 3, 9, 9, 30).timestamp()

@@ -180,11 +180,29 @@ def test_store_save_refuses_a_calendly_user_stored_before_the_index_existed(
 ) -> None:
     """A record written before the Calendly user index (no index key) still blocks a second."""
     store.save(connection("conn_first"), grants())
-    for key in redis_client.scan_iter(f"{keys.prefix}:calendly-user:*"):
+    # Neither the index entries nor the mark that every record has one (calendly-user-index).
+    for key in redis_client.scan_iter(f"{keys.prefix}:calendly-user*"):
         redis_client.delete(key)
     with pytest.raises(PairingRefused, match="conn_first"):
         store.save(connection("conn_second", close_user_id="user_2"), grants())
     assert [c.id for c in store.list()] == ["conn_first"]
+
+
+def test_store_save_indexes_records_from_before_the_index_once_then_trusts_the_index(
+    store: ConnectionStore, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """The first save's scan gives older records their entries; later saves read the index only."""
+    store.save(connection("conn_first"), grants())
+    for key in redis_client.scan_iter(f"{keys.prefix}:calendly-user*"):
+        redis_client.delete(key)
+    other = "https://api.calendly.com/users/U2"
+    store.save(connection("conn_second", close_user_id="u2", calendly_user_uri=other), grants())
+    assert redis_client.get(keys.calendly_user("U1")) == "conn_first"
+    assert redis_client.get(keys.calendly_index_complete()) == "1"
+    # Marked complete: a record without an entry (possible only by hand) is not looked for.
+    redis_client.delete(keys.calendly_user("U1"))
+    store.save(connection("conn_third", close_user_id="u3"), grants())
+    assert redis_client.get(keys.calendly_user("U1")) == "conn_third"
 
 
 def test_store_calendly_user_freed_by_remove_or_by_moving_to_another_user(
@@ -279,6 +297,12 @@ def test_store_set_state_records_reason(store: ConnectionStore) -> None:
     )
 
 
+def _left(client: redis.Redis, keys: Keys) -> list[str]:
+    """The keys under the prefix but the store's own mark that every record has its index entry."""
+    found = client.scan_iter(f"{keys.prefix}:*")
+    return [str(key) for key in found if key != keys.calendly_index_complete()]
+
+
 def test_store_remove_erases_every_key(
     store: ConnectionStore, sync: SyncState, redis_client: redis.Redis, keys: Keys
 ) -> None:
@@ -293,7 +317,7 @@ def test_store_remove_erases_every_key(
     sync.set_backfill_progress(conn_id, BackfillProgress(started_at=1.0, cursor="c"))
     redis_client.set(keys.run_lock(conn_id), "token", px=60_000)
     store.remove(conn_id)
-    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == [keys.removed(conn_id)]
+    assert _left(redis_client, keys) == [keys.removed(conn_id)]
     assert 0 < redis_client.ttl(keys.removed(conn_id)) <= REMOVED_TTL_SECONDS
     assert store.list() == []
     with pytest.raises(ConnectionNotFound):
@@ -348,7 +372,7 @@ def test_sync_state_writes_after_removal_refused_no_key_recreated(
         with pytest.raises(ConnectionRemoved, match=conn_id):
             write()
     assert sync.is_removed(conn_id)
-    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == [keys.removed(conn_id)]
+    assert _left(redis_client, keys) == [keys.removed(conn_id)]
 
 
 def test_store_plain_grants_refused_by_fernet_store(

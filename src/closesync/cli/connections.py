@@ -1,8 +1,9 @@
-"""`closesync connections …`: add, list, show, remove, pause and resume connections.
+"""`closesync connections …`: add, import, list, show, remove, pause and resume connections.
 
 Adding resolves both users (Close `GET /me/`, Calendly `GET /users/me`), which also proves both
 tokens work; nothing is stored unless both answered, the Close organization may connect
 (CLOSE_ORGANIZATION_IDS) and no other connection has that Calendly user (exit 2, naming it).
+`add` and `import` (`closesync.cli.bulk_import`) share those steps: `closesync.connect.by_tokens`.
 Output never contains a token.
 
 `add` takes its tokens without them going on the command line (`closesync.cli.token_input`).
@@ -12,29 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 from pydantic import SecretStr
 
-from closesync.apis.calendly.client import CalendlyClient
-from closesync.apis.close.client import CloseClient
+from closesync.cli import bulk_import
 from closesync.cli.common import print_json, print_table, when
-from closesync.cli.token_input import TOKEN_FLAGS, TOKEN_VARIABLES, Tokens, gather_tokens
-from closesync.connect.saving import save_connection
-from closesync.core.calendly_payloads import User
-from closesync.core.close_payloads import Me
-from closesync.core.connection import (
-    Connection,
-    ConnectionOptions,
-    ConnectionState,
-    Grant,
-    Grants,
-    connection_between,
-)
-from closesync.core.errors import ApiError, AuthFailed, ConfigError, Forbidden
-from closesync.core.retry import WaitBudget
-from closesync.wiring.services import Services, load_services
+from closesync.cli.token_input import TOKEN_FLAGS, TOKEN_VARIABLES, gather_tokens
+from closesync.connect.by_tokens import connect_by_tokens
+from closesync.core.connection import Connection, ConnectionOptions, ConnectionState
+from closesync.core.errors import ConfigError
+from closesync.core.token_set import TokenSet
+from closesync.wiring.services import load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -63,7 +53,20 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     add.add_argument("--json", action="store_true", help="print JSON")
     add.set_defaults(func=cmd_add)
 
-    listing = commands.add_parser("list", help="every connection")
+    bulk_import.register(commands)
+
+    listing = commands.add_parser(
+        "list",
+        help="every connection, oldest first (--offset/--limit for a page)",
+        description="Every connection, oldest first. --offset N skips the first N and --limit M "
+        "prints at most M: a page of a large fleet, in the same order every time.",
+    )
+    listing.add_argument(
+        "--offset", type=_non_negative, default=0, metavar="N", help="skip the first N connections"
+    )
+    listing.add_argument(
+        "--limit", type=_non_negative, metavar="M", help="print at most M connections"
+    )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=cmd_list)
 
@@ -106,99 +109,49 @@ def public(connection: Connection) -> dict[str, Any]:
     return connection.model_dump(mode="json")
 
 
-def _check_token_shape(source: str, value: str | None) -> None:
-    """A token is printable ASCII without spaces; say where a bad one came from, never its value."""
-    if value is not None and not (value.isascii() and value.isprintable() and " " not in value):
-        raise ConfigError(f"{source} is not a token: it holds spaces or non-ASCII characters")
-
-
-def _resolve(services: Services, tokens: Tokens) -> tuple[Me, User]:
-    """Both users behind the given tokens; a refused token becomes a one-line ConfigError."""
-    for name, source in tokens.sources.items():
-        _check_token_shape(source, tokens.get(name))
-    settings = services.settings
-    budget = WaitBudget(settings.inline_wait_budget_seconds)
-    close_token = tokens.values["close_access_token"]
-    calendly_token = tokens.values["calendly_token"]
-    close = CloseClient(
-        http=services.api_http("Close", settings.close_api_url, budget),
-        token=lambda: close_token,
-    )
-    calendly = CalendlyClient(
-        http=services.api_http("Calendly", settings.calendly_api_url, budget),
-        token=lambda: calendly_token,
-    )
-    try:
-        me = close.get_me()
-    except (AuthFailed, Forbidden) as error:
-        raise ConfigError(f"the Close access token was refused: {error}") from None
-    try:
-        user = calendly.get_current_user()
-    except (AuthFailed, Forbidden) as error:
-        raise ConfigError(f"the Calendly token was refused: {error}") from None
-    return me, user
-
-
 def cmd_add(args: argparse.Namespace) -> int:
     services = load_services()
     services.require_key()  # before the tokens are checked at the APIs: they could not be stored
     tokens = gather_tokens(args)
-    try:
-        me, user = _resolve(services, tokens)
-    except ApiError as error:
-        raise ApiError(
-            f"could not check the tokens: {error}",
-            api=error.api,
-            method=error.method,
-            endpoint=error.endpoint,
-            status=error.status,
-        ) from None
-    if not services.settings.close_organization_allowed(me.organization_id):
-        raise ConfigError(
-            f"the Close user's organization {me.organization_id} is not one this closesync "
-            "serves (CLOSE_ORGANIZATION_IDS); nothing was stored"
-        )
-    now = time.time()
-    grants = Grants(
-        close=Grant(
-            kind="oauth",
-            access_token=SecretStr(tokens.values["close_access_token"]),
-            refresh_token=_secret(tokens.get("close_refresh_token")),
-            expires_at=now + args.close_expires_in if args.close_expires_in else None,
-        ),
-        calendly=Grant(
-            kind="oauth" if tokens.get("calendly_refresh_token") else "pat",
-            access_token=SecretStr(tokens.values["calendly_token"]),
-            refresh_token=_secret(tokens.get("calendly_refresh_token")),
-            expires_at=now + args.calendly_expires_in if args.calendly_expires_in else None,
-        ),
+    given = TokenSet(
+        **{name: SecretStr(value) for name, value in tokens.values.items() if value},
+        close_expires_in=args.close_expires_in,
+        calendly_expires_in=args.calendly_expires_in,
+        name=args.name,
     )
-    existing: Connection | None = services.connections.find_by_close_user(me.id)
-    connection = connection_between(existing, me, user, name=args.name, now=now)
-    # Updating a connection: under its refresh locks, revoking the grants it replaces.
-    save_connection(services, existing, connection, grants)
+    # Under its refresh locks when it updates a connection, revoking the grants it replaces.
+    added = connect_by_tokens(services, given, sources=tokens.sources)
+    connection = added.connection
     if args.json:
-        print_json({**public(connection), "updated": existing is not None})
+        print_json({**public(connection), "updated": added.updated})
     else:
-        verb = "updated" if existing else "added"
+        verb = "updated" if added.updated else "added"
         sys.stdout.write(
-            f"{verb} {connection.id}: Close {me.email or me.id}"
-            f" <- Calendly {user.email or user.uri}\n"
+            f"{verb} {connection.id}: Close {added.close_user} <- Calendly {added.calendly_user}\n"
         )
     return 0
 
 
-def _secret(value: str | None) -> SecretStr | None:
-    return SecretStr(value) if value else None
+def _non_negative(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return value
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     services = load_services()
-    connections: list[Connection] = services.connections.list()
+    everyone: list[Connection] = services.connections.list()
+    end = None if args.limit is None else args.offset + args.limit
+    connections = everyone[args.offset : end]
     if args.json:
         print_json([public(c) for c in connections])
         return 0
-    if not connections:
+    if not everyone:
         sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
         return 0
     print_table(

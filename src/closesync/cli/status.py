@@ -1,49 +1,91 @@
-"""`closesync status`: per connection its state, last run and counts, held deletions, last error.
+"""`closesync status`: a summary of the fleet; `--all` every connection's row, `--json` every field.
 
-A connection whose Calendly organization's shared credential was refused shows needs_reauth with
-that credential's reason, although its own record is untouched (reconnecting the organization
-brings it back); organization mode also lists each shared credential and its state.
+The summary (the default) counts connections per state and the active ones by their last run's
+outcome, lists the failing ones and those needing re-authorization with why, and the held
+deletions, and says which active connection's last sync is the oldest and how far behind the
+schedule (SYNC_CRON and the fan-out spread, `worker.schedule.run_deadline`) the connections are.
+`--all` prints per connection its state, last run and counts, held deletions, last error and
+backfill progress; `--json` every field of every connection.
+
+Everything is read in batches (`SyncState.status_facts`, a few pipelines for 10,000 connections),
+not a few round trips per connection. A connection whose Calendly organization's shared
+credential was refused shows needs_reauth with that credential's reason, although its own record
+is untouched (reconnecting the organization brings it back); organization mode also lists each
+shared credential and its state.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from closesync.cli.common import print_json, print_table, when
 from closesync.core.connection import Connection, ConnectionState
-from closesync.core.report import RunReport
+from closesync.core.status import FleetSummary, Glance, Listed, summarize
+from closesync.store.sync_state import StatusFacts
 from closesync.wiring.services import Services, load_services
+from closesync.worker.schedule import run_deadline
+
+# Newest reports searched for a connection's last error (`last_error` of --all and --json).
+ERROR_DEPTH = 20
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    parser = subparsers.add_parser("status", help="state, last run and last error per connection")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser = subparsers.add_parser(
+        "status",
+        help="a summary of every connection (--all: one row each, --json: every field)",
+        description="By default a summary: connections per state, the last runs' outcomes, the "
+        "failing connections and those needing re-authorization (each listed, with why), held "
+        "deletions, the oldest last sync and how far behind the schedule (SYNC_CRON) the "
+        "connections are. --all prints every connection's row instead; --json every field of "
+        "every connection.",
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="every connection's row and details, not a summary"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON (every connection)")
     parser.set_defaults(func=cmd_status)
 
 
-def connection_status(services: Services, connection: Connection) -> dict[str, Any]:
-    """Everything `status` shows of one connection, as JSON-ready values."""
-    state = services.state
-    last: RunReport | None = state.last_report(connection.id)
-    reports: list[RunReport] = state.reports(connection.id, 20)
-    errored = next((r for r in reports if r.error), None)
-    held = state.held(connection.id)
-    backfill = state.backfill_progress(connection.id)
-    ref = connection.calendly_grant_ref
-    shared = services.connections.shared_refused(ref) if ref is not None else None
-    waits_for_org = shared is not None and connection.state is ConnectionState.ACTIVE
+def _read(
+    services: Services, connections: Sequence[Connection], *, depth: int
+) -> list[tuple[Connection, StatusFacts, str | None]]:
+    """Each connection with its facts and the refusal of its shared Calendly grant, if any,
+    read in batches. `depth`: how many of its newest reports are searched for its last error."""
+    refused = services.connections.shared_refused_of(
+        c.calendly_grant_ref for c in connections if c.calendly_grant_ref is not None
+    )
+    facts = services.state.status_facts([c.id for c in connections], depth=depth)
+    return [
+        (connection, found, refused.get(connection.calendly_grant_ref or ""))
+        for connection, found in zip(connections, facts, strict=True)
+    ]
+
+
+def _state(connection: Connection, shared: str | None) -> tuple[str, str | None]:
+    """The state and reason `status` shows: needs_reauth while its organization's is refused."""
+    if shared is not None and connection.state is ConnectionState.ACTIVE:
+        return ConnectionState.NEEDS_REAUTH.value, shared
+    return connection.state.value, connection.state_reason
+
+
+def _row(connection: Connection, facts: StatusFacts, shared: str | None) -> dict[str, Any]:
+    """Everything `status --json` shows of one connection, as JSON-ready values."""
+    last, held, backfill = facts.last, facts.held, facts.backfill
+    state, reason = _state(connection, shared)
     return {
         "id": connection.id,
         "name": connection.name,
-        "state": ConnectionState.NEEDS_REAUTH.value if waits_for_org else connection.state.value,
-        "state_reason": shared if waits_for_org else connection.state_reason,
+        "state": state,
+        "state_reason": reason,
         "last_run": last.model_dump(mode="json") if last else None,
         "held_deletions": asdict(held) if held else None,
-        "last_error": errored.error if errored else None,
-        "last_error_at": errored.finished_at if errored else None,
+        "last_error": facts.last_error,
+        "last_error_at": facts.last_error_at,
         "backfill": asdict(backfill) if backfill else None,
     }
 
@@ -51,7 +93,10 @@ def connection_status(services: Services, connection: Connection) -> dict[str, A
 def cmd_status(args: argparse.Namespace) -> int:
     services = load_services()
     connections: list[Connection] = services.connections.list()
-    rows = [connection_status(services, c) for c in connections]
+    # The summary names each failing connection's last run's error: one report each is enough.
+    detailed = args.json or args.all
+    read = _read(services, connections, depth=ERROR_DEPTH if detailed else 1)
+    rows = [_row(*each) for each in read] if detailed else []
     unmatched = _unmatched(services)
     organizations = _organizations(services)
     if args.json:
@@ -63,6 +108,118 @@ def cmd_status(args: argparse.Namespace) -> int:
             }
         )
         return 0
+    _print_organizations(organizations)
+    _print_unmatched(unmatched)
+    if not connections:
+        sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
+        return 0
+    if args.all:
+        _print_rows(rows)
+        return 0
+    settings = services.settings
+    summary = summarize(
+        (_glance(*each) for each in read),
+        now=time.time(),
+        deadline=lambda last: run_deadline(
+            settings.sync_cron,
+            last,
+            settings.sync_spread_fraction,
+            settings.broker_visibility_timeout,
+        ),
+    )
+    _print_summary(summary, settings.sync_cron, time.time())
+    return 0
+
+
+def _glance(connection: Connection, facts: StatusFacts, shared: str | None) -> Glance:
+    last, held = facts.last, facts.held
+    state, reason = _state(connection, shared)
+    return Glance(
+        id=connection.id,
+        name=connection.name,
+        state=state,
+        state_reason=reason,
+        created_at=connection.created_at,
+        last_run_at=(last.finished_at or last.started_at) if last else None,
+        last_outcome=last.outcome.value if last else None,
+        last_error=last.error if last else None,
+        held=held is not None,
+        held_reason=held.reason if held else None,
+        backfilling=facts.backfill is not None,
+    )
+
+
+def _ago(seconds: float) -> str:
+    """A duration as a person reads it: `42 s`, `7m 05s`, `3h 12m`, `2d 4h`."""
+    whole = max(0, int(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02}m"
+    if minutes:
+        return f"{minutes}m {secs:02}s"
+    return f"{secs} s"
+
+
+def _print_summary(summary: FleetSummary, cron: str, now: float) -> None:
+    out = sys.stdout.write
+    states = ", ".join(f"{count} {state}" for state, count in summary.states.items())
+    plural = "" if summary.total == 1 else "s"
+    out(f"{summary.total} connection{plural}: {states}\n")
+    active = summary.states.get(ConnectionState.ACTIVE.value, 0)
+    if active:
+        order = ["ok", "partial", "failed"]
+        outcomes = sorted(summary.outcomes.items(), key=lambda kv: (kv[0] == "never", kv[0]))
+        outcomes.sort(key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+        shown = ", ".join(
+            f"{count} never run" if outcome == "never" else f"{count} {outcome}"
+            for outcome, count in outcomes
+        )
+        out(f"last run of the active ones: {shown}\n")
+    oldest = summary.oldest
+    if oldest is not None:
+        label = f"{oldest.id} ({oldest.name})" if oldest.name else oldest.id
+        if oldest.last_run_at is None:
+            out(
+                f"oldest last sync: {label} has never run; added {when(oldest.created_at)}, "
+                f"{_ago(now - oldest.created_at)} ago\n"
+            )
+        else:
+            out(
+                f"oldest last sync: {label} at {when(oldest.last_run_at)}, "
+                f"{_ago(now - oldest.last_run_at)} ago\n"
+            )
+        if summary.behind:
+            out(
+                f"behind schedule (SYNC_CRON {cron}): {summary.behind} active connection(s) not "
+                "run by the end of their tick's spread window; the oldest is "
+                f"{_ago(summary.lag)} late\n"
+            )
+        else:
+            out(f"on schedule (SYNC_CRON {cron}): every active connection ran when due\n")
+    if summary.backfilling:
+        out(f"backfills in progress: {summary.backfilling}\n")
+    _print_listed(f"failing (their last run failed): {len(summary.failing)}", summary.failing)
+    _print_listed(f"needs_reauth: {len(summary.needs_reauth)}", summary.needs_reauth)
+    # Each reason names the command that lets that connection's deletions through.
+    _print_listed(f"held deletions: {len(summary.held)}", summary.held)
+    out(
+        "every connection's row: `closesync status --all`; every field: `closesync status --json`\n"
+    )
+
+
+def _print_listed(title: str, listed: list[Listed]) -> None:
+    if not listed:
+        return
+    sys.stdout.write(title + "\n")
+    for item in listed:
+        sys.stdout.write(f"  {item.id}  {item.name or '-'}: {item.why}\n")
+
+
+def _print_organizations(organizations: list[dict[str, Any]]) -> None:
     for org in organizations:
         if org["state"] != "active":
             sys.stdout.write(
@@ -74,10 +231,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "connected before closesync bound them): nobody new is paired with its members "
                 "until an owner or admin runs `closesync connect --organization` again\n"
             )
-    _print_unmatched(unmatched)
-    if not rows:
-        sys.stdout.write("no connections yet: add one with `closesync connections add`\n")
-        return 0
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    """`status --all`: one table row per connection, then what needs saying of each."""
     table = []
     for row in rows:
         last = row["last_run"] or {}
@@ -100,20 +257,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             ]
         )
     print_table(["ID", "NAME", "STATE", "LAST RUN", "OUTCOME", "+~-=!", "HELD"], table)
+    out = sys.stdout.write
     for row in rows:
         if row["state_reason"]:
-            sys.stdout.write(f"{row['id']}: {row['state']}: {row['state_reason']}\n")
+            out(f"{row['id']}: {row['state']}: {row['state_reason']}\n")
         if row["held_deletions"]:
-            sys.stdout.write(f"{row['id']}: held deletions: {row['held_deletions']['reason']}\n")
+            out(f"{row['id']}: held deletions: {row['held_deletions']['reason']}\n")
         if row["last_error"]:
             at = when(row["last_error_at"])
-            sys.stdout.write(f"{row['id']}: last error (run at {at}): {row['last_error']}\n")
+            out(f"{row['id']}: last error (run at {at}): {row['last_error']}\n")
         if row["backfill"]:
             progress = row["backfill"]
-            sys.stdout.write(
-                f"{row['id']}: backfill {progress.get('done', 0)}/{progress.get('total', '?')}\n"
-            )
-    return 0
+            out(f"{row['id']}: backfill {progress.get('done', 0)}/{progress.get('total', '?')}\n")
 
 
 def _unmatched(services: Services) -> dict[str, Any] | None:

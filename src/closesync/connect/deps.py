@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
+import requests
 from redis import Redis
 
 from closesync.apis.calendly.client import CalendlyOAuth
@@ -46,7 +47,13 @@ class ConnectServices(Protocol):
         self, connection_id: str, ttl: int, wait: float = ...
     ) -> AbstractContextManager[LockHandle]: ...
 
-    def api_http(self, api: str, base_url: str, budget: WaitBudget) -> ApiHttp: ...
+    def api_http(
+        self,
+        api: str,
+        base_url: str,
+        budget: WaitBudget,
+        session: requests.Session | None = ...,
+    ) -> ApiHttp: ...
 
     def clients_for(
         self, connection: Connection, budget: WaitBudget, sleep: Callable[[float], None] = ...

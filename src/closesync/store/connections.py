@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -30,6 +30,9 @@ from closesync.store.secretbox import SecretBox
 # every late write of a run that read the connection before it went finds the mark. A run paused
 # for longer (a stopped VM) could write again after it expires; the mark cannot stay for ever.
 REMOVED_TTL_SECONDS = 7 * 24 * 3600
+# Records one MGET of `list()` reads: a fleet of 10,000 in 10 round trips, each reply a few
+# hundred kilobytes, rather than one reply as large as the whole fleet.
+LIST_BATCH = 1000
 
 
 def _grants_json(grants: Grants) -> bytes:
@@ -168,13 +171,28 @@ class ConnectionStore:
             # An index entry whose connection is gone holds nothing.
             holder = None if raw is None else Connection.model_validate_json(raw)
             return holder if holder is not None and holder.id != connection.id else None
-        # No index entry: records saved before the index existed are found by their user.
+        # No index entry: records saved before the index existed are found by their user, until
+        # one such scan has indexed them all. Scanning at every save made adding N connections
+        # cost N^2 record reads (hours for a sales floor of 10,000); after the first, a missing
+        # entry means no holder, as every save since writes its entry.
+        if pipe.exists(self.keys.calendly_index_complete()):
+            return None
         ids = sorted(as_text(m) for m in pipe.smembers(self.keys.connections()))
-        raws = pipe.mget([self.keys.conn(i) for i in ids]) if ids else []
+        records = [
+            Connection.model_validate_json(raw)
+            for start in range(0, len(ids), LIST_BATCH)
+            for raw in pipe.mget([self.keys.conn(i) for i in ids[start : start + LIST_BATCH]])
+            if raw is not None
+        ]
+        # Writing the entry of the watched Calendly user (a holder found here) aborts this
+        # transaction: the retry finds the holder in the index and refuses as before.
+        for found in records:
+            pipe.set(self.keys.calendly_user(found.calendly_user_uuid), found.id, nx=True)
+        pipe.set(self.keys.calendly_index_complete(), "1")
         return next(
             (
                 found
-                for found in (Connection.model_validate_json(r) for r in raws if r is not None)
+                for found in records
                 if found.id != connection.id
                 and found.calendly_user_uuid == connection.calendly_user_uuid
             ),
@@ -250,6 +268,18 @@ class ConnectionStore:
         raw = self.redis.get(self.keys.calendly_org_refused(ref))
         return None if raw is None else str(json.loads(raw)["reason"])
 
+    @guard("reading shared Calendly credentials' state")
+    def shared_refused_of(self, refs: Iterable[str]) -> dict[str, str | None]:
+        """`shared_refused` of each ref, in one MGET (a fleet has few organizations)."""
+        ordered = sorted(set(refs))
+        if not ordered:
+            return {}
+        raws = self.redis.mget([self.keys.calendly_org_refused(ref) for ref in ordered])
+        return {
+            ref: None if raw is None else str(json.loads(raw)["reason"])
+            for ref, raw in zip(ordered, raws, strict=True)
+        }
+
     @guard("writing a connection's grants")
     def set_grants(self, conn_id: str, grants: Grants) -> None:
         if not self.redis.exists(self.keys.conn(conn_id)):
@@ -286,10 +316,11 @@ class ConnectionStore:
     def list(self) -> list[Connection]:
         """Every connection, oldest first."""
         ids = sorted(as_text(member) for member in self.redis.smembers(self.keys.connections()))
-        if not ids:
-            return []
-        raws = self.redis.mget([self.keys.conn(conn_id) for conn_id in ids])
-        found = [Connection.model_validate_json(raw) for raw in raws if raw is not None]
+        found: list[Connection] = []
+        for start in range(0, len(ids), LIST_BATCH):
+            batch = ids[start : start + LIST_BATCH]
+            raws = self.redis.mget([self.keys.conn(conn_id) for conn_id in batch])
+            found.extend(Connection.model_validate_json(raw) for raw in raws if raw is not None)
         return sorted(found, key=lambda c: (c.created_at, c.id))
 
     @guard("changing a connection's state")

@@ -11,6 +11,10 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:calendly-user:{uuid}        STRING  -> connection id: the one connection of that
                                             Calendly user (source_ids embed its uuid, so a
                                             second connection is refused: PairingRefused) no TTL
+    {p}:calendly-user-index         STRING  "1": every record was given its calendly-user
+                                            entry (a one-time scan at the first save of a
+                                            store from before that index); absent = saves
+                                            scan the records for their Calendly user     no TTL
     {p}:conn:{id}:links             HASH    source_id -> JSON LinkRecord {fingerprint,
                                             event_type_uri, missing, missing_since}: what
                                             Close accepted; `missing` complete listings in
@@ -175,6 +179,9 @@ class Keys:
 
     def calendly_user(self, calendly_user_uuid: str) -> str:
         return f"{self.prefix}:calendly-user:{calendly_user_uuid}"
+
+    def calendly_index_complete(self) -> str:
+        return f"{self.prefix}:calendly-user-index"
 
     def links(self, conn_id: str) -> str:
         return f"{self.conn(conn_id)}:links"

@@ -11,8 +11,9 @@ read the connection before it went must not bring any of its keys back.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import redis
 
@@ -35,6 +36,14 @@ Queue = Callable[[redis.client.Pipeline], object]
 
 # Seconds a sync marker lives by default; Services sets it to BROKER_VISIBILITY_TIMEOUT.
 QUEUED_TTL_SECONDS = 3600
+# Connections whose status facts one pipeline reads (`status_facts`): few round trips for a
+# fleet (20 for 10,000 connections), while one reply stays a few megabytes at most.
+FACTS_BATCH = 500
+# The one spelling of an empty `errors` in a report's JSON: pydantic writes it compact, and a
+# quote inside a JSON string is escaped, so this text appears only as that empty field (the
+# other dicts of a report hold strings or numbers, never lists). Reports containing it are
+# skipped unparsed when looking for the last error; any other spelling is simply parsed.
+_NO_ERRORS = '"errors":[]'
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,61 @@ class BackfillProgress:
     cursor: str | None = None
     done: int = 0
     total: int | None = None
+
+
+@dataclass(frozen=True)
+class StatusFacts:
+    """What `closesync status` shows of one connection's runs, read for many in one batch."""
+
+    last: RunReport | None
+    # The newest error among the reports read, and when its run finished.
+    last_error: str | None
+    last_error_at: float | None
+    held: HeldDeletions | None
+    backfill: BackfillProgress | None
+
+
+def _held(raw: str | None) -> HeldDeletions | None:
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return HeldDeletions(list(data["source_ids"]), data["reason"], float(data["at"]))
+
+
+def _backfill(raw: dict[Any, Any]) -> BackfillProgress | None:
+    if not raw:
+        return None
+    return BackfillProgress(
+        started_at=float(raw["started_at"]),
+        cursor=as_text(raw.get("cursor") or "") or None,
+        done=int(raw.get("done", 0)),
+        total=int(raw["total"]) if raw.get("total") else None,
+    )
+
+
+def _facts(reports: list[str], held: str | None, backfill: dict[Any, Any]) -> StatusFacts:
+    last = RunReport.model_validate_json(reports[0]) if reports else None
+    errored = last if last is not None and last.error else None
+    if errored is None:
+        errored = next(
+            (
+                report
+                for report in (
+                    RunReport.model_validate_json(raw)
+                    for raw in reports[1:]
+                    if _NO_ERRORS not in raw
+                )
+                if report.error
+            ),
+            None,
+        )
+    return StatusFacts(
+        last=last,
+        last_error=errored.error if errored else None,
+        last_error_at=errored.finished_at if errored else None,
+        held=_held(held),
+        backfill=_backfill(backfill),
+    )
 
 
 class SyncState:
@@ -215,10 +279,7 @@ class SyncState:
     @guard("reading held deletions")
     def held(self, conn_id: str) -> HeldDeletions | None:
         raw = self.redis.get(self.keys.held(conn_id))
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return HeldDeletions(list(data["source_ids"]), data["reason"], float(data["at"]))
+        return _held(None if raw is None else as_text(raw))
 
     # --- reports --------------------------------------------------------------------------------
 
@@ -342,6 +403,36 @@ class SyncState:
 
         return watched(self.redis, key, apply)
 
+    @guard("reading the sync state of connections")
+    def status_facts(self, conn_ids: Sequence[str], *, depth: int) -> list[StatusFacts]:
+        """Each connection's last report, last error (within its newest `depth` reports), held
+        deletions and backfill progress, in the order of `conn_ids`.
+
+        Read in pipelines of FACTS_BATCH connections (an LRANGE and an HGETALL each, one MGET
+        of their held deletions), not three round trips per connection: what makes `closesync
+        status` take seconds for 10,000 of them. Not a transaction: each connection's facts are
+        as consistent as reading them one by one.
+        """
+        found: list[StatusFacts] = []
+        for start in range(0, len(conn_ids), FACTS_BATCH):
+            batch = conn_ids[start : start + FACTS_BATCH]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for conn_id in batch:
+                    pipe.lrange(self.keys.reports(conn_id), 0, max(depth, 1) - 1)
+                for conn_id in batch:
+                    pipe.hgetall(self.keys.backfill(conn_id))
+                pipe.mget([self.keys.held(conn_id) for conn_id in batch])
+                replies = pipe.execute()
+            count = len(batch)
+            reports, backfills, held = replies[:count], replies[count : 2 * count], replies[-1]
+            for index in range(count):
+                texts = [as_text(raw) for raw in reports[index]]
+                raw_held = held[index]
+                found.append(
+                    _facts(texts, None if raw_held is None else as_text(raw_held), backfills[index])
+                )
+        return found
+
     @guard("requesting a rerun")
     def request_rerun(self, conn_id: str) -> None:
         """Ask the run holding the lock to run once more, unless a task is queued already."""
@@ -373,15 +464,7 @@ class SyncState:
 
     @guard("reading backfill progress")
     def backfill_progress(self, conn_id: str) -> BackfillProgress | None:
-        raw = self.redis.hgetall(self.keys.backfill(conn_id))
-        if not raw:
-            return None
-        return BackfillProgress(
-            started_at=float(raw["started_at"]),
-            cursor=as_text(raw.get("cursor") or "") or None,
-            done=int(raw.get("done", 0)),
-            total=int(raw["total"]) if raw.get("total") else None,
-        )
+        return _backfill(self.redis.hgetall(self.keys.backfill(conn_id)))
 
     @guard("recording backfill progress")
     def set_backfill_progress(self, conn_id: str, progress: BackfillProgress) -> None:

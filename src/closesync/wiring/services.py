@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import requests
 from redis import Redis
 
 from closesync.apis.calendly.client import CalendlyClient, CalendlyOAuth
@@ -84,12 +85,20 @@ class Services:
 
     # -- API clients -------------------------------------------------------------------------
 
-    def api_http(self, api: str, base_url: str, budget: WaitBudget, **kwargs: object) -> ApiHttp:
-        """An ApiHttp with the configured timeouts, sharing `budget`."""
+    def api_http(
+        self,
+        api: str,
+        base_url: str,
+        budget: WaitBudget,
+        session: requests.Session | None = None,
+        **kwargs: object,
+    ) -> ApiHttp:
+        """An ApiHttp with the configured timeouts, sharing `budget`; on `session` when given
+        (one reused for many calls keeps its connections open), else a new one."""
         return ApiHttp(
             api=api,
             base_url=base_url,
-            session=new_session(),
+            session=session or new_session(),
             timeout=self.settings.http_timeout,
             budget=budget,
             **kwargs,  # type: ignore[arg-type]

@@ -136,3 +136,17 @@ def spread_offset(connection_id: str, window: float) -> float:
 def tick_ttl(interval: float) -> int:
     """Seconds a tick claim lives: past any redelivery of the tick, and at least a minute."""
     return max(60, int(interval * 2))
+
+
+def run_deadline(expression: str, last: float, fraction: float, visibility_timeout: float) -> float:
+    """Unix time by which a connection last run at `last` (Unix time) should have run again.
+
+    The first tick after `last` runs every active connection within its spread window, so a
+    connection not run by the window's end is behind schedule (`closesync status` shows the
+    lag). Later `last` never gives an earlier deadline, as `core.status.summarize` needs: one
+    tick's window ends before the next tick fires (the spread fraction is at most 1).
+    """
+    trigger = cron_trigger(expression)
+    fire = next_fire(trigger, datetime.fromtimestamp(last, UTC))
+    interval = (next_fire(trigger, fire) - fire).total_seconds()
+    return fire.timestamp() + spread_window(interval, fraction, visibility_timeout)
