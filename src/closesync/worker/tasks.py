@@ -10,7 +10,10 @@ What happens after a run is a pure decision (`verdict`), tested with literal rep
 rate-limited runs come back after the wait the API stated plus jitter; transient failures after a
 capped exponential backoff with jitter; anything else (auth, forbidden, rejected data) is not
 retried: the engine recorded it, and marked the connection needs_reauth for auth failures. A run
-stopped by the soft time limit resumes at most MAX_SOFT_LIMIT_RESUMES times.
+stopped by the soft time limit resumes at most MAX_SOFT_LIMIT_RESUMES times. The threads pool
+enforces no Celery time limit, so the task also gives the engine a deadline at
+TASK_SOFT_TIME_LIMIT: the run stops between two steps once it passed, and is resumed exactly like
+a run the soft limit stopped.
 
 The caps are this module's: the per-connection tasks set Celery's own `max_retries` to None, since
 Celery's default (3, counted over every retry of a task) would otherwise end each of them first,
@@ -32,6 +35,7 @@ from closesync.core.connection import ConnectionState
 from closesync.core.errors import CloseSyncError, ConnectionNotFound, StoreUnavailable
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.core.retry import Random, rate_limit_delay, transient_delay
+from closesync.sync.parts import Deadline
 from closesync.wiring.logs import bind
 from closesync.wiring.observability import cron_checkin
 from closesync.wiring.services import Services
@@ -186,11 +190,14 @@ def run_connection(
     `resumes`: how often this task already resumed after the soft time limit.
     """
     services = get_services()
-    engine = services.engine(wait_budget=services.settings.task_inline_wait_seconds)
+    settings = services.settings
+    # Counted from the task's start, as Celery's soft limit is, over its reruns too.
+    deadline = Deadline.after(settings.task_soft_time_limit, "TASK_SOFT_TIME_LIMIT")
+    engine = services.engine(wait_budget=settings.task_inline_wait_seconds)
     with bind(connection_id=connection_id, task_id=task.request.id):
         try:
             try:
-                report = engine.run(connection_id, mode=mode)
+                report = engine.run(connection_id, mode=mode, deadline=deadline)
             except ConnectionNotFound:
                 # Removed (its removal mark expired too) or never stored: a queued or
                 # redelivered task of it has nothing to do, and is no error.
@@ -212,27 +219,14 @@ def run_connection(
             ):
                 reruns += 1
                 log.info("a sync was requested while this run lasted: running once more")
-                report = engine.run(connection_id, mode=RunMode.SYNC)
+                report = engine.run(connection_id, mode=RunMode.SYNC, deadline=deadline)
         except SoftTimeLimitExceeded:
             # The engine released the lock on the way out and stored the run's report as failed;
             # what was written stays recorded.
-            if resumes >= MAX_SOFT_LIMIT_RESUMES:
-                log.warning(
-                    "run stopped by the soft time limit %d times; not resumed: the next tick "
-                    "tries again",
-                    resumes + 1,
-                )
-                return Outcome.FAILED.value
-            log.warning(
-                "run stopped by the soft time limit; resuming shortly (%d of %d)",
-                resumes + 1,
-                MAX_SOFT_LIMIT_RESUMES,
-            )
-            raise task.retry(
-                args=tuple(task.request.args or ()),
-                kwargs={**(task.request.kwargs or {}), "resumes": resumes + 1},
-                countdown=RESUME_AFTER_SECONDS,
-            ) from None
+            return resume_after_time_limit(task, resumes)
+        if report.failure == "deadline":
+            # The engine's own soft limit: stopped between steps, report stored, lock released.
+            return resume_after_time_limit(task, resumes)
         decision = retry_verdict(report, task.request.retries, random.random)
         if decision.retry:
             log.info(
@@ -250,6 +244,27 @@ def run_connection(
                 extra={"run_id": report.run_id},
             )
         return report.outcome.value
+
+
+def resume_after_time_limit(task: Task[Any, Any], resumes: int) -> str:
+    """Resume a run the soft time limit (or the engine's deadline) stopped, a bounded number of
+    times; `resumes`: how often this task already resumed."""
+    if resumes >= MAX_SOFT_LIMIT_RESUMES:
+        log.warning(
+            "run stopped by the soft time limit %d times; not resumed: the next tick tries again",
+            resumes + 1,
+        )
+        return Outcome.FAILED.value
+    log.warning(
+        "run stopped by the soft time limit; resuming shortly (%d of %d)",
+        resumes + 1,
+        MAX_SOFT_LIMIT_RESUMES,
+    )
+    raise task.retry(
+        args=tuple(task.request.args or ()),
+        kwargs={**(task.request.kwargs or {}), "resumes": resumes + 1},
+        countdown=RESUME_AFTER_SECONDS,
+    )
 
 
 # --- the tasks --------------------------------------------------------------------------------
