@@ -9,6 +9,7 @@ import pytest
 
 from closesync.core.connection import ConnectionState
 from closesync.core.report import Outcome, RunMode
+from closesync.core.retry import WaitBudget
 from closesync.sandbox import Sandbox, SandboxConfig
 from closesync.sync.parts import Deadline
 from tests.sync_harness import Harness
@@ -512,3 +513,21 @@ def test_engine_run_past_its_deadline_stops_before_the_next_write_keeping_the_fi
     rest = harness.run(conn)
     assert (rest.outcome, rest.created) == (Outcome.OK, len(expected) - 1)
     assert harness.close_side(user) == expected
+
+
+def test_engine_runs_share_one_keep_alive_session_per_api(harness: Harness) -> None:
+    """Runs of two connections go out on the process's one session per API, over one kept-alive
+    connection: no new connection (no TLS handshake on HTTPS) per run."""
+    first, second = harness.sandbox.users[:2]
+    a, b = harness.add(first), harness.add(second)
+    services = harness.services
+    assert harness.run(a).outcome is Outcome.OK
+    assert harness.run(b).outcome is Outcome.OK
+    one = services.clients_for(services.connections.get(a), WaitBudget(1))
+    other = services.clients_for(services.connections.get(b), WaitBudget(1))
+    assert one.calendly_http.session is other.calendly_http.session
+    assert one.close_http.session is other.close_http.session
+    assert one.calendly_http is not other.calendly_http  # budgets and counters stay per run
+    manager = one.calendly_http.session.get_adapter(harness.sandbox.calendly_api_url).poolmanager
+    pools = [manager.pools[key] for key in manager.pools.keys()]  # noqa: SIM118 - no __iter__
+    assert [(p.num_connections, p.num_requests) for p in pools] == [(1, 2)]

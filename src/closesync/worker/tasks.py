@@ -30,6 +30,7 @@ from typing import Any
 
 from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_shutdown, worker_shutdown
 
 from closesync.core.connection import ConnectionState
 from closesync.core.errors import CloseSyncError, ConnectionNotFound, StoreUnavailable
@@ -118,6 +119,16 @@ def use_services(services: Services | None) -> None:
     global _services  # noqa: PLW0603
     with _services_lock:
         _services = services
+
+
+@worker_process_shutdown.connect  # a prefork child stopping
+@worker_shutdown.connect  # the worker stopping: the threads pool runs the tasks in it
+def close_services(**_: Any) -> None:
+    """Close the process's HTTP connections as its worker stops."""
+    with _services_lock:
+        services = _services
+    if services is not None:
+        services.close()
 
 
 # --- fan-out --------------------------------------------------------------------------------------
