@@ -74,7 +74,8 @@ class Services:
             box=box,
             connections=ConnectionStore(client, keys, box),
             state=SyncState(client, keys),
-            http=HttpSessions(),
+            # Sized for a worker's runs at once; an inline `--concurrency` reserves its own.
+            http=HttpSessions(settings.worker_concurrency),
         )
 
     def close(self) -> None:
