@@ -101,25 +101,32 @@ class Scripted:
     status: int = 200
     trickle_until: threading.Event | None = None
     started: threading.Event = field(default_factory=threading.Event)
+    # Extra response headers (a Set-Cookie, say).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ScriptedServer:
-    """Answers each request with the next queued JSON body; records each request's path+query."""
+    """Answers each request with the next queued JSON body; records each request's path+query
+    (and its Cookie header, None without one)."""
 
     def __init__(self) -> None:
         self.answers: list[Scripted] = []
         self.requests: list[str] = []
+        self.cookies: list[str | None] = []
         script = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 script.requests.append(self.path)
+                script.cookies.append(self.headers.get("Cookie"))
                 length = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(length)
                 answer = script.answers.pop(0) if script.answers else Scripted({}, 500)
                 data = json.dumps(answer.body).encode()
                 self.send_response(answer.status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
                 if answer.trickle_until is None:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

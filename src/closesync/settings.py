@@ -130,9 +130,29 @@ class Settings(BaseSettings):
     sync_spread_fraction: float = Field(default=0.5, ge=0.0, le=0.5)
     # Celery: seconds before a task is warned (soft) and killed (hard); both must stay below the
     # broker visibility timeout, or an unacked task would be redelivered while still running.
+    # The threads pool (the default) enforces neither: a run stops between two steps at the
+    # soft limit (the engine's deadline), and only `--pool prefork` kills one at the hard limit.
     task_soft_time_limit: int = Field(default=240, gt=0)
     task_time_limit: int = Field(default=300, gt=0)
     broker_visibility_timeout: int = Field(default=3600, gt=0)
+
+    # --- Worker ---------------------------------------------------------------------------
+    # Runs one worker process makes at once, each in a thread of Celery's `threads` pool
+    # (`closesync worker|run --concurrency` overrides it; `--pool prefork` is the old one process
+    # per run). A run spends nearly all its time waiting on Calendly, Close and Redis, so one
+    # process overlaps many runs on one core; past a few dozen, that core (parsing, decrypting,
+    # Celery's own bookkeeping) is the limit, not the waiting: run one worker per core for more.
+    # Measured on one loaded 2-core machine, 1,000 connections x 6 event types at 100 ms a
+    # request, in one run (first run / steady-state tick, worker RSS): threads:64 70.9 s /
+    # 25.0 s, 111 MB; threads:128 76.9 s / 27.9 s, 125 MB; gevent:64 95.6 s / 36.7 s, 103 MB;
+    # prefork at 2 processes (the old default) 525 s / 78.6 s, 258 MB. Threads rather than
+    # gevent: with gevent Celery's Redis transport runs without its event loop, so it takes new
+    # tasks only about once a second and never gives back a killed worker's unacknowledged tasks
+    # (celery/celery#4976). Neither pool enforces TASK_SOFT_TIME_LIMIT (threads not
+    # TASK_TIME_LIMIT either): the engine stops a run between steps at the soft limit itself.
+    # The HTTP sessions keep this many connections open per API. Higher = more runs waiting at
+    # once, more threads and Redis connections; lower = a tick takes longer when the APIs are slow.
+    worker_concurrency: int = Field(default=64, ge=1, le=1000)
 
     # --- Observability ----------------------------------------------------------------------
     sentry_dsn: SecretStr | None = None

@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from closesync.apis.bodies import parse_body, summarize
-from closesync.apis.http import ApiHttp, field_errors_of, raise_for_response
+from closesync.apis.http import ApiHttp, HttpSessions, field_errors_of, raise_for_response
 from closesync.apis.oauth_tokens import is_invalid_grant
 from closesync.core.errors import (
     ApiError,
@@ -30,7 +30,7 @@ from closesync.core.ratelimits import (
 )
 from closesync.core.retry import WaitBudget, rate_limit_delay, transient_delay
 from closesync.sandbox import Sandbox
-from tests._sandbox import FakeClock, api_http
+from tests._sandbox import FakeClock, Scripted, api_http, scripted_server
 
 JSON = {"Content-Type": "application/json"}
 
@@ -459,3 +459,19 @@ def test_api_http_token_with_non_latin1_character_fails_without_echoing_it(
     assert "s3cret" not in str(caught.value)
     assert "s3cret" not in repr(caught.value)
     assert caught.value.__cause__ is None
+
+
+def test_http_sessions_one_session_per_api_keeps_no_cookie_between_runs() -> None:
+    """The process's session of an API serves every run but keeps no cookie: one user's answer
+    setting one (a load balancer's, say) sends nothing along with the next user's call."""
+    sessions = HttpSessions(pool_size=4)
+    with scripted_server() as server:
+        server.answers.append(Scripted({"run": 1}, headers={"Set-Cookie": "lb=user-a; Path=/"}))
+        server.queue({"run": 2})
+        for _ in range(2):
+            http = ApiHttp(api="Close", base_url=server.url, session=sessions.get("Close"))
+            http.request("GET", "/me/")
+        assert server.cookies == [None, None]
+    assert sessions.get("Close") is sessions.get("Close")
+    assert sessions.get("Close") is not sessions.get("Calendly")
+    sessions.close()

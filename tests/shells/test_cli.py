@@ -386,3 +386,34 @@ def test_cli_connection_options_override_the_settings_per_connection(
     capsys.readouterr()
     assert main(["connections", "set", conn]) == 2
     assert "--secret" in capsys.readouterr().err
+
+
+def test_cli_sync_all_concurrency_runs_overlap_reports_in_stored_order(
+    env: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --concurrency 2, one connection's listing held until its read timeout does not hold
+    up the other, which finishes first; the reports still come in the stored order, exit 1."""
+    monkeypatch.setenv("HTTP_READ_TIMEOUT", "3")
+    for user in env.users:
+        main([*_add(user), "--json"])
+    capsys.readouterr()
+    main(["connections", "list", "--json"])
+    stored = [c["id"] for c in _json(capsys)]
+    # Whichever listing reaches the sandbox first hangs; the other run goes on meanwhile.
+    env.world.add_fault(api="calendly", kind="hang", path_prefix="/event_types", count=1)
+    assert main(["sync", "--all", "--json", "--concurrency", "2"]) == 1
+    result = _json(capsys)
+    reports = result["connections"]
+    assert [r["connection_id"] for r in reports] == stored
+    held = next(r for r in reports if r["outcome"] == "failed")
+    other = next(r for r in reports if r["outcome"] == "ok")
+    assert "timed out" in held["errors"][-1]
+    assert other["finished_at"] < held["finished_at"]
+
+
+def test_cli_sync_concurrency_below_one_exits_two(
+    env: Sandbox, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--concurrency 0 is bad usage: exit 2, naming the option, before any run."""
+    assert main(["sync", "--all", "--concurrency", "0"]) == 2
+    assert "--concurrency must be at least 1" in capsys.readouterr().err

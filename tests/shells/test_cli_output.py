@@ -150,12 +150,12 @@ def test_print_table_many_rows_too_wide_header_once_and_columns_aligned_across_p
     assert len({line.index("active") for line in rows_drawn}) == 1
 
 
-def test_bar_disabled_yields_no_callback_and_writes_nothing(
+def test_bar_disabled_yields_no_bar_and_writes_nothing(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Without a terminal on stderr (or with --json) there is no bar and no output at all."""
-    with _bar("conn_x", enabled=False) as progress:
-        assert progress is None
+    with _bar(3, enabled=False) as bar:
+        assert bar is None
     assert capsys.readouterr() == ("", "")
 
 
@@ -169,23 +169,30 @@ def test_bar_console_not_an_interactive_terminal_writes_nothing(
     monkeypatch.setenv("TERM", term)
     stream = io.StringIO()
     console = Console(file=stream, force_terminal=force_terminal)
-    with _bar("conn_x", enabled=True, console=console) as progress:
-        assert progress is None
+    with _bar(3, enabled=True, console=console) as bar:
+        assert bar is None
     assert stream.getvalue() == ""
 
 
-def test_bar_terminal_shows_id_and_done_of_total_then_erases_itself(clean_env: None) -> None:
-    """On a terminal the bar names the connection and counts writes, and is erased at the end."""
+def test_bar_terminal_counts_connections_and_writes_of_the_set_then_erases_itself(
+    clean_env: None,
+) -> None:
+    """On a terminal one bar covers the set: connections done of all, the writes of every run so
+    far, the connection last heard from; it is erased at the end."""
     stream = io.StringIO()
-    console = Console(file=stream, force_terminal=True, width=80)
-    with _bar("conn_0123456789ab", enabled=True, console=console) as progress:
-        assert progress is not None
-        progress(3, 7)
+    console = Console(file=stream, force_terminal=True, width=100)
+    with _bar(3, enabled=True, console=console) as bar:
+        assert bar is not None
+        bar.progress_of("conn_0123456789aa")(2, 4)
+        bar.progress_of("conn_0123456789ab")(3, 5)
+        bar.finished("conn_0123456789ab")
+        bar.console.print("a report line", markup=False)
     drawn = stream.getvalue()
-    assert "conn_0123456789ab" in drawn
-    assert "3/7" in drawn
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    assert "1/3 connections  5/9 writes  conn_0123456789ab" in plain
+    assert "a report line" in plain
     # Transient: after its last drawing the bar's line is erased.
-    assert "\x1b[2K" in drawn[drawn.rindex("3/7") :]
+    assert "\x1b[2K" in drawn[drawn.rindex("5/9 writes") :]
 
 
 def test_cli_startup_does_not_import_rich() -> None:

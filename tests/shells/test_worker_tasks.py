@@ -20,6 +20,7 @@ from closesync.worker.celery_app import create_app
 from closesync.worker.tasks import (
     MAX_TRANSIENT_RETRIES,
     backfill,
+    close_services,
     drain,
     fan_out,
     retry_verdict,
@@ -347,3 +348,24 @@ def test_task_of_connection_gone_returns_removed_writes_nothing(
         use_services(None)
     assert results == ["removed", "removed"]
     assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == []
+
+
+def test_close_services_at_worker_shutdown_closes_the_process_http_connections(
+    redis_url: str, keys: Keys
+) -> None:
+    """The shutdown hook closes the kept-alive connections of the process's sessions; a later
+    call gets a new session."""
+    with running_sandbox() as sandbox:
+        harness = Harness.build(sandbox, redis_url, keys.prefix)
+        conn = harness.add(sandbox.users[0])
+        use_services(harness.services)
+        try:
+            assert sync_connection.apply(args=[conn, None]).get() == "ok"
+            session = harness.services.http.get("Calendly")
+            manager = session.get_adapter(sandbox.calendly_api_url).poolmanager
+            assert len(manager.pools) == 1
+            close_services()
+            assert len(manager.pools) == 0
+            assert harness.services.http.get("Calendly") is not session
+        finally:
+            use_services(None)

@@ -9,8 +9,12 @@ import pytest
 
 from closesync.core.connection import ConnectionState
 from closesync.core.report import Outcome, RunMode
+from closesync.core.retry import WaitBudget
 from closesync.sandbox import Sandbox, SandboxConfig
+from closesync.sync.parts import Deadline
 from tests.sync_harness import Harness
+
+UPSERT = "close POST /api/v1/scheduling_link/integration/"
 
 
 @pytest.fixture
@@ -448,3 +452,53 @@ def test_engine_marked_connection_skipped_writes_no_key(harness: Harness) -> Non
         assert (report.outcome, report.failure) == (Outcome.SKIPPED, "removed")
     assert harness.sandbox.world.request_counts() == {}
     assert sorted(services.redis.scan_iter(f"{services.keys.prefix}:*")) == before
+
+
+def test_engine_run_past_its_deadline_stops_before_the_next_write_keeping_the_first(
+    sandbox: Sandbox, redis_url: str
+) -> None:
+    """A hang holds the first write past the deadline: the run stops before the second write,
+    the first link in Close and recorded, the report a deadline stop; the next run finishes."""
+    # The hang lasts until the client's read timeout; its retry's wait moves the sandbox clock,
+    # which is the deadline's clock here, so the deadline passes while that write is held.
+    harness = Harness.build(
+        sandbox, redis_url, f"test-{uuid.uuid4().hex[:8]}", http_read_timeout=1.0
+    )
+    user = sandbox.users[0]
+    conn = harness.add(user)
+    expected = harness.expected(user)
+    assert len(expected) > 2
+    sandbox.world.add_fault(api="close", kind="hang", method="POST", count=1)
+    deadline = Deadline.after(0.25, "TASK_SOFT_TIME_LIMIT", clock=sandbox.world.now)
+    report = harness.engine().run(conn, deadline=deadline)
+    assert (report.outcome, report.failure) == (Outcome.FAILED, "deadline")
+    assert report.error == (
+        "run stopped at its deadline (TASK_SOFT_TIME_LIMIT, 0.25 s) before its next write; "
+        "what it wrote is recorded"
+    )
+    assert report.created == 1
+    assert sandbox.world.request_counts()[UPSERT] == 2  # the held write and its retry
+    assert len(harness.close_side(user)) == 1
+    assert set(harness.services.state.records(conn)) == set(harness.close_side(user))
+    assert harness.services.state.last_report(conn) == report
+    rest = harness.run(conn)
+    assert (rest.outcome, rest.created) == (Outcome.OK, len(expected) - 1)
+    assert harness.close_side(user) == expected
+
+
+def test_engine_runs_share_one_keep_alive_session_per_api(harness: Harness) -> None:
+    """Runs of two connections go out on the process's one session per API, over one kept-alive
+    connection: no new connection (no TLS handshake on HTTPS) per run."""
+    first, second = harness.sandbox.users[:2]
+    a, b = harness.add(first), harness.add(second)
+    services = harness.services
+    assert harness.run(a).outcome is Outcome.OK
+    assert harness.run(b).outcome is Outcome.OK
+    one = services.clients_for(services.connections.get(a), WaitBudget(1))
+    other = services.clients_for(services.connections.get(b), WaitBudget(1))
+    assert one.calendly_http.session is other.calendly_http.session
+    assert one.close_http.session is other.close_http.session
+    assert one.calendly_http is not other.calendly_http  # budgets and counters stay per run
+    manager = one.calendly_http.session.get_adapter(harness.sandbox.calendly_api_url).poolmanager
+    pools = [manager.pools[key] for key in manager.pools.keys()]  # noqa: SIM118 - no __iter__
+    assert [(p.num_connections, p.num_requests) for p in pools] == [(1, 2)]

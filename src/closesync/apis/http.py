@@ -11,6 +11,11 @@ account shares (in Redis: `closesync.store.rate_budget`; wired by `closesync.wir
 each call takes one request from it first, and a response saying the group has none left (or a
 429) blocks every caller of that budget until the reset, not only this one.
 
+What lives how long: `HttpSessions` is per process (one keep-alive `requests.Session` per API,
+its connection pool sized to the process's concurrency, shared by every run and closed at
+shutdown), so a run reuses open connections instead of paying a TCP and TLS handshake; an
+`ApiHttp` is per run (its wait budget, call counters and rate-limit waits belong to that run).
+
 `sleep`, `rand` and `clock` are injected so tests run with a fake clock instead of patching time.
 """
 
@@ -18,12 +23,15 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any, Protocol
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from closesync import __version__
 from closesync.core.errors import (
@@ -157,11 +165,72 @@ def raise_for_response(
     raise ApiError(message, **kwargs)
 
 
-def new_session() -> requests.Session:
-    """A session with closesync's User-Agent; connection pooling is per session."""
+# Connections kept open per host by a session made without a size (a test, a one-off client).
+DEFAULT_POOL_SIZE = 10
+# Host pools a session keeps: an API's base host and its OAuth host, with room to spare.
+HOST_POOLS = 4
+
+
+def new_session(pool_size: int = DEFAULT_POOL_SIZE) -> requests.Session:
+    """A keep-alive session with closesync's User-Agent, keeping up to `pool_size` connections
+    open per host, that stores no cookies.
+
+    Shared by the runs of every connection, a cookie one user's answer set (a load balancer's,
+    say) would ride along on the next user's calls: nothing of one run may reach another.
+    """
     session = requests.Session()
     session.headers["User-Agent"] = f"closesync/{__version__}"
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    _mount_pool(session, pool_size)
     return session
+
+
+def _mount_pool(session: requests.Session, pool_size: int) -> None:
+    # Not blocking: a burst above the size opens extra connections (closed after use) rather
+    # than waiting for a free one.
+    adapter = HTTPAdapter(pool_connections=HOST_POOLS, pool_maxsize=max(1, pool_size))
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+
+
+class HttpSessions:
+    """The process's HTTP sessions: one per API, made on first use, shared by every run.
+
+    Thread-safe: requests' sessions keep no per-call state once built (no cookies
+    here), urllib3's connection pools are locked, and making a session is done under a lock.
+    `pool_size` should be the number of runs the process makes at once, so that each keeps its
+    connection open between calls.
+    """
+
+    def __init__(self, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        self.pool_size = max(1, pool_size)
+        self._sessions: dict[str, requests.Session] = {}
+        self._lock = threading.Lock()
+
+    def get(self, api: str) -> requests.Session:
+        """The session of `api` ("Calendly", "Close"), its OAuth endpoints included."""
+        with self._lock:
+            session = self._sessions.get(api)
+            if session is None:
+                session = self._sessions[api] = new_session(self.pool_size)
+            return session
+
+    def reserve(self, pool_size: int) -> None:
+        """Keep at least `pool_size` connections per host from now on (inline `--concurrency`)."""
+        with self._lock:
+            if pool_size <= self.pool_size:
+                return
+            self.pool_size = pool_size
+            for session in self._sessions.values():
+                # The old pools are left to finish what they serve, not closed under them.
+                _mount_pool(session, pool_size)
+
+    def close(self) -> None:
+        """Close every open connection (at shutdown); a later call opens new ones."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
 
 
 @dataclass

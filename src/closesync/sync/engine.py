@@ -43,6 +43,7 @@ from closesync.core.errors import (
     AuthFailed,
     CloseSyncError,
     ConnectionRemoved,
+    DeadlineReached,
     Forbidden,
     RateLimited,
     Rejected,
@@ -53,7 +54,7 @@ from closesync.core.errors import (
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.store.connections import ConnectionStore
 from closesync.store.sync_state import SyncState
-from closesync.sync.parts import Clients, EngineConfig, LockHandle, Progress
+from closesync.sync.parts import Clients, Deadline, EngineConfig, LockHandle, Progress
 from closesync.sync.run import ConnectionRun
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,12 @@ class SyncEngine:
         dry_run: bool = False,
         allow_mass_delete: bool = False,
         progress: Progress | None = None,
+        deadline: Deadline | None = None,
     ) -> RunReport:
         """Run one connection once and return its report (kept unless a dry run).
+
+        Past `deadline` the run stops before its next step (failure "deadline"), with what it
+        wrote recorded, for the caller to resume.
 
         Every closesync error of the run (API, Redis, decryption, stored state that no longer
         parses) ends up in the report as a failure, never raised; only an error that prevents
@@ -127,7 +132,9 @@ class SyncEngine:
                     why_not = self._why_not_run(connection)
                     if why_not is not None:
                         return self._skip(report, why_not)
-                    run = ConnectionRun(self, connection, report, lock, allow_mass_delete, progress)
+                    run = ConnectionRun(
+                        self, connection, report, lock, allow_mass_delete, progress, deadline
+                    )
                     return self._conclude(connection, report, run, run.execute, keep=True)
             except RunLocked:
                 if attempt == 1:
@@ -276,4 +283,6 @@ def failure_kind(error: BaseException) -> str:
         return "rejected"
     if isinstance(error, RunLocked):
         return "locked"
+    if isinstance(error, DeadlineReached):
+        return "deadline"
     return "error"

@@ -6,6 +6,7 @@ imports the other.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,7 +16,7 @@ from closesync.apis.close.client import CloseClient
 from closesync.apis.credentials import TokenKeeper
 from closesync.apis.http import ApiHttp
 from closesync.core.connection import Connection
-from closesync.core.errors import RunLocked
+from closesync.core.errors import DeadlineReached, RunLocked
 from closesync.core.mapping import MappingOptions
 from closesync.core.plan import DELETE_CONFIRM_SECONDS, MassDeleteRule
 from closesync.store.sync_state import SyncState
@@ -51,6 +52,37 @@ class LockHandle(Protocol):
 
 class LockLost(RunLocked):
     """The run lock expired or was taken while the run lasted; the run stops writing."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a run must stop, checked between its steps (before a listing, a fetch, a write).
+
+    A worker's run stops here rather than at an arbitrary line: a step under way finishes and is
+    recorded, so a run stopped by its deadline loses nothing and resumes where it stopped. `at`
+    is on `clock`'s scale (monotonic seconds; tests pass a clock of their own); `what` names the
+    limit for the report ("TASK_SOFT_TIME_LIMIT").
+    """
+
+    at: float
+    seconds: float
+    what: str
+    clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    def after(
+        cls, seconds: float, what: str, clock: Callable[[], float] = time.monotonic
+    ) -> Deadline:
+        """The deadline `seconds` from now."""
+        return cls(at=clock() + seconds, seconds=seconds, what=what, clock=clock)
+
+    def check(self, step: str) -> None:
+        """DeadlineReached, naming `step` (what would have come next), once the deadline passed."""
+        if self.clock() >= self.at:
+            raise DeadlineReached(
+                f"run stopped at its deadline ({self.what}, {self.seconds:g} s) before {step}; "
+                "what it wrote is recorded"
+            )
 
 
 @dataclass(frozen=True)

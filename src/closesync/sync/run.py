@@ -45,7 +45,7 @@ from closesync.core.plan import (
 )
 from closesync.core.report import RunMode, RunReport
 from closesync.store.sync_state import BackfillProgress
-from closesync.sync.parts import Clients, LockHandle, LockLost, Progress, RunDeps
+from closesync.sync.parts import Clients, Deadline, LockHandle, LockLost, Progress, RunDeps
 
 T = TypeVar("T")
 
@@ -61,6 +61,7 @@ class ConnectionRun:
         lock: LockHandle | None,
         allow_mass_delete: bool,
         progress: Progress | None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.engine = engine
         self.connection = connection
@@ -68,6 +69,7 @@ class ConnectionRun:
         self.lock = lock
         self.allow_mass_delete = allow_mass_delete
         self.progress = progress
+        self.deadline = deadline
         self._clients: Clients | None = None
 
     @property
@@ -139,6 +141,7 @@ class ConnectionRun:
     def plan(self) -> Plan:
         """Read Calendly (and, for backfill and drift, Close) and decide every write."""
         connection = self.connection
+        self._check_time("listing Calendly")
         # Misses are timed from when the listing began: it is what saw the event type missing.
         # By the clock every worker shares: the next listing may run on another host.
         listed_at = self.engine.shared_clock()
@@ -195,6 +198,7 @@ class ConnectionRun:
     def _verdict(self, record: LinkRecord) -> FetchVerdict:
         """A direct fetch of an event type missing from a complete listing."""
         uuid = uuid_of(record.event_type_uri)
+        self._check_time("fetching an event type")
         try:
             event_type = self._authed(
                 self.clients.calendly_tokens, lambda: self.clients.calendly.get_event_type(uuid)
@@ -211,6 +215,7 @@ class ConnectionRun:
     def _records_from_close(self) -> dict[str, LinkRecord]:
         """Rebuild the records from the links Close holds (backfill, drift), and store them."""
         state = self.engine.state
+        self._check_time("listing Close")
         links = self._authed(self.clients.close_tokens, self.clients.close.list_scheduling_links)
         previous = state.records(self.connection.id)
         api_url = self.engine.config.calendly_api_url
@@ -313,12 +318,19 @@ class ConnectionRun:
             else plan.held_reason.replace(CONNECTION_ID, self.connection.id)
         )
 
+    def _check_time(self, step: str) -> None:
+        """Stop before `step` once the run's deadline (a worker's soft time limit) has passed."""
+        if self.deadline is not None:
+            self.deadline.check(step)
+
     def _check_may_write(self) -> None:
-        """Stop before a Close write if the lock was lost or the connection is being removed.
+        """Stop before a Close write if the lock was lost, the connection is being removed or the
+        run's deadline passed.
 
         The removal mark is read before every write, not only at the start: `connections remove`
         waits for the run lock, and a run that finds the mark stops and lets it go at once.
         """
+        self._check_time("its next write")
         if self.lock is not None and not self.lock.held():
             raise LockLost("the run lock was lost; stopping before the next write")
         if self.engine.state.is_removed(self.connection.id):

@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import requests
 from redis import Redis
@@ -18,7 +18,7 @@ from redis import Redis
 from closesync.apis.calendly.client import CalendlyClient, CalendlyOAuth
 from closesync.apis.close.client import CloseClient, CloseOAuth
 from closesync.apis.credentials import TokenKeeper, shared_lock_key
-from closesync.apis.http import ApiHttp, new_session
+from closesync.apis.http import ApiHttp, HttpSessions
 from closesync.apis.oauth_tokens import token_http
 from closesync.core.connection import Connection
 from closesync.core.mapping import MappingOptions
@@ -45,7 +45,12 @@ def redis_url_of(settings: Settings) -> str:
 
 @dataclass
 class Services:
-    """Everything a command or a task needs, built once per process."""
+    """Everything a command or a task needs, built once per process.
+
+    Shared by the runs the process makes at once (a worker's threads, an inline `--concurrency`):
+    what it holds is per process (Redis, the HTTP sessions, the stores); what is per run (clients,
+    budgets, counters) is built for each run by `clients_for`.
+    """
 
     settings: Settings
     redis: Redis
@@ -57,6 +62,7 @@ class Services:
     # itself (tests whose sleeps move a fake clock, which a budget on Redis's clock ignores).
     budgets: RateBudgets | None
     schedule: Schedule
+    http: HttpSessions = field(default_factory=HttpSessions)
 
     @classmethod
     def build(cls, settings: Settings, *, redis_client: Redis | None = None) -> Services:
@@ -77,7 +83,13 @@ class Services:
             state=SyncState(client, keys, queued_ttl=settings.broker_visibility_timeout),
             schedule=Schedule(client, keys),
             budgets=RateBudgets.from_settings(client, keys, settings),
+            # Sized for a worker's runs at once; an inline `--concurrency` reserves its own.
+            http=HttpSessions(settings.worker_concurrency),
         )
+
+    def close(self) -> None:
+        """Close the process's HTTP connections (at shutdown; later calls open new ones)."""
+        self.http.close()
 
     def require_key(self) -> None:
         """ConfigError naming CLOSESYNC_ENCRYPTION_KEYS unless tokens can be stored and read."""
@@ -93,12 +105,12 @@ class Services:
         session: requests.Session | None = None,
         **kwargs: object,
     ) -> ApiHttp:
-        """An ApiHttp with the configured timeouts, sharing `budget`; on `session` when given
-        (one reused for many calls keeps its connections open), else a new one."""
+        """An ApiHttp (per run) with the configured timeouts, sharing `budget`; on `session` when
+        given (a bulk import's own, per thread), else on the process's session of `api`."""
         return ApiHttp(
             api=api,
             base_url=base_url,
-            session=session or new_session(),
+            session=session or self.http.get(api),
             timeout=self.settings.http_timeout,
             budget=budget,
             **kwargs,  # type: ignore[arg-type]
@@ -110,7 +122,9 @@ class Services:
         if not s.close_client_id or s.close_client_secret is None:
             return None
         return CloseOAuth(
-            http=token_http("Close", s.close_oauth_url, timeout=s.http_timeout),
+            http=token_http(
+                "Close", s.close_oauth_url, session=self.http.get("Close"), timeout=s.http_timeout
+            ),
             client_id=s.close_client_id,
             client_secret=s.close_client_secret.get_secret_value(),
         )
@@ -121,7 +135,12 @@ class Services:
         if not s.calendly_client_id or s.calendly_client_secret is None:
             return None
         return CalendlyOAuth(
-            http=token_http("Calendly", s.calendly_auth_url, timeout=s.http_timeout),
+            http=token_http(
+                "Calendly",
+                s.calendly_auth_url,
+                session=self.http.get("Calendly"),
+                timeout=s.http_timeout,
+            ),
             client_id=s.calendly_client_id,
             client_secret=s.calendly_client_secret.get_secret_value(),
         )

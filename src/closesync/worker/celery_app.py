@@ -106,7 +106,8 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         # At-least-once: ack after the task ran, and put it back if its worker process died.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # One message at a time per process: a long run must not sit on queued ticks.
+        # One message at a time per run slot (a thread, or a prefork process): a long run must
+        # not sit on queued ticks.
         "worker_prefetch_multiplier": 1,
         # Warned (and the run stopped between steps), then killed, before the broker redelivers.
         "task_soft_time_limit": settings.task_soft_time_limit,
@@ -138,7 +139,7 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         # closesync.wiring.logs owns the root logger (JSON lines, redaction).
         "worker_hijack_root_logger": False,
-        # A worker replaces its pool processes now and then, returning leaked memory.
+        # A prefork worker replaces its pool processes now and then, returning leaked memory.
         "worker_max_tasks_per_child": 1000,
     }
 

@@ -10,7 +10,10 @@ What happens after a run is a pure decision (`verdict`), tested with literal rep
 rate-limited runs come back after the wait the API stated plus jitter; transient failures after a
 capped exponential backoff with jitter; anything else (auth, forbidden, rejected data) is not
 retried: the engine recorded it, and marked the connection needs_reauth for auth failures. A run
-stopped by the soft time limit resumes at most MAX_SOFT_LIMIT_RESUMES times.
+stopped by the soft time limit resumes at most MAX_SOFT_LIMIT_RESUMES times. The threads pool
+enforces no Celery time limit, so the task also gives the engine a deadline at
+TASK_SOFT_TIME_LIMIT: the run stops between two steps once it passed, and is resumed exactly like
+a run the soft limit stopped.
 
 A tick is spread through a schedule in Redis, not countdowns: `fan_out` writes each connection's
 due time there and publishes what is due, and a chain of `drain_schedule` tasks (one at a time,
@@ -38,12 +41,14 @@ from typing import Any, Literal
 
 from celery import Celery, Task, shared_task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from celery.signals import worker_process_shutdown, worker_shutdown
 
 from closesync.core.connection import ConnectionState
 from closesync.core.errors import CloseSyncError, ConnectionNotFound, StoreUnavailable
 from closesync.core.queueing import next_drain_in
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.core.retry import Random, rate_limit_delay, transient_delay
+from closesync.sync.parts import Deadline
 from closesync.wiring.logs import bind
 from closesync.wiring.observability import cron_checkin
 from closesync.wiring.services import Services
@@ -127,6 +132,16 @@ def use_services(services: Services | None) -> None:
     global _services  # noqa: PLW0603
     with _services_lock:
         _services = services
+
+
+@worker_process_shutdown.connect  # a prefork child stopping
+@worker_shutdown.connect  # the worker stopping: the threads pool runs the tasks in it
+def close_services(**_: Any) -> None:
+    """Close the process's HTTP connections as its worker stops."""
+    with _services_lock:
+        services = _services
+    if services is not None:
+        services.close()
 
 
 # --- fan-out --------------------------------------------------------------------------------------
@@ -307,14 +322,17 @@ def run_connection(
     `resumes`: how often this task already resumed after the soft time limit.
     """
     services = get_services()
-    engine = services.engine(wait_budget=services.settings.task_inline_wait_seconds)
+    settings = services.settings
+    # Counted from the task's start, as Celery's soft limit is, over its reruns too.
+    deadline = Deadline.after(settings.task_soft_time_limit, "TASK_SOFT_TIME_LIMIT")
+    engine = services.engine(wait_budget=settings.task_inline_wait_seconds)
     with bind(connection_id=connection_id, task_id=task.request.id):
         try:
             try:
                 if mode is RunMode.SYNC and task.request.id:
                     # From now on an ask wants a run after this one: it queues one more.
                     services.state.sync_started(connection_id, task.request.id)
-                report = engine.run(connection_id, mode=mode)
+                report = engine.run(connection_id, mode=mode, deadline=deadline)
             except ConnectionNotFound:
                 # Removed (its removal mark expired too) or never stored: a queued or
                 # redelivered task of it has nothing to do, and is no error.
@@ -338,32 +356,14 @@ def run_connection(
             ):
                 reruns += 1
                 log.info("a sync was requested while this run lasted: running once more")
-                report = engine.run(connection_id, mode=RunMode.SYNC)
+                report = engine.run(connection_id, mode=RunMode.SYNC, deadline=deadline)
         except SoftTimeLimitExceeded:
             # The engine released the lock on the way out and stored the run's report as failed;
             # what was written stays recorded.
-            if resumes >= MAX_SOFT_LIMIT_RESUMES:
-                log.warning(
-                    "run stopped by the soft time limit %d times; not resumed: the next tick "
-                    "tries again",
-                    resumes + 1,
-                )
-                return Outcome.FAILED.value
-            log.warning(
-                "run stopped by the soft time limit; resuming shortly (%d of %d)",
-                resumes + 1,
-                MAX_SOFT_LIMIT_RESUMES,
-            )
-            retry_later(
-                task,
-                services,
-                connection_id,
-                mode,
-                args=tuple(task.request.args or ()),
-                kwargs={**(task.request.kwargs or {}), "resumes": resumes + 1},
-                countdown=RESUME_AFTER_SECONDS,
-            )
-            return Outcome.FAILED.value
+            return resume_after_time_limit(task, services, connection_id, mode, resumes)
+        if report.failure == "deadline":
+            # The engine's own soft limit: stopped between steps, report stored, lock released.
+            return resume_after_time_limit(task, services, connection_id, mode, resumes)
         decision = retry_verdict(report, task.request.retries, random.random)
         if decision.retry:
             log.info(
@@ -407,6 +407,34 @@ def retry_later(
             _withdraw(services, {connection_id: task_id})
         raise
     raise retry from None
+
+
+def resume_after_time_limit(
+    task: Task[Any, Any], services: Services, connection_id: str, mode: RunMode, resumes: int
+) -> str:
+    """Resume a run the soft time limit (or the engine's deadline) stopped, a bounded number of
+    times; `resumes`: how often this task already resumed."""
+    if resumes >= MAX_SOFT_LIMIT_RESUMES:
+        log.warning(
+            "run stopped by the soft time limit %d times; not resumed: the next tick tries again",
+            resumes + 1,
+        )
+        return Outcome.FAILED.value
+    log.warning(
+        "run stopped by the soft time limit; resuming shortly (%d of %d)",
+        resumes + 1,
+        MAX_SOFT_LIMIT_RESUMES,
+    )
+    retry_later(
+        task,
+        services,
+        connection_id,
+        mode,
+        args=tuple(task.request.args or ()),
+        kwargs={**(task.request.kwargs or {}), "resumes": resumes + 1},
+        countdown=RESUME_AFTER_SECONDS,
+    )
+    return Outcome.FAILED.value
 
 
 # --- the tasks --------------------------------------------------------------------------------
