@@ -342,8 +342,12 @@ def test_cli_status_says_every_link_of_a_small_connection_is_held(
     capsys.readouterr()
     assert main(["status"]) == 0
     out = capsys.readouterr().out
-    assert f"{conn}: held deletions: 2 deletions would remove every link of this connection" in out
+    assert "held deletions: 1\n" in out
+    assert f"{conn}  {user.email}: 2 deletions would remove every link of this connection" in out
     assert f"run `closesync sync --allow-mass-delete {conn}`" in out
+    assert main(["status", "--all"]) == 0
+    rows = capsys.readouterr().out
+    assert f"{conn}: held deletions: 2 deletions would remove every link of this connection" in rows
     assert main(["sync", conn, "--allow-mass-delete"]) == 0
     assert world.close_links(user.close_user_id) == []
 
