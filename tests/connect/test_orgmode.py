@@ -629,3 +629,27 @@ def test_orgmode_close_user_reauthorizing_revokes_only_their_old_close_grant(
         assert tokens[old.close.access_token.get_secret_value()].revoked
         assert not tokens[new.close.access_token.get_secret_value()].revoked
         assert not tokens[old.calendly.access_token.get_secret_value()].revoked
+
+
+def test_orgmode_close_refresh_of_expired_access_token_stores_the_rotated_grant(
+    sb: Sandbox, services: Services
+) -> None:
+    """An org-mode connection's expired Close token is refreshed, stored, and keeps syncing."""
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+    [connection] = services.connections.list()
+    assert connection.calendly_grant_ref is not None
+    before = services.connections.grants(connection.id)
+    sb.world.expire_token(before.close.access_token.get_secret_value())
+    engine = services.engine(wait_budget=5)
+    report = engine.run(connection.id)
+    assert (report.outcome.value, report.errors) == ("ok", [])
+    after = services.connections.grants(connection.id)
+    # The refresh spent the old refresh token at Close: only the rotated grant is usable now.
+    assert after.close.refresh_token != before.close.refresh_token
+    assert after.calendly == before.calendly  # still the organization's shared grant
+    assert services.connections.shared_grant(connection.calendly_grant_ref) == before.calendly
+    sb.world.expire_token(after.close.access_token.get_secret_value())
+    assert engine.run(connection.id).outcome.value == "ok"
+    assert services.connections.get(connection.id).state == "active"

@@ -234,23 +234,31 @@ class ConnectionStore:
         The Calendly side of a connection in organization mode is the shared grant: it is
         written there, where every connection of that organization reads it.
         """
-        if side == "calendly":
-            ref = self._shared_ref(conn_id)
-            if ref is not None:
-                self.set_shared_grant(ref, grant)
-                return
 
-        def apply(pipe: redis.client.Pipeline) -> None:
+        def apply(pipe: redis.client.Pipeline) -> str | None:
             sealed = pipe.get(self.keys.grants(conn_id))
             if sealed is None:
                 raise _not_found(conn_id)
             owner = Owner.connection(conn_id)
-            current = Grants.model_validate_json(self.box.open(as_text(sealed), owner=owner))
-            updated = current.model_copy(update={side: grant})
+            own = json.loads(self.box.open(as_text(sealed), owner=owner))
+            ref = own.get("calendly_ref")
+            if ref is None:
+                current = Grants.model_validate(own)
+                updated = _grants_json(current.model_copy(update={side: grant}))
+            elif side == "calendly":
+                return str(ref)  # the shared grant: written below, where all its users read it
+            else:
+                # Organization mode: the own value holds the Close grant and the shared grant's
+                # ref, no Calendly grant. It must be rewritten in that shape: the refresh that
+                # called us already spent the old refresh token, so failing here loses the grant.
+                updated = json.dumps({"close": grant.revealed(), "calendly_ref": ref}).encode()
             pipe.multi()
-            pipe.set(self.keys.grants(conn_id), self.box.seal(_grants_json(updated), owner=owner))
+            pipe.set(self.keys.grants(conn_id), self.box.seal(updated, owner=owner))
+            return None
 
-        watched(self.redis, self.keys.grants(conn_id), apply)
+        shared = watched(self.redis, self.keys.grants(conn_id), apply)
+        if shared is not None:
+            self.set_shared_grant(shared, grant)
 
     @guard("listing connections")
     def list(self) -> list[Connection]:
