@@ -302,3 +302,21 @@ def test_remove_stopped_midway_keeps_connection_out_of_runs_until_rerun(
     assert list(services.redis.scan_iter(f"{keys.prefix}:*{connection.id}*")) == [
         keys.removed(connection.id)
     ]
+
+
+def test_remove_revoke_or_delete_links_without_key_exits_2_and_changes_nothing(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """remove --revoke/--delete-links on a shell without a key refuses before marking anything."""
+    connection, grants = sandbox_connection(sb.users[0], time.time())
+    services.connections.save(connection, grants)
+    monkeypatch.delenv("CLOSESYNC_ENCRYPTION_KEYS")
+    for options in (["--revoke"], ["--delete-links"], ["--revoke", "--delete-links"]):
+        assert main(["connections", "remove", connection.id, *options]) == 2
+        assert "CLOSESYNC_ENCRYPTION_KEYS is not set" in capsys.readouterr().err
+        assert not services.state.is_removed(connection.id)
+    assert services.engine(wait_budget=5).run(connection.id).outcome is Outcome.OK

@@ -30,6 +30,7 @@ from closesync.core.connection import Connection
 from closesync.core.errors import CloseSyncError, RemovalIncomplete, RunLocked
 from closesync.core.mapping import is_our_link
 from closesync.core.retry import WaitBudget
+from closesync.store.secretbox import require_key
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ def remove_connection(
     """Remove a connection so that no run of it writes during or after (module docstring)."""
     conn_id = connection.id
     settings = services.settings
+    if delete_links or revoke:
+        # Both open the grants: without a key they would fail only after the mark was set,
+        # leaving the connection out of every run until someone runs the removal again.
+        require_key(services.box)
     marked = services.connections.mark_removing(conn_id)
     with ExitStack() as stack:
         try:
