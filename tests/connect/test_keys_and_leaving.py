@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -320,3 +321,41 @@ def test_remove_revoke_or_delete_links_without_key_exits_2_and_changes_nothing(
         assert "CLOSESYNC_ENCRYPTION_KEYS is not set" in capsys.readouterr().err
         assert not services.state.is_removed(connection.id)
     assert services.engine(wait_budget=5).run(connection.id).outcome is Outcome.OK
+
+
+def test_keys_rotate_leaves_a_planted_plaintext_grant_refused_unless_asked_to_seal(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A `plain:` value written under a victim's key by someone without a key stays refused
+    through `keys rotate`; only `keys rotate --seal-plaintext` (explicit) encrypts it."""
+    victim, grants = sandbox_connection(sb.users[0], time.time())
+    services.connections.save(victim, grants)
+    attacker = sb.users[1]
+    planted = {
+        side: {"kind": "pat", "access_token": token, "refresh_token": None, "expires_at": None}
+        for side, token in (
+            ("close", attacker.close_access_token),
+            ("calendly", attacker.calendly_token),
+        )
+    }
+    services.redis.set(
+        services.keys.grants(victim.id),
+        "plain:" + base64.b64encode(json.dumps(planted).encode()).decode(),
+    )
+    report = services.engine(wait_budget=5).run(victim.id)
+    assert report.outcome is Outcome.FAILED
+    assert "run `closesync keys rotate`" not in " ".join(report.errors)
+    assert main(["keys", "rotate"]) == 1  # the operator rotates, as an upgrade would
+    out = capsys.readouterr().out
+    assert "1 unencrypted" in out
+    assert "--seal-plaintext" in out
+    with pytest.raises(EncryptionError):
+        services.connections.grants(victim.id)  # still refused, never sealed as the victim's
+    assert sb.world.close_links(sb.users[0].close_user_id) == []
+    assert main(["keys", "rotate", "--seal-plaintext", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unencrypted"] == 0
+    sealed = services.connections.grants(victim.id).calendly.access_token.get_secret_value()
+    assert sealed == attacker.calendly_token  # what the operator explicitly chose to keep
