@@ -653,3 +653,21 @@ def test_orgmode_close_refresh_of_expired_access_token_stores_the_rotated_grant(
     sb.world.expire_token(after.close.access_token.get_secret_value())
     assert engine.run(connection.id).outcome.value == "ok"
     assert services.connections.get(connection.id).state == "active"
+
+
+def test_orgmode_admin_and_users_of_several_close_orgs_bind_and_pair_by_the_tokens_org(
+    sb: Sandbox, services: Services
+) -> None:
+    """The credential is bound to the org of the admin's token, and a user whose token is for
+    that org pairs and is recorded under it, whatever /me/ lists first."""
+    admin, user = sb.users[0], sb.users[1]
+    for person in (admin, user):
+        sb.world.join_close_organization(person.close_user_id, "orga_listed_first")
+    with web_process(services) as web, requests.Session() as browser:
+        assert "Organization connected" in connect_org(sb, web.url, browser).text
+        assert "Connected" in connect_close(sb, web.url, browser, user.email)
+    [ref] = Organizations(services).credentials.refs()
+    assert Organizations(services).credentials.bound_to(ref) == sb.world.close_org_id
+    [connection] = services.connections.list()
+    assert connection.close_organization_id == sb.world.close_org_id
+    assert connection.calendly_grant_ref == ref

@@ -234,3 +234,20 @@ def test_cli_add_tokens_typed_on_a_terminal_are_not_echoed(
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_cli_add_close_user_of_several_organizations_exits_2_naming_the_flows(
+    sb: Sandbox, env: dict[str, str], tmp_path: Path, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A token alone cannot say which of several Close orgs it is for: refused, nothing stored."""
+    user = sb.users[0]
+    sb.world.join_close_organization(user.close_user_id, "orga_other")
+    stdin = (
+        f"CLOSESYNC_CLOSE_ACCESS_TOKEN={user.close_access_token}\n"
+        f"CLOSESYNC_CALENDLY_TOKEN={user.calendly_token}\n"
+    )
+    done = add(env, tmp_path, "--tokens-from-stdin", stdin=stdin)
+    assert done.returncode == 2
+    assert "belongs to 2 Close organizations" in done.stderr
+    assert "closesync connect" in done.stderr
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == []

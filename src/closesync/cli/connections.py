@@ -2,7 +2,9 @@
 
 Adding resolves both users (Close `GET /me/`, Calendly `GET /users/me`), which also proves both
 tokens work; nothing is stored unless both answered, the Close organization may connect
-(CLOSE_ORGANIZATION_IDS) and no other connection has that Calendly user (exit 2, naming it).
+(CLOSE_ORGANIZATION_IDS) and no other connection has that Calendly user (exit 2, naming it). A
+Close user of several organizations is refused: `/me/` lists them all, and only a token
+response (which `add` never sees) says which one a token is for.
 Output never contains a token.
 
 `add` takes its tokens without them going on the command line (`closesync.cli.token_input`).
@@ -153,6 +155,14 @@ def cmd_add(args: argparse.Namespace) -> int:
             endpoint=error.endpoint,
             status=error.status,
         ) from None
+    if me.organization_id is None and len(me.organizations) > 1:
+        # Only Close's token response names a token's organization, and `add` has none: a guess
+        # (the first listed, the only allowed one) could label a token of another organization.
+        raise ConfigError(
+            f"the Close user belongs to {len(me.organizations)} Close organizations and an access "
+            "token alone does not say which one it is for; connect this user with `closesync "
+            "connect` or `closesync web`, which learn it from Close; nothing was stored"
+        )
     if not services.settings.close_organization_allowed(me.organization_id):
         raise ConfigError(
             f"the Close user's organization {me.organization_id} is not one this closesync "

@@ -182,7 +182,7 @@ class Connector:
             return self._close_step(flow, code)
         return self._calendly_step(flow, code)
 
-    def _exchange(self, flow: PendingFlow, code: str) -> Grant:
+    def _exchange(self, flow: PendingFlow, code: str) -> CloseToken | CalendlyToken:
         try:
             answer: CloseToken | CalendlyToken
             if flow.provider == "close":
@@ -207,15 +207,19 @@ class Connector:
             raise FlowError(
                 "provider", f"Could not finish: {error}. Nothing was stored; please start again."
             ) from None
-        return _grant(answer)
+        return answer
 
     def _close_step(self, flow: PendingFlow, code: str) -> Step:
-        grant = self._exchange(flow, code)
+        answer = self._exchange(flow, code)
+        grant = _grant(answer)
         try:
             me = self._close_client(grant).get_me()
         except ApiError as error:
             self._revoke("close", grant)
             raise FlowError("provider", f"Close did not answer who you are: {error}") from None
+        # The organization the user picked at consent, which the token is scoped to: /me/ lists
+        # all of theirs. Everything below (allowlist, pairing, binding) goes by this one.
+        me = me.for_token(answer.organization_id if isinstance(answer, CloseToken) else None)
         if not self.settings.close_organization_allowed(me.organization_id):
             self._revoke("close", grant)
             log.warning("refused a Close organization outside CLOSE_ORGANIZATION_IDS")
@@ -292,7 +296,7 @@ class Connector:
             # Both flows authorize Close first (an organization flow to learn the admin's Close
             # organization); a flow without that step is not one this version started.
             raise FlowError("state", "This Calendly authorization has no Close step; start again.")
-        grant = self._exchange(flow, code)
+        grant = _grant(self._exchange(flow, code))
         client = self._calendly_client(grant)
         try:
             user = client.get_current_user()
