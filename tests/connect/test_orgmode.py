@@ -671,3 +671,82 @@ def test_orgmode_admin_and_users_of_several_close_orgs_bind_and_pair_by_the_toke
     [connection] = services.connections.list()
     assert connection.close_organization_id == sb.world.close_org_id
     assert connection.calendly_grant_ref == ref
+
+
+def test_orgmode_reconnect_mid_run_refreshes_under_the_shared_lock_it_turned_to(
+    sb: Sandbox, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run begun on a personal connection that becomes organization-mode refreshes the shared
+    grant under the shared refresh lock, not the lock of the connection it started with."""
+    user = sb.users[1]
+    taken: list[str] = []
+    real_lock = services.refresh_lock
+
+    def recording(name: str) -> Any:
+        taken.append(name)
+        return real_lock(name)
+
+    monkeypatch.setattr(services, "refresh_lock", recording)
+    with web_process(services) as web, requests.Session() as browser:
+        sb.world.set_oauth_next("close", user_email=user.email)
+        sb.world.set_oauth_next("calendly", user_email=user.email)
+        follow(browser, web.url + "/connect")  # a personal connection first
+        [personal] = services.connections.list()
+        assert personal.calendly_grant_ref is None
+        clients = services.clients_for(personal, WaitBudget(5))  # a run starts
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, user.email)  # authorizes again: organization mode
+    [shared] = services.connections.list()
+    assert shared.calendly_grant_ref is not None
+    shared_lock = grant_lock_name("calendly", shared_lock_key(shared.calendly_grant_ref))
+    keeper = clients.calendly_tokens
+    taken.clear()
+    keeper.refresh(keeper.current())  # its revoked personal token: the shared one is picked up
+    keeper.refresh(keeper.current())  # a real refresh of the shared grant
+    assert taken == [shared_lock, shared_lock]
+    assert keeper.refreshes == 1
+    assert services.connections.shared_grant(shared.calendly_grant_ref).access_token == (
+        services.connections.grants(shared.id).calendly.access_token
+    )
+
+
+def test_orgmode_reconnect_mid_run_then_refused_marks_the_shared_credential(
+    sb: Sandbox, services: Services
+) -> None:
+    """A run that began personal and met the organization's refused grant marks that credential,
+    not the connection (which an organization reconnect then revives)."""
+    from closesync.sync.engine import SyncEngine
+    from closesync.sync.parts import Clients
+
+    user = sb.users[1]
+    with web_process(services) as web, requests.Session() as browser:
+        sb.world.set_oauth_next("close", user_email=user.email)
+        sb.world.set_oauth_next("calendly", user_email=user.email)
+        follow(browser, web.url + "/connect")
+        [personal] = services.connections.list()
+
+        def reconnected_mid_run(connection: Connection) -> Clients:
+            clients = services.clients_for(connection, WaitBudget(5))
+            connect_org(sb, web.url, browser)
+            connect_close(sb, web.url, browser, user.email)
+            ref = services.connections.get(connection.id).calendly_grant_ref
+            assert ref is not None
+            grant = services.connections.shared_grant(ref)
+            assert grant.refresh_token is not None
+            sb.world.revoke_token(grant.refresh_token.get_secret_value())
+            sb.world.expire_token(grant.access_token.get_secret_value())
+            return clients
+
+        engine = SyncEngine(
+            config=services.engine_config(),
+            connections=services.connections,
+            state=services.state,
+            run_lock=services.run_lock,
+            clients_for=reconnected_mid_run,
+        )
+        report = engine.run(personal.id)
+    assert (report.outcome.value, report.failure) == ("failed", "auth")
+    connection = services.connections.get(personal.id)
+    assert connection.calendly_grant_ref is not None
+    assert connection.state == "active"
+    assert services.connections.shared_refused(connection.calendly_grant_ref) is not None

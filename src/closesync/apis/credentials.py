@@ -59,9 +59,19 @@ class Lock(Protocol):
     def release(self) -> bool: ...
 
 
+_SHARED = "shared:"
+# Times a refresh follows its grant to another lock (a reconnect moved it) before giving up.
+_LOCK_MOVES = 3
+
+
 def shared_lock_key(ref: str) -> str:
     """The `lock_key` of a shared (organization) grant: one refresh lock for all its users."""
-    return f"shared:{ref}"
+    return f"{_SHARED}{ref}"
+
+
+def shared_ref_of(lock_key: str) -> str | None:
+    """The shared grant's ref a `lock_key` names; None for a connection's own grant."""
+    return lock_key.removeprefix(_SHARED) if lock_key.startswith(_SHARED) else None
 
 
 def grant_lock_name(side: Side, connection_id: str) -> str:
@@ -83,10 +93,16 @@ class TokenKeeper:
         lock_factory: Callable[[str], Lock],
         clock: Callable[[], float] = time.time,
         lock_key: str | None = None,
+        lock_key_of: Callable[[], str] | None = None,
     ) -> None:
         self.connection_id = connection_id
-        # What the refresh lock is named after: the connection, or a grant it shares with others.
-        self.lock_key = lock_key or connection_id
+        # `lock_key_of`: what the grant's refresh lock is named after as stored NOW. A reconnect
+        # can move a connection onto or off a shared grant while a run holds this keeper; the
+        # refresh then follows the stored grant to its lock (see `refresh`).
+        self._lock_key_of = lock_key_of
+        # What the refresh lock is named after: the connection, or a grant it shares with others;
+        # the one last confirmed under its lock (what a refused grant is reported against).
+        self.lock_key = lock_key or (lock_key_of() if lock_key_of else connection_id)
         self.side = side
         self._store = store
         self._refresher = refresher
@@ -124,19 +140,33 @@ class TokenKeeper:
                 f"{label} access token expired and cannot be refreshed: "
                 f"{side}_CLIENT_ID and {side}_CLIENT_SECRET are not set"
             )
-        lock = self._lock_factory(grant_lock_name(self.side, self.lock_key))
-        if not lock.acquire_wait(REFRESH_WAIT_SECONDS):
-            raise TransientError(
-                f"{label} token refresh is held by another process for too long",
-                api=label,
-                method="POST",
-                endpoint="token refresh",
-            )
-        try:
-            with lock.renewing():
-                return self._refresh_held(label, failed_token)
-        finally:
-            lock.release()
+        for _ in range(_LOCK_MOVES):
+            key = self._lock_key_of() if self._lock_key_of else self.lock_key
+            lock = self._lock_factory(grant_lock_name(self.side, key))
+            if not lock.acquire_wait(REFRESH_WAIT_SECONDS):
+                raise TransientError(
+                    f"{label} token refresh is held by another process for too long",
+                    api=label,
+                    method="POST",
+                    endpoint="token refresh",
+                )
+            try:
+                # Read again under the lock: a reconnect changes which grant the connection uses
+                # only under that grant's lock, so a match now holds until we release. Under a
+                # stale name, two processes could present one single-use refresh token.
+                if self._lock_key_of is not None and self._lock_key_of() != key:
+                    continue
+                self.lock_key = key
+                with lock.renewing():
+                    return self._refresh_held(label, failed_token)
+            finally:
+                lock.release()
+        raise TransientError(
+            f"{label} grant moved to another refresh lock {_LOCK_MOVES} times during a refresh",
+            api=label,
+            method="POST",
+            endpoint="token refresh",
+        )
 
     def _refresh_held(self, label: str, failed_token: str) -> str:
         """The refresh proper, with the grant's lock held (and renewed) by the caller."""

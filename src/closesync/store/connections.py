@@ -177,8 +177,12 @@ class ConnectionStore:
             data["calendly"] = self.shared_grant(ref)
         return Grants.model_validate(data)
 
-    def _shared_ref(self, conn_id: str) -> str | None:
-        """The shared Calendly grant a connection refers to, if any."""
+    @guard("reading a connection's grants")
+    def shared_ref(self, conn_id: str) -> str | None:
+        """The shared Calendly grant a connection refers to, as sealed now; None: its own grant.
+
+        The sealed value, not the public record: it is what a refresh reads and writes.
+        """
         sealed = self.redis.get(self.keys.grants(conn_id))
         if sealed is None:
             raise _not_found(conn_id)
