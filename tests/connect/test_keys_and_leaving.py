@@ -359,3 +359,28 @@ def test_keys_rotate_leaves_a_planted_plaintext_grant_refused_unless_asked_to_se
     assert json.loads(capsys.readouterr().out)["unencrypted"] == 0
     sealed = services.connections.grants(victim.id).calendly.access_token.get_secret_value()
     assert sealed == attacker.calendly_token  # what the operator explicitly chose to keep
+
+
+def test_remove_revoke_keeps_the_shared_grant_while_close_users_wait_for_it(
+    sb: Sandbox, services: Services, cli_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last connection leaving does not tear down the credential a Close user waits for."""
+    waiting = sb.users[2]
+    with sb.world.lock:
+        sb.world.close_users[waiting.close_user_id].email = "late@example.com"
+    with web_process(services) as web, requests.Session() as browser:
+        connect(sb, web.url, browser, "/connect/organization", sb.users[0].email)
+        connect(sb, web.url, browser, "/connect", sb.users[1].email)
+        connect(sb, web.url, browser, "/connect", "late@example.com")
+    [connection] = services.connections.list()
+    ref = connection.calendly_grant_ref
+    assert ref is not None
+    shared = services.connections.shared_grant(ref)
+    assert main(["connections", "remove", connection.id, "--revoke", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revoked"] == ["close"]
+    assert Organizations(services).credentials.refs() == [ref]
+    assert services.connections.shared_grant(ref) == shared
+    sb.world.create_user(email="late@example.com", name="Late Comer")
+    assert [c.close_user_id for c in Organizations(services).pair_waiting()] == [
+        waiting.close_user_id
+    ]

@@ -750,3 +750,51 @@ def test_orgmode_reconnect_mid_run_then_refused_marks_the_shared_credential(
     assert connection.calendly_grant_ref is not None
     assert connection.state == "active"
     assert services.connections.shared_refused(connection.calendly_grant_ref) is not None
+
+
+def _revoked(sb: Sandbox, grant: Grant) -> bool:
+    with sb.world.lock:
+        return sb.world.tokens.tokens[grant.access_token.get_secret_value()].revoked
+
+
+def test_orgmode_waiting_close_user_authorizing_again_revokes_the_grant_replaced(
+    sb: Sandbox, services: Services
+) -> None:
+    """A waiting Close user's earlier grant is revoked when they authorize again, whether they
+    wait again or are paired now; the grant kept is never revoked."""
+    late = sb.users[3]
+    set_close_email(sb, late.close_user_id, "late@example.com")
+    room = Organizations(services).waiting_room
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, "late@example.com")
+        first = room.grant(late.close_user_id)
+        connect_close(sb, web.url, browser, "late@example.com")  # waits again
+        second = room.grant(late.close_user_id)
+        assert first is not None
+        assert second is not None
+        assert _revoked(sb, first)
+        assert not _revoked(sb, second)
+        sb.world.create_user(email="late@example.com", name="Late Comer")
+        assert "Connected" in connect_close(sb, web.url, browser, "late@example.com")
+    [connection] = services.connections.list()
+    assert room.grant(late.close_user_id) is None
+    assert _revoked(sb, second)
+    assert not _revoked(sb, services.connections.grants(connection.id).close)
+
+
+def test_orgmode_reconnect_from_another_close_organization_is_refused_while_users_wait(
+    sb: Sandbox, services: Services
+) -> None:
+    """An admin of another Close org cannot rebind a credential Close users still wait for."""
+    late = sb.users[3]
+    set_close_email(sb, late.close_user_id, "late@example.com")
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, "late@example.com")  # waits: no connection
+        [ref] = Organizations(services).credentials.refs()
+        set_close_organization(sb, sb.users[0].close_user_id, "orga_foreign")
+        refused = connect_org(sb, web.url, browser)
+    assert refused.status_code == 403
+    assert "already connected for another Close organization" in refused.text
+    assert Organizations(services).credentials.bound_to(ref) == sb.world.close_org_id

@@ -49,6 +49,7 @@ from closesync.connect.revoke import revoke_grant
 from closesync.connect.saving import ConnectionBusy, save_connection
 from closesync.connect.steps import KNOWN_ERRORS, FlowError, Step
 from closesync.core.calendly_payloads import TokenResponse as CalendlyToken
+from closesync.core.calendly_payloads import uuid_of
 from closesync.core.close_payloads import Me
 from closesync.core.close_payloads import TokenResponse as CloseToken
 from closesync.core.connection import (
@@ -382,13 +383,17 @@ class Connector:
         close_org = admin.organization_id
         assert close_org is not None  # noqa: S101 - the Close step refused an admin without one
         elsewhere = self.orgs.credentials.users_elsewhere(organization_uri, close_org)
-        if elsewhere:
+        bound = self.orgs.credentials.bound_to(uuid_of(organization_uri))
+        # Close users of the bound organization waiting for their member use it too.
+        waiting = self.orgs.waiting_room.waiting_in(bound) if bound != close_org else []
+        if elsewhere or waiting:
             # Rebinding would pair this Close organization's users beside another's.
             self._revoke("calendly", grant)
             raise FlowError(
                 "not_allowed",
                 "This Calendly organization is already connected for another Close organization "
-                f"({len(elsewhere)} connection(s) use it). Nothing was stored.",
+                f"({len(elsewhere)} connection(s) use it, {len(waiting)} Close user(s) wait for "
+                "it). Nothing was stored.",
             )
         try:
             ref = self.orgs.credentials.connect(

@@ -14,7 +14,8 @@ an order that no run of the connection can interleave with:
 
 A connection in Calendly organization mode shares its Calendly grant: that one is revoked only
 when the last connection using it leaves (and the organization's credential is then forgotten
-too), never while other users still sync with it.
+too), never while other users still sync with it or Close users of its Close organization still
+wait to be paired with it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
+from closesync.connect.org_waiting import WaitingRoom
 from closesync.connect.revoke import revoke_grant
 from closesync.core.connection import Connection
 from closesync.core.errors import CloseSyncError, RemovalIncomplete, RunLocked
@@ -116,7 +118,11 @@ def revoke_connection(services: ConnectServices, connection: Connection) -> list
         return revoked
     orgs = OrgCredentials(services)
     others = [c for c in orgs.users(ref) if c.id != connection.id]
-    if not others:
+    # Close users waiting for a member of this organization would be paired with it: kept.
+    waiting = WaitingRoom(services.redis, services.keys, services.box).waiting_in(
+        orgs.bound_to(ref)
+    )
+    if not others and not waiting:
         if revoke_grant(services, "calendly", grants.calendly):
             revoked.append("calendly organization")
         orgs.forget(ref)
