@@ -798,3 +798,21 @@ def test_orgmode_reconnect_from_another_close_organization_is_refused_while_user
     assert refused.status_code == 403
     assert "already connected for another Close organization" in refused.text
     assert Organizations(services).credentials.bound_to(ref) == sb.world.close_org_id
+
+
+def test_orgmode_record_pointed_at_another_member_is_refused_at_run_start(
+    sb: Sandbox, services: Services
+) -> None:
+    """A connection whose public record a Redis writer pointed at another member fails its run:
+    the shared admin grant never reads that member's event types into this Close user."""
+    one, two = sb.users[1], sb.users[2]
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, one.email)
+    [connection] = services.connections.list()
+    moved = connection.model_copy(update={"calendly_user_uri": two.calendly_user_uri})
+    services.redis.set(services.keys.conn(connection.id), moved.model_dump_json())
+    report = services.engine(wait_budget=5).run(connection.id)
+    assert report.outcome.value == "failed"
+    assert "another Calendly user" in " ".join(report.errors)
+    assert sb.world.close_links(one.close_user_id) == []

@@ -161,6 +161,8 @@ class SyncEngine:
         keep: bool,
     ) -> RunReport:
         try:
+            # Before any call: which Calendly user to read comes from the public record.
+            self.connections.check_calendly_user(connection)
             body()
         except ConnectionRemoved:
             # Marked during the run: it stopped before its next write; the remover finishes.
