@@ -61,10 +61,14 @@ class Settings(BaseSettings):
     closesync_encryption_keys: SecretStr | None = None
     # Without CLOSESYNC_ENCRYPTION_KEYS a token is refused, never stored in the clear, wherever
     # the API URLs point (a sidecar or egress proxy on 127.0.0.1 looks just like the sandbox).
-    # True stores tokens UNENCRYPTED (a `plain:` prefix, `closesync keys rotate` encrypts them
-    # later) and warns at every start: for a throwaway setup only, since whoever reads Redis (a
+    # True stores tokens UNENCRYPTED (a `plain:` prefix, `keys rotate --seal-plaintext` encrypts
+    # them later) and warns at every start: for a throwaway setup only, since whoever reads Redis (a
     # dump, a backup, MONITOR) then holds usable tokens.
     closesync_allow_plaintext_tokens: bool = False
+    # True refuses every grant sealed before grants were bound to their owner (`keys check`
+    # counts them "unbound"): `keys rotate` binds such a value to the key it sits under, a copy
+    # moved there included, so once the upgrade's rotation is done this closes that door.
+    closesync_require_bound_grants: bool = False
 
     # --- What is synced ---------------------------------------------------------------------
     # Secret event types are hidden from the Calendly landing page but their link works; a sales

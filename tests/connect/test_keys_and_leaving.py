@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -301,4 +302,85 @@ def test_remove_stopped_midway_keeps_connection_out_of_runs_until_rerun(
     keys = services.keys
     assert list(services.redis.scan_iter(f"{keys.prefix}:*{connection.id}*")) == [
         keys.removed(connection.id)
+    ]
+
+
+def test_remove_revoke_or_delete_links_without_key_exits_2_and_changes_nothing(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """remove --revoke/--delete-links on a shell without a key refuses before marking anything."""
+    connection, grants = sandbox_connection(sb.users[0], time.time())
+    services.connections.save(connection, grants)
+    monkeypatch.delenv("CLOSESYNC_ENCRYPTION_KEYS")
+    for options in (["--revoke"], ["--delete-links"], ["--revoke", "--delete-links"]):
+        assert main(["connections", "remove", connection.id, *options]) == 2
+        assert "CLOSESYNC_ENCRYPTION_KEYS is not set" in capsys.readouterr().err
+        assert not services.state.is_removed(connection.id)
+    assert services.engine(wait_budget=5).run(connection.id).outcome is Outcome.OK
+
+
+def test_keys_rotate_leaves_a_planted_plaintext_grant_refused_unless_asked_to_seal(
+    sb: Sandbox,
+    services: Services,
+    cli_env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A `plain:` value written under a victim's key by someone without a key stays refused
+    through `keys rotate`; only `keys rotate --seal-plaintext` (explicit) encrypts it."""
+    victim, grants = sandbox_connection(sb.users[0], time.time())
+    services.connections.save(victim, grants)
+    attacker = sb.users[1]
+    planted = {
+        side: {"kind": "pat", "access_token": token, "refresh_token": None, "expires_at": None}
+        for side, token in (
+            ("close", attacker.close_access_token),
+            ("calendly", attacker.calendly_token),
+        )
+    }
+    services.redis.set(
+        services.keys.grants(victim.id),
+        "plain:" + base64.b64encode(json.dumps(planted).encode()).decode(),
+    )
+    report = services.engine(wait_budget=5).run(victim.id)
+    assert report.outcome is Outcome.FAILED
+    assert "run `closesync keys rotate`" not in " ".join(report.errors)
+    assert main(["keys", "rotate"]) == 1  # the operator rotates, as an upgrade would
+    out = capsys.readouterr().out
+    assert "1 unencrypted" in out
+    assert "--seal-plaintext" in out
+    with pytest.raises(EncryptionError):
+        services.connections.grants(victim.id)  # still refused, never sealed as the victim's
+    assert sb.world.close_links(sb.users[0].close_user_id) == []
+    assert main(["keys", "rotate", "--seal-plaintext", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unencrypted"] == 0
+    sealed = services.connections.grants(victim.id).calendly.access_token.get_secret_value()
+    assert sealed == attacker.calendly_token  # what the operator explicitly chose to keep
+
+
+def test_remove_revoke_keeps_the_shared_grant_while_close_users_wait_for_it(
+    sb: Sandbox, services: Services, cli_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last connection leaving does not tear down the credential a Close user waits for."""
+    waiting = sb.users[2]
+    with sb.world.lock:
+        sb.world.close_users[waiting.close_user_id].email = "late@example.com"
+    with web_process(services) as web, requests.Session() as browser:
+        connect(sb, web.url, browser, "/connect/organization", sb.users[0].email)
+        connect(sb, web.url, browser, "/connect", sb.users[1].email)
+        connect(sb, web.url, browser, "/connect", "late@example.com")
+    [connection] = services.connections.list()
+    ref = connection.calendly_grant_ref
+    assert ref is not None
+    shared = services.connections.shared_grant(ref)
+    assert main(["connections", "remove", connection.id, "--revoke", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revoked"] == ["close"]
+    assert Organizations(services).credentials.refs() == [ref]
+    assert services.connections.shared_grant(ref) == shared
+    sb.world.create_user(email="late@example.com", name="Late Comer")
+    assert [c.close_user_id for c in Organizations(services).pair_waiting()] == [
+        waiting.close_user_id
     ]

@@ -136,6 +136,45 @@ def test_web_flows_close_organization_outside_allowlist_are_refused_and_revoked(
     assert all(t.revoked for t in issued)
 
 
+def test_web_flows_user_of_several_close_orgs_is_checked_by_the_tokens_organization(
+    sb: Sandbox, services: Services
+) -> None:
+    """A user also in an allowed org, listed first by /me/, authorizing a token for another
+    org is refused in both flows: the token response's organization counts, not /me/'s first."""
+    user = sb.users[1]
+    sb.world.join_close_organization(user.close_user_id, "orga_allowed", "Allowed")
+    settings = services.settings.model_copy(update={"close_organization_ids": "orga_allowed"})
+    narrowed = Services.build(settings, redis_client=services.redis)
+    with web_process(narrowed) as web, requests.Session() as browser:
+        for path in ("/connect", "/connect/organization"):
+            sb.world.set_oauth_next("close", user_email=user.email)  # picks their first org
+            sb.world.set_oauth_next("calendly", user_email=user.email)
+            answer, _ = follow(browser, web.url + path)
+            assert answer is not None
+            assert answer.status_code == 403
+            assert "This Close organization is not one this closesync serves" in answer.text
+    assert stored_keys(services) == []
+
+
+def test_web_flow_user_of_several_close_orgs_is_stored_under_the_org_picked_at_consent(
+    sb: Sandbox, services: Services
+) -> None:
+    """The connection records the organization the token was issued for, not /me/'s first."""
+    user = sb.users[1]
+    sb.world.join_close_organization(user.close_user_id, "orga_listed_first", "Listed first")
+    sb.world.join_close_organization(user.close_user_id, "orga_picked", "Picked")
+    settings = services.settings.model_copy(update={"close_organization_ids": "orga_picked"})
+    narrowed = Services.build(settings, redis_client=services.redis)
+    sb.world.set_oauth_next("close", user_email=user.email, organization_id="orga_picked")
+    sb.world.set_oauth_next("calendly", user_email=user.email)
+    with web_process(narrowed) as web, requests.Session() as browser:
+        answer, _ = follow(browser, web.url + "/connect")
+    assert answer is not None
+    assert answer.status_code == 200, answer.text
+    [connection] = services.connections.list()
+    assert connection.close_organization_id == "orga_picked"
+
+
 def test_terminal_flow_no_browser_round_trip_stores_connection(
     sb: Sandbox, services: Services
 ) -> None:

@@ -629,3 +629,190 @@ def test_orgmode_close_user_reauthorizing_revokes_only_their_old_close_grant(
         assert tokens[old.close.access_token.get_secret_value()].revoked
         assert not tokens[new.close.access_token.get_secret_value()].revoked
         assert not tokens[old.calendly.access_token.get_secret_value()].revoked
+
+
+def test_orgmode_close_refresh_of_expired_access_token_stores_the_rotated_grant(
+    sb: Sandbox, services: Services
+) -> None:
+    """An org-mode connection's expired Close token is refreshed, stored, and keeps syncing."""
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, sb.users[1].email)
+    [connection] = services.connections.list()
+    assert connection.calendly_grant_ref is not None
+    before = services.connections.grants(connection.id)
+    sb.world.expire_token(before.close.access_token.get_secret_value())
+    engine = services.engine(wait_budget=5)
+    report = engine.run(connection.id)
+    assert (report.outcome.value, report.errors) == ("ok", [])
+    after = services.connections.grants(connection.id)
+    # The refresh spent the old refresh token at Close: only the rotated grant is usable now.
+    assert after.close.refresh_token != before.close.refresh_token
+    assert after.calendly == before.calendly  # still the organization's shared grant
+    assert services.connections.shared_grant(connection.calendly_grant_ref) == before.calendly
+    sb.world.expire_token(after.close.access_token.get_secret_value())
+    assert engine.run(connection.id).outcome.value == "ok"
+    assert services.connections.get(connection.id).state == "active"
+
+
+def test_orgmode_admin_and_users_of_several_close_orgs_bind_and_pair_by_the_tokens_org(
+    sb: Sandbox, services: Services
+) -> None:
+    """The credential is bound to the org of the admin's token, and a user whose token is for
+    that org pairs and is recorded under it, whatever /me/ lists first."""
+    admin, user = sb.users[0], sb.users[1]
+    for person in (admin, user):
+        sb.world.join_close_organization(person.close_user_id, "orga_listed_first")
+    with web_process(services) as web, requests.Session() as browser:
+        assert "Organization connected" in connect_org(sb, web.url, browser).text
+        assert "Connected" in connect_close(sb, web.url, browser, user.email)
+    [ref] = Organizations(services).credentials.refs()
+    assert Organizations(services).credentials.bound_to(ref) == sb.world.close_org_id
+    [connection] = services.connections.list()
+    assert connection.close_organization_id == sb.world.close_org_id
+    assert connection.calendly_grant_ref == ref
+
+
+def test_orgmode_reconnect_mid_run_refreshes_under_the_shared_lock_it_turned_to(
+    sb: Sandbox, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run begun on a personal connection that becomes organization-mode refreshes the shared
+    grant under the shared refresh lock, not the lock of the connection it started with."""
+    user = sb.users[1]
+    taken: list[str] = []
+    real_lock = services.refresh_lock
+
+    def recording(name: str) -> Any:
+        taken.append(name)
+        return real_lock(name)
+
+    monkeypatch.setattr(services, "refresh_lock", recording)
+    with web_process(services) as web, requests.Session() as browser:
+        sb.world.set_oauth_next("close", user_email=user.email)
+        sb.world.set_oauth_next("calendly", user_email=user.email)
+        follow(browser, web.url + "/connect")  # a personal connection first
+        [personal] = services.connections.list()
+        assert personal.calendly_grant_ref is None
+        clients = services.clients_for(personal, WaitBudget(5))  # a run starts
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, user.email)  # authorizes again: organization mode
+    [shared] = services.connections.list()
+    assert shared.calendly_grant_ref is not None
+    shared_lock = grant_lock_name("calendly", shared_lock_key(shared.calendly_grant_ref))
+    keeper = clients.calendly_tokens
+    taken.clear()
+    keeper.refresh(keeper.current())  # its revoked personal token: the shared one is picked up
+    keeper.refresh(keeper.current())  # a real refresh of the shared grant
+    assert taken == [shared_lock, shared_lock]
+    assert keeper.refreshes == 1
+    assert services.connections.shared_grant(shared.calendly_grant_ref).access_token == (
+        services.connections.grants(shared.id).calendly.access_token
+    )
+
+
+def test_orgmode_reconnect_mid_run_then_refused_marks_the_shared_credential(
+    sb: Sandbox, services: Services
+) -> None:
+    """A run that began personal and met the organization's refused grant marks that credential,
+    not the connection (which an organization reconnect then revives)."""
+    from closesync.sync.engine import SyncEngine
+    from closesync.sync.parts import Clients
+
+    user = sb.users[1]
+    with web_process(services) as web, requests.Session() as browser:
+        sb.world.set_oauth_next("close", user_email=user.email)
+        sb.world.set_oauth_next("calendly", user_email=user.email)
+        follow(browser, web.url + "/connect")
+        [personal] = services.connections.list()
+
+        def reconnected_mid_run(connection: Connection) -> Clients:
+            clients = services.clients_for(connection, WaitBudget(5))
+            connect_org(sb, web.url, browser)
+            connect_close(sb, web.url, browser, user.email)
+            ref = services.connections.get(connection.id).calendly_grant_ref
+            assert ref is not None
+            grant = services.connections.shared_grant(ref)
+            assert grant.refresh_token is not None
+            sb.world.revoke_token(grant.refresh_token.get_secret_value())
+            sb.world.expire_token(grant.access_token.get_secret_value())
+            return clients
+
+        engine = SyncEngine(
+            config=services.engine_config(),
+            connections=services.connections,
+            state=services.state,
+            run_lock=services.run_lock,
+            clients_for=reconnected_mid_run,
+        )
+        report = engine.run(personal.id)
+    assert (report.outcome.value, report.failure) == ("failed", "auth")
+    connection = services.connections.get(personal.id)
+    assert connection.calendly_grant_ref is not None
+    assert connection.state == "active"
+    assert services.connections.shared_refused(connection.calendly_grant_ref) is not None
+
+
+def _revoked(sb: Sandbox, grant: Grant) -> bool:
+    with sb.world.lock:
+        return sb.world.tokens.tokens[grant.access_token.get_secret_value()].revoked
+
+
+def test_orgmode_waiting_close_user_authorizing_again_revokes_the_grant_replaced(
+    sb: Sandbox, services: Services
+) -> None:
+    """A waiting Close user's earlier grant is revoked when they authorize again, whether they
+    wait again or are paired now; the grant kept is never revoked."""
+    late = sb.users[3]
+    set_close_email(sb, late.close_user_id, "late@example.com")
+    room = Organizations(services).waiting_room
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, "late@example.com")
+        first = room.grant(late.close_user_id)
+        connect_close(sb, web.url, browser, "late@example.com")  # waits again
+        second = room.grant(late.close_user_id)
+        assert first is not None
+        assert second is not None
+        assert _revoked(sb, first)
+        assert not _revoked(sb, second)
+        sb.world.create_user(email="late@example.com", name="Late Comer")
+        assert "Connected" in connect_close(sb, web.url, browser, "late@example.com")
+    [connection] = services.connections.list()
+    assert room.grant(late.close_user_id) is None
+    assert _revoked(sb, second)
+    assert not _revoked(sb, services.connections.grants(connection.id).close)
+
+
+def test_orgmode_reconnect_from_another_close_organization_is_refused_while_users_wait(
+    sb: Sandbox, services: Services
+) -> None:
+    """An admin of another Close org cannot rebind a credential Close users still wait for."""
+    late = sb.users[3]
+    set_close_email(sb, late.close_user_id, "late@example.com")
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, "late@example.com")  # waits: no connection
+        [ref] = Organizations(services).credentials.refs()
+        set_close_organization(sb, sb.users[0].close_user_id, "orga_foreign")
+        refused = connect_org(sb, web.url, browser)
+    assert refused.status_code == 403
+    assert "already connected for another Close organization" in refused.text
+    assert Organizations(services).credentials.bound_to(ref) == sb.world.close_org_id
+
+
+def test_orgmode_record_pointed_at_another_member_is_refused_at_run_start(
+    sb: Sandbox, services: Services
+) -> None:
+    """A connection whose public record a Redis writer pointed at another member fails its run:
+    the shared admin grant never reads that member's event types into this Close user."""
+    one, two = sb.users[1], sb.users[2]
+    with web_process(services) as web, requests.Session() as browser:
+        connect_org(sb, web.url, browser)
+        connect_close(sb, web.url, browser, one.email)
+    [connection] = services.connections.list()
+    moved = connection.model_copy(update={"calendly_user_uri": two.calendly_user_uri})
+    services.redis.set(services.keys.conn(connection.id), moved.model_dump_json())
+    report = services.engine(wait_budget=5).run(connection.id)
+    assert report.outcome.value == "failed"
+    assert "another Calendly user" in " ".join(report.errors)
+    assert sb.world.close_links(one.close_user_id) == []

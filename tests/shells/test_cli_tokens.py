@@ -166,10 +166,88 @@ def test_cli_add_bad_stdin_line_exits_2_without_echoing_it(
     user = sb.users[0]
     for stdin, said in (
         (f"{user.close_access_token}\n", "line 1 of standard input is not NAME=value"),
-        (f"CLOSE_TOKEN={user.close_access_token}\n", "CLOSE_TOKEN"),
+        (f"CLOSE_TOKEN={user.close_access_token}\n", "line 1 of standard input names none of"),
     ):
         done = add(env, tmp_path, "--tokens-from-stdin", stdin=stdin)
         assert done.returncode == 2
         assert said in done.stderr
         assert user.close_access_token not in done.stderr
+    assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == []
+
+
+def test_parse_token_lines_bare_base64_token_is_refused_without_echoing_it() -> None:
+    """A token pasted without NAME= (its `==` padding read as `=`) is refused, never echoed."""
+    from closesync.cli.token_input import parse_token_lines
+    from closesync.core.errors import ConfigError
+
+    token = "Zm9vYmFyYmF6cXV4c2VjcmV0dG9rZW4xMjM0"  # letters and digits: a valid identifier
+    with pytest.raises(ConfigError) as raised:
+        parse_token_lines(f"CLOSESYNC_CALENDLY_TOKEN=cal_pat_x\n{token}==\n")
+    message = str(raised.value)
+    assert message.startswith("line 2 of standard input names none of")
+    assert "CLOSESYNC_CLOSE_ACCESS_TOKEN" in message
+    assert token[:8] not in message
+
+
+def test_cli_add_tokens_typed_on_a_terminal_are_not_echoed(
+    sb: Sandbox, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Tokens typed on a terminal (stdin a tty) are read with echo off, restored afterwards."""
+    import pty
+    import select
+    import termios
+
+    user = sb.users[0]
+    master, slave = pty.openpty()
+    try:
+        command = ["connections", "add", "--json", "--tokens-from-stdin"]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "closesync", *command],
+            cwd=tmp_path,
+            env=env,
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stderr is not None
+        # Typed only once the command says echo is off: the terminal echoes on arrival.
+        ready, _, _ = select.select([process.stderr], [], [], 30)
+        assert ready, "no prompt on stderr"
+        assert b"not shown" in process.stderr.readline()
+        assert not termios.tcgetattr(slave)[3] & termios.ECHO
+        typed = (
+            f"CLOSESYNC_CLOSE_ACCESS_TOKEN={user.close_access_token}\n"
+            f"CLOSESYNC_CALENDLY_TOKEN={user.calendly_token}\n"
+        )
+        os.write(master, typed.encode() + b"\x04")  # Ctrl-D on an empty line: end of input
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert json.loads(out)["close_user_id"] == user.close_user_id
+        assert termios.tcgetattr(slave)[3] & termios.ECHO  # the terminal is as it was
+        os.set_blocking(master, False)
+        try:
+            shown = os.read(master, 65536)
+        except BlockingIOError:
+            shown = b""
+        assert user.close_access_token.encode() not in shown
+        assert user.calendly_token.encode() not in shown
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_cli_add_close_user_of_several_organizations_exits_2_naming_the_flows(
+    sb: Sandbox, env: dict[str, str], tmp_path: Path, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A token alone cannot say which of several Close orgs it is for: refused, nothing stored."""
+    user = sb.users[0]
+    sb.world.join_close_organization(user.close_user_id, "orga_other")
+    stdin = (
+        f"CLOSESYNC_CLOSE_ACCESS_TOKEN={user.close_access_token}\n"
+        f"CLOSESYNC_CALENDLY_TOKEN={user.calendly_token}\n"
+    )
+    done = add(env, tmp_path, "--tokens-from-stdin", stdin=stdin)
+    assert done.returncode == 2
+    assert "belongs to 2 Close organizations" in done.stderr
+    assert "closesync connect" in done.stderr
     assert list(redis_client.scan_iter(f"{keys.prefix}:*")) == []

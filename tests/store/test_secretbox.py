@@ -65,11 +65,47 @@ def test_fernetbox_plain_secret_refused_loudly() -> None:
         FernetBox([KEY_A]).open(PlainBox().seal(b"x", owner=OWNER), owner=OWNER)
 
 
-def test_fernetbox_rotate_plain_secret_encrypts_it() -> None:
-    """Rotation upgrades a PlainBox secret to an encrypted one."""
-    rotated = FernetBox([KEY_A]).rotate(PlainBox().seal(b"x", owner=OWNER), owner=OWNER)
+def test_fernetbox_rotate_plain_secret_with_seal_plaintext_encrypts_it() -> None:
+    """Rotation asked to seal plaintext upgrades a PlainBox secret to an encrypted one."""
+    plain = PlainBox().seal(b"x", owner=OWNER)
+    rotated = FernetBox([KEY_A]).rotate(plain, owner=OWNER, seal_plaintext=True)
     assert not rotated.startswith("plain:")
     assert FernetBox([KEY_A]).open(rotated, owner=OWNER) == b"x"
+
+
+def test_fernetbox_rotate_plain_secret_without_seal_plaintext_refuses() -> None:
+    """Without the explicit choice a `plain:` value (anyone may write one) is never sealed."""
+    with pytest.raises(EncryptionError, match="--seal-plaintext"):
+        FernetBox([KEY_A]).rotate(PlainBox().seal(b"x", owner=OWNER), owner=OWNER)
+
+
+def test_fernetbox_plain_secret_refusal_does_not_tell_to_rotate_it() -> None:
+    """The run's error for a `plain:` value says it may be planted, not just "run rotate"."""
+    with pytest.raises(EncryptionError) as refused:
+        FernetBox([KEY_A]).open(PlainBox().seal(b"x", owner=OWNER), owner=OWNER)
+    assert "run `closesync keys rotate`" not in str(refused.value)
+    assert "connect again" in str(refused.value)
+
+
+def test_fernetbox_requiring_bound_values_refuses_one_sealed_before_binding() -> None:
+    """With require_bound (CLOSESYNC_REQUIRE_BOUND_GRANTS) an unbound value neither opens nor
+    rotates; bound values are unaffected."""
+    legacy = Fernet(KEY_A).encrypt(b'{"access_token": "t"}').decode()
+    strict = FernetBox([KEY_A], require_bound=True)
+    for attempt in (strict.open, strict.rotate):
+        with pytest.raises(EncryptionError, match="CLOSESYNC_REQUIRE_BOUND_GRANTS"):
+            attempt(legacy, owner=OWNER)
+    assert strict.open(strict.seal(b"x", owner=OWNER), owner=OWNER) == b"x"
+
+
+def test_box_from_settings_require_bound_grants_reaches_the_fernetbox() -> None:
+    """CLOSESYNC_REQUIRE_BOUND_GRANTS=true gives a FernetBox that refuses unbound values."""
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, closesync_encryption_keys=KEY_A, closesync_require_bound_grants=True
+    )
+    box = box_from_settings(settings)
+    assert isinstance(box, FernetBox)
+    assert box.require_bound
 
 
 @pytest.mark.parametrize("box", [FernetBox([KEY_A]), PlainBox()], ids=["fernet", "plain"])

@@ -141,6 +141,9 @@ def test_refresh_rotated_by_someone_else_meanwhile_is_adopted(harness: Harness) 
         def acquire_wait(self, timeout: float) -> bool:
             return True
 
+        def held(self) -> bool:
+            return True
+
         def renewing(self) -> nullcontext[None]:
             return nullcontext()
 

@@ -3,7 +3,9 @@
 Adding resolves both users (Close `GET /me/`, Calendly `GET /users/me`), which also proves both
 tokens work; nothing is stored unless both answered, the Close organization may connect
 (CLOSE_ORGANIZATION_IDS) and no other connection has that Calendly user (exit 2, naming it).
-`add` and `import` (`closesync.cli.bulk_import`) share those steps: `closesync.connect.by_tokens`.
+`add` and `import` (`closesync.cli.bulk_import`) share those steps: `closesync.connect.by_tokens`. A
+Close user of several organizations is refused: `/me/` lists them all, and only a token
+response (which `add` never sees) says which one a token is for.
 Output never contains a token.
 
 `add` takes its tokens without them going on the command line (`closesync.cli.token_input`).

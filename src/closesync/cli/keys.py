@@ -31,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     rotate = commands.add_parser(
         "rotate", help="re-encrypt every stored grant with the first CLOSESYNC_ENCRYPTION_KEYS key"
     )
+    rotate.add_argument(
+        "--seal-plaintext",
+        action="store_true",
+        help="also encrypt grants stored unencrypted (CLOSESYNC_ALLOW_PLAINTEXT_TOKENS); only if "
+        "no one but this deployment can write to Redis: whatever is there becomes a grant",
+    )
     rotate.add_argument("--json", action="store_true", help="print JSON")
     rotate.set_defaults(func=cmd_rotate)
 
@@ -59,11 +65,16 @@ def _boxes(what: str) -> tuple[Any, FernetBox, FernetBox]:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     services, box, first = _boxes("rotate")
-    count = rotate_keys(services.redis, services.keys, box)
+    # The box the processes use: with CLOSESYNC_REQUIRE_BOUND_GRANTS it binds no unbound value.
+    sealing = FernetBox(
+        services.settings.encryption_keys(),
+        require_bound=services.settings.closesync_require_bound_grants,
+    )
+    count = rotate_keys(services.redis, services.keys, sealing, seal_plaintext=args.seal_plaintext)
     counts = check_keys(services.redis, services.keys, box, first)
     if args.json:
         print_json({"re_encrypted": count, "keys": box.key_count, **counts})
-        return 0 if counts["unreadable"] == 0 else 1
+        return 0 if counts["unreadable"] + counts["unencrypted"] == 0 else 1
     sys.stdout.write(
         f"re-encrypted {count} stored grant(s) with the first of {box.key_count} key(s)\n"
     )
@@ -91,14 +102,19 @@ def _report(counts: dict[str, int]) -> int:
         sys.stdout.write("some grants cannot be read: those connections must be connected again\n")
         return 1
     if counts["unencrypted"]:
+        # Not simply "rotate encrypts them": anyone who can write to Redis can plant one.
         sys.stdout.write(
-            "some grants are stored unencrypted: `closesync keys rotate` encrypts them\n"
+            "some grants are stored unencrypted, and runs refuse them: if this deployment "
+            "stored them (CLOSESYNC_ALLOW_PLAINTEXT_TOKENS) and no one else can write to this "
+            "Redis, `closesync keys rotate --seal-plaintext` encrypts them; otherwise connect "
+            "those users again\n"
         )
         return 1
     if counts["unbound"]:
         sys.stdout.write(
             "some grants were sealed before grants were bound to their connection: "
-            "`closesync keys rotate` binds them\n"
+            "`closesync keys rotate` binds them (to the key each sits under), then set "
+            "CLOSESYNC_REQUIRE_BOUND_GRANTS=true\n"
         )
         return 1
     if counts["older_key"]:

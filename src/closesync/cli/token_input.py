@@ -16,6 +16,11 @@ from dataclasses import dataclass
 
 from closesync.core.errors import ConfigError
 
+try:
+    import termios
+except ImportError:  # not a POSIX system: standard input is read as it comes
+    termios = None  # type: ignore[assignment]
+
 # Each token `add` takes: the variable (and the NAME on standard input) that carries it.
 TOKEN_VARIABLES = {
     "close_access_token": "CLOSESYNC_CLOSE_ACCESS_TOKEN",
@@ -46,7 +51,7 @@ class Tokens:
 def parse_token_lines(text: str) -> dict[str, str]:
     """`NAME=value` lines (blank lines, `#` comments and a leading `export` allowed) by NAME.
 
-    Errors name the line number or the NAME, never a value: a malformed line may be a token.
+    Errors name the line number only, never what the line holds: a malformed line may be a token.
     """
     known = {variable: name for name, variable in TOKEN_VARIABLES.items()}
     found: dict[str, str] = {}
@@ -60,8 +65,10 @@ def parse_token_lines(text: str) -> dict[str, str]:
         if not equals or not variable.isidentifier():
             raise ConfigError(f"line {number} of standard input is not NAME=value")
         if variable not in known:
+            # Not named: a token pasted without NAME= parses as a "name" when it ends in base64
+            # padding (`…NA==` splits at its first `=`), and echoing it would print the token.
             raise ConfigError(
-                f"line {number} of standard input names {variable}, which is not one of "
+                f"line {number} of standard input names none of "
                 + ", ".join(TOKEN_VARIABLES.values())
             )
         value = value.strip()
@@ -71,12 +78,34 @@ def parse_token_lines(text: str) -> dict[str, str]:
     return found
 
 
+def read_stdin() -> str:
+    """Standard input to its end; from a terminal, with echo off, so typed tokens stay off screen.
+
+    Like `getpass`, but for several lines up to Ctrl-D. The terminal's settings are restored
+    however the read ends (Ctrl-C included).
+    """
+    if termios is None or not sys.stdin.isatty():
+        return sys.stdin.read()
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
+    try:
+        # Said once echo is off: whoever waits for this line may type.
+        sys.stderr.write("closesync: type NAME=value lines (not shown), then Ctrl-D\n")
+        sys.stderr.flush()
+        return sys.stdin.read()
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+
+
 def gather_tokens(args: argparse.Namespace) -> Tokens:
     """Each token from its flag, else standard input (`--tokens-from-stdin`), else the environment.
 
     A token flag still works, but puts the token in argv: one warning line on stderr says so.
     """
-    stdin = parse_token_lines(sys.stdin.read()) if args.tokens_from_stdin else {}
+    stdin = parse_token_lines(read_stdin()) if args.tokens_from_stdin else {}
     values: dict[str, str] = {}
     sources: dict[str, str] = {}
     flagged: list[str] = []

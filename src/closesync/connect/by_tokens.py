@@ -137,6 +137,14 @@ def resolve(
             endpoint=error.endpoint,
             status=error.status,
         ) from None
+    if me.organization_id is None and len(me.organizations) > 1:
+        # Only Close's token response names a token's organization, and `add` has none: a guess
+        # (the first listed, the only allowed one) could label a token of another organization.
+        raise ConfigError(
+            f"the Close user belongs to {len(me.organizations)} Close organizations and an access "
+            "token alone does not say which one it is for; connect this user with `closesync "
+            "connect` or `closesync web`, which learn it from Close; nothing was stored"
+        )
     if not settings.close_organization_allowed(me.organization_id):
         raise ConfigError(
             f"the Close user's organization {me.organization_id} is not one this closesync "

@@ -49,6 +49,7 @@ from closesync.connect.revoke import revoke_grant
 from closesync.connect.saving import ConnectionBusy, save_connection
 from closesync.connect.steps import KNOWN_ERRORS, FlowError, Step
 from closesync.core.calendly_payloads import TokenResponse as CalendlyToken
+from closesync.core.calendly_payloads import uuid_of
 from closesync.core.close_payloads import Me
 from closesync.core.close_payloads import TokenResponse as CloseToken
 from closesync.core.connection import (
@@ -182,7 +183,7 @@ class Connector:
             return self._close_step(flow, code)
         return self._calendly_step(flow, code)
 
-    def _exchange(self, flow: PendingFlow, code: str) -> Grant:
+    def _exchange(self, flow: PendingFlow, code: str) -> CloseToken | CalendlyToken:
         try:
             answer: CloseToken | CalendlyToken
             if flow.provider == "close":
@@ -207,15 +208,19 @@ class Connector:
             raise FlowError(
                 "provider", f"Could not finish: {error}. Nothing was stored; please start again."
             ) from None
-        return _grant(answer)
+        return answer
 
     def _close_step(self, flow: PendingFlow, code: str) -> Step:
-        grant = self._exchange(flow, code)
+        answer = self._exchange(flow, code)
+        grant = _grant(answer)
         try:
             me = self._close_client(grant).get_me()
         except ApiError as error:
             self._revoke("close", grant)
             raise FlowError("provider", f"Close did not answer who you are: {error}") from None
+        # The organization the user picked at consent, which the token is scoped to: /me/ lists
+        # all of theirs. Everything below (allowlist, pairing, binding) goes by this one.
+        me = me.for_token(answer.organization_id if isinstance(answer, CloseToken) else None)
         if not self.settings.close_organization_allowed(me.organization_id):
             self._revoke("close", grant)
             log.warning("refused a Close organization outside CLOSE_ORGANIZATION_IDS")
@@ -292,7 +297,7 @@ class Connector:
             # Both flows authorize Close first (an organization flow to learn the admin's Close
             # organization); a flow without that step is not one this version started.
             raise FlowError("state", "This Calendly authorization has no Close step; start again.")
-        grant = self._exchange(flow, code)
+        grant = _grant(self._exchange(flow, code))
         client = self._calendly_client(grant)
         try:
             user = client.get_current_user()
@@ -378,13 +383,17 @@ class Connector:
         close_org = admin.organization_id
         assert close_org is not None  # noqa: S101 - the Close step refused an admin without one
         elsewhere = self.orgs.credentials.users_elsewhere(organization_uri, close_org)
-        if elsewhere:
+        bound = self.orgs.credentials.bound_to(uuid_of(organization_uri))
+        # Close users of the bound organization waiting for their member use it too.
+        waiting = self.orgs.waiting_room.waiting_in(bound) if bound != close_org else []
+        if elsewhere or waiting:
             # Rebinding would pair this Close organization's users beside another's.
             self._revoke("calendly", grant)
             raise FlowError(
                 "not_allowed",
                 "This Calendly organization is already connected for another Close organization "
-                f"({len(elsewhere)} connection(s) use it). Nothing was stored.",
+                f"({len(elsewhere)} connection(s) use it, {len(waiting)} Close user(s) wait for "
+                "it). Nothing was stored.",
             )
         try:
             ref = self.orgs.credentials.connect(

@@ -17,7 +17,8 @@ an order that no run of the connection can interleave with:
 
 A connection in Calendly organization mode shares its Calendly grant: that one is revoked only
 when the last connection using it leaves (and the organization's credential is then forgotten
-too), never while other users still sync with it.
+too), never while other users still sync with it or Close users of its Close organization still
+wait to be paired with it.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from dataclasses import dataclass
 
 from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
+from closesync.connect.org_waiting import WaitingRoom
 from closesync.connect.revoke import revoke_grant
 from closesync.core.connection import Connection
 from closesync.core.errors import CloseSyncError, RemovalIncomplete, RunLocked
 from closesync.core.mapping import is_our_link
 from closesync.core.retry import WaitBudget
+from closesync.store.secretbox import require_key
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,10 @@ def remove_connection(
     """Remove a connection so that no run of it writes during or after (module docstring)."""
     conn_id = connection.id
     settings = services.settings
+    if delete_links or revoke:
+        # Both open the grants: without a key they would fail only after the mark was set,
+        # leaving the connection out of every run until someone runs the removal again.
+        require_key(services.box)
     marked = services.connections.mark_removing(conn_id)
     with ExitStack() as stack:
         try:
@@ -117,7 +124,11 @@ def revoke_connection(services: ConnectServices, connection: Connection) -> list
         return revoked
     orgs = OrgCredentials(services)
     others = [c for c in orgs.users(ref) if c.id != connection.id]
-    if not others:
+    # Close users waiting for a member of this organization would be paired with it: kept.
+    waiting = WaitingRoom(services.redis, services.keys, services.box).waiting_in(
+        orgs.bound_to(ref)
+    )
+    if not others and not waiting:
         if revoke_grant(services, "calendly", grants.calendly):
             revoked.append("calendly organization")
         orgs.forget(ref)

@@ -12,13 +12,15 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
+import redis
 from redis import Redis
 
 from closesync.core.close_payloads import Me
 from closesync.core.connection import Grant
+from closesync.core.errors import EncryptionError
 from closesync.store.client import guard
 from closesync.store.connections import grant_json
-from closesync.store.keys import Keys, Owner
+from closesync.store.keys import Keys, Owner, as_text, watched
 from closesync.store.secretbox import SecretBox
 
 
@@ -54,13 +56,31 @@ class WaitingRoom:
         self.box = box
 
     @guard("remembering a Close user waiting for a Calendly match")
-    def wait(self, me: Me, grant: Grant) -> None:
+    def wait(self, me: Me, grant: Grant) -> Grant | None:
+        """Remember `me` waiting with `grant`; the grant they waited with before, if readable
+        (the caller revokes it: nothing else would ever use or revoke it)."""
         entry = {"email": me.email, "organization_id": me.organization_id, "at": time.time()}
-        with self.redis.pipeline(transaction=True) as pipe:
+        key = self.keys.waiting_close_grant(me.id)
+        sealed = self.box.seal(grant_json(grant), owner=Owner.waiting_close_user(me.id))
+
+        def apply(pipe: redis.client.Pipeline) -> str | None:
+            old = pipe.get(key)
+            pipe.multi()
             pipe.hset(self.keys.waiting_close(), me.id, json.dumps(entry))
-            sealed = self.box.seal(grant_json(grant), owner=Owner.waiting_close_user(me.id))
-            pipe.set(self.keys.waiting_close_grant(me.id), sealed)
-            pipe.execute()
+            pipe.set(key, sealed)
+            return None if old is None else as_text(old)
+
+        return self._opened(me.id, watched(self.redis, key, apply))
+
+    def _opened(self, close_user_id: str, sealed: str | None) -> Grant | None:
+        """A replaced or forgotten waiting grant, to revoke; None when absent or unreadable."""
+        if sealed is None:
+            return None
+        try:
+            owner = Owner.waiting_close_user(close_user_id)
+            return Grant.model_validate_json(self.box.open(sealed, owner=owner))
+        except (EncryptionError, ValueError):
+            return None  # not ours to revoke (copied here, or no key opens it)
 
     @guard("reading the Close users waiting for a match")
     def waiting(self) -> list[Waiting]:
@@ -79,11 +99,26 @@ class WaitingRoom:
         return Grant.model_validate_json(self.box.open(str(sealed), owner=owner))
 
     @guard("forgetting a waiting Close user")
-    def unwait(self, close_user_id: str) -> None:
-        with self.redis.pipeline(transaction=True) as pipe:
+    def unwait(self, close_user_id: str) -> Grant | None:
+        """Forget a waiting Close user; the grant they waited with, if readable (for the caller
+        to revoke unless that grant now serves their connection)."""
+        key = self.keys.waiting_close_grant(close_user_id)
+
+        def apply(pipe: redis.client.Pipeline) -> str | None:
+            old = pipe.get(key)
+            pipe.multi()
             pipe.hdel(self.keys.waiting_close(), close_user_id)
-            pipe.delete(self.keys.waiting_close_grant(close_user_id))
-            pipe.execute()
+            pipe.delete(key)
+            return None if old is None else as_text(old)
+
+        return self._opened(close_user_id, watched(self.redis, key, apply))
+
+    def waiting_in(self, close_organization_id: str | None) -> list[Waiting]:
+        """The Close users of `close_organization_id` waiting: those a credential bound to it
+        would pair, so it is still in use for them."""
+        if close_organization_id is None:
+            return []
+        return [w for w in self.waiting() if w.organization_id == close_organization_id]
 
     @guard("remembering a refused pairing")
     def refuse(self, refusal: Refusal) -> None:

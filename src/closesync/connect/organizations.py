@@ -32,6 +32,7 @@ from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
 from closesync.connect.org_members import Member, MemberCache, match
 from closesync.connect.org_waiting import Refusal, WaitingRoom
+from closesync.connect.revoke import revoke_grant
 from closesync.connect.saving import save_shared_connection
 from closesync.core.close_payloads import Me
 from closesync.core.connection import Connection, Grant, connection_from
@@ -70,13 +71,19 @@ class Organizations:
                 self._remember_refusal(me.id, me.email, me.organization_id, member, error)
                 refused = refused or error
                 continue
-            self.waiting_room.unwait(me.id)
+            # A grant they waited with before is replaced by this one: nothing would use it.
+            self._revoke_replaced(self.waiting_room.unwait(me.id), grant)
             return connection
         if refused is not None:
             raise refused
-        self.waiting_room.wait(me, grant)
+        self._revoke_replaced(self.waiting_room.wait(me, grant), grant)
         log.info("Close user waits for a Calendly member", extra={"close_user_id": me.id})
         return None
+
+    def _revoke_replaced(self, old: Grant | None, new: Grant) -> None:
+        """Revoke a waiting Close grant that `new` replaced (never one sharing its tokens)."""
+        if old is not None and old.replaced_by(new):
+            revoke_grant(self.services, "close", old)
 
     def pair_waiting(self) -> list[Connection]:
         """Pair every waiting Close user who now has a member (after an organization connects)."""
@@ -115,7 +122,7 @@ class Organizations:
                     )
                     continue
                 paired.append(connection)
-                self.waiting_room.unwait(person.close_user_id)
+                self.waiting_room.unwait(person.close_user_id)  # its grant is the connection's now
             waiting = [
                 w for w in waiting if all(c.close_user_id != w.close_user_id for c in paired)
             ]

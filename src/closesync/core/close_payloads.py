@@ -15,17 +15,32 @@ class Organization(_Payload):
 
 
 class Me(_Payload):
-    """The Close user a token belongs to (`GET /me/`)."""
+    """The Close user a token belongs to (`GET /me/`), and the organization the token is for.
+
+    A user of several organizations picks one on Close's consent screen and the token is scoped
+    to it, while `/me/` lists every organization of the user, in no documented order: only the
+    token response's `organization_id` says which (`for_token` records it).
+    """
 
     id: str
     email: str | None = None
     first_name: str | None = None
     last_name: str | None = None
     organizations: list[Organization] = []
+    # Not a /me/ field: what the token response said (kept when a flow stores this model).
+    token_organization_id: str | None = None
+
+    def for_token(self, organization_id: str | None) -> Me:
+        """This user, with the organization their token response named."""
+        return self.model_copy(update={"token_organization_id": organization_id})
 
     @property
     def organization_id(self) -> str | None:
-        return self.organizations[0].id if self.organizations else None
+        """The token's organization: as the token response said, else the only one /me/ lists;
+        None when /me/ lists several and nothing says which."""
+        if self.token_organization_id is not None:
+            return self.token_organization_id
+        return self.organizations[0].id if len(self.organizations) == 1 else None
 
 
 class SchedulingLink(_Payload):

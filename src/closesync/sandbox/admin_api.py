@@ -166,7 +166,12 @@ def build_admin_router(world: World) -> Router:
     @add("POST", "/oauth/next")
     def oauth_next(request: Request) -> Response:
         body = _body(request)
-        world.set_oauth_next(str(body.get("api")), body.get("user_email"), bool(body.get("deny")))
+        world.set_oauth_next(
+            str(body.get("api")),
+            body.get("user_email"),
+            bool(body.get("deny")),
+            body.get("organization_id"),
+        )
         return _ok()
 
     @add("GET", "/config")

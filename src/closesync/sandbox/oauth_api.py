@@ -7,7 +7,10 @@ token requests per user per minute (429). Close: GET /oauth2/authorize/, POST /o
 
 Authorize never shows a page: it redirects at once, approving as the user chosen through
 `POST /_sandbox/oauth/next` (for the next authorization only; the first seeded user
-otherwise) or answering `error=access_denied` when a denial was requested. Documented
+otherwise) or answering `error=access_denied` when a denial was requested. A Close user picks
+an organization on Close's consent screen: `oauth/next` may name it (`organization_id`, one of
+the user's), else it is the user's first; the grant is for that organization, and the token
+response's `organization_id` (on refreshes too) says so. Documented
 choices: any redirect URI is accepted (Close's HTTPS rule is waived for loopback demos), but
 the token request must repeat the one given at authorize time; PKCE accepts S256 only; the
 Close token endpoint has no rate limit; token errors are RFC 6749 bodies
@@ -79,7 +82,7 @@ class OAuthEndpoints:
         challenge = request.arg("code_challenge")
         if challenge and (request.arg("code_challenge_method") or "plain") != "S256":
             return redirect(_with_params(redirect_uri, {"error": "invalid_request", **state}))
-        user, deny = self.world.take_oauth_next(self.api)
+        user, deny, organization = self.world.take_oauth_next(self.api)
         if deny or user is None:
             return redirect(_with_params(redirect_uri, {"error": "access_denied", **state}))
         default_scope = CALENDLY_SCOPE if self.api == "calendly" else CLOSE_SCOPE
@@ -92,6 +95,7 @@ class OAuthEndpoints:
                 challenge,
                 request.arg("scope") or default_scope,
                 self.world.clock.now() + self.world.config.auth_code_ttl,
+                organization=organization,
             )
         return redirect(_with_params(redirect_uri, {"code": code.value, **state}))
 
@@ -211,7 +215,8 @@ def add_close_oauth(router: Router, world: World) -> None:
             "expires_in": world.config.access_token_ttl_close,
             "refresh_token": grant.refresh.value,
             "scope": grant.access.scope,
-            "organization_id": world.close_org_id,
+            # The organization picked at consent, as Close's token response says it.
+            "organization_id": grant.access.organization or world.close_org_id,
             "user_id": grant.access.user,
         }
 

@@ -84,6 +84,8 @@ class CloseUser:
     last_name: str
     organization_id: str
     membership_id: str
+    # Other organizations the user also belongs to, id -> name (`World.join_close_organization`).
+    other_organizations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -202,20 +204,27 @@ def render_event_type(et: EventType, base: str, owner: CalendlyUser | None) -> J
 
 
 def render_close_user(user: CloseUser, org_name: str) -> JSON:
-    """Close's `GET /me/` body."""
+    """Close's `GET /me/` body: every organization of the user, whichever the token is for.
+
+    Documented choice (Close documents no order): the organizations the user joined besides
+    their first are listed before it, so that a client taking the first one as the token's
+    organization is caught; the token response's `organization_id` says which it is for.
+    """
+    organizations = [*user.other_organizations.items(), (user.organization_id, org_name)]
     return {
         "id": user.id,
         "email": user.email,
         "first_name": user.first_name,
         "last_name": user.last_name,
-        "organizations": [{"id": user.organization_id, "name": org_name}],
+        "organizations": [{"id": org, "name": name} for org, name in organizations],
         "memberships": [
             {
-                "id": user.membership_id,
-                "organization_id": user.organization_id,
+                "id": user.membership_id if org == user.organization_id else f"{user.id}:{org}",
+                "organization_id": org,
                 "user_id": user.id,
                 "role_id": "admin",
             }
+            for org, _ in organizations
         ],
     }
 

@@ -54,6 +54,8 @@ class Token:
     issued_at: float
     expires_at: float | None = None
     revoked: bool = False
+    # A Close OAuth token's organization: the one its user picked at authorize time.
+    organization: str | None = None
 
 
 @dataclass
@@ -69,6 +71,7 @@ class AuthCode:
     scope: str
     expires_at: float
     used: bool = False
+    organization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class TokenStore:
         client_id: str | None = None,
         scope: str = "",
         ttl: float | None = None,
+        organization: str | None = None,
     ) -> Token:
         """A new credential; `ttl` None means it never expires."""
         token = Token(
@@ -118,16 +122,35 @@ class TokenStore:
             scope=scope,
             issued_at=now,
             expires_at=None if ttl is None else now + ttl,
+            organization=organization,
         )
         self.tokens[token.value] = token
         return token
 
     def issue_grant(
-        self, api: str, user: str, client_id: str, scope: str, ttl: float, now: float
+        self,
+        api: str,
+        user: str,
+        client_id: str,
+        scope: str,
+        ttl: float,
+        now: float,
+        organization: str | None = None,
     ) -> Grant:
-        """An access token and its refresh token."""
-        access = self.issue(api, "access", user, now, client_id=client_id, scope=scope, ttl=ttl)
-        refresh = self.issue(api, "refresh", user, now, client_id=client_id, scope=scope)
+        """An access token and its refresh token (of `organization`, for Close)."""
+        access = self.issue(
+            api,
+            "access",
+            user,
+            now,
+            client_id=client_id,
+            scope=scope,
+            ttl=ttl,
+            organization=organization,
+        )
+        refresh = self.issue(
+            api, "refresh", user, now, client_id=client_id, scope=scope, organization=organization
+        )
         return Grant(access, refresh)
 
     def issue_code(
@@ -139,6 +162,7 @@ class TokenStore:
         challenge: str | None,
         scope: str,
         expires_at: float,
+        organization: str | None = None,
     ) -> AuthCode:
         """A single-use authorization code."""
         code = AuthCode(
@@ -150,6 +174,7 @@ class TokenStore:
             challenge,
             scope,
             expires_at,
+            organization=organization,
         )
         self.codes[code.value] = code
         return code
@@ -190,7 +215,7 @@ class TokenStore:
             if pkce_challenge(verifier) != code.challenge:
                 raise GrantError("invalid_grant", "The code_verifier does not match.")
         code.used = True
-        return self.issue_grant(api, code.user, client_id, code.scope, ttl, now)
+        return self.issue_grant(api, code.user, client_id, code.scope, ttl, now, code.organization)
 
     def rotate(self, api: str, value: str, client_id: str, ttl: float, now: float) -> Grant:
         """Spend a refresh token for a new access token and a new refresh token."""
@@ -200,7 +225,7 @@ class TokenStore:
         if old.revoked:
             raise GrantError("invalid_grant", "The refresh token is invalid or already used.")
         old.revoked = True
-        return self.issue_grant(api, old.user, client_id, old.scope, ttl, now)
+        return self.issue_grant(api, old.user, client_id, old.scope, ttl, now, old.organization)
 
     def check(self, api: str, value: str, kinds: tuple[str, ...], now: float) -> Token | str:
         """The live token, or "invalid" / "expired" saying why it is refused."""

@@ -93,7 +93,7 @@ class World(EventTypeBook, LinkBook, TrafficBook):
         self.seeded: list[SeededUser] = []
         self.latency_ms = dict.fromkeys(APIS, config.latency_ms)
         self.error_rate = dict.fromkeys(APIS, config.error_rate)
-        self._oauth_next: dict[str, tuple[str | None, bool]] = {}
+        self._oauth_next: dict[str, tuple[str | None, bool, str | None]] = {}
         EventTypeBook.__init__(self)
         LinkBook.__init__(self)
 
@@ -164,7 +164,7 @@ class World(EventTypeBook, LinkBook, TrafficBook):
             pat = self.tokens.issue("calendly", "pat", cal.uuid, now, scope=CALENDLY_SCOPE)
             ttl = self.config.access_token_ttl_close
             grant = self.tokens.issue_grant(
-                "close", close.id, CLOSE_CLIENT_ID, CLOSE_SCOPE, ttl, now
+                "close", close.id, CLOSE_CLIENT_ID, CLOSE_SCOPE, ttl, now, self.close_org_id
             )
             key = self.tokens.issue("close", "api_key", close.id, now, scope=CLOSE_SCOPE)
             seeded = SeededUser(
@@ -246,25 +246,56 @@ class World(EventTypeBook, LinkBook, TrafficBook):
 
     # OAuth approval -------------------------------------------------------------------------
 
-    def set_oauth_next(self, api: str, user_email: str | None = None, deny: bool = False) -> None:
+    def set_oauth_next(
+        self,
+        api: str,
+        user_email: str | None = None,
+        deny: bool = False,
+        organization_id: str | None = None,
+    ) -> None:
         """Decide the NEXT authorization on `api`: approve as `user_email`, or deny.
 
-        Applies once, then authorizations go back to approving as the first seeded user.
+        `organization_id` (Close only): the organization the user picks on the consent screen,
+        one of theirs; by default the user's first. Applies once, then authorizations go back
+        to approving as the first seeded user.
         """
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}")
         if user_email is not None and self.user_by_email(api, user_email) is None:
             raise ValueError(f"no {api} user with email {user_email}")
         with self.lock:
-            self._oauth_next[api] = (user_email, deny)
+            if organization_id is not None:
+                if api != "close":
+                    raise ValueError("only a Close authorization picks an organization")
+                email = user_email or (self.seeded[0].email if self.seeded else "")
+                user = self.close_users.get(self.user_by_email("close", email) or "")
+                if user is None or organization_id not in self._organizations_of(user):
+                    raise ValueError(f"the user is not a member of {organization_id}")
+            self._oauth_next[api] = (user_email, deny, organization_id)
 
-    def take_oauth_next(self, api: str) -> tuple[str | None, bool]:
-        """The user (Calendly uuid / Close id) to authorize as, and whether to deny."""
+    def take_oauth_next(self, api: str) -> tuple[str | None, bool, str | None]:
+        """The user (Calendly uuid / Close id) to authorize as, whether to deny, and (Close) the
+        organization the token is for."""
         with self.lock:
-            email, deny = self._oauth_next.pop(api, (None, False))
+            email, deny, organization = self._oauth_next.pop(api, (None, False, None))
             if email is None:
                 email = self.seeded[0].email if self.seeded else None
-            return (self.user_by_email(api, email) if email else None), deny
+            user = self.user_by_email(api, email) if email else None
+            if api == "close" and user is not None and organization is None:
+                organization = self.close_users[user].organization_id
+            return user, deny, organization
+
+    def join_close_organization(
+        self, close_user_id: str, organization_id: str, name: str | None = None
+    ) -> None:
+        """Make a Close user a member of another organization too (listed first by /me/)."""
+        with self.lock:
+            user = self.close_users[close_user_id]
+            user.other_organizations[organization_id] = name or organization_id
+
+    @staticmethod
+    def _organizations_of(user: CloseUser) -> list[str]:
+        return [user.organization_id, *user.other_organizations]
 
     def update_config(self, api: str | None = None, **changes: Any) -> dict[str, Any]:
         """Change latency, error rate, limits or TTLs at run time; `api` narrows the first two."""

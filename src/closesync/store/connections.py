@@ -20,7 +20,12 @@ from closesync.core.connection import (
     Grants,
     Side,
 )
-from closesync.core.errors import ConnectionNotFound, ConnectionRemoved, PairingRefused
+from closesync.core.errors import (
+    ConnectionNotFound,
+    ConnectionRemoved,
+    EncryptionError,
+    PairingRefused,
+)
 from closesync.store.client import guard
 from closesync.store.keys import Keys, Owner, as_text, watched
 from closesync.store.secretbox import SecretBox
@@ -35,11 +40,20 @@ REMOVED_TTL_SECONDS = 7 * 24 * 3600
 LIST_BATCH = 1000
 
 
-def _grants_json(grants: Grants) -> bytes:
+# Sealed beside the grants: the Calendly user the connection syncs. The public record names it
+# too, but only the sealed copy is beyond a Redis writer without the key (`check_calendly_user`).
+_CALENDLY_USER = "calendly_user_uri"
+
+
+def _grants_json(grants: Grants, calendly_user_uri: str | None = None) -> bytes:
     """Grants with their secrets revealed: only ever handed to a SecretBox."""
-    return json.dumps(
-        {"close": grants.close.revealed(), "calendly": grants.calendly.revealed()}
-    ).encode()
+    own: dict[str, object] = {
+        "close": grants.close.revealed(),
+        "calendly": grants.calendly.revealed(),
+    }
+    if calendly_user_uri is not None:
+        own[_CALENDLY_USER] = calendly_user_uri
+    return json.dumps(own).encode()
 
 
 def grant_json(grant: Grant) -> bytes:
@@ -91,9 +105,8 @@ class ConnectionStore:
 
         PairingRefused, and nothing written, when another connection has its Calendly user.
         """
-        self._save(
-            connection, self.box.seal(_grants_json(grants), owner=Owner.connection(connection.id))
-        )
+        own = _grants_json(grants, connection.calendly_user_uri)
+        self._save(connection, self.box.seal(own, owner=Owner.connection(connection.id)))
 
     @guard("saving a connection")
     def save_shared(self, connection: Connection, close: Grant) -> None:
@@ -101,7 +114,13 @@ class ConnectionStore:
         ref = connection.calendly_grant_ref
         if ref is None or not self.redis.exists(self.keys.calendly_org_grant(ref)):
             raise ValueError("save_shared needs a stored shared Calendly grant to refer to")
-        own = json.dumps({"close": close.revealed(), "calendly_ref": ref}).encode()
+        own = json.dumps(
+            {
+                "close": close.revealed(),
+                "calendly_ref": ref,
+                _CALENDLY_USER: connection.calendly_user_uri,
+            }
+        ).encode()
         self._save(connection, self.box.seal(own, owner=Owner.connection(connection.id)))
 
     def _save(self, connection: Connection, sealed_grants: str) -> None:
@@ -225,14 +244,39 @@ class ConnectionStore:
             data["calendly"] = self.shared_grant(ref)
         return Grants.model_validate(data)
 
-    def _shared_ref(self, conn_id: str) -> str | None:
-        """The shared Calendly grant a connection refers to, if any."""
+    @guard("reading a connection's grants")
+    def shared_ref(self, conn_id: str) -> str | None:
+        """The shared Calendly grant a connection refers to, as sealed now; None: its own grant.
+
+        The sealed value, not the public record: it is what a refresh reads and writes.
+        """
         sealed = self.redis.get(self.keys.grants(conn_id))
         if sealed is None:
             raise _not_found(conn_id)
         own = self.box.open(as_text(sealed), owner=Owner.connection(conn_id))
         ref = json.loads(own).get("calendly_ref")
         return None if ref is None else str(ref)
+
+    @guard("reading a connection's grants")
+    def check_calendly_user(self, connection: Connection) -> None:
+        """EncryptionError unless the Calendly user sealed with the grants is the record's.
+
+        A run reads the Calendly user its public record names; with an organization's admin
+        grant (which reads every member) a Redis writer could point the record at another member
+        and have their event types written to this Close user. A value sealed before the user
+        was sealed with it names none, and passes.
+        """
+        sealed = self.redis.get(self.keys.grants(connection.id))
+        if sealed is None:
+            raise _not_found(connection.id)
+        own = json.loads(self.box.open(as_text(sealed), owner=Owner.connection(connection.id)))
+        user = own.get(_CALENDLY_USER)
+        if user is not None and user != connection.calendly_user_uri:
+            raise EncryptionError(
+                f"connection {connection.id}'s record names another Calendly user than the one "
+                "its grants were sealed for: the record was changed in Redis, so it is not "
+                "synced; connect again to repair it"
+            )
 
     @guard("reading a shared Calendly grant")
     def shared_grant(self, ref: str) -> Grant:
@@ -294,23 +338,34 @@ class ConnectionStore:
         The Calendly side of a connection in organization mode is the shared grant: it is
         written there, where every connection of that organization reads it.
         """
-        if side == "calendly":
-            ref = self._shared_ref(conn_id)
-            if ref is not None:
-                self.set_shared_grant(ref, grant)
-                return
 
-        def apply(pipe: redis.client.Pipeline) -> None:
+        def apply(pipe: redis.client.Pipeline) -> str | None:
             sealed = pipe.get(self.keys.grants(conn_id))
             if sealed is None:
                 raise _not_found(conn_id)
             owner = Owner.connection(conn_id)
-            current = Grants.model_validate_json(self.box.open(as_text(sealed), owner=owner))
-            updated = current.model_copy(update={side: grant})
+            own = json.loads(self.box.open(as_text(sealed), owner=owner))
+            ref = own.get("calendly_ref")
+            user = own.get(_CALENDLY_USER)
+            if ref is None:
+                current = Grants.model_validate(own)
+                updated = _grants_json(current.model_copy(update={side: grant}), user)
+            elif side == "calendly":
+                return str(ref)  # the shared grant: written below, where all its users read it
+            else:
+                # Organization mode: the own value holds the Close grant and the shared grant's
+                # ref, no Calendly grant. It must be rewritten in that shape: the refresh that
+                # called us already spent the old refresh token, so failing here loses the grant.
+                updated = json.dumps(
+                    {"close": grant.revealed(), "calendly_ref": ref, _CALENDLY_USER: user}
+                ).encode()
             pipe.multi()
-            pipe.set(self.keys.grants(conn_id), self.box.seal(_grants_json(updated), owner=owner))
+            pipe.set(self.keys.grants(conn_id), self.box.seal(updated, owner=owner))
+            return None
 
-        watched(self.redis, self.keys.grants(conn_id), apply)
+        shared = watched(self.redis, self.keys.grants(conn_id), apply)
+        if shared is not None:
+            self.set_shared_grant(shared, grant)
 
     @guard("listing connections")
     def list(self) -> list[Connection]:

@@ -39,11 +39,15 @@ def sealed_keys(redis_client: redis.Redis, keys: Keys) -> list[tuple[str, str]]:
 
 
 @guard("re-encrypting stored grants")
-def rotate_keys(redis_client: redis.Redis, keys: Keys, box: FernetBox) -> int:
+def rotate_keys(
+    redis_client: redis.Redis, keys: Keys, box: FernetBox, *, seal_plaintext: bool = False
+) -> int:
     """Re-seal every stored grant under `box`'s first key, bound to its owner; how many.
 
     A value no configured key opens, or one sealed for another owner, is left as it is (and
     found by `check_keys`), so that one bad value does not stop the rotation of all the others.
+    So is an unencrypted one unless `seal_plaintext`: anyone who can write to Redis can write
+    one, and sealing it would bind their tokens to the connection whose key it sits under.
     """
     count = 0
     for key, owner in sealed_keys(redis_client, keys):
@@ -52,7 +56,7 @@ def rotate_keys(redis_client: redis.Redis, keys: Keys, box: FernetBox) -> int:
             sealed = pipe.get(key)
             if sealed is None:
                 return False
-            rotated = box.rotate(as_text(sealed), owner=owner)
+            rotated = box.rotate(as_text(sealed), owner=owner, seal_plaintext=seal_plaintext)
             pipe.multi()
             pipe.set(key, rotated)
             return True

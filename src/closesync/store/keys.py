@@ -108,7 +108,9 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
 
 A connection whose `calendly_grant_ref` is set stores only its Close grant in `:grants` (sealed
 JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
-Calendly side at the shared `calendly-org:{ref}:grant`.
+Calendly side at the shared `calendly-org:{ref}:grant`. Either shape also seals
+`calendly_user_uri`, the Calendly user the connection syncs, which a run checks against the
+public record (`ConnectionStore.check_calendly_user`).
 
 Every sealed value is bound to its owner (`Owner`, `closesync.store.secretbox`): the connection
 `{id}` for `:grants`, the organization `{ref}` for `calendly-org:{ref}:grant`, the Close user for

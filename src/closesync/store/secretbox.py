@@ -7,7 +7,9 @@ writes what a `SecretBox` sealed. `FernetBox` is the real one (decisions.md: the
 (`status`, `connections list`) still work. `PlainBox` stores in the clear only on the explicit
 choice CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true (decisions.md: never inferred from where the API URLs
 point), warned each time it is chosen: what it seals carries a `plain:` prefix so that a FernetBox
-refuses it loudly instead of mistaking it for a bad token, and so that `rotate` can encrypt it.
+refuses it loudly instead of mistaking it for a bad token. `rotate` encrypts such a value only when
+asked to (`closesync keys rotate --seal-plaintext`): anyone who can write to Redis can write a
+`plain:` value, and sealing it would make their tokens the connection's own.
 
 Every sealed value is bound to its owner (the connection, organization, waiting Close user or
 OAuth flow it belongs to, `closesync.store.keys.Owner`): what is encrypted is an envelope
@@ -15,8 +17,10 @@ OAuth flow it belongs to, `closesync.store.keys.Owner`): what is encrypted is an
 can write to Redis, but holds no key, cannot move one connection's grants under another's key
 and have that connection's runs use them. A value sealed before this binding existed (its
 plaintext is the secret itself) still opens, reported "unbound" by `closesync keys check`;
-`closesync keys rotate` re-seals it bound. Until such old values are gone, and the keys that
-sealed them too, copies of them could still be moved around: hence rotate to a new key.
+`closesync keys rotate` re-seals it bound to the key it sits under, whichever that is: a copy
+moved there before the rotation gets bound there too. So once every value is bound, set
+CLOSESYNC_REQUIRE_BOUND_GRANTS=true (`require_bound`): an unbound value then neither opens nor
+rotates.
 
 No message raised here ever contains a key or a secret; a bad key is named by its position.
 """
@@ -47,7 +51,7 @@ _NO_KEY_HELP = (
 _PLAINTEXT_WARNING = (
     "CLOSESYNC_ALLOW_PLAINTEXT_TOKENS=true and CLOSESYNC_ENCRYPTION_KEYS is not set: OAuth "
     "tokens are stored unencrypted in Redis; set a key (`closesync keys generate`) and run "
-    "`closesync keys rotate` to encrypt them"
+    "`closesync keys rotate --seal-plaintext` to encrypt them"
 )
 
 
@@ -107,7 +111,7 @@ def generate_key() -> str:
 class FernetBox:
     """Fernet with key rotation: `keys[0]` encrypts, every key decrypts."""
 
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[str], *, require_bound: bool = False) -> None:
         if not keys:
             raise ConfigError(_NO_KEY_HELP)
         fernets: list[Fernet] = []
@@ -122,6 +126,8 @@ class FernetBox:
                 ) from None
         self._fernet = MultiFernet(fernets)
         self.key_count = len(fernets)
+        # CLOSESYNC_REQUIRE_BOUND_GRANTS: refuse values sealed before the binding (see above).
+        self.require_bound = require_bound
 
     def seal(self, plaintext: bytes, *, owner: str) -> str:
         return self._fernet.encrypt(_bind(plaintext, owner)).decode("ascii")
@@ -132,9 +138,12 @@ class FernetBox:
     def unseal(self, sealed: str, *, owner: str) -> Opened:
         """`open`, also saying whether the value was bound to its owner already."""
         if sealed.startswith(PLAIN_PREFIX):
+            # Not "run keys rotate": whoever can write to Redis can write such a value, and
+            # sealing it would hand them the connection. `keys check` explains the choice.
             raise EncryptionError(
-                "this secret was stored unencrypted (CLOSESYNC_ALLOW_PLAINTEXT_TOKENS); run "
-                "`closesync keys rotate` with CLOSESYNC_ENCRYPTION_KEYS set to encrypt it"
+                "this secret is stored unencrypted (CLOSESYNC_ALLOW_PLAINTEXT_TOKENS), which "
+                "closesync refuses once a key is set: anyone who can write to Redis could have "
+                "put it there; connect again to replace it (`closesync keys check` counts them)"
             )
         try:
             data = self._fernet.decrypt(sealed.encode("ascii"))
@@ -143,15 +152,28 @@ class FernetBox:
                 f"none of the {self.key_count} keys in CLOSESYNC_ENCRYPTION_KEYS can decrypt this "
                 "secret: was the key that sealed it removed from the list?"
             ) from None
-        return _unbind(data, owner)
+        opened = _unbind(data, owner)
+        if self.require_bound and not opened.bound:
+            raise EncryptionError(
+                "this secret was sealed before secrets were bound to their owner, and "
+                "CLOSESYNC_REQUIRE_BOUND_GRANTS=true refuses such values (a copy of another "
+                "connection's would look the same); connect again to replace it"
+            )
+        return opened
 
-    def rotate(self, sealed: str, *, owner: str) -> str:
+    def rotate(self, sealed: str, *, owner: str, seal_plaintext: bool = False) -> str:
         """`sealed` re-sealed under the first key, bound to `owner`.
 
-        A PlainBox secret gets encrypted and a value sealed before the binding gets bound; one
-        sealed for another owner raises EncryptionError (it is not re-sealed as if it were ours).
+        A value sealed before the binding gets bound; one sealed for another owner raises
+        EncryptionError (it is not re-sealed as if it were ours). A PlainBox secret is
+        encrypted only with `seal_plaintext` (the operator's explicit choice), else refused.
         """
         if sealed.startswith(PLAIN_PREFIX):
+            if not seal_plaintext:
+                raise EncryptionError(
+                    "an unencrypted secret is left as it is: `closesync keys rotate "
+                    "--seal-plaintext` encrypts it"
+                )
             return self.seal(PlainBox().open(sealed, owner=owner), owner=owner)
         return self.seal(self.open(sealed, owner=owner), owner=owner)
 
@@ -194,7 +216,7 @@ def box_from_settings(settings: Settings) -> SecretBox:
     is true (with a warning, every time); else NoKeyBox. Where the API URLs point plays no part."""
     keys = settings.encryption_keys()
     if keys:
-        return FernetBox(keys)
+        return FernetBox(keys, require_bound=settings.closesync_require_bound_grants)
     if settings.closesync_allow_plaintext_tokens:
         log.warning(_PLAINTEXT_WARNING)
         return PlainBox()

@@ -185,13 +185,15 @@ class SyncEngine:
         keep: bool,
     ) -> RunReport:
         try:
+            # Before any call: which Calendly user to read comes from the public record.
+            self.connections.check_calendly_user(connection)
             body()
         except ConnectionRemoved:
             # Marked during the run: it stopped before its next write; the remover finishes.
             keep = False
             self._removed(report)
         except (CloseSyncError, ValidationError) as error:
-            self._fail(connection, report, error)
+            self._fail(connection, report, error, run.calendly_grant_ref())
         except BaseException as error:
             # A time limit, an interruption or a bug: the report must not say "ok".
             report.outcome = Outcome.FAILED
@@ -229,7 +231,10 @@ class SyncEngine:
         )
         return report
 
-    def _fail(self, connection: Connection, report: RunReport, error: Exception) -> None:
+    def _fail(
+        self, connection: Connection, report: RunReport, error: Exception, ref: str | None
+    ) -> None:
+        """Record the failure; `ref`: the shared Calendly grant the run was using, if any."""
         report.outcome = Outcome.FAILED
         report.errors.append(
             f"stored state could not be read: {error.error_count()} invalid field(s)"
@@ -242,17 +247,18 @@ class SyncEngine:
         if isinstance(error, AuthFailed) and not report.dry_run:
             # Reached only after one refresh was tried (or none was possible): someone must
             # authorize again; what failed leaves the schedule until then.
-            self._needs_reauth(connection, error)
+            self._needs_reauth(connection, error, ref)
         log.warning(
             "run failed: %s",
             error,
             extra={"connection_id": connection.id, "run_id": report.run_id},
         )
 
-    def _needs_reauth(self, connection: Connection, error: AuthFailed) -> None:
-        """Mark the grant that failed: the shared organization credential, or this connection."""
+    def _needs_reauth(self, connection: Connection, error: AuthFailed, ref: str | None) -> None:
+        """Mark the grant that failed: the shared organization credential `ref` (the one the
+        run's Calendly side used, which a reconnect may have changed since the run began), or
+        this connection."""
         side = side_of_api(error.api)
-        ref = connection.calendly_grant_ref
         if side == "calendly" and ref is not None:
             # The organization's grant, not this user's: one mark for all its connections.
             if self.connections.mark_shared_refused(ref, shared_grant_refused(ref, str(error))):

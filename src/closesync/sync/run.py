@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from closesync.apis.calendly.client import EventTypeListing
-from closesync.apis.credentials import TokenKeeper
+from closesync.apis.credentials import TokenKeeper, shared_ref_of
 from closesync.core.calendly_payloads import event_type_uri, uuid_of
 from closesync.core.close_payloads import LinkPayload, SchedulingLink
 from closesync.core.connection import Connection
@@ -80,6 +80,13 @@ class ConnectionRun:
 
     def api_calls(self) -> dict[str, int]:
         return self._clients.api_calls() if self._clients is not None else {}
+
+    def calendly_grant_ref(self) -> str | None:
+        """The shared Calendly grant this run's Calendly side last used (None: its own), as its
+        keeper last found it stored: a reconnect may have moved it since the run began."""
+        if self._clients is None:
+            return self.connection.calendly_grant_ref
+        return shared_ref_of(self._clients.calendly_tokens.lock_key)
 
     # -- the two ways to run -----------------------------------------------------------------
 

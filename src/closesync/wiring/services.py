@@ -174,18 +174,21 @@ class Services:
             refresher=self.close_oauth(),
             lock_factory=lock_factory,
         )
+
+        def calendly_lock_key() -> str:
+            # Organization mode: every connection of the organization refreshes under one lock.
+            # Read from what is sealed now, not `connection` as the run read it: a reconnect may
+            # have moved the connection onto or off the shared grant since.
+            ref = self.connections.shared_ref(connection.id)
+            return shared_lock_key(ref) if ref is not None else connection.id
+
         calendly_tokens = TokenKeeper(
             connection_id=connection.id,
             side="calendly",
             store=self.connections,
             refresher=self.calendly_oauth(),
             lock_factory=lock_factory,
-            # Organization mode: every connection of the organization refreshes under one lock.
-            lock_key=(
-                shared_lock_key(connection.calendly_grant_ref)
-                if connection.calendly_grant_ref
-                else None
-            ),
+            lock_key_of=calendly_lock_key,
         )
         rand = random.random
         # Every process calling for the same Close organization / Calendly account shares these.
