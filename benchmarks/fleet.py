@@ -350,8 +350,10 @@ def measure_closesync(n: int, args: argparse.Namespace, redis_url: str, workdir:
         rss: list[float] = []
         try:
             worker.wait_ready(app, WORKER_START_SECONDS)
-            procs = 1 + len(descendants(worker.popen.pid))
-            row.config = f"closesync worker (default: {procs - 1} pool procs)"
+            children = len(descendants(worker.popen.pid))
+            # The threads pool runs in the worker's own process; prefork adds one child per slot.
+            pool = f"{children} pool procs" if children else f"threads, {settings.worker_concurrency}"
+            row.config = f"closesync worker (default: {pool})"
             slot: str | None = None
             for phase in ("first", "steady"):
                 slot = _next_slot(slot)
