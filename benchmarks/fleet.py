@@ -352,7 +352,8 @@ def measure_closesync(n: int, args: argparse.Namespace, redis_url: str, workdir:
             worker.wait_ready(app, WORKER_START_SECONDS)
             children = len(descendants(worker.popen.pid))
             # The threads pool runs in the worker's own process; prefork adds one child per slot.
-            pool = f"{children} pool procs" if children else f"threads, {settings.worker_concurrency}"
+            threads = f"threads, {settings.worker_concurrency}"
+            pool = f"{children} pool procs" if children else threads
             row.config = f"closesync worker (default: {pool})"
             slot: str | None = None
             for phase in ("first", "steady"):
