@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from closesync.core.connection import ConnectionState
 from closesync.core.report import Outcome, RunMode
 from closesync.core.retry import WaitBudget
-from closesync.sandbox import Sandbox, SandboxConfig
+from closesync.sandbox import Sandbox
 from closesync.sync.parts import Deadline
 from tests.sync_harness import Harness
 
 UPSERT = "close POST /api/v1/scheduling_link/integration/"
-
-
-@pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.start(SandboxConfig(seed=7, users=3, event_types=8, freeze_clock=True))
-    try:
-        yield sb
-    finally:
-        sb.stop()
-
-
-@pytest.fixture
-def harness(sandbox: Sandbox, redis_url: str) -> Harness:
-    return Harness.build(sandbox, redis_url, f"test-{uuid.uuid4().hex[:8]}")
 
 
 def _types(harness: Harness, user_index: int = 0) -> list[str]:

@@ -29,11 +29,6 @@ def sandbox() -> Iterator[Sandbox]:
         sb.stop()
 
 
-@pytest.fixture
-def harness(sandbox: Sandbox, redis_url: str) -> Harness:
-    return Harness.build(sandbox, redis_url, f"fail-{uuid.uuid4().hex[:8]}")
-
-
 def test_run_undecryptable_grants_fail_the_report_not_ok(harness: Harness) -> None:
     """Grants no key can open: the run fails with the cause, its stored report says failed."""
     conn = harness.add(harness.sandbox.users[0])

@@ -7,7 +7,6 @@ Sandbox over loopback HTTP and a real Redis, as in test_engine.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,7 +15,6 @@ import pytest
 
 from closesync.core.connection import Connection, Grants
 from closesync.core.report import Outcome, RunMode, RunReport
-from closesync.sandbox import Sandbox, SandboxConfig
 from closesync.sandbox.connections import sandbox_connection
 from closesync.sandbox.links import LinkBook
 from closesync.sandbox.records import SeededUser
@@ -24,20 +22,6 @@ from tests.sync_harness import Harness
 
 POSTS = "close POST /api/v1/scheduling_link/integration/"
 DELETES = "close DELETE /api/v1/scheduling_link/integration/{source_id}/"
-
-
-@pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.start(SandboxConfig(seed=7, users=3, event_types=8, freeze_clock=True))
-    try:
-        yield sb
-    finally:
-        sb.stop()
-
-
-@pytest.fixture
-def harness(sandbox: Sandbox, redis_url: str) -> Harness:
-    return Harness.build(sandbox, redis_url, f"test-{uuid.uuid4().hex[:8]}")
 
 
 def test_backfill_interrupted_twice_does_not_push_the_first_attempts_links_again(
