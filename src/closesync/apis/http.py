@@ -316,17 +316,23 @@ class ApiHttp:
             del self._blocked_until[group]
             return
         if not self.budget.allows(wait):
-            raise RateLimited(
-                f"{self.api} {method} {endpoint} is out of requests for {wait:.2f} s",
-                wait_seconds=wait,
-                api=self.api,
-                method=method,
-                endpoint=endpoint,
-                status=None,
+            raise self._out_of_requests(
+                method, endpoint, f" is out of requests for {wait:.2f} s", wait
             )
         self.budget.spend(wait)
         self.sleep(wait)
         self._blocked_until.pop(group, None)
+
+    def _out_of_requests(self, method: str, endpoint: str, why: str, wait: float) -> RateLimited:
+        """A call not sent because its rate limit leaves no request within the wait budget."""
+        return RateLimited(
+            f"{self.api} {method} {endpoint}{why}",
+            wait_seconds=wait,
+            api=self.api,
+            method=method,
+            endpoint=endpoint,
+            status=None,
+        )
 
     def _take_from_budget(self, group: str, method: str, endpoint: str) -> None:
         """Take one request from the shared rate budget, waiting for it within `budget`."""
@@ -339,15 +345,8 @@ class ApiHttp:
             # Jitter: the callers that found the budget spent together must not return together.
             delay = rate_limit_delay(wait, self.rand)
             if not self.budget.allows(delay):
-                raise RateLimited(
-                    f"{self.api} {method} {endpoint}: the shared rate budget is spent for "
-                    f"{wait:.2f} s",
-                    wait_seconds=wait,
-                    api=self.api,
-                    method=method,
-                    endpoint=endpoint,
-                    status=None,
-                )
+                spent = f": the shared rate budget is spent for {wait:.2f} s"
+                raise self._out_of_requests(method, endpoint, spent, wait)
             self.budget.spend(delay)
             self.sleep(delay)
 
