@@ -140,6 +140,23 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=300, gt=0)
     broker_visibility_timeout: int = Field(default=3600, gt=0)
 
+    # --- Webhooks (Calendly event-type changes pushed to the web process) -------------------
+    # Subscribe every connection (and every connected organization) to Calendly's event_type.*
+    # webhooks, posted to {PUBLIC_BASE_URL}/webhooks/calendly/{key}: PUBLIC_BASE_URL must then be
+    # reachable from Calendly. Off: poll only, at SYNC_CRON.
+    webhooks_enabled: bool = True
+    # The OAuth application's webhook signing key (Calendly's developer console): it signs every
+    # subscription the application made with a connection's OAuth token. Subscriptions made with
+    # a personal access token get a key of their own, generated and stored sealed.
+    calendly_webhook_signing_key: SecretStr | None = None
+    # Cron expression (UTC) of the scheduled sync of a connection whose webhooks are active: the
+    # poll then only heals lost deliveries and disabled subscriptions, so it can be rarer.
+    sync_cron_with_webhooks: str = "0 * * * *"
+    # Seconds a delivery's sync waits for more deliveries of the same connections (a burst of
+    # edits makes one run), and how old a signed timestamp may be (Calendly: 3 minutes).
+    webhook_debounce_seconds: float = Field(default=1.0, ge=0.0, le=30.0)
+    webhook_tolerance_seconds: int = Field(default=180, ge=1, le=3600)
+
     # --- Worker ---------------------------------------------------------------------------
     # Runs one worker process makes at once, each in a thread of Celery's `threads` pool
     # (`closesync worker|run --concurrency` overrides it; `--pool prefork` is the old one process

@@ -105,6 +105,17 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             connection_id, at}: organization pairings
                                             refused because another connection holds that
                                             Calendly user; no secret, for `status`       no TTL
+    {p}:webhooks                    SET     callback keys of the Calendly webhook
+                                            subscriptions closesync owns                 no TTL
+    {p}:webhook:{key}               STRING  JSON Subscription (closesync.core.webhooks):
+                                            scope, what it serves, Calendly's uri, state  no TTL
+    {p}:webhook:{key}:signing-key   STRING  the signing key closesync generated for it
+                                            (personal access token), sealed; absent: the
+                                            OAuth application's key signs                no TTL
+    {p}:webhook-of:conn:{id}        STRING  -> callback key of connection {id}'s
+                                            user-scope subscription                      no TTL
+    {p}:webhook-of:org:{ref}        STRING  -> callback key of organization {ref}'s
+                                            organization-scope subscription              no TTL
 
 A connection whose `calendly_grant_ref` is set stores only its Close grant in `:grants` (sealed
 JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
@@ -258,6 +269,21 @@ class Keys:
     def refused_pairings(self) -> str:
         return f"{self.prefix}:refused-pairings"
 
+    def webhooks(self) -> str:
+        return f"{self.prefix}:webhooks"
+
+    def webhook(self, key: str) -> str:
+        return f"{self.prefix}:webhook:{key}"
+
+    def webhook_signing_key(self, key: str) -> str:
+        return f"{self.webhook(key)}:signing-key"
+
+    def webhook_of_connection(self, conn_id: str) -> str:
+        return f"{self.prefix}:webhook-of:conn:{conn_id}"
+
+    def webhook_of_organization(self, grant_ref: str) -> str:
+        return f"{self.prefix}:webhook-of:org:{grant_ref}"
+
     def of_connection(self, conn_id: str) -> list[str]:
         """Every key of one connection, but the Close and Calendly user indexes, the refresh locks
         and the removal mark.
@@ -297,3 +323,7 @@ class Owner:
     @staticmethod
     def oauth_flow(digest: str) -> str:
         return f"oauth-flow:{digest}"
+
+    @staticmethod
+    def webhook(key: str) -> str:
+        return f"webhook-subscription:{key}"

@@ -34,6 +34,7 @@ from closesync.store.rate_budget import RateBudgets
 from closesync.store.schedule import Schedule
 from closesync.store.secretbox import SecretBox, box_from_settings, require_key
 from closesync.store.sync_state import SyncState
+from closesync.store.webhooks import WebhookStore
 from closesync.sync.engine import SyncEngine
 from closesync.sync.parts import Clients, EngineConfig, LockHandle
 
@@ -62,6 +63,7 @@ class Services:
     # itself (tests whose sleeps move a fake clock, which a budget on Redis's clock ignores).
     budgets: RateBudgets | None
     schedule: Schedule
+    webhooks: WebhookStore
     http: HttpSessions = field(default_factory=HttpSessions)
 
     @classmethod
@@ -82,6 +84,7 @@ class Services:
             connections=ConnectionStore(client, keys, box),
             state=SyncState(client, keys, queued_ttl=settings.broker_visibility_timeout),
             schedule=Schedule(client, keys),
+            webhooks=WebhookStore(client, keys, box),
             budgets=RateBudgets.from_settings(client, keys, settings),
             # Sized for a worker's runs at once; an inline `--concurrency` reserves its own.
             http=HttpSessions(settings.worker_concurrency),

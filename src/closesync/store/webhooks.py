@@ -1,0 +1,122 @@
+"""The webhook subscriptions closesync owns (`closesync.core.webhooks`), and their signing keys.
+
+A subscription's public record is plain JSON; the signing key closesync generated for a
+subscription made with a personal access token is sealed (SecretBox), bound to the subscription's
+key, and never leaves this module but as a SecretStr. Lookups the receiver makes on every
+delivery (`find`, `signing_key`) are one GET each.
+"""
+
+from __future__ import annotations
+
+import redis
+from pydantic import SecretStr, ValidationError
+
+from closesync.core.errors import StoreUnavailable
+from closesync.core.webhooks import Subscription
+from closesync.store.keys import Keys, Owner, as_text
+from closesync.store.secretbox import SecretBox
+
+
+class WebhookStore:
+    def __init__(self, redis_client: redis.Redis, keys: Keys, box: SecretBox) -> None:
+        self.redis = redis_client
+        self.keys = keys
+        self.box = box
+
+    def save(self, subscription: Subscription, signing_key: SecretStr | None = None) -> None:
+        """Create or replace the record (and, when given, its sealed signing key) in one MULTI;
+        index it under the connection or organization it serves."""
+        key = subscription.key
+        owner_index = self._owner_index(subscription)
+        sealed = (
+            self.box.seal(signing_key.get_secret_value().encode(), owner=Owner.webhook(key))
+            if signing_key is not None
+            else None
+        )
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.sadd(self.keys.webhooks(), key)
+                pipe.set(self.keys.webhook(key), subscription.model_dump_json())
+                if sealed is not None:
+                    pipe.set(self.keys.webhook_signing_key(key), sealed)
+                pipe.set(owner_index, key)
+                pipe.execute()
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"Redis refused saving webhook subscription: {error}") from error
+
+    def find(self, key: str) -> Subscription | None:
+        """The record of callback key `key`; None when closesync owns no such subscription."""
+        raw = self._get(self.keys.webhook(key))
+        if raw is None:
+            return None
+        try:
+            return Subscription.model_validate_json(raw)
+        except ValidationError:
+            return None
+
+    def signing_key(self, key: str) -> SecretStr | None:
+        """The key closesync generated for subscription `key`; None: signed with the OAuth
+        application's key (settings.calendly_webhook_signing_key)."""
+        sealed = self._get(self.keys.webhook_signing_key(key))
+        if sealed is None:
+            return None
+        return SecretStr(self.box.open(sealed, owner=Owner.webhook(key)).decode())
+
+    def for_connection(self, conn_id: str) -> Subscription | None:
+        key = self._get(self.keys.webhook_of_connection(conn_id))
+        return self.find(key) if key is not None else None
+
+    def for_organization(self, grant_ref: str) -> Subscription | None:
+        key = self._get(self.keys.webhook_of_organization(grant_ref))
+        return self.find(key) if key is not None else None
+
+    def all(self) -> list[Subscription]:
+        try:
+            keys = sorted(as_text(k) for k in self.redis.smembers(self.keys.webhooks()))
+            raws = self.redis.mget([self.keys.webhook(k) for k in keys]) if keys else []
+        except redis.RedisError as error:
+            raise StoreUnavailable(
+                f"Redis refused listing webhook subscriptions: {error}"
+            ) from error
+        found = []
+        for raw in raws:
+            if raw is None:
+                continue
+            try:
+                found.append(Subscription.model_validate_json(as_text(raw)))
+            except ValidationError:
+                continue
+        return found
+
+    def delete(self, subscription: Subscription) -> None:
+        """Forget the record, its signing key and its index entry (only if it still points here)."""
+        key = subscription.key
+        owner_index = self._owner_index(subscription)
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.srem(self.keys.webhooks(), key)
+                pipe.delete(self.keys.webhook(key), self.keys.webhook_signing_key(key))
+                pipe.execute()
+            # The index may already name a newer subscription of the same owner.
+            if self._get(owner_index) == key:
+                self.redis.delete(owner_index)
+        except redis.RedisError as error:
+            raise StoreUnavailable(
+                f"Redis refused deleting webhook subscription: {error}"
+            ) from error
+
+    def _owner_index(self, subscription: Subscription) -> str:
+        if subscription.scope == "user":
+            if subscription.connection_id is None:
+                raise ValueError("a user-scope subscription serves one connection")
+            return self.keys.webhook_of_connection(subscription.connection_id)
+        if subscription.grant_ref is None:
+            raise ValueError("an organization-scope subscription serves one organization ref")
+        return self.keys.webhook_of_organization(subscription.grant_ref)
+
+    def _get(self, key: str) -> str | None:
+        try:
+            raw = self.redis.get(key)
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"Redis refused reading {key}: {error}") from error
+        return as_text(raw) if raw is not None else None
