@@ -42,6 +42,8 @@ def test_saved_subscription_is_found_by_key_and_owner(
     assert stored is not None
     assert "whsec_very_secret" not in str(stored)
     assert store.all() == [sub]
+    store.note_delivery(sub.key, 1234.5)
+    assert store.last_delivery(sub.key) == 1234.5
 
 
 def test_organization_subscription_without_own_key(redis_client: redis.Redis, keys: Keys) -> None:

@@ -112,6 +112,8 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:webhook:{key}:signing-key   STRING  the signing key closesync generated for it
                                             (personal access token), sealed; absent: the
                                             OAuth application's key signs                no TTL
+    {p}:webhook:{key}:last-delivery STRING  epoch seconds (Redis TIME) of the last
+                                            delivery received with a valid signature     no TTL
     {p}:webhook-of:conn:{id}        STRING  -> callback key of connection {id}'s
                                             user-scope subscription                      no TTL
     {p}:webhook-of:org:{ref}        STRING  -> callback key of organization {ref}'s
@@ -277,6 +279,9 @@ class Keys:
 
     def webhook_signing_key(self, key: str) -> str:
         return f"{self.webhook(key)}:signing-key"
+
+    def webhook_last_delivery(self, key: str) -> str:
+        return f"{self.webhook(key)}:last-delivery"
 
     def webhook_of_connection(self, conn_id: str) -> str:
         return f"{self.prefix}:webhook-of:conn:{conn_id}"

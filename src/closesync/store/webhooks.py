@@ -62,6 +62,17 @@ class WebhookStore:
             return None
         return SecretStr(self.box.open(sealed, owner=Owner.webhook(key)).decode())
 
+    def note_delivery(self, key: str, at: float) -> None:
+        """Remember when subscription `key` last brought a verified delivery."""
+        try:
+            self.redis.set(self.keys.webhook_last_delivery(key), repr(at))
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"Redis refused noting a webhook delivery: {error}") from error
+
+    def last_delivery(self, key: str) -> float | None:
+        raw = self._get(self.keys.webhook_last_delivery(key))
+        return float(raw) if raw is not None else None
+
     def for_connection(self, conn_id: str) -> Subscription | None:
         key = self._get(self.keys.webhook_of_connection(conn_id))
         return self.find(key) if key is not None else None
@@ -95,7 +106,11 @@ class WebhookStore:
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.srem(self.keys.webhooks(), key)
-                pipe.delete(self.keys.webhook(key), self.keys.webhook_signing_key(key))
+                pipe.delete(
+                    self.keys.webhook(key),
+                    self.keys.webhook_signing_key(key),
+                    self.keys.webhook_last_delivery(key),
+                )
                 pipe.execute()
             # The index may already name a newer subscription of the same owner.
             if self._get(owner_index) == key:
