@@ -26,6 +26,7 @@ from closesync.core.errors import (
     EncryptionError,
     PairingRefused,
 )
+from closesync.core.mapping import parse_source_id
 from closesync.store.client import guard
 from closesync.store.keys import Keys, Owner, as_text, watched
 from closesync.store.secretbox import SecretBox
@@ -156,8 +157,10 @@ class ConnectionStore:
             # Index entries of the previous record that this save makes wrong, if still ours.
             moved: list[str] = []
             forgotten: list[str] = []
+            old_ref: str | None = None
             if previous is not None:
                 old = Connection.model_validate_json(previous)
+                old_ref = old.calendly_grant_ref
                 if old.close_user_id != connection.close_user_id:
                     moved.append(self.keys.close_user(old.close_user_id))
                 if old.calendly_user_uuid != connection.calendly_user_uuid:
@@ -169,9 +172,18 @@ class ConnectionStore:
                         self.keys.backfill(conn_id),
                     ]
             stale = [key for key in moved if _text(pipe.get(key)) == conn_id]
+            # The holders entries of the links forgotten with the previous Calendly user.
+            unheld = self._holder_sets(pipe.hkeys(self.keys.links(conn_id))) if forgotten else []
+            new_ref = connection.calendly_grant_ref
             pipe.multi()
             if stale or forgotten:
                 pipe.delete(*stale, *forgotten)
+            for holders in unheld:
+                pipe.srem(holders, conn_id)
+            if old_ref is not None and old_ref != new_ref:
+                pipe.srem(self.keys.calendly_org_connections(old_ref), conn_id)
+            if new_ref is not None:
+                pipe.sadd(self.keys.calendly_org_connections(new_ref), conn_id)
             pipe.set(self.keys.conn(conn_id), connection.model_dump_json())
             pipe.set(self.keys.grants(conn_id), sealed_grants)
             pipe.set(self.keys.close_user(connection.close_user_id), conn_id)
@@ -179,6 +191,11 @@ class ConnectionStore:
             pipe.sadd(self.keys.connections(), conn_id)
 
         watched(self.redis, calendly_key, apply)
+
+    def _holder_sets(self, source_ids: Iterable[bytes | str]) -> list[str]:
+        """The `event-type:{uuid}:holders` sets of the event types these source_ids name."""
+        found = {parse_source_id(as_text(sid)) for sid in source_ids}
+        return sorted(self.keys.event_type_holders(p[1]) for p in found if p is not None)
 
     def _calendly_holder(
         self, pipe: redis.client.Pipeline, connection: Connection
@@ -367,6 +384,51 @@ class ConnectionStore:
         if shared is not None:
             self.set_shared_grant(shared, grant)
 
+    @guard("reading an organization's connections")
+    def of_organization(self, ref: str) -> set[str]:
+        """Ids of the connections whose calendly_grant_ref is `ref` (one SMEMBERS).
+
+        Saves and removals keep the set; connections saved before it existed are added by one
+        scan of the records, the first time any organization's set is read in a deployment.
+        """
+        if not self.redis.exists(self.keys.calendly_org_index_complete()):
+            self._index_organizations()
+        return {as_text(m) for m in self.redis.smembers(self.keys.calendly_org_connections(ref))}
+
+    def _index_organizations(self) -> None:
+        """Give every stored record its organization set entry, once (see `of_organization`).
+
+        Racing saves or removals are harmless: a save adds what the scan adds, and an entry the
+        scan adds for a connection removed meanwhile names a connection no run syncs (the
+        receiver asks only for syncs, and a removed connection's sync does nothing).
+        """
+        with self.redis.pipeline(transaction=True) as pipe:
+            for found in self.list():
+                if found.calendly_grant_ref is not None:
+                    pipe.sadd(
+                        self.keys.calendly_org_connections(found.calendly_grant_ref), found.id
+                    )
+            pipe.set(self.keys.calendly_org_index_complete(), "1")
+            pipe.execute()
+
+    @guard("reading connections")
+    def organization_refs(self, conn_ids: Iterable[str]) -> dict[str, str | None]:
+        """Each stored connection's calendly_grant_ref (None: its own grant), in one MGET."""
+        ordered = sorted(set(conn_ids))
+        if not ordered:
+            return {}
+        raws = self.redis.mget([self.keys.conn(conn_id) for conn_id in ordered])
+        return {
+            conn_id: Connection.model_validate_json(raw).calendly_grant_ref
+            for conn_id, raw in zip(ordered, raws, strict=True)
+            if raw is not None
+        }
+
+    @guard("looking up a Calendly user")
+    def id_of_calendly_user(self, calendly_user_uuid: str) -> str | None:
+        """The id of the connection of that Calendly user, from its index; None: none."""
+        return _text(self.redis.get(self.keys.calendly_user(calendly_user_uuid)))
+
     @guard("listing connections")
     def list(self) -> list[Connection]:
         """Every connection, oldest first."""
@@ -461,10 +523,15 @@ class ConnectionStore:
             for key in self.keys.of_connection(conn_id)
             if not (lock_held and key == self.keys.run_lock(conn_id))
         ]
+        unheld = self._holder_sets(self.redis.hkeys(self.keys.links(conn_id)))
         with self.redis.pipeline(transaction=True) as pipe:
             for index in indexes:
                 if _text(self.redis.get(index)) == conn_id:
                     pipe.delete(index)
+            for holders in unheld:
+                pipe.srem(holders, conn_id)
+            if record is not None and record.calendly_grant_ref is not None:
+                pipe.srem(self.keys.calendly_org_connections(record.calendly_grant_ref), conn_id)
             pipe.delete(*erased)
             pipe.srem(self.keys.connections(), conn_id)
             if raw is not None:

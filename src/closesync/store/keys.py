@@ -118,6 +118,28 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             user-scope subscription                      no TTL
     {p}:webhook-of:org:{ref}        STRING  -> callback key of organization {ref}'s
                                             organization-scope subscription              no TTL
+    {p}:webhook-delivery:{digest}   STRING  "1": a verified delivery the receiver took
+                                            (digest: sha256 of callback key, signed t and
+                                            body; SET NX), so the same signed request sent
+                                            again is answered 200 and does nothing. Lives
+                                            longer than any t the receiver accepts (twice
+                                            WEBHOOK_TOLERANCE_SECONDS, + 60 s)     EX 2 x tol + 60
+    {p}:event-type:{uuid}:holders   SET     ids of the connections holding a link of event
+                                            type {uuid} (a link record in conn:{id}:links):
+                                            the connected hosts of a team type, which a
+                                            delivery's payload does not list. Written in
+                                            the MULTI that writes or forgets the record;
+                                            a connection's entries go with its removal or
+                                            its reconnect to another Calendly user      no TTL
+    {p}:calendly-org:{ref}:connections SET ids of the connections whose
+                                            calendly_grant_ref is {ref} (organization
+                                            mode): whom an organization subscription
+                                            serves. Written in the MULTI saving or
+                                            removing the connection                     no TTL
+    {p}:calendly-org-index          STRING  "1": every connection record was given its
+                                            calendly-org:{ref}:connections entry (one
+                                            scan, the first time the set is read); absent
+                                            = the sets may miss older connections        no TTL
 
 A connection whose `calendly_grant_ref` is set stores only its Close grant in `:grants` (sealed
 JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
@@ -288,6 +310,18 @@ class Keys:
 
     def webhook_of_organization(self, grant_ref: str) -> str:
         return f"{self.prefix}:webhook-of:org:{grant_ref}"
+
+    def webhook_delivery(self, digest: str) -> str:
+        return f"{self.prefix}:webhook-delivery:{digest}"
+
+    def event_type_holders(self, event_type_uuid: str) -> str:
+        return f"{self.prefix}:event-type:{event_type_uuid}:holders"
+
+    def calendly_org_connections(self, ref: str) -> str:
+        return f"{self.calendly_org(ref)}:connections"
+
+    def calendly_org_index_complete(self) -> str:
+        return f"{self.prefix}:calendly-org-index"
 
     def of_connection(self, conn_id: str) -> list[str]:
         """Every key of one connection, but the Close and Calendly user indexes, the refresh locks

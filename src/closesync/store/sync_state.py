@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from closesync.core.errors import ConnectionRemoved
+from closesync.core.mapping import parse_source_id
 from closesync.core.plan import LinkRecord, Misses
 from closesync.core.queueing import (
     HOLDER,
@@ -186,19 +187,37 @@ class SyncState:
     def record_write(self, conn_id: str, source_id: str, record: LinkRecord) -> None:
         """Close accepted `record`: remember it, and forget any earlier rejection of the link."""
 
+        holders = self._holders_of(source_id)
+
         def queue(pipe: redis.client.Pipeline) -> None:
             pipe.hset(self.keys.links(conn_id), source_id, json.dumps(asdict(record)))
             pipe.hdel(self.keys.rejected(conn_id), source_id)
+            if holders is not None:
+                pipe.sadd(holders, conn_id)
 
         self._unless_removed(conn_id, queue)
 
     @guard("forgetting a link")
     def forget(self, conn_id: str, source_id: str) -> None:
         """Close no longer holds the link: drop its record and any refusal of it."""
+        holders = self._holders_of(source_id)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.keys.links(conn_id), source_id)
             pipe.hdel(self.keys.rejected(conn_id), source_id)
+            if holders is not None:
+                pipe.srem(holders, conn_id)
             pipe.execute()
+
+    def _holders_of(self, source_id: str) -> str | None:
+        """The holders index of the event type a source_id names; None: not closesync's format."""
+        parsed = parse_source_id(source_id)
+        return None if parsed is None else self.keys.event_type_holders(parsed[1])
+
+    @guard("reading who holds an event type")
+    def holders(self, event_type_uuid: str) -> set[str]:
+        """The connections holding a link of event type `event_type_uuid` (its connected hosts)."""
+        members = self.redis.smembers(self.keys.event_type_holders(event_type_uuid))
+        return {as_text(member) for member in members}
 
     @guard("recording missing counts")
     def set_missing(self, conn_id: str, counts: Mapping[str, Misses]) -> None:
@@ -227,11 +246,20 @@ class SyncState:
         """Swap every record at once (backfill rebuilds them from what Close holds)."""
         key = self.keys.links(conn_id)
         encoded: Fields = {sid: json.dumps(asdict(rec)) for sid, rec in records.items()}
+        # The caller holds the run lock: no other writer changes the records meanwhile.
+        before = {self._holders_of(as_text(sid)) for sid in self.redis.hkeys(key)}
+        after = {self._holders_of(sid) for sid in records}
+        dropped = sorted(h for h in before - after if h is not None)
+        added = sorted(h for h in after if h is not None)
 
         def queue(pipe: redis.client.Pipeline) -> None:
             pipe.delete(key)
             if encoded:
                 pipe.hset(key, mapping=encoded)
+            for holders in dropped:
+                pipe.srem(holders, conn_id)
+            for holders in added:
+                pipe.sadd(holders, conn_id)
 
         self._unless_removed(conn_id, queue)
 

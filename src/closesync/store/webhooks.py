@@ -69,6 +69,26 @@ class WebhookStore:
         except redis.RedisError as error:
             raise StoreUnavailable(f"Redis refused noting a webhook delivery: {error}") from error
 
+    def claim_delivery(self, digest: str, ttl_seconds: int) -> bool:
+        """Take the delivery named `digest` (SET NX): False when it was taken already (replay)."""
+        try:
+            return bool(
+                self.redis.set(self.keys.webhook_delivery(digest), "1", nx=True, ex=ttl_seconds)
+            )
+        except redis.RedisError as error:
+            raise StoreUnavailable(
+                f"Redis refused recording a webhook delivery: {error}"
+            ) from error
+
+    def release_delivery(self, digest: str) -> None:
+        """Give a claimed delivery back (it could not be enqueued): Calendly's retry may take it."""
+        try:
+            self.redis.delete(self.keys.webhook_delivery(digest))
+        except redis.RedisError as error:
+            raise StoreUnavailable(
+                f"Redis refused releasing a webhook delivery: {error}"
+            ) from error
+
     def last_delivery(self, key: str) -> float | None:
         raw = self._get(self.keys.webhook_last_delivery(key))
         return float(raw) if raw is not None else None
