@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     # edits makes one run), and how old a signed timestamp may be (Calendly: 3 minutes).
     webhook_debounce_seconds: float = Field(default=1.0, ge=0.0, le=30.0)
     webhook_tolerance_seconds: int = Field(default=180, ge=1, le=3600)
+    # Bytes a delivery's body may have; a longer one is refused with 413 unread. An event type
+    # with long descriptions and many questions is tens of kilobytes: 256 KiB leaves room, while
+    # bounding what an unauthenticated request makes the web process buffer and hash.
+    webhook_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
 
     # --- Worker ---------------------------------------------------------------------------
     # Runs one worker process makes at once, each in a thread of Celery's `threads` pool

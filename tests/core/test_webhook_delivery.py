@@ -102,8 +102,15 @@ def test_targets_new_team_type_asks_every_served_connection() -> None:
 
 
 def test_targets_held_team_type_does_not_widen() -> None:
-    """Once a connection holds the team type, only its holders (and owner) are asked."""
+    """Once a served connection holds the team type, only its holders (and owner) are asked."""
     change = _change(True)
     assert needs_all_served(change, {"c2"}) is False
     assert needs_all_served(_change(False), set()) is False
     assert targets(change, owner=None, hosts={"c2"}, served={"c2"}, all_served=None) == ["c2"]
+
+
+def test_targets_team_type_held_only_outside_widens_to_the_served() -> None:
+    """Holders the subscription does not serve count for nothing: its own connections are asked."""
+    change = _change(True)
+    got = targets(change, owner=None, hosts={"c9"}, served=set(), all_served={"c1"})
+    assert got == ["c1"]

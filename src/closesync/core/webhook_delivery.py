@@ -12,8 +12,9 @@ and ignored (a subscription closesync did not make, or an event Calendly adds).
 
 - the owner's connection (`profile.owner`, a Calendly user uri) for any event type;
 - for a team type (`profile.type` Team) also every connection that holds a link of it (its
-  connected hosts: Calendly's payload does not list them); when none does yet (a new team type),
-  every connection the subscription serves, since any of them may host it;
+  connected hosts: Calendly's payload does not list them); when none of those the subscription
+  serves does yet (a new team type, or a host who just joined it), every connection the
+  subscription serves, since any of them may host it;
 - and only ever connections the subscription serves: a delivery to one user's URL must not sync
   another user, nor an organization's another organization.
 """
@@ -115,15 +116,14 @@ def targets(
     only the candidates it checked); `all_served`: every connection the subscription serves, read
     only for a team type no connection holds yet (None: not read, nobody extra is asked).
     """
-    candidates = {c for c in (owner,) if c is not None}
-    held_by = set(hosts) if change.is_team else set()
-    candidates |= held_by
-    chosen = {c for c in candidates if c in served}
+    held_by = {c for c in hosts if c in served} if change.is_team else set()
+    chosen = held_by | ({owner} & set(served) if owner is not None else set())
     if change.is_team and not held_by and all_served is not None:
         chosen |= set(all_served)
     return sorted(chosen)
 
 
-def needs_all_served(change: EventTypeChange, hosts: Collection[str]) -> bool:
-    """Whether `targets` needs every connection the subscription serves: a team type none holds."""
-    return change.is_team and not hosts
+def needs_all_served(change: EventTypeChange, served_hosts: Collection[str]) -> bool:
+    """Whether `targets` needs every connection the subscription serves: a team type that none
+    of them holds yet (`served_hosts`: the holders the subscription serves)."""
+    return change.is_team and not served_hosts

@@ -10,7 +10,7 @@ queued already, or asked of the run in progress, gets no second one.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Literal
@@ -67,23 +67,45 @@ def enqueue_tick(
     return slot, True
 
 
-def ask_for_syncs(services: Services, app: Celery, ids: list[str]) -> list[str]:
+def ask_for_syncs(
+    services: Services, app: Celery, ids: list[str], countdown: float | None = None
+) -> list[str]:
     """Ask for a sync of each connection now: the ids whose task this call published.
 
     The others are coalesced (`closesync.core.queueing`): a sync of theirs is queued already,
-    or asked of the run in progress, and runs after this ask.
+    or asked of the run in progress, and runs after this ask. `countdown`: seconds the published
+    tasks wait before they start, during which further asks coalesce into them (a debounce).
     """
     task_ids = {connection_id: str(uuid.uuid4()) for connection_id in dict.fromkeys(ids)}
     chosen = services.state.ask_syncs(task_ids)
     try:
         with _broker("enqueueing syncs"):
-            publish(app, [Message(names.SYNC_CONNECTION, [c, None], task_ids[c]) for c in chosen])
+            publish(
+                app,
+                [Message(names.SYNC_CONNECTION, [c, None], task_ids[c], countdown) for c in chosen],
+            )
     except BaseException:
         # Not published after all: the next ask must not be coalesced into nothing.
         for connection_id in chosen:
             services.state.withdraw_sync(connection_id, task_ids[connection_id])
         raise
     return chosen
+
+
+def webhook_asker(services: Services, app: Celery) -> Callable[[list[str]], list[str]]:
+    """What the webhook receiver asks syncs with: `ask_for_syncs`, debounced.
+
+    A burst of deliveries for a connection makes one run: the first publishes a sync that starts
+    WEBHOOK_DEBOUNCE_SECONDS later, and the ones after it coalesce into it through the sync
+    marker, which also bounds the tasks a worker holds for their countdown to one per connection.
+    A delivery during the run publishes one more, so the run that reads Calendly comes after it.
+    """
+    debounce = services.settings.webhook_debounce_seconds
+
+    def ask(ids: list[str]) -> list[str]:
+        return ask_for_syncs(services, app, ids, countdown=debounce or None)
+
+    return ask
 
 
 def enqueue_sync(services: Services, ids: list[str] | None) -> dict[str, object]:
