@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,9 +27,26 @@ from closesync.web.webhooks import WebhookReceiver
 API = "https://api.calendly.com"
 
 
+# Requests handled at once, as a production server bounds its threads (gunicorn's workers x
+# threads); the others wait in the listen backlog. Unbounded, 200 threads at once would exceed
+# redis-py's pool of 100 connections per client.
+HANDLER_THREADS = 32
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 512
     daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="receiver")
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.pool.submit(self.process_request_thread, request, client_address)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -54,6 +72,9 @@ def serving(receiver: WebhookReceiver) -> Iterator[ReceiverServer]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body leave in one write: written apart, Nagle and the peer's delayed ACK
+        # hold the body back 40 ms on every keep-alive answer.
+        wbufsize = -1
 
         def do_POST(self) -> None:
             if not self.path.startswith(CALLBACK_PATH):

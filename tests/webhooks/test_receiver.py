@@ -334,6 +334,10 @@ def test_receiver_keeps_every_key_out_of_logs_replies_and_redis(
             (world.user_sub.key, {"Calendly-Webhook-Signature": f"t=1,v1={OWN_KEY}"}),
         ):
             answers.append(server.post(key, body, headers).text)
+        # Redis down: the error logged names no key of Redis (they embed the callback key).
+        dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+        down = WebhookReceiver(Services.build(world.services.settings, redis_client=dead), list)
+        assert down.receive(world.user_sub.key, signed(OWN_KEY, body), body).status == 503
     client = world.services.redis
     stored = [str(client.dump(key)) for key in client.scan_iter(f"{world.services.keys.prefix}:*")]
     # closesync's own log lines (the test's HTTP client logs the URLs it calls).

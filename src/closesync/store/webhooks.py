@@ -153,5 +153,8 @@ class WebhookStore:
         try:
             raw = self.redis.get(key)
         except redis.RedisError as error:
-            raise StoreUnavailable(f"Redis refused reading {key}: {error}") from error
+            # Not naming the key: it holds the callback key, half of what a delivery proves.
+            raise StoreUnavailable(
+                f"Redis refused reading webhook subscriptions: {error}"
+            ) from error
         return as_text(raw) if raw is not None else None
