@@ -26,6 +26,12 @@ the owner's connection (`calendly-user:{uuid}`), the connections holding a link 
 the connections' sync markers with a debounce (`closesync.worker.enqueue.webhook_asker`, passed in
 as `ask`, since the web process sits beside the worker, not above it).
 
+An `event_type.deleted` asks the same sync as the others and carries no more weight: the run
+lists Calendly, and a linked type missing from a complete listing gets a direct fetch, whose 404
+or `deleted_at` deletes the link in that run (`closesync.core.plan`: only a type that is alive
+elsewhere waits out DELETE_CONFIRM_SECONDS), under the mass-delete guard as ever. So a deletion
+reaches Close one debounce after its delivery, and no hint of it needs to be kept.
+
 Logs name a subscription by a digest of its key (the key is half of what a delivery proves) and
 never show a signing key, a header or a body.
 """
