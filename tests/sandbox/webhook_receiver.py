@@ -99,7 +99,7 @@ class Receiver:
         self.hold = False
         self._released.set()
 
-    def wait_for(self, count: int, timeout: float = 5.0) -> list[Received]:
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         """The first `count` requests, once they have arrived (AssertionError after timeout)."""
         with self.cond:
             arrived = self.cond.wait_for(lambda: len(self.received) >= count, timeout)

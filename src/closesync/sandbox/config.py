@@ -80,7 +80,7 @@ class SandboxConfig:
     # subscription made with an OAuth token and no signing_key (Calendly shows it in the
     # developer console). A fixed dev value so that a receiver can be configured with it.
     calendly_webhook_signing_key: str = CALENDLY_WEBHOOK_SIGNING_KEY
-    # Threads that send webhook deliveries: one slow receiver holds only one of them.
+    # Threads that send webhook deliveries (read at start): one slow receiver holds only one.
     webhook_delivery_threads: int = 4
     # Seconds a delivery may take to connect / to answer (Calendly: 10 and 15).
     webhook_connect_timeout: float = 10.0
