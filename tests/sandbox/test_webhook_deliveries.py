@@ -416,6 +416,24 @@ def test_slow_receiver_never_holds_up_the_admin_api(sandbox: Sandbox, receiver: 
     assert len(receiver.received) == 6
 
 
+def test_parallel_mode_sends_one_subscriptions_deliveries_at_once(
+    sandbox: Sandbox, receiver: Receiver
+) -> None:
+    """webhook_serial_per_subscription false: three held deliveries of one subscription are
+    in flight together (one thread each)."""
+    member = sandbox.users[1]
+    assert admin(sandbox, "PUT", "/config", json={"webhook_serial_per_subscription": False}).ok
+    receiver.hold = True
+    _subscribe(sandbox, member, receiver.url())
+    for n in range(3):
+        _create_type(sandbox, member, name=f"parallel {n}")
+    assert len(receiver.wait_for(3)) == 3
+    assert admin(sandbox, "GET", "/webhooks/idle").json()["in_flight"] == 3
+    receiver.release()
+    _await_idle(sandbox)
+    assert [a["outcome"] for a in _attempts(sandbox)] == ["delivered"] * 3
+
+
 def test_a_delivery_queued_for_a_deleted_subscription_is_skipped(
     sandbox: Sandbox, receiver: Receiver
 ) -> None:

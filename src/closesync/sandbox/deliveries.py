@@ -6,7 +6,9 @@ subscriptions it goes to) becomes one `Delivery` per subscription: the envelope
 same bytes. The admin request only queues it; a small pool of delivery threads (config
 `webhook_delivery_threads`), each with its own requests session, sends it, so a slow or dead
 receiver never holds up the admin API. The deliveries of one subscription go out one at a
-time, in queue order; different subscriptions' go out in parallel.
+time, in queue order (config `webhook_serial_per_subscription`; False sends them in parallel,
+as many at once as there are threads, to load a receiver); different subscriptions' go out in
+parallel.
 
 As Calendly does (api-facts.md, Webhooks): each attempt is signed anew,
 `Calendly-Webhook-Signature: t=<unix>,v1=<hex HMAC-SHA256(key, "{t}." + body)>`, with `t`
@@ -43,6 +45,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Protocol
 
@@ -142,8 +145,9 @@ class Deliverer:
         # (monotonic due time, sequence, delivery): the earliest due first, ties in queue order.
         self._due: list[tuple[float, int, Delivery]] = []
         self._held: list[Delivery] = []
-        # Subscriptions with an attempt in flight: their next delivery waits for it.
-        self._busy: set[str] = set()
+        # Attempts in flight per subscription: with config webhook_serial_per_subscription its
+        # next delivery waits for the one in flight.
+        self._busy: Counter[str] = Counter()
         self._attempts: list[dict[str, Any]] = []
         self._threads: list[threading.Thread] = []
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
@@ -258,7 +262,7 @@ class Deliverer:
                 "idle": self._idle(),
                 "queued": len(self._due),
                 "held": len(self._held),
-                "in_flight": len(self._busy),
+                "in_flight": self._busy.total(),
             }
 
     def wait_idle(self, timeout: float) -> bool:
@@ -304,13 +308,16 @@ class Deliverer:
                     traceback.print_exc(file=sys.stderr)
                 finally:
                     with self._cond:
-                        self._busy.discard(delivery.subscription)
+                        self._busy[delivery.subscription] -= 1
+                        if self._busy[delivery.subscription] <= 0:
+                            del self._busy[delivery.subscription]
                         self._cond.notify_all()
 
     def _next(self) -> Delivery | None:
         """The next due delivery of a subscription not in flight; None once stopping."""
         with self._cond:
             while not self._stopping:
+                serial = self._source.config.webhook_serial_per_subscription
                 now, wait = time.monotonic(), None
                 waiting: list[tuple[float, int, Delivery]] = []
                 found = None
@@ -320,7 +327,7 @@ class Deliverer:
                         wait = due - now
                         break
                     item = heapq.heappop(self._due)
-                    if item[2].subscription in self._busy:
+                    if serial and item[2].subscription in self._busy:
                         waiting.append(item)
                         continue
                     found = item[2]
@@ -328,7 +335,7 @@ class Deliverer:
                 for item in waiting:
                     heapq.heappush(self._due, item)
                 if found is not None:
-                    self._busy.add(found.subscription)
+                    self._busy[found.subscription] += 1
                     return found
                 self._cond.wait(wait)
             return None
