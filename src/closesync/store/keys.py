@@ -130,12 +130,13 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             delivery's payload does not list. Written in
                                             the MULTI that writes or forgets the record;
                                             a connection's entries go with its removal or
-                                            its reconnect to another Calendly user      no TTL
-    {p}:calendly-org:{ref}:connections SET ids of the connections whose
+                                            its reconnect to another Calendly user       no TTL
+    {p}:calendly-org:{ref}:connections
+                                    SET     ids of the connections whose
                                             calendly_grant_ref is {ref} (organization
                                             mode): whom an organization subscription
                                             serves. Written in the MULTI saving or
-                                            removing the connection                     no TTL
+                                            removing the connection                      no TTL
     {p}:calendly-org-index          STRING  "1": every connection record was given its
                                             calendly-org:{ref}:connections entry (one
                                             scan, the first time the set is read); absent
