@@ -32,7 +32,7 @@ from closesync.sandbox import Sandbox
 from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock
 from closesync.store.secretbox import FernetBox, generate_key
-from closesync.web.app import WebServer
+from closesync.web.serving import WebServer
 from closesync.wiring.services import Services
 from tests._oauth import follow, sandbox_env, sandbox_settings, services_for, web_process
 from tests._sandbox import running_sandbox
@@ -562,7 +562,7 @@ def test_web_command_logs_through_logs_configure_with_redaction(
         web.wait(timeout=10)
         if web.stderr is not None:
             web.stderr.close()
-    assert logged["message"] == "web GET /x/[redacted]"
+    assert logged["message"] == "web GET /x/[redacted] 404"
     assert logged["logger"] == "closesync.web.app"
 
 

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from closesync.web.app import WebServer
+    from closesync.web.serving import WebServer
     from closesync.wiring.logs import configure
     from closesync.wiring.observability import init_sentry
 
