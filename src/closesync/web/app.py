@@ -16,7 +16,8 @@ bytes to verify, `request.headers` the signature), and Prometheus in `web/metric
 - exact methods: a route answers only the methods it names (werkzeug would add HEAD to every
   GET route; a HEAD must not consume a flow), anything else gets 405 with `Allow`;
 - a body cap, WEB_MAX_BODY_BYTES (Flask's MAX_CONTENT_LENGTH): a declared length above it gets
-  413 before routing, a chunked body when the route reads past it;
+  413 before routing, a chunked body when the route reads it with `request.get_data()`
+  (`CappedRequest`; read the body that way, not from `request.stream`);
 - never a 410: Calendly deletes a subscription at once on 410 Gone, so an answer of 410 (a bug)
   is logged and becomes a 500, which Calendly retries;
 - errors as pages: FlowError with its status (`pages.FLOW_STATUS`), ConfigError and any other
@@ -32,7 +33,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, Request, request
 from flask import Response as FlaskResponse
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.routing import Rule
@@ -49,6 +50,25 @@ log = logging.getLogger(__name__)
 _BLUEPRINTS = (health.blueprint, connect_pages.blueprint)
 
 
+class CappedRequest(Request):
+    """A request whose body past MAX_CONTENT_LENGTH is refused with 413, a chunked one too.
+
+    werkzeug refuses a declared Content-Length over the cap but cuts a chunked body at the cap
+    without a word: a receiver would then see a truncated body fail its signature check, and
+    answer 400 where 413 is the truth. `get_data` looks one byte past the cap to tell them apart.
+    """
+
+    def get_data(  # type: ignore[override]  # one signature for werkzeug's overloads
+        self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False
+    ) -> bytes | str:
+        data = super().get_data(cache=cache, as_text=False, parse_form_data=parse_form_data)
+        cap = self.max_content_length
+        chunked = self.content_length is None
+        if chunked and cap is not None and len(data) >= cap and self.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+        return data.decode("utf-8", "replace") if as_text else data
+
+
 class ExactMethodsRule(Rule):
     """A URL rule that serves exactly the methods its route names (no implicit HEAD)."""
 
@@ -63,6 +83,7 @@ def create_app(services: Services, base_url: str | None = None) -> Flask:
     """The web app on `services`; redirect URIs are built from `base_url` (or PUBLIC_BASE_URL)."""
     settings = services.settings
     app = Flask(__name__)
+    app.request_class = CappedRequest
     app.url_rule_class = ExactMethodsRule
     app.url_map.strict_slashes = False  # /connect/ is /connect, as it always was
     app.config.update(
