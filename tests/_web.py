@@ -52,6 +52,25 @@ class WebProcess:
                 return found
         raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.text()}")
 
+    def wait_for_all(self, pattern: str, count: int, timeout: float = 30.0) -> set[str]:
+        """The distinct first groups of lines matching `pattern`, once there are `count`."""
+        wanted = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = {m[1] for line in self.lines if (m := wanted.search(line))}
+            if len(seen) >= count:
+                return seen
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{len(seen)} of {count} {pattern!r}:\n{self.text()}")
+            try:
+                line = self._incoming.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"closesync web exited before {pattern!r}:\n{self.text()}")
+            self.lines.append(line)
+
     def drain(self, settle: float = 0.5) -> None:
         """Take every line written so far (waiting `settle` s for a line still in flight)."""
         while True:
