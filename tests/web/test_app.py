@@ -13,6 +13,7 @@ import pytest
 import redis
 import requests
 from flask import Blueprint, Flask, request
+from pydantic import SecretStr
 
 from closesync.settings import Settings
 from closesync.store.keys import Keys
@@ -177,3 +178,41 @@ def test_healthz_without_redis_answers_503(services: Services, keys: Keys) -> No
         server.shutdown()
         server.server_close()
     assert answer.status_code == 503
+
+
+def test_app_crash_reaches_sentry_without_code_state_or_cookie(services: Services) -> None:
+    """A crash is reported to Sentry with the request scrubbed: no code, state or flow cookie."""
+    import json
+
+    import sentry_sdk
+
+    from closesync.wiring.observability import init_sentry
+    from tests.shells.test_sentry import MemoryTransport
+
+    memory = MemoryTransport()
+    with_dsn = services.settings.model_copy(
+        update={"sentry_dsn": SecretStr("https://public@sentry.invalid/1")}
+    )
+    assert init_sentry(with_dsn, transport=memory)
+    server = WebServer(("127.0.0.1", 0), services)
+    server.app.register_blueprint(probe)
+    server.start_background()
+    try:
+        answer = requests.get(
+            server.url + "/probe/crash?code=CODEq8vN3kR7pXw2&state=STATEmT9sYb4HcJ6",
+            cookies={"closesync_flow": "COOKIEdFgZq8vN3kR7"},
+            timeout=5,
+        )
+        sentry_sdk.flush(timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+    assert answer.status_code == 500
+    events = memory.items("event")
+    assert events, "the crash was not reported"
+    sent = json.dumps(events)
+    assert "probe/crash" in sent
+    for secret in ("CODEq8vN3kR7pXw2", "STATEmT9sYb4HcJ6", "COOKIEdFgZq8vN3kR7"):
+        assert secret not in sent
