@@ -43,9 +43,7 @@ def key() -> str:
     return generate_key()
 
 
-@pytest.fixture
-def web(sb: Sandbox, redis_url: str, keys: Keys, key: str, tmp_path: Path) -> Iterator[WebProcess]:
-    port = _free_port()
+def _env(sb: Sandbox, redis_url: str, keys: Keys, key: str, port: int) -> dict[str, str]:
     env = {
         **os.environ,
         **sandbox_env(sb, redis_url, keys.prefix, key),
@@ -53,6 +51,13 @@ def web(sb: Sandbox, redis_url: str, keys: Keys, key: str, tmp_path: Path) -> It
         "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
     }
     env.pop("PORT", None)
+    return env
+
+
+@pytest.fixture
+def web(sb: Sandbox, redis_url: str, keys: Keys, key: str, tmp_path: Path) -> Iterator[WebProcess]:
+    port = _free_port()
+    env = _env(sb, redis_url, keys, key, port)
     with web_command(["--port", str(port), "--workers", "2", "--threads", "4"], env, tmp_path) as w:
         yield w
 
@@ -71,7 +76,7 @@ def _access_lines(web: WebProcess) -> list[str]:
 def test_gunicorn_serves_the_pages_from_two_workers(sb: Sandbox, web: WebProcess) -> None:
     """Two gthread workers boot; /healthz, /connect (302 + cookie), 405 and 404 answer as before."""
     assert len(web.wait_for_all(r"Booting worker with pid: (\d+)", 2)) == 2
-    assert "gthread" in web.wait_for(r"Using worker: \w+").group(0)
+    assert web.wait_for(r"Using worker: (\w+)")[1] == "TimedThreadWorker"  # gthread, timed
     assert "2 workers x 4 threads" in web.wait_for(r"^closesync web on").string
 
     health = requests.get(web.url + "/healthz", timeout=10)
@@ -128,3 +133,23 @@ def test_gunicorn_logs_carry_the_path_never_the_query_string(web: WebProcess) ->
     assert "web GET /healthz 200" in messages
     for secret in SECRETS:
         assert secret not in web.text()
+
+
+def test_gunicorn_drops_a_client_that_stalls_mid_request(
+    sb: Sandbox, redis_url: str, keys: Keys, key: str, tmp_path: Path
+) -> None:
+    """Half a request holds a thread only until WEB_TIMEOUT_SECONDS; then it is dropped, quietly."""
+    port = _free_port()
+    env = {**_env(sb, redis_url, keys, key, port), "WEB_TIMEOUT_SECONDS": "4"}
+    args = ["--port", str(port), "--workers", "1", "--threads", "1"]
+    with web_command(args, env, tmp_path) as web:
+        web.wait_for(r"Booting worker with pid")
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as stalled:
+            stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+            # The one thread is held by the stalled client until its deadline, then freed.
+            answer = requests.get(web.url + "/healthz", timeout=30)
+            assert answer.status_code == 200
+            assert stalled.recv(1024) == b""  # closed by the server, long before our 60 s
+        web.wait_for(r"dropped a client that stalled mid-request")
+    assert "Traceback" not in web.text()
+    assert "Socket error" not in web.text()

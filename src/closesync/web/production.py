@@ -2,7 +2,8 @@
 
 gunicorn because it is the maintained pre-fork WSGI server: a master that keeps a bounded number
 of worker processes alive (one crashing or stuck is replaced), each serving on a bounded pool of
-threads (`gthread`: a request mostly waits on Redis or a token endpoint), with request timeouts,
+threads (`gthread`: a request mostly waits on Redis or a token endpoint; `timed_worker` adds
+the per-connection deadline gthread lacks), with request timeouts,
 a graceful timeout on SIGTERM, and limits on the request line and headers. Run through
 `gunicorn.app.base.BaseApplication`, so the one command (`closesync web`, the Procfile's `web`)
 starts it with closesync's own settings and no gunicorn config file or GUNICORN_CMD_ARGS is
@@ -33,6 +34,7 @@ from gunicorn.app.base import BaseApplication
 
 from closesync.settings import Settings
 from closesync.web.app import create_app
+from closesync.web.timed_worker import StalledClientFilter, TimedThreadWorker
 from closesync.wiring.logs import configure
 from closesync.wiring.observability import init_sentry
 from closesync.wiring.services import Services
@@ -88,8 +90,9 @@ class GunicornLogs(glogging.Logger):
         self.error_log.setLevel(level)
         for log in (self.error_log, self.access_log):
             log.propagate = True
-            if not any(isinstance(f, _PathOnly) for f in log.filters):
-                log.addFilter(_PathOnly())
+            for kind in (StalledClientFilter, _PathOnly):
+                if not any(isinstance(f, kind) for f in log.filters):
+                    log.addFilter(kind())
 
 
 class GunicornServer(BaseApplication):
@@ -105,7 +108,7 @@ class GunicornServer(BaseApplication):
         s, serving = self.settings, self.serving
         return {
             "bind": [f"{serving.host}:{serving.port}"],
-            "worker_class": "gthread",
+            "worker_class": TimedThreadWorker,  # gthread, with a deadline per connection
             "workers": serving.workers,
             "threads": serving.threads,
             "timeout": s.web_timeout_seconds,
