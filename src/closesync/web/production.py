@@ -2,12 +2,11 @@
 
 gunicorn because it is the maintained pre-fork WSGI server: a master that keeps a bounded number
 of worker processes alive (one crashing or stuck is replaced), each serving on a bounded pool of
-threads (`gthread`: a request mostly waits on Redis or a token endpoint; `timed_worker` adds
-the per-connection deadline gthread lacks), with request timeouts,
-a graceful timeout on SIGTERM, and limits on the request line and headers. Run through
-`gunicorn.app.base.BaseApplication`, so the one command (`closesync web`, the Procfile's `web`)
-starts it with closesync's own settings and no gunicorn config file or GUNICORN_CMD_ARGS is
-read.
+threads (`gthread`: a request mostly waits on Redis or a token endpoint; `timed_worker` adds the
+per-connection deadline gthread lacks), with a graceful timeout on SIGTERM and limits on the
+request line and headers. Run through `gunicorn.app.base.BaseApplication`, so the one command
+(`closesync web`, the Procfile's `web`) starts it with closesync's own settings; no gunicorn
+config file or GUNICORN_CMD_ARGS is read.
 
 Fork safety: the master resolves the Redis URL (starting the embedded Redis when REDIS_URL is
 unset) and checks the settings before forking, and keeps no connection open across the fork;
