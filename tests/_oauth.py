@@ -22,7 +22,7 @@ from closesync.sandbox import (
     Sandbox,
 )
 from closesync.settings import Settings
-from closesync.web.app import WebServer
+from closesync.web.serving import WebServer
 from closesync.wiring.services import Services
 
 

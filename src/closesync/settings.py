@@ -179,6 +179,26 @@ class Settings(BaseSettings):
     # once, more threads and Redis connections; lower = a tick takes longer when the APIs are slow.
     worker_concurrency: int = Field(default=64, ge=1, le=1000)
 
+    # --- Web process (`closesync web`: gunicorn, gthread workers) ---------------------------
+    # Worker processes (`--workers` overrides it). Each is a whole Flask app with its own Redis
+    # pool and HTTP sessions; two survive one crashing or being recycled. More = more memory
+    # (~60 MB each) for parallelism the 2-core default machine cannot give anyway.
+    web_workers: int = Field(default=2, ge=1, le=64)
+    # Threads per worker (`--threads` overrides it): requests one worker serves at once. A request
+    # mostly waits on Redis or a provider's token endpoint, so threads overlap it cheaply; the
+    # total (workers x threads, 16 by default) bounds what the process holds at once.
+    web_threads: int = Field(default=8, ge=1, le=256)
+    # Seconds a worker may go silent (a request stuck longer) before gunicorn kills and replaces
+    # it, and seconds an idle keep-alive or slow client may hold a thread. Above HTTP_READ_TIMEOUT
+    # so that a slow token endpoint fails as a page, not as a killed worker.
+    web_timeout_seconds: int = Field(default=30, ge=1, le=600)
+    # Seconds a worker gets after SIGTERM to finish the requests it holds before it is killed.
+    web_graceful_timeout_seconds: int = Field(default=20, ge=1, le=600)
+    # Largest request body accepted, in bytes (Flask's MAX_CONTENT_LENGTH): a larger one gets 413
+    # before a route reads it. A Calendly webhook delivery (the only body taken) is a few KB;
+    # 256 KiB leaves room for long descriptions while bounding what one thread buffers.
+    web_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+
     # --- Observability ----------------------------------------------------------------------
     sentry_dsn: SecretStr | None = None
     sentry_environment: str = "production"

@@ -6,10 +6,7 @@ import hashlib
 import json
 import os
 import queue
-import re
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,10 +29,11 @@ from closesync.sandbox import Sandbox
 from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock
 from closesync.store.secretbox import FernetBox, generate_key
-from closesync.web.app import WebServer
+from closesync.web.serving import WebServer
 from closesync.wiring.services import Services
 from tests._oauth import follow, sandbox_env, sandbox_settings, services_for, web_process
 from tests._sandbox import running_sandbox
+from tests._web import web_command
 
 
 @pytest.fixture
@@ -542,27 +540,13 @@ def test_web_command_logs_through_logs_configure_with_redaction(
     }
     env.pop("PORT", None)
     secretish = "Zq8vN3kR7pXw2LmT9sYb4HcJ6dFg"
-    web = subprocess.Popen(
-        [sys.executable, "-m", "closesync", "web", "--port", "0"],
-        cwd=tmp_path,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert web.stderr is not None
-        started = web.stderr.readline()
-        port = re.search(r"on 127\.0\.0\.1:(\d+);", started)
-        assert port is not None, started
-        answer = requests.get(f"http://127.0.0.1:{port[1]}/x/{secretish}", timeout=10)
+    with web_command(["--port", "0"], env, tmp_path) as web:
+        answer = requests.get(f"{web.url}/x/{secretish}", timeout=10)
         assert answer.status_code == 404
-        logged = json.loads(web.stderr.readline())
-    finally:
-        web.terminate()
-        web.wait(timeout=10)
-        if web.stderr is not None:
-            web.stderr.close()
-    assert logged["message"] == "web GET /x/[redacted]"
+        line = web.wait_for(r'"logger": "closesync\.web\.app"')
+    logged = json.loads(line.string)
+    assert secretish not in web.text()
+    assert logged["message"] == "web GET /x/[redacted] 404"
     assert logged["logger"] == "closesync.web.app"
 
 

@@ -177,7 +177,7 @@ def test_web_with_plaintext_allowed_warns_at_start(
                 break
     finally:
         web.terminate()
-        web.wait(timeout=10)
+        web.wait(timeout=30)  # gunicorn stops its workers gracefully: seconds, more when loaded
         if web.stderr is not None:
             web.stderr.close()
     assert lines, "closesync web printed nothing"

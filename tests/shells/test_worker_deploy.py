@@ -26,6 +26,15 @@ def test_compose_yaml_parses_redis_aof_worker_scheduler_healthchecks() -> None:
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_compose_web_runs_closesync_web_with_a_healthz_check() -> None:
+    """The web service runs `closesync web` (gunicorn), checked on /healthz, with time to drain."""
+    web = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())["services"]["web"]
+    assert web["command"] == ["closesync", "web"]
+    assert "/healthz" in " ".join(web["healthcheck"]["test"])
+    grace = int(web["stop_grace_period"].removesuffix("s"))
+    assert grace > Settings.model_fields["web_graceful_timeout_seconds"].default
+
+
 def test_dockerfile_slim_non_root_with_healthcheck() -> None:
     """The image is python:3.11-slim, runs as a non-root user and has a HEALTHCHECK."""
     text = (ROOT / "deploy" / "Dockerfile").read_text()
@@ -37,13 +46,14 @@ def test_dockerfile_slim_non_root_with_healthcheck() -> None:
     assert "pip install" in text
 
 
-def test_procfile_worker_and_scheduler_processes() -> None:
-    """The Procfile starts a worker and a scheduler."""
+def test_procfile_worker_scheduler_and_web_processes() -> None:
+    """The Procfile starts a worker, a scheduler and the web process (gunicorn via closesync)."""
     lines = dict(
         line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
     )
     assert lines["worker"].strip() == "closesync worker"
     assert lines["scheduler"].strip() == "closesync scheduler"
+    assert lines["web"].strip() == "closesync web"
 
 
 def test_env_example_every_setting_with_comment() -> None:

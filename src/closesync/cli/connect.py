@@ -36,7 +36,7 @@ from closesync.connect.oauth_flow import Purpose, new_binding
 from closesync.connect.steps import FlowError, Step, step_json
 from closesync.core.connection import Side
 from closesync.core.errors import CloseSyncError, ConfigError, EncryptionError
-from closesync.web.app import Response, page, redirect
+from closesync.web.pages import Response, page, redirect
 from closesync.wiring.logs import redact
 from closesync.wiring.services import Services, load_services
 

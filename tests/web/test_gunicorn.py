@@ -1,0 +1,155 @@
+"""`closesync web` as it runs in production: gunicorn, two worker processes, real HTTP.
+
+Against the sandbox and the test session's private Redis. A flow started in one worker may end
+in the other: everything a flow needs is in Redis and the browser's cookie.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from closesync.sandbox import Sandbox
+from closesync.store.keys import Keys
+from closesync.store.secretbox import generate_key
+from tests._oauth import follow, sandbox_env, services_for
+from tests._sandbox import running_sandbox
+from tests._web import WebProcess, web_command
+
+SECRETS = ("CODEq8vN3kR7pXw2", "STATEmT9sYb4HcJ6", "RAWLINEdFgZq8vN3")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def sb() -> Iterator[Sandbox]:
+    with running_sandbox(users=2) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def key() -> str:
+    return generate_key()
+
+
+def _env(sb: Sandbox, redis_url: str, keys: Keys, key: str, port: int) -> dict[str, str]:
+    env = {
+        **os.environ,
+        **sandbox_env(sb, redis_url, keys.prefix, key),
+        "LOG_FORMAT": "json",
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+    }
+    env.pop("PORT", None)
+    return env
+
+
+@pytest.fixture
+def web(sb: Sandbox, redis_url: str, keys: Keys, key: str, tmp_path: Path) -> Iterator[WebProcess]:
+    port = _free_port()
+    env = _env(sb, redis_url, keys, key, port)
+    with web_command(["--port", str(port), "--workers", "2", "--threads", "4"], env, tmp_path) as w:
+        yield w
+
+
+def _access_lines(web: WebProcess) -> list[str]:
+    web.drain()
+    messages = []
+    for line in web.lines:
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record["logger"] == "closesync.web.app":
+                messages.append(record["message"])
+    return messages
+
+
+def test_gunicorn_serves_the_pages_from_two_workers(sb: Sandbox, web: WebProcess) -> None:
+    """Two gthread workers boot; /healthz, /connect (302 + cookie), 405 and 404 answer as before."""
+    assert len(web.wait_for_all(r"Booting worker with pid: (\d+)", 2)) == 2
+    assert web.wait_for(r"Using worker: (\w+)")[1] == "TimedThreadWorker"  # gthread, timed
+    assert "2 workers x 4 threads" in web.wait_for(r"^closesync web on").string
+
+    health = requests.get(web.url + "/healthz", timeout=10)
+    assert (health.status_code, health.text) == (200, "ok\n")
+    assert requests.head(web.url + "/healthz", timeout=10).status_code == 200
+
+    start = requests.get(web.url + "/connect", allow_redirects=False, timeout=10)
+    assert start.status_code == 302
+    assert start.headers["Location"].startswith(sb.close_oauth_url)
+    cookie = start.headers["Set-Cookie"]
+    assert cookie.startswith("closesync_flow=")
+    assert "HttpOnly" in cookie
+    assert "SameSite=Lax" in cookie
+    assert "Secure" not in cookie  # PUBLIC_BASE_URL is http here
+
+    refused = requests.post(web.url + "/connect", timeout=10)
+    assert refused.status_code == 405
+    assert refused.headers["Allow"] == "GET"
+    missing = requests.get(web.url + "/no/such/page", timeout=10)
+    assert missing.status_code == 404
+    assert "start at /connect" in missing.text
+
+
+def test_gunicorn_flow_completes_across_workers(
+    sb: Sandbox, web: WebProcess, redis_client: redis.Redis, redis_url: str, keys: Keys, key: str
+) -> None:
+    """A whole browser flow through gunicorn stores the connection, whichever worker answers."""
+    user = sb.users[1]
+    sb.world.set_oauth_next("close", user_email=user.email)
+    sb.world.set_oauth_next("calendly", user_email=user.email)
+    with requests.Session() as browser:
+        answer, _ = follow(browser, web.url + "/connect")
+    assert answer is not None
+    assert answer.status_code == 200
+    assert "Connected" in answer.text
+    services = services_for(sb, redis_client, redis_url, keys.prefix, key)
+    [connection] = services.connections.list()
+    assert connection.close_user_id == user.close_user_id
+
+
+def test_gunicorn_logs_carry_the_path_never_the_query_string(web: WebProcess) -> None:
+    """Access lines are `web METHOD /path STATUS`; no query string reaches any line of the log."""
+    code, state, raw = SECRETS
+    requests.get(f"{web.url}/oauth/close/callback?code={code}&state={state}", timeout=10)
+    requests.get(f"{web.url}/healthz?state={state}", timeout=10)
+    # A request line gunicorn itself refuses (it quotes refused lines in its own log).
+    with socket.create_connection(("127.0.0.1", web.port), timeout=10) as client:
+        client.sendall(f"GET /x?code={raw} HTTP/1.1 junk\r\nHost: x\r\n\r\n".encode())
+        assert client.recv(64).startswith(b"HTTP/1.1 400")
+    web.wait_for(r"Invalid request from")
+    web.wait_for(r"web GET /healthz 200")
+    messages = _access_lines(web)
+    assert "web GET /oauth/close/callback 400" in messages
+    assert "web GET /healthz 200" in messages
+    for secret in SECRETS:
+        assert secret not in web.text()
+
+
+def test_gunicorn_drops_a_client_that_stalls_mid_request(
+    sb: Sandbox, redis_url: str, keys: Keys, key: str, tmp_path: Path
+) -> None:
+    """Half a request holds a thread only until WEB_TIMEOUT_SECONDS; then it is dropped, quietly."""
+    port = _free_port()
+    env = {**_env(sb, redis_url, keys, key, port), "WEB_TIMEOUT_SECONDS": "4"}
+    args = ["--port", str(port), "--workers", "1", "--threads", "1"]
+    with web_command(args, env, tmp_path) as web:
+        web.wait_for(r"Booting worker with pid")
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as stalled:
+            stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+            # The one thread is held by the stalled client until its deadline, then freed.
+            answer = requests.get(web.url + "/healthz", timeout=30)
+            assert answer.status_code == 200
+            assert stalled.recv(1024) == b""  # closed by the server, long before our 60 s
+        web.wait_for(r"dropped a client that stalled mid-request")
+    assert "Traceback" not in web.text()
+    assert "Socket error" not in web.text()
