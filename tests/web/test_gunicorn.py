@@ -9,19 +9,26 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import requests
+from pydantic import SecretStr
 
+from closesync.core.webhooks import Subscription, WebhookState, new_key
 from closesync.sandbox import Sandbox
+from closesync.sandbox.connections import sandbox_connection
 from closesync.store.keys import Keys
 from closesync.store.secretbox import generate_key
+from closesync.worker.celery_app import SYNC_QUEUE
+from tests._broker import queued
 from tests._oauth import follow, sandbox_env, services_for
 from tests._sandbox import running_sandbox
 from tests._web import WebProcess, web_command
+from tests.webhook_helpers import event_body, signed
 
 SECRETS = ("CODEq8vN3kR7pXw2", "STATEmT9sYb4HcJ6", "RAWLINEdFgZq8vN3")
 
@@ -133,6 +140,42 @@ def test_gunicorn_logs_carry_the_path_never_the_query_string(web: WebProcess) ->
     assert "web GET /healthz 200" in messages
     for secret in SECRETS:
         assert secret not in web.text()
+
+
+def test_gunicorn_takes_a_webhook_delivery_and_queues_its_sync(
+    sb: Sandbox, web: WebProcess, redis_client: redis.Redis, redis_url: str, keys: Keys, key: str
+) -> None:
+    """POST /webhooks/calendly/<key> through gunicorn: verified, answered 200, the owner's sync
+    published to the broker (the worker's queue), and the key absent from the log."""
+    services = services_for(sb, redis_client, redis_url, keys.prefix, key)
+    user = sb.users[0]
+    connection, grants = sandbox_connection(user, time.time())
+    services.connections.save(connection, grants)
+    subscription = Subscription(
+        key=new_key(),
+        scope="user",
+        organization_uri=sb.world.calendly_org_uri,
+        user_uri=connection.calendly_user_uri,
+        connection_id=connection.id,
+        state=WebhookState.ACTIVE,
+        own_signing_key=True,
+        created_at=1.0,
+        updated_at=1.0,
+    )
+    services.webhooks.save(subscription, SecretStr("own-key-for-gunicorn"))
+    body = event_body("event_type.updated", "ET1", user.calendly_user_uuid)
+    answer = requests.post(
+        f"{web.url}/webhooks/calendly/{subscription.key}",
+        data=body,
+        headers=signed("own-key-for-gunicorn", body),
+        timeout=10,
+    )
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "accepted", "asked": 1}
+    [message] = queued(redis_client, keys.prefix, SYNC_QUEUE)
+    assert message.args[0] == connection.id
+    web.wait_for(r"web POST /webhooks/calendly/<")
+    assert subscription.key not in web.text()
 
 
 def test_gunicorn_drops_a_client_that_stalls_mid_request(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -94,8 +95,17 @@ def cmd_web(args: argparse.Namespace) -> int:
             workers=args.workers or settings.web_workers,
             threads=args.threads or settings.web_threads,
         ),
+        webhook_asker_of,
     )
     return 0
+
+
+def webhook_asker_of(services: Services) -> Callable[[list[str]], list[str]]:
+    """What webhook deliveries ask for syncs with, on a Celery app of this process's own."""
+    from closesync.worker.celery_app import create_app
+    from closesync.worker.enqueue import webhook_asker
+
+    return webhook_asker(services, create_app(services.settings))
 
 
 def _serve_dev(settings: Settings, host: str, port: int) -> int:
@@ -104,7 +114,9 @@ def _serve_dev(settings: Settings, host: str, port: int) -> int:
 
     init_sentry(settings)
     services = Services.build(settings)
-    server = WebServer((host, port), services, settings.public_base_url)
+    server = WebServer(
+        (host, port), services, settings.public_base_url, ask=webhook_asker_of(services)
+    )
     bound = server.server_address[1]  # the port taken, when asked for 0
     sys.stderr.write(
         f"closesync web on {host}:{bound}; users connect at {settings.public_base_url}/connect "

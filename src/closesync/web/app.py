@@ -6,12 +6,11 @@ well for an API but brings no more here; Starlette and FastAPI are ASGI, which b
 a handful of redirects and a webhook that only records and enqueues.
 
 Routes live in blueprints, one module each, registered in `create_app`:
-`connect_pages` (/, /connect, /connect/organization, the OAuth callbacks) and `health`
-(/healthz). A new route is one function in a blueprint module of its own, added to
-`_BLUEPRINTS`: the Calendly webhook receiver goes in `web/webhooks.py` as
-`POST /webhooks/calendly/<key>` (the only POST route; `request.get_data()` gives the raw body
-bytes to verify, `request.headers` the signature), and Prometheus in `web/metrics.py` as
-`GET /metrics`. Such a route gets from here, without a line of its own:
+`connect_pages` (/, /connect, /connect/organization, the OAuth callbacks), `health` (/healthz)
+and `webhook_route` (`POST /webhooks/calendly/<key>`, the only POST route: Calendly's
+deliveries, handed to the framework-free `web/webhooks.WebhookReceiver`). A new route is one
+function in a blueprint module of its own, added to `_BLUEPRINTS` (Prometheus goes in
+`web/metrics.py` as `GET /metrics`). Such a route gets from here, without a line of its own:
 
 - exact methods: a route answers only the methods it names (werkzeug would add HEAD to every
   GET route; a HEAD must not consume a flow), anything else gets 405 with `Allow`;
@@ -23,7 +22,7 @@ bytes to verify, `request.headers` the signature), and Prometheus in `web/metric
 - errors as pages: FlowError with its status (`pages.FLOW_STATUS`), ConfigError and any other
   CloseSyncError 503, an unexpected exception 500 without a traceback (it may hold a code);
 - one access-log line per request, `web METHOD /path STATUS`: the path alone, never the query
-  string (it carries codes and `state`).
+  string (it carries codes and `state`), and a webhook callback key shown as its digest.
 
 Pages never echo a query parameter (`pages`).
 """
@@ -40,14 +39,16 @@ from werkzeug.routing import Rule
 
 from closesync.connect.steps import FlowError
 from closesync.core.errors import CloseSyncError, ConfigError
-from closesync.web import connect_pages, health
+from closesync.core.webhooks import CALLBACK_PATH
+from closesync.web import connect_pages, health, webhook_route
 from closesync.web.context import WebContext, reply
 from closesync.web.pages import FLOW_STATUS, FLOW_TITLE, page
+from closesync.web.webhooks import SyncAsker, key_digest
 from closesync.wiring.services import Services
 
 log = logging.getLogger(__name__)
 
-_BLUEPRINTS = (health.blueprint, connect_pages.blueprint)
+_BLUEPRINTS = (health.blueprint, connect_pages.blueprint, webhook_route.blueprint)
 
 
 class CappedRequest(Request):
@@ -79,8 +80,14 @@ class ExactMethodsRule(Rule):
             self.methods = {method.upper() for method in declared}
 
 
-def create_app(services: Services, base_url: str | None = None) -> Flask:
-    """The web app on `services`; redirect URIs are built from `base_url` (or PUBLIC_BASE_URL)."""
+def create_app(
+    services: Services, base_url: str | None = None, ask: SyncAsker | None = None
+) -> Flask:
+    """The web app on `services`; redirect URIs are built from `base_url` (or PUBLIC_BASE_URL).
+
+    `ask` is how webhook deliveries ask for syncs (`closesync.worker.enqueue.webhook_asker`,
+    given by the CLI: the web layer sits beside the worker); without it deliveries get 503.
+    """
     settings = services.settings
     app = Flask(__name__)
     app.request_class = CappedRequest
@@ -91,7 +98,7 @@ def create_app(services: Services, base_url: str | None = None) -> Flask:
         # OPTIONS is not served either: nothing here is called cross-origin.
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
-    WebContext.build(services, base_url or settings.public_base_url).install(app)
+    WebContext.build(services, base_url or settings.public_base_url, ask).install(app)
     for blueprint in _BLUEPRINTS:
         app.register_blueprint(blueprint)
     app.before_request(_refuse_oversize_body)
@@ -115,13 +122,22 @@ def _refuse_oversize_body() -> None:
 def _never_gone(response: FlaskResponse) -> FlaskResponse:
     if response.status_code != 410:
         return response
-    log.error("web %s %s answered 410; sent 500 instead", request.method, request.path)
+    log.error("web %s %s answered 410; sent 500 instead", request.method, shown_path())
     return reply(page(500, "Something went wrong", "Please try again in a moment."))
 
 
+def shown_path() -> str:
+    """The request's path as logs may show it: no query string (that is where the codes and
+    `state` are), and a webhook callback key replaced by its digest (it is half of what a
+    delivery proves)."""
+    path = request.path
+    if path.startswith(CALLBACK_PATH):
+        return f"{CALLBACK_PATH}<{key_digest(path[len(CALLBACK_PATH) :])}>"
+    return path
+
+
 def _access_log(response: FlaskResponse) -> FlaskResponse:
-    # request.path has no query string: that is where the codes and `state` are.
-    log.info("web %s %s %s", request.method, request.path, response.status_code)
+    log.info("web %s %s %s", request.method, shown_path(), response.status_code)
     return response
 
 

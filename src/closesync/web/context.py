@@ -15,6 +15,7 @@ from flask import Response as FlaskResponse
 
 from closesync.connect.connector import Connector
 from closesync.web.pages import Response
+from closesync.web.webhooks import SyncAsker, WebhookReceiver
 from closesync.wiring.services import Services
 
 _EXTENSION = "closesync"
@@ -28,13 +29,17 @@ class WebContext:
     connector: Connector
     # The flow cookie is Secure when users reach the app over https (PUBLIC_BASE_URL).
     secure_cookie: bool
+    # Takes Calendly's webhook deliveries; None when the app was built without a way to
+    # enqueue (then the webhook route answers 503).
+    receiver: WebhookReceiver | None = None
 
     @classmethod
-    def build(cls, services: Services, base_url: str) -> WebContext:
+    def build(cls, services: Services, base_url: str, ask: SyncAsker | None = None) -> WebContext:
         return cls(
             services=services,
             connector=Connector(services, base_url),
             secure_cookie=urlsplit(base_url).scheme == "https",
+            receiver=WebhookReceiver(services, ask) if ask is not None else None,
         )
 
     def install(self, app: Flask) -> None:

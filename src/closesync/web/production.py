@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from gunicorn.app.base import BaseApplication
 from closesync.settings import Settings
 from closesync.web.app import create_app
 from closesync.web.timed_worker import StalledClientFilter, TimedThreadWorker
+from closesync.web.webhooks import SyncAsker
 from closesync.wiring.logs import configure
 from closesync.wiring.observability import init_sentry
 from closesync.wiring.services import Services
@@ -56,6 +58,10 @@ ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 _SHM = "/dev/shm"  # noqa: S108 - a directory gunicorn writes its heartbeat files to, by design
 
 _QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+# Builds, from a worker's Services, what webhook deliveries ask for syncs with.
+AskerFactory = Callable[[Services], SyncAsker]
 
 
 @dataclass(frozen=True)
@@ -97,9 +103,12 @@ class GunicornLogs(glogging.Logger):
 class GunicornServer(BaseApplication):
     """gunicorn's master and workers serving `create_app` with closesync's settings."""
 
-    def __init__(self, settings: Settings, serving: Serving) -> None:
+    def __init__(
+        self, settings: Settings, serving: Serving, make_ask: AskerFactory | None = None
+    ) -> None:
         self.settings = settings
         self.serving = serving
+        self.make_ask = make_ask
         self.services: Services | None = None  # a worker's own, built in `load`
         super().__init__()
 
@@ -140,7 +149,8 @@ class GunicornServer(BaseApplication):
         configure(self.settings.log_level, self.settings.log_format)
         init_sentry(self.settings)
         self.services = Services.build(self.settings)
-        return create_app(self.services, self.settings.public_base_url)
+        ask = self.make_ask(self.services) if self.make_ask is not None else None
+        return create_app(self.services, self.settings.public_base_url, ask)
 
     def _when_ready(self, arbiter: Any) -> None:
         host, port = arbiter.LISTENERS[0].sock.getsockname()[:2]
@@ -157,9 +167,10 @@ class GunicornServer(BaseApplication):
             self.services.redis.close()
 
 
-def serve(settings: Settings, serving: Serving) -> None:
+def serve(settings: Settings, serving: Serving, make_ask: AskerFactory | None = None) -> None:
     """Run gunicorn until it is stopped (SIGTERM: graceful, SIGINT/SIGQUIT: at once).
 
     `settings.redis_url` must already be resolved (no embedded Redis started per worker).
+    `make_ask` builds, in each worker after the fork, what webhook deliveries ask syncs with.
     """
-    GunicornServer(settings, serving).run()
+    GunicornServer(settings, serving, make_ask).run()

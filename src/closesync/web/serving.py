@@ -17,6 +17,7 @@ from flask import Flask
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from closesync.web.app import create_app
+from closesync.web.webhooks import SyncAsker
 from closesync.wiring.services import Services
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,14 @@ class WebServer:
         services: Services,
         base_url: str | None = None,
         request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+        ask: SyncAsker | None = None,
     ) -> None:
         """Bind `address`; callbacks go to `base_url` (default: the address bound).
 
         Routes may still be added to `app` (a blueprint) until the first request is served.
         """
         self._server = _Server(address[0], address[1], request_timeout)
-        self.app: Flask = create_app(services, base_url or self.url)
+        self.app: Flask = create_app(services, base_url or self.url, ask)
         self._server.app = self.app
 
     @property
