@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 
 from closesync import meters
 from closesync.core.connection import ConnectionState
-from closesync.core.errors import CloseSyncError
+from closesync.core.errors import CloseSyncError, ConfigError
 from closesync.settings import Settings
 from closesync.store.broker_queues import queue_depths
 from closesync.wiring.services import Services
@@ -235,7 +235,13 @@ def serve(services: Services, role: Role, port: int | None = None) -> Exposition
     if port is None:
         return None
     exposition = Exposition(collectors(services, role), os.environ.get(MULTIPROC_ENV))
-    start_http_server(port, addr=settings.metrics_bind_address, registry=exposition.registry)
+    try:
+        start_http_server(port, addr=settings.metrics_bind_address, registry=exposition.registry)
+    except OSError as error:
+        raise ConfigError(
+            f"METRICS_PORT {port} could not be opened on {settings.metrics_bind_address}: "
+            f"{error.strerror or error} (another process of this host has it?)"
+        ) from None
     log.info("serving Prometheus metrics on %s:%d", settings.metrics_bind_address, port)
     return exposition
 

@@ -139,6 +139,10 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         # A prefork worker replaces its pool processes now and then, returning leaked memory.
         "worker_max_tasks_per_child": 1000,
+        # Task events for Flower or `celery events` (CELERY_TASK_EVENTS): a few more messages
+        # per task, so off unless someone watches.
+        "worker_send_task_events": settings.celery_task_events,
+        "task_send_sent_event": settings.celery_task_events,
     }
 
 
