@@ -1,4 +1,4 @@
-"""The metrics: counting functions, and the collectors that read Redis at scrape time (real Redis)."""
+"""The metrics: the counting functions, and the collectors reading real Redis at scrape time."""
 
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def test_render_serves_the_counters_and_the_web_collectors(services: Services) -
 def test_count_webhook_delivery_unknown_result_raises_naming_the_known_ones() -> None:
     """A result outside the documented seven is refused, naming them."""
     bad: Any = "lost"
-    with pytest.raises(ValueError, match="unknown webhook delivery result 'lost'.*accepted"):
+    with pytest.raises(ValueError, match=r"unknown webhook delivery result 'lost'.*accepted"):
         meters.count_webhook_delivery(bad)
 
 
