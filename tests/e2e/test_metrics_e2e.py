@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
@@ -169,3 +170,33 @@ def test_scheduler_metrics_show_the_fleet_by_state_and_its_lag(
     assert value(samples, "closesync_connections", state="paused") == 1
     assert value(samples, "closesync_connections", state="needs_reauth") == 0
     assert ("closesync_queue_depth", frozenset({("queue", "sync")})) in samples
+
+
+def test_prefork_worker_metrics_sum_what_its_pool_processes_counted(
+    deploy: Callable[..., Deployment], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Under --pool prefork the runs happen in pool processes: the worker's port serves their
+    sum from the multiprocess directory, which it cleaned of an earlier worker's files."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    (directory / "counter_999999999.db").write_bytes(b"a dead worker's samples")
+    port = free_port()
+    deployment = deploy(METRICS_PORT=str(port), METRICS_MULTIPROC_DIR=str(directory))
+    users = sandbox.users[:2]
+    for user in users:
+        deployment.add_connection(user)
+    deployment.start("worker", "--pool", "prefork", "--concurrency", "2")
+    wait_for("the metrics port to answer", lambda: scrapable(port), 60)
+    enqueue_next_tick(deployment)
+    wait_for("Close to equal Calendly", lambda: all(converged(sandbox, u) for u in users), 60)
+
+    def counted() -> Samples | None:
+        samples = scrapable(port)
+        runs = samples and value(samples, "closesync_runs_total", mode="sync", outcome="ok")
+        return samples if runs == 2 else None
+
+    samples = wait_for("the pool's two runs to be counted", counted, 15)
+    links = sum(len(expected_links(sandbox, user)) for user in users)
+    assert value(samples, "closesync_links_total", action="created") == links
+    assert not (directory / "counter_999999999.db").exists()
+    assert list(directory.glob("counter_*.db"))
