@@ -101,6 +101,30 @@ class RedisServer:
         self.stop()
         raise RedisServerError(f"redis-server did not start on 127.0.0.1; its log ends:\n{tail}")
 
+    def restart(self) -> None:
+        """Stop the server and start a fresh one on the same port: what a broker reset looks
+        like to its clients (connections cut, every key gone, as nothing is persisted)."""
+        if self.process is None or self.port is None or self._dir is None:
+            raise RedisServerError("the server is not started")
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        log = Path(self._dir.name) / "redis.log"
+        self.process = subprocess.Popen(
+            [
+                redis_executable(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._dir.name,
+                "--logfile", str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        if not self._wait_ready():
+            raise RedisServerError(f"redis-server did not start again on port {self.port}")
+
     def _wait_ready(self) -> bool:
         assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT_SECONDS

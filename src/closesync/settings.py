@@ -205,6 +205,31 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # json | text; unset: text on a terminal, json otherwise.
     log_format: str | None = None
+    # TCP port on which `closesync worker` and `closesync scheduler` serve Prometheus metrics
+    # (GET /metrics, any path answers). Unset: no port is opened. `closesync run` gives its
+    # scheduler child METRICS_PORT + 1, as both share one host there.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Address the metrics port binds to: all interfaces by default, so that a Prometheus in
+    # another container reaches it; 127.0.0.1 keeps it to the host.
+    metrics_bind_address: str = "0.0.0.0"
+    # Directory for prometheus_client's multiprocess mode, used only by `--pool prefork` with
+    # METRICS_PORT (each pool process writes its samples there; the worker cleans it at start).
+    # Unset: {DATA_DIR}/prometheus-multiproc. Must be local to the host and not shared between
+    # two workers.
+    metrics_multiproc_dir: str | None = None
+    # Seconds the fleet gauges (connections by state, sync lag) are reused between scrapes: one
+    # read of every connection's record and newest reports, a few pipelines for 10,000 of them.
+    # Longer = cheaper for Redis, staler gauges; keep it below the scrape interval's few multiples.
+    metrics_fleet_refresh_seconds: float = Field(default=30.0, ge=0)
+    # Seconds a worker may go without completing a task while tasks wait in its queues before
+    # `closesync health --worker` fails: the lost-consumer check (a worker that reconnected to
+    # Redis but consumes nothing). Longer than the longest task (TASK_TIME_LIMIT's default of
+    # 300 s), or a worker busy with long runs would look stuck; shorter = a stuck worker is
+    # restarted sooner.
+    worker_stall_seconds: float = Field(default=600.0, gt=0)
+    # Celery task events (worker_send_task_events, task_send_sent_event), which Flower and
+    # `celery events` show. Off by default: every task then publishes a few events more to Redis.
+    celery_task_events: bool = False
 
     @field_validator("log_level")
     @classmethod

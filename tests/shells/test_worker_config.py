@@ -118,3 +118,29 @@ def test_create_app_sentinel_url_configures_master_on_broker_and_backend() -> No
     assert app.conf.broker_transport_options["master_name"] == "main"
     assert app.conf.result_backend_transport_options["master_name"] == "main"
     assert app.conf.broker_url == "sentinel://s1:26379/0"
+
+
+def test_celery_entry_app_for_flower_has_the_prefix_and_the_task_events_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`celery -A closesync.worker.celery_entry flower` gets closesync's broker, key prefix and
+    task events (CELERY_TASK_EVENTS), read from the environment."""
+    import importlib
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/3")
+    monkeypatch.setenv("REDIS_PREFIX", "flowertest")
+    monkeypatch.setenv("CELERY_TASK_EVENTS", "true")
+    import closesync.worker.celery_entry as entry
+
+    app = importlib.reload(entry).app
+    try:
+        assert app.conf.broker_url == "redis://127.0.0.1:1/3"
+        assert app.conf.broker_transport_options["global_keyprefix"] == "flowertest:celery:"
+        assert app.conf.worker_send_task_events is True
+        assert app.conf.task_send_sent_event is True
+    finally:
+        app.close()
+    monkeypatch.delenv("CELERY_TASK_EVENTS")
+    quiet = importlib.reload(entry).app
+    assert quiet.conf.worker_send_task_events is False
+    quiet.close()

@@ -14,6 +14,9 @@ longer than the timeouts: connect and read timeouts bound each socket operation,
 (a server trickling its answer, a slow DNS lookup), and a lock that expired mid-call would let a
 second process present the same single-use refresh token. A holder that dies stops renewing, so
 its lock still frees itself within the TTL.
+
+Each refresh sent is counted (`closesync_token_refreshes_total`, by API and result), so that
+refresh failures show on a dashboard before the connections they cost do.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Protocol
 
 from pydantic import SecretStr
 
+from closesync import meters
 from closesync.core.connection import SIDE_LABEL, Grant, Grants, Side
 from closesync.core.errors import AuthFailed, ConfigError, GrantRevoked, TransientError
 
@@ -195,14 +199,21 @@ class TokenKeeper:
             # during a slow refresh): if the stored refresh token changes, use that grant.
             current = self._rotated_elsewhere(presented, lock)
             if current is None:
+                meters.count_token_refresh(label, "revoked")
                 raise
             self._grant = current
             return current.access_token.get_secret_value()
         except AuthFailed as error:
+            meters.count_token_refresh(label, "client_refused")
             # The token endpoint refused closesync itself (invalid_client): configuration.
             raise ConfigError(
                 f"{label} refused closesync's OAuth client credentials: {error}"
             ) from None
+        except Exception:
+            # No answer, a 5xx, a rate limit: the run fails for a retry; the grant is intact.
+            meters.count_token_refresh(label, "error")
+            raise
+        meters.count_token_refresh(label, "ok")
         new = Grant(
             kind="oauth",
             access_token=SecretStr(answer.access_token),

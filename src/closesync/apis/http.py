@@ -3,8 +3,9 @@
 It owns the things every call needs and no client should repeat: connect and read timeouts, the
 mapping of a response to the typed errors of `closesync.core.errors` (the only place that does it),
 honouring the rate-limit headers of both APIs (read by `closesync.core.ratelimits`), waiting out
-rate limits and transient errors within a `WaitBudget`, and counting calls. It knows nothing of
-event types or links.
+rate limits and transient errors within a `WaitBudget`, and counting calls (per run, for the
+report, and per process in `closesync.meters`: calls by API, group and status class, 429s and
+seconds waited for rate limits). It knows nothing of event types or links.
 
 A `RateBudget` (optional) is the rate budget that every process calling the API for the same
 account shares (in Redis: `closesync.store.rate_budget`; wired by `closesync.wiring.services`):
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 import requests
 from requests.adapters import HTTPAdapter
 
-from closesync import __version__
+from closesync import __version__, meters
 from closesync.core.errors import (
     ApiError,
     AuthFailed,
@@ -304,6 +305,8 @@ class ApiHttp:
                 if attempt >= self.max_attempts or not self.budget.allows(delay):
                     raise
                 self.budget.spend(delay)
+                if isinstance(error, RateLimited):
+                    meters.count_rate_limit_wait(self.api, delay)
                 self.sleep(delay)
 
     def _wait_for_group(self, group: str, method: str, endpoint: str) -> None:
@@ -320,6 +323,7 @@ class ApiHttp:
                 method, endpoint, f" is out of requests for {wait:.2f} s", wait
             )
         self.budget.spend(wait)
+        meters.count_rate_limit_wait(self.api, wait)
         self.sleep(wait)
         self._blocked_until.pop(group, None)
 
@@ -348,6 +352,7 @@ class ApiHttp:
                 spent = f": the shared rate budget is spent for {wait:.2f} s"
                 raise self._out_of_requests(method, endpoint, spent, wait)
             self.budget.spend(delay)
+            meters.count_rate_limit_wait(self.api, delay)
             self.sleep(delay)
 
     def _once(
@@ -374,7 +379,9 @@ class ApiHttp:
             )
             body = response.content
         except (requests.RequestException, UnicodeError) as exc:
+            meters.count_api_call(self.api, group, None)
             raise self._transport_error(exc, method, endpoint) from None
+        meters.count_api_call(self.api, group, response.status_code)
         info = rate_limit_of(self.api, response.headers)
         if info is not None and info.remaining == 0 and info.reset_seconds:
             self._blocked_until[group] = self.clock() + info.reset_seconds

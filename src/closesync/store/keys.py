@@ -78,6 +78,11 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             schedule next: one chain of drains at a time
                                                                     PX next drain + 30 s
     {p}:scheduler:leader            STRING  token of the scheduler allowed to enqueue      PX ttl
+    {p}:celery:{queue}              LIST    Celery's queue of ready messages (queue: sync,
+                                            backfill, fanout), written by kombu under the
+                                            global_keyprefix {p}:celery:; closesync only
+                                            reads its LLEN (the queue-depth gauge and
+                                            `health --worker`)                        no TTL
     {p}:oauth-state:{digest}        STRING  an OAuth flow under way, sealed JSON (provider,
                                             redirect URI, PKCE verifier, the Close grant
                                             awaiting its Calendly side); digest = sha256 of
@@ -266,6 +271,14 @@ class Keys:
 
     def scheduler_leader(self) -> str:
         return f"{self.prefix}:scheduler:leader"
+
+    def celery_prefix(self) -> str:
+        """kombu's global_keyprefix: every key of the Celery broker starts with it."""
+        return f"{self.prefix}:celery:"
+
+    def celery_queue(self, queue: str) -> str:
+        """The list of ready messages of Celery queue `queue` (kombu's Redis transport)."""
+        return f"{self.celery_prefix()}{queue}"
 
     def oauth_state(self, digest: str) -> str:
         return f"{self.prefix}:oauth-state:{digest}"

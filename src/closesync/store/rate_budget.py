@@ -22,6 +22,10 @@ TTL is the announced reset; `take` reads its PTTL first, on Redis's clock, so ev
 account waits until the reset. A block is never shortened by a later, shorter one. Close's
 headers do not say which bucket ran out (the key's or the organization's), so a block covers the
 organization's group: at worst the other users of the organization wait one reset too many.
+
+Reading: `close_remaining` says how many requests of a group a Close organization has left in
+the current window (0 while blocked), for the `closesync_rate_budget_remaining` gauge; a process
+reports the organizations and groups it spent budget of (`closesync.meters.saw_close_budget`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
+from closesync import meters
 from closesync.core.errors import StoreUnavailable
 from closesync.settings import Settings
 from closesync.store.client import guard
@@ -105,7 +110,19 @@ class RateBudgets:
         user = f"close-user:{close_user_id}"
         org = f"close-org:{organization_id}" if organization_id else user
         limits = (Limit(org, self.close_org, True), Limit(user, self.close_user, True))
-        return SharedBudget(self, limits, block_scope=org, block_per_group=True)
+        return SharedBudget(
+            self, limits, block_scope=org, block_per_group=True, organization_id=organization_id
+        )
+
+    def close_remaining(self, organization_id: str, group: str) -> int:
+        """Requests of `group` Close organization `organization_id` has left in the current window
+        of its shared budget: 0 while an API-announced reset blocks it."""
+        scope = f"close-org:{organization_id}"
+        with guard(f"reading the rate budget of {scope}"):
+            if int(self.redis.pttl(self.keys.rate_blocked(scope, group))) > 0:
+                return 0
+            stats = self.limiter.get_window_stats(self.close_org, scope, group)
+        return max(0, int(stats.remaining))
 
     def calendly(self, user_uuid: str, shared_grant_ref: str | None = None) -> SharedBudget:
         """The budget of the Calendly account whose token makes the calls: the connection's own
@@ -128,8 +145,11 @@ class SharedBudget:
         *,
         block_scope: str,
         block_per_group: bool,
+        organization_id: str | None = None,
     ) -> None:
         self.budgets = budgets
+        # A Close organization's budget: reported by the metrics (a Calendly one is not).
+        self.organization_id = organization_id
         self.limits = limits
         self.block_scope = block_scope
         self.block_per_group = block_per_group
@@ -147,6 +167,8 @@ class SharedBudget:
         budget only stricter for that window.
         """
         limiter = self.budgets.limiter
+        if self.organization_id is not None:
+            meters.saw_close_budget(self.organization_id, group)
         with guard(f"taking a request from the rate budget of {self.block_scope}"):
             blocked_ms = int(self.budgets.redis.pttl(self._blocked_key(group)))
             if blocked_ms > 0:

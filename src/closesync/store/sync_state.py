@@ -121,6 +121,22 @@ def _facts(reports: list[str], held: str | None, backfill: dict[Any, Any]) -> St
     )
 
 
+_SUCCEEDED = frozenset({"ok", "partial"})
+
+
+def _last_success(reports: list[bytes | str]) -> float | None:
+    """When the newest successful run of `reports` (newest first) finished, else the start of the
+    oldest of them; None when there is none."""
+    oldest: float | None = None
+    for raw in reports:
+        data = json.loads(as_text(raw))
+        if data.get("outcome") in _SUCCEEDED and not data.get("dry_run"):
+            finished = data.get("finished_at")
+            return float(finished if finished is not None else data["started_at"])
+        oldest = float(data["started_at"])
+    return oldest
+
+
 class SyncState:
     """Per-connection sync bookkeeping: link records, rejections, holds, reports, flags."""
 
@@ -459,6 +475,26 @@ class SyncState:
                 found.append(
                     _facts(texts, None if raw_held is None else as_text(raw_held), backfills[index])
                 )
+        return found
+
+    @guard("reading when connections last synced")
+    def last_synced(self, conn_ids: Sequence[str], *, depth: int) -> list[float | None]:
+        """For each of `conn_ids`, when its last successful run (ok or partial) finished, looked
+        for among its newest `depth` reports, in pipelines of FACTS_BATCH connections.
+
+        A connection none of whose `depth` newest runs succeeded gets the start of the oldest of
+        them: it has not synced since at least then, a lower bound of its lag. None: no report.
+        Each report is read as plain JSON (two fields), not as a RunReport, as the metrics do
+        this for the whole fleet.
+        """
+        found: list[float | None] = []
+        for start in range(0, len(conn_ids), FACTS_BATCH):
+            batch = conn_ids[start : start + FACTS_BATCH]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for conn_id in batch:
+                    pipe.lrange(self.keys.reports(conn_id), 0, max(depth, 1) - 1)
+                replies = pipe.execute()
+            found.extend(_last_success(reports) for reports in replies)
         return found
 
     @guard("requesting a rerun")

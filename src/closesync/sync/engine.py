@@ -32,6 +32,7 @@ from contextlib import AbstractContextManager
 
 from pydantic import ValidationError
 
+from closesync import meters
 from closesync.core.connection import (
     Connection,
     ConnectionState,
@@ -102,7 +103,31 @@ class SyncEngine:
         Every closesync error of the run (API, Redis, decryption, stored state that no longer
         parses) ends up in the report as a failure, never raised; only an error that prevents
         even reading the connection or storing the report is raised.
+
+        Every report returned is counted (`closesync.meters.observe_run`): outcome, duration and
+        the links written.
         """
+        report = self._run(
+            connection_id,
+            mode=mode,
+            dry_run=dry_run,
+            allow_mass_delete=allow_mass_delete,
+            progress=progress,
+            deadline=deadline,
+        )
+        meters.observe_run(report)
+        return report
+
+    def _run(
+        self,
+        connection_id: str,
+        *,
+        mode: RunMode,
+        dry_run: bool,
+        allow_mass_delete: bool,
+        progress: Progress | None,
+        deadline: Deadline | None,
+    ) -> RunReport:
         report = RunReport(
             connection_id=connection_id, mode=mode, dry_run=dry_run, started_at=self.clock()
         )

@@ -17,13 +17,11 @@ from celery import Celery
 
 from closesync.core.errors import ConfigError
 from closesync.settings import Settings
+from closesync.store.broker_queues import BACKFILL_QUEUE, FANOUT_QUEUE, SYNC_QUEUE
 from closesync.store.client import DEFAULT_SENTINEL_MASTER
+from closesync.store.keys import Keys
 
-SYNC_QUEUE = "sync"
-BACKFILL_QUEUE = "backfill"
-# The fan-outs and the drains of their schedules: short tasks that must never wait behind
-# thousands of per-connection runs. Every worker consumes it, whatever `--queues` says.
-FANOUT_QUEUE = "fanout"
+# The queue names (sync, backfill, fanout) are `closesync.store.broker_queues`'s.
 # Task names are part of the wire format between the enqueuers and the workers: never rename.
 SYNC_ALL = "closesync.sync_all"
 SYNC_CONNECTION = "closesync.sync_connection"
@@ -93,7 +91,7 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "unacked_restore_interval": max(1, min(60, visibility // 4)),
         "unacked_restore_throttle": 1,
         # Queue keys share closesync's prefix, so one Redis can serve several deployments.
-        "global_keyprefix": f"{settings.redis_prefix}:celery:",
+        "global_keyprefix": Keys(settings.redis_prefix).celery_prefix(),
         # A broker that vanished without closing TCP must not hang a publish forever.
         "socket_timeout": 10,
         "socket_connect_timeout": 10,
@@ -141,6 +139,10 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         # A prefork worker replaces its pool processes now and then, returning leaked memory.
         "worker_max_tasks_per_child": 1000,
+        # Task events for Flower or `celery events` (CELERY_TASK_EVENTS): a few more messages
+        # per task, so off unless someone watches.
+        "worker_send_task_events": settings.celery_task_events,
+        "task_send_sent_event": settings.celery_task_events,
     }
 
 

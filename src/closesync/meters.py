@@ -1,0 +1,176 @@
+"""The Prometheus metrics closesync counts as it works, and the one-line functions that count.
+
+Why a module of its own, this low: the places that see what an operator must count are deep in
+the stack (the HTTP layer sees every API call and 429, the token keeper every refresh, the rate
+budget every Close organization, the engine every run), and they must not import the wiring
+that exposes the metrics. So the metric objects live here, with nothing but prometheus_client
+and the core's data types beneath them: no Redis, no HTTP, no Celery. Exposing them (a port,
+`/metrics`, the multiprocess collector under `--pool prefork`) and the gauges read from Redis at
+scrape time are `closesync.wiring.metrics`'s.
+
+Every metric here has labels, so that no sample file is made at import time: under prefork the
+multiprocess directory is cleaned when the worker starts, after this module was imported.
+
+Labels are bounded and never secret: an API ("Close", "Calendly"), an endpoint group (a method
+and a path template: "POST /scheduling_link/integration/"), a status class, a run mode and
+outcome, a Celery task name, a Close organization id. Never a token, an email, a connection id
+or a user id.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal, get_args
+
+from prometheus_client import Counter, Histogram
+
+from closesync.core.report import RunReport
+
+RUNS = Counter(
+    "closesync_runs_total",
+    "Runs of a connection finished, by mode (sync, backfill, drift) and outcome (ok, partial, "
+    "failed, skipped).",
+    ["mode", "outcome"],
+)
+# Seconds: from a second (nothing to write) to the soft time limit's default of 240.
+RUN_DURATION = Histogram(
+    "closesync_run_duration_seconds",
+    "Seconds one run of a connection lasted, from its start to its report, by mode.",
+    ["mode"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 240, 600),
+)
+LINKS = Counter(
+    "closesync_links_total",
+    "Scheduling links by what a run did with them: created, updated or deleted in Close, held "
+    "(a deletion kept back by the mass-delete guard) or rejected (refused by Close, or "
+    "unmappable).",
+    ["action"],
+)
+API_CALLS = Counter(
+    "closesync_api_calls_total",
+    "HTTP requests sent to an API, by API, endpoint group (method and path template) and status "
+    "class (2xx, 3xx, 4xx, 5xx, or error: no response).",
+    ["api", "group", "status_class"],
+)
+RATE_LIMITED = Counter(
+    "closesync_rate_limited_total",
+    "Responses with status 429 (Too Many Requests), by API.",
+    ["api"],
+)
+RATE_LIMIT_WAIT = Counter(
+    "closesync_rate_limit_wait_seconds_total",
+    "Seconds runs slept waiting for a rate limit (an announced reset, a 429, or the shared "
+    "budget spent), by API.",
+    ["api"],
+)
+TOKEN_REFRESHES = Counter(
+    "closesync_token_refreshes_total",
+    "OAuth token refreshes sent to a provider, by API and result: ok, revoked (the grant was "
+    "refused: the connection needs re-authorization), client_refused (closesync's own OAuth "
+    "client was refused: configuration), error (no answer, or a 5xx).",
+    ["api", "result"],
+)
+TASKS_COMPLETED = Counter(
+    "closesync_tasks_completed_total",
+    "Celery tasks a worker finished running, by task name and state (SUCCESS, FAILURE, RETRY, "
+    "...).",
+    ["task", "state"],
+)
+
+WebhookResult = Literal[
+    "accepted", "duplicate", "bad_signature", "stale", "unknown_key", "too_large", "unavailable"
+]
+WEBHOOK_RESULTS: tuple[str, ...] = get_args(WebhookResult)
+WEBHOOK_DELIVERIES = Counter(
+    "closesync_webhook_deliveries_total",
+    "Webhook deliveries received, by result: accepted (a sync was asked for), duplicate (seen "
+    "before), bad_signature, stale (signed too long ago), unknown_key (no such subscription), "
+    "too_large (body over the limit), unavailable (Redis did not answer: the sender retries).",
+    ["result"],
+)
+
+
+def status_class(status: int | None) -> str:
+    """ "2xx" .. "5xx" for a status, "error" for a call that got no response."""
+    if status is None or not 100 <= status <= 599:
+        return "error"
+    return f"{status // 100}xx"
+
+
+def count_api_call(api: str, group: str, status: int | None) -> None:
+    """One request sent to `api` for endpoint `group`, answered `status` (None: no answer)."""
+    API_CALLS.labels(api, group, status_class(status)).inc()
+    if status == 429:
+        RATE_LIMITED.labels(api).inc()
+
+
+def count_rate_limit_wait(api: str, seconds: float) -> None:
+    """A run of `api` is about to sleep `seconds` for a rate limit."""
+    if seconds > 0:
+        RATE_LIMIT_WAIT.labels(api).inc(seconds)
+
+
+def count_token_refresh(api: str, result: str) -> None:
+    """One refresh sent to `api`'s token endpoint ended with `result`."""
+    TOKEN_REFRESHES.labels(api, result).inc()
+
+
+def count_task(task: str, state: str) -> None:
+    """A Celery task finished (any state): what `closesync_tasks_completed_total` counts."""
+    TASKS_COMPLETED.labels(task, state).inc()
+
+
+def count_webhook_delivery(result: WebhookResult) -> None:
+    """One webhook delivery ended with `result` (one of WEBHOOK_RESULTS, else ValueError)."""
+    if result not in WEBHOOK_RESULTS:
+        raise ValueError(
+            f"unknown webhook delivery result {result!r}: expected one of "
+            f"{', '.join(WEBHOOK_RESULTS)}"
+        )
+    WEBHOOK_DELIVERIES.labels(result).inc()
+
+
+def observe_run(report: RunReport) -> None:
+    """Count a finished run: its outcome, duration and (unless a dry run) the links it wrote."""
+    RUNS.labels(report.mode.value, report.outcome.value).inc()
+    if report.finished_at is not None:
+        RUN_DURATION.labels(report.mode.value).observe(
+            max(0.0, report.finished_at - report.started_at)
+        )
+    if report.dry_run:
+        return
+    for action, count in (
+        ("created", report.created),
+        ("updated", report.updated),
+        ("deleted", report.deleted),
+        ("held", len(report.held_deletions)),
+        ("rejected", len(report.failed)),
+    ):
+        if count:
+            LINKS.labels(action).inc(count)
+
+
+# --- Close organizations whose shared rate budget this process spends -------------------------
+
+# Distinct (organization, group) pairs remembered: far more than one deployment's organizations
+# times Close's few endpoint groups; past it, new pairs are not reported (never unbounded).
+MAX_BUDGETS_SEEN = 2000
+_budgets_seen: set[tuple[str, str]] = set()
+_budgets_lock = threading.Lock()
+
+
+def saw_close_budget(organization_id: str, group: str) -> None:
+    """This process took a request of `group` from Close organization `organization_id`'s budget:
+    its remaining requests are reported at the next scrape (`closesync.wiring.metrics`)."""
+    pair = (organization_id, group)
+    if pair in _budgets_seen:
+        return
+    with _budgets_lock:
+        if len(_budgets_seen) < MAX_BUDGETS_SEEN:
+            _budgets_seen.add(pair)
+
+
+def close_budgets_seen() -> list[tuple[str, str]]:
+    """The (organization id, endpoint group) pairs this process spent budget of, sorted."""
+    with _budgets_lock:
+        return sorted(_budgets_seen)

@@ -1,0 +1,294 @@
+"""Exposing closesync's Prometheus metrics: a port for the worker and the scheduler, a render
+function for the web process, and the gauges read from Redis when Prometheus scrapes.
+
+The counters and histograms are counted where things happen (`closesync.meters`); this module
+adds what only Redis knows, read at scrape time so that nothing polls Redis between scrapes:
+
+- `closesync_queue_depth{queue}`: messages ready in each Celery queue (one pipeline of LLENs);
+- `closesync_rate_budget_remaining{organization,group}`: requests left in the current window of
+  each Close organization's shared budget this process spent of;
+- `closesync_connections{state}` and `closesync_sync_lag_seconds` (the fleet gauges): a read of
+  every connection's record and newest reports, a few pipelines for 10,000 connections, reused
+  for METRICS_FLEET_REFRESH_SECONDS so that frequent scrapes cost Redis nothing more. Served by
+  the scheduler and the web process, not by every worker: N workers would read the fleet N times
+  for the same numbers.
+
+A collector whose Redis read fails yields nothing for that scrape (and logs why) rather than
+failing the whole scrape: the counters still arrive, and the missing gauges show the outage.
+
+Under `--pool prefork` each pool process counts in its own memory-mapped files in
+PROMETHEUS_MULTIPROC_DIR and the worker's main process serves their sum (prometheus_client's
+multiprocess mode); the threads pool and every other process use the plain per-process registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from closesync import meters
+from closesync.core.connection import ConnectionState
+from closesync.core.errors import CloseSyncError, ConfigError
+from closesync.settings import Settings
+from closesync.store.broker_queues import queue_depths
+from closesync.wiring.services import Services
+
+log = logging.getLogger(__name__)
+
+# The environment variable prometheus_client reads, at import, to count in files (prefork).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+Role = Literal["worker", "scheduler", "web"]
+
+
+class QueueDepths(Collector):
+    """`closesync_queue_depth{queue}`, read at each scrape."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            depths = queue_depths(self.services.redis, self.services.keys)
+        except CloseSyncError as error:
+            log.warning("metrics: the queue depths were not read: %s", error)
+            return
+        family = GaugeMetricFamily(
+            "closesync_queue_depth",
+            "Messages ready in a Celery queue (sync, backfill, fanout) that no worker has taken.",
+            labels=["queue"],
+        )
+        for queue, depth in depths.items():
+            family.add_metric([queue], depth)
+        yield family
+
+
+class CloseBudgets(Collector):
+    """`closesync_rate_budget_remaining{organization,group}` for the budgets this process spent."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        budgets = self.services.budgets
+        if budgets is None:
+            return
+        family = GaugeMetricFamily(
+            "closesync_rate_budget_remaining",
+            "Requests a Close organization has left of one endpoint group in the current "
+            "one-second window of its shared budget (CLOSE_ORG_REQUESTS_PER_SECOND, all "
+            "processes together); 0 while Close's announced reset blocks it.",
+            labels=["organization", "group"],
+        )
+        try:
+            for organization, group in meters.close_budgets_seen():
+                family.add_metric(
+                    [organization, group], budgets.close_remaining(organization, group)
+                )
+        except CloseSyncError as error:
+            log.warning("metrics: the rate budgets were not read: %s", error)
+            return
+        yield family
+
+
+@dataclass(frozen=True)
+class FleetNumbers:
+    """What the fleet gauges say, read at `at`."""
+
+    at: float
+    states: dict[str, int]
+    # Seconds since the oldest last successful sync among active connections (0: none active).
+    lag: float
+
+
+def read_fleet(services: Services, now: float) -> FleetNumbers:
+    """Connections by state and the sync lag, from every connection's record and newest reports.
+
+    A connection whose Calendly organization's shared credential was refused counts as
+    needs_reauth, as `closesync status` shows it. An active connection that never ran counts
+    from when it was added.
+    """
+    connections = services.connections.list()
+    refused = services.connections.shared_refused_of(
+        c.calendly_grant_ref for c in connections if c.calendly_grant_ref is not None
+    )
+    states = {state.value: 0 for state in ConnectionState}
+    active = []
+    for connection in connections:
+        state = connection.state
+        if state is ConnectionState.ACTIVE and refused.get(connection.calendly_grant_ref or ""):
+            state = ConnectionState.NEEDS_REAUTH
+        states[state.value] += 1
+        if state is ConnectionState.ACTIVE:
+            active.append(connection)
+    synced = services.state.last_synced(
+        [c.id for c in active], depth=services.settings.reports_kept
+    )
+    oldest = min(
+        (at if at is not None else c.created_at for c, at in zip(active, synced, strict=True)),
+        default=None,
+    )
+    lag = 0.0 if oldest is None else max(0.0, now - oldest)
+    return FleetNumbers(at=now, states=states, lag=lag)
+
+
+class Fleet(Collector):
+    """`closesync_connections{state}` and `closesync_sync_lag_seconds`, reused for `refresh`
+    seconds between reads."""
+
+    def __init__(
+        self, services: Services, refresh: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.services = services
+        self.refresh = refresh
+        self.clock = clock
+        self._numbers: FleetNumbers | None = None
+        self._lock = threading.Lock()
+
+    def numbers(self) -> FleetNumbers | None:
+        """The fleet's numbers, read again when older than `refresh`; None if Redis failed."""
+        with self._lock:
+            now = self.clock()
+            if self._numbers is None or now - self._numbers.at >= self.refresh:
+                try:
+                    self._numbers = read_fleet(self.services, now)
+                except CloseSyncError as error:
+                    log.warning("metrics: the fleet gauges were not read: %s", error)
+                    return None
+            return self._numbers
+
+    def collect(self) -> Iterator[Metric]:
+        numbers = self.numbers()
+        if numbers is None:
+            return
+        states = GaugeMetricFamily(
+            "closesync_connections",
+            "Stored connections by state: active (synced on schedule), paused, needs_reauth (a "
+            "grant was refused: the user must connect again).",
+            labels=["state"],
+        )
+        for state, count in numbers.states.items():
+            states.add_metric([state], count)
+        yield states
+        yield GaugeMetricFamily(
+            "closesync_sync_lag_seconds",
+            "Seconds since the oldest last successful sync among active connections (one never "
+            "synced counts from when it was added); 0 when none is active.",
+            value=numbers.lag,
+        )
+
+
+def collectors(services: Services, role: Role) -> list[Collector]:
+    """The Redis-reading collectors a process of `role` serves beside its counters."""
+    found: list[Collector] = [QueueDepths(services)]
+    if role == "worker":
+        found.append(CloseBudgets(services))
+    else:
+        found.append(Fleet(services, services.settings.metrics_fleet_refresh_seconds))
+    return found
+
+
+class _ProcessCounters(Collector):
+    """This process's own counters and histograms (prometheus_client's default registry)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+
+
+class Exposition:
+    """What one process serves: its counters (or, under prefork, every pool process's, summed
+    from the multiprocess directory) and the collectors of its role, in a registry of its own,
+    so that nothing is added to prometheus_client's global one."""
+
+    def __init__(self, extra: Iterable[Collector], multiproc_dir: str | None = None) -> None:
+        self.registry = CollectorRegistry()
+        if multiproc_dir is None:
+            self.registry.register(_ProcessCounters())
+        else:
+            # prometheus_client leaves it untyped.
+            MultiProcessCollector(self.registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+        for collector in extra:
+            self.registry.register(collector)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format, and its Content-Type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def serve(services: Services, role: Role, port: int | None = None) -> Exposition | None:
+    """Serve the metrics of this process on METRICS_PORT (or `port`) in a daemon thread; None
+    when neither is set. Under prefork (PROMETHEUS_MULTIPROC_DIR set) it serves the pool's sum."""
+    settings = services.settings
+    port = port if port is not None else settings.metrics_port
+    if port is None:
+        return None
+    exposition = Exposition(collectors(services, role), os.environ.get(MULTIPROC_ENV))
+    try:
+        start_http_server(port, addr=settings.metrics_bind_address, registry=exposition.registry)
+    except OSError as error:
+        raise ConfigError(
+            f"METRICS_PORT {port} could not be opened on {settings.metrics_bind_address}: "
+            f"{error.strerror or error} (another process of this host has it?)"
+        ) from None
+    log.info("serving Prometheus metrics on %s:%d", settings.metrics_bind_address, port)
+    return exposition
+
+
+_web: tuple[Services, Exposition] | None = None
+_web_lock = threading.Lock()
+
+
+def render(services: Services) -> tuple[bytes, str]:
+    """The web process's metrics (body, Content-Type), for its `GET /metrics` route.
+
+    Framework-free: the web app answers 200 with these bytes and this Content-Type. The
+    collectors are built once per process, on the first call.
+    """
+    global _web  # noqa: PLW0603 - one exposition per web process, like prometheus_client's REGISTRY
+    with _web_lock:
+        if _web is None or _web[0] is not services:
+            _web = (
+                services,
+                Exposition(collectors(services, "web"), os.environ.get(MULTIPROC_ENV)),
+            )
+        exposition = _web[1]
+    return exposition.render()
+
+
+# --- prefork: the multiprocess directory ------------------------------------------------------
+
+
+def multiproc_dir_of(settings: Settings) -> str:
+    """METRICS_MULTIPROC_DIR, else {DATA_DIR}/prometheus-multiproc, as an absolute path."""
+    chosen = settings.metrics_multiproc_dir or str(Path(settings.data_dir) / "prometheus-multiproc")
+    return str(Path(chosen).resolve())
+
+
+def clean_multiproc_dir(path: str) -> None:
+    """Create `path`, and delete the sample files earlier processes left there (this process's
+    own, made since it started, are kept): a restarted worker must not add a dead pool's
+    counts to its own."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    own = f"_{os.getpid()}.db"
+    for stale in directory.glob("*.db"):
+        if not stale.name.endswith(own):
+            stale.unlink(missing_ok=True)
+
+
+def pool_process_exited(pid: int) -> None:
+    """A prefork pool process `pid` stopped: drop its live-gauge files (its counters stay)."""
+    if os.environ.get(MULTIPROC_ENV):
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
