@@ -124,6 +124,36 @@ def test_gunicorn_flow_completes_across_workers(
     assert connection.close_user_id == user.close_user_id
 
 
+def _api_calls(text: str) -> float:
+    """The sum of closesync_api_calls_total samples in a scrape."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("closesync_api_calls_total{")
+    )
+
+
+def test_gunicorn_metrics_sum_every_worker(sb: Sandbox, web: WebProcess) -> None:
+    """GET /metrics answers the sum over gunicorn's workers (multiprocess mode): after a flow's
+    API calls, every scrape, whichever worker answers it, shows the same count."""
+    user = sb.users[0]
+    sb.world.set_oauth_next("close", user_email=user.email)
+    sb.world.set_oauth_next("calendly", user_email=user.email)
+    with requests.Session() as browser:
+        answer, _ = follow(browser, web.url + "/connect")
+    assert answer is not None
+    assert answer.status_code == 200
+    scrapes = []
+    for _ in range(6):  # new connections each time: both workers answer some of them
+        got = requests.get(web.url + "/metrics", timeout=10, headers={"Connection": "close"})
+        assert got.status_code == 200
+        assert got.headers["Content-Type"].startswith("text/plain")
+        scrapes.append(_api_calls(got.text))
+    assert scrapes[0] > 0
+    assert set(scrapes) == {scrapes[0]}
+    assert len(web.wait_for_all(r"Booting worker with pid: (\d+)", 2)) == 2
+
+
 def test_gunicorn_logs_carry_the_path_never_the_query_string(web: WebProcess) -> None:
     """Access lines are `web METHOD /path STATUS`; no query string reaches any line of the log."""
     code, state, raw = SECRETS

@@ -85,6 +85,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     host, port = _address(args, settings)
     if args.dev:
         return _serve_dev(settings, host, port)
+    _multiprocess_metrics(settings)
     from closesync.web.production import Serving, serve
 
     serve(
@@ -98,6 +99,27 @@ def cmd_web(args: argparse.Namespace) -> int:
         webhook_asker_of,
     )
     return 0
+
+
+def _multiprocess_metrics(settings: Settings) -> None:
+    """gunicorn's workers are processes and a scrape of /metrics reaches one of them: count in
+    prometheus_client's multiprocess mode, in a directory of the web process's own, cleaned first.
+
+    prometheus_client picks file-backed values when it is imported, which happened before this
+    point: unless PROMETHEUS_MULTIPROC_DIR was set already, set it and exec this same command
+    again (the pid stays), as `closesync worker --pool prefork` does.
+    """
+    from closesync.wiring.metrics import MULTIPROC_ENV, clean_multiproc_dir, multiproc_dir_of
+
+    if os.environ.get(MULTIPROC_ENV):
+        clean_multiproc_dir(os.environ[MULTIPROC_ENV])
+        return
+    directory = os.path.join(multiproc_dir_of(settings), "web")
+    clean_multiproc_dir(directory)
+    os.environ[MULTIPROC_ENV] = directory
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "closesync", *sys.argv[1:]])  # noqa: S606
 
 
 def webhook_asker_of(services: Services) -> Callable[[list[str]], list[str]]:

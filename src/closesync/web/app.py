@@ -9,8 +9,8 @@ Routes live in blueprints, one module each, registered in `create_app`:
 `connect_pages` (/, /connect, /connect/organization, the OAuth callbacks), `health` (/healthz)
 and `webhook_route` (`POST /webhooks/calendly/<key>`, the only POST route: Calendly's
 deliveries, handed to the framework-free `web/webhooks.WebhookReceiver`). A new route is one
-function in a blueprint module of its own, added to `_BLUEPRINTS` (Prometheus goes in
-`web/metrics.py` as `GET /metrics`). Such a route gets from here, without a line of its own:
+function in a blueprint module of its own, added to `_BLUEPRINTS`; `metrics` serves
+Prometheus's `GET /metrics`. Such a route gets from here, without a line of its own:
 
 - exact methods: a route answers only the methods it names (werkzeug would add HEAD to every
   GET route; a HEAD must not consume a flow), anything else gets 405 with `Allow`;
@@ -40,7 +40,7 @@ from werkzeug.routing import Rule
 from closesync.connect.steps import FlowError
 from closesync.core.errors import CloseSyncError, ConfigError
 from closesync.core.webhooks import CALLBACK_PATH
-from closesync.web import connect_pages, health, webhook_route
+from closesync.web import connect_pages, health, metrics, webhook_route
 from closesync.web.context import WebContext, reply
 from closesync.web.pages import FLOW_STATUS, FLOW_TITLE, page
 from closesync.web.webhooks import SyncAsker, key_digest
@@ -48,7 +48,12 @@ from closesync.wiring.services import Services
 
 log = logging.getLogger(__name__)
 
-_BLUEPRINTS = (health.blueprint, connect_pages.blueprint, webhook_route.blueprint)
+_BLUEPRINTS = (
+    health.blueprint,
+    connect_pages.blueprint,
+    webhook_route.blueprint,
+    metrics.blueprint,
+)
 
 
 class CappedRequest(Request):

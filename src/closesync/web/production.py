@@ -37,6 +37,7 @@ from closesync.web.app import create_app
 from closesync.web.timed_worker import StalledClientFilter, TimedThreadWorker
 from closesync.web.webhooks import SyncAsker
 from closesync.wiring.logs import configure
+from closesync.wiring.metrics import pool_process_exited
 from closesync.wiring.observability import init_sentry
 from closesync.wiring.services import Services
 
@@ -137,6 +138,7 @@ class GunicornServer(BaseApplication):
             "worker_tmp_dir": _SHM if os.path.isdir(_SHM) else None,
             "when_ready": self._when_ready,
             "worker_exit": self._worker_exit,
+            "child_exit": self._child_exit,
         }
 
     def load_config(self) -> None:
@@ -160,6 +162,10 @@ class GunicornServer(BaseApplication):
             f"{self.serving.threads} threads)\n"
         )
         sys.stderr.flush()
+
+    def _child_exit(self, arbiter: Any, worker: Any) -> None:
+        # In the master: a worker is gone, its live gauges with it (its counters stay summed).
+        pool_process_exited(worker.pid)
 
     def _worker_exit(self, arbiter: Any, worker: Any) -> None:
         if self.services is not None:
