@@ -63,3 +63,39 @@ def link_body(source_id: str = "evt_1", **changes: Any) -> dict[str, Any]:
 def admin(sb: Sandbox, method: str, path: str, **kwargs: Any) -> requests.Response:
     """Call an admin endpoint on the Close port."""
     return requests.request(method, f"{sb.world.close_base}/_sandbox{path}", timeout=5, **kwargs)
+
+
+def cal_call(sb: Sandbox, method: str, path: str, token: str, **kwargs: Any) -> requests.Response:
+    """Call a Calendly path with a bearer token (a PAT or an OAuth access token)."""
+    return requests.request(
+        method,
+        sb.calendly_api_url + path,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+        **kwargs,
+    )
+
+
+def calendly_oauth_token(sb: Sandbox, user: SeededUser, scope: str | None = None) -> str:
+    """An OAuth access token of `user` through the real authorize and token endpoints."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from closesync.sandbox import CALENDLY_CLIENT_ID, CALENDLY_CLIENT_SECRET
+
+    sb.world.set_oauth_next("calendly", user.email)
+    redirect = "http://localhost:9999/callback"
+    params = {"client_id": CALENDLY_CLIENT_ID, "response_type": "code", "redirect_uri": redirect}
+    if scope is not None:
+        params["scope"] = scope
+    answer = requests.get(
+        sb.calendly_auth_url + "/oauth/authorize", params=params, allow_redirects=False, timeout=5
+    )
+    code = parse_qs(urlsplit(answer.headers["Location"]).query)["code"][0]
+    token = requests.post(
+        sb.calendly_auth_url + "/oauth/token",
+        data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect},
+        auth=(CALENDLY_CLIENT_ID, CALENDLY_CLIENT_SECRET),
+        timeout=5,
+    )
+    token.raise_for_status()
+    return str(token.json()["access_token"])

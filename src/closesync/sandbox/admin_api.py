@@ -3,9 +3,13 @@
 Lets a demo, an e2e test or a person with curl change the world (add users and event types,
 edit or delete Close links to simulate drift), inject faults, expire tokens, move the clock,
 steer the next OAuth approval and read request counts (and how many of the answers were 429s
-of the emulated rate limits, injected faults apart). Admin requests are never counted,
-delayed, rate limited or faulted. Errors answer {"error": …}: 400 for bad input, 404 for an
-unknown id.
+of the emulated rate limits, injected faults apart). For webhooks: list every subscription
+whatever its owner (`GET /webhooks/subscriptions`, with where its signing key comes from and its
+current run of failures, never the key) and disable one (`POST
+/webhooks/subscriptions/{uuid}/disable`) as 24 h of failed deliveries would, to test
+reconciliation; the OAuth application's signing key is config `calendly_webhook_signing_key`.
+Admin requests are never counted, delayed, rate limited or faulted. Errors answer
+{"error": …}: 400 for bad input, 404 for an unknown id.
 """
 
 from __future__ import annotations
@@ -173,6 +177,14 @@ def build_admin_router(world: World) -> Router:
             body.get("organization_id"),
         )
         return _ok()
+
+    @add("GET", "/webhooks/subscriptions")
+    def subscriptions(request: Request) -> Response:
+        return _ok(world.subscription_details())
+
+    @add("POST", "/webhooks/subscriptions/{uuid}/disable")
+    def disable_subscription(request: Request) -> Response:
+        return _ok(world.disable_subscription(request.params["uuid"]))
 
     @add("GET", "/config")
     def get_config(request: Request) -> Response:

@@ -2,7 +2,8 @@
 
 Serves GET /users/me, /users/{uuid}, /event_types, /event_types/{uuid} and
 /organization_memberships with every field api-facts.md lists (shapes validated against the
-2023 OpenAPI spec by the contract test), plus the OAuth endpoints from oauth_api.py.
+2023 OpenAPI spec by the contract test), plus /webhook_subscriptions (webhooks_api.py) and the
+OAuth endpoints from oauth_api.py.
 
 Every authenticated answer carries X-RateLimit-Limit/-Remaining/-Reset (whole seconds until
 the per-user one-minute window ends); an exhausted budget answers 429 with the Calendly
@@ -22,31 +23,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from closesync.sandbox.calendly_http import (
+    calendly_error,
+    forbidden,
+    insufficient_scope,
+    invalid,
+    not_found,
+    paged,
+    paging_of,
+)
 from closesync.sandbox.event_types import SORT_FIELDS
 from closesync.sandbox.oauth_api import add_calendly_oauth
-from closesync.sandbox.paging import CALENDLY_DEFAULT_COUNT, decode_token, encode_token, page_url
 from closesync.sandbox.ratelimit import calendly_headers
 from closesync.sandbox.routing import Request, Response, Router, json_response
 from closesync.sandbox.tokens import Token
+from closesync.sandbox.webhooks_api import add_webhook_subscriptions
 from closesync.sandbox.world import World
 
 Guarded = Callable[[Request, Token], Response]
 _ADMINS = ("owner", "admin")
-
-
-def calendly_error(
-    status: int,
-    title: str,
-    message: str,
-    details: list[dict[str, str]] | None = None,
-    **extra: Any,
-) -> Response:
-    """Calendly's error body: {title, message, details: [{parameter, message}]}, plus `extra`."""
-    body: dict[str, Any] = {"title": title, "message": message}
-    if details:
-        body["details"] = details
-    body.update(extra)
-    return json_response(status, body)
 
 
 def parse_sort(text: str) -> list[tuple[str, bool]] | None:
@@ -58,21 +53,6 @@ def parse_sort(text: str) -> list[tuple[str, bool]] | None:
             return None
         order.append((field, direction == "desc"))
     return order
-
-
-def _invalid(parameter: str, message: str) -> Response:
-    detail = [{"parameter": parameter, "message": message}]
-    return calendly_error(400, "Invalid Argument", "The supplied parameters are invalid.", detail)
-
-
-def _forbidden(message: str = "You do not have permission") -> Response:
-    return calendly_error(403, "Permission Denied", message)
-
-
-def _not_found() -> Response:
-    return calendly_error(
-        404, "Resource Not Found", "The server could not find the requested resource."
-    )
 
 
 class CalendlyApi:
@@ -103,13 +83,8 @@ class CalendlyApi:
                 response = calendly_error(
                     429, "Too Many Requests", "You have exceeded the rate limit. Try again later."
                 )
-            elif token.scope and scope not in token.scope.split():
-                response = calendly_error(
-                    403,
-                    "Insufficient scope",
-                    f"This request requires the {scope} scope.",
-                    required_scopes=[scope],
-                )
+            elif not world.has_scope(token, scope):
+                response = insufficient_scope(scope)
             else:
                 response = handler(request, token)
             response.headers.update(calendly_headers(verdict))
@@ -121,58 +96,26 @@ class CalendlyApi:
         """GET /users/me and /users/{uuid}."""
         uuid = request.params.get("uuid", "me")
         found = self.world.calendly_user(token.user if uuid == "me" else uuid)
-        return json_response(200, {"resource": found}) if found else _not_found()
-
-    def _paging(self, request: Request) -> tuple[int, int] | Response:
-        raw_count = request.arg("count")
-        count = CALENDLY_DEFAULT_COUNT
-        if raw_count is not None:
-            if not raw_count.isdigit() or not 1 <= int(raw_count) <= 100:
-                return _invalid("count", "must be an integer between 1 and 100")
-            count = int(raw_count)
-        offset = 0
-        page_token = request.arg("page_token")
-        if page_token:
-            decoded = decode_token(page_token)
-            if decoded is None:
-                return _invalid("page_token", "is invalid")
-            offset = decoded
-        return count, offset
+        return json_response(200, {"resource": found}) if found else not_found()
 
     def _page(
         self, request: Request, items: list[dict[str, Any]], count: int, offset: int
     ) -> Response:
-        base = self.world.calendly_base
-        has_next = offset + count < len(items)
-        previous = max(offset - count, 0) if offset > 0 else None
-        pagination = {
-            "count": len(items[offset : offset + count]),
-            "next_page": page_url(base, request.path, request.query, offset + count)
-            if has_next
-            else None,
-            "previous_page": page_url(base, request.path, request.query, previous)
-            if previous is not None
-            else None,
-            "next_page_token": encode_token(offset + count) if has_next else None,
-            "previous_page_token": encode_token(previous) if previous is not None else None,
-        }
-        return json_response(
-            200, {"collection": items[offset : offset + count], "pagination": pagination}
-        )
+        return paged(self.world.calendly_base, request, items, count, offset)
 
     def list_event_types(self, request: Request, token: Token) -> Response:
         """GET /event_types?user=|organization=&active=&count=&page_token=&sort=."""
         world = self.world
-        paging = self._paging(request)
+        paging = paging_of(request)
         if isinstance(paging, Response):
             return paging
         active_arg = request.arg("active")
         if active_arg not in (None, "true", "false"):
-            return _invalid("active", "must be true or false")
+            return invalid("active", "must be true or false")
         order = parse_sort(request.arg("sort") or "name:asc")
         if order is None:
             fields = ", ".join(SORT_FIELDS)
-            return _invalid("sort", f"supported fields are: {fields}; directions: asc, desc")
+            return invalid("sort", f"supported fields are: {fields}; directions: asc, desc")
         role = world.calendly_role(token.user)
         user_uri, org_uri = request.arg("user"), request.arg("organization")
         user_uuid: str | None = None
@@ -180,16 +123,16 @@ class CalendlyApi:
             prefix = f"{world.calendly_base}/users/"
             user_uuid = user_uri[len(prefix) :] if user_uri.startswith(prefix) else ""
             if world.calendly_role(user_uuid) is None:
-                return _forbidden("This user is not in your organization")
+                return forbidden("This user is not in your organization")
             if user_uuid != token.user and role not in _ADMINS:
-                return _forbidden()
+                return forbidden()
         elif org_uri:
             if org_uri != world.calendly_org_uri:
-                return _forbidden("You do not have permission to access this resource.")
+                return forbidden("You do not have permission to access this resource.")
             if role not in _ADMINS:
-                return _forbidden()
+                return forbidden()
         else:
-            return _invalid("user", "user or organization is required")
+            return invalid("user", "user or organization is required")
         active = None if active_arg is None else active_arg == "true"
         items = world.list_event_types(user_uuid, active, order)
         return self._page(request, items, *paging)
@@ -197,19 +140,19 @@ class CalendlyApi:
     def get_event_type(self, request: Request, token: Token) -> Response:
         """GET /event_types/{uuid}; deleted types still answer, with deleted_at."""
         found = self.world.get_event_type(request.params["uuid"])
-        return json_response(200, {"resource": found}) if found else _not_found()
+        return json_response(200, {"resource": found}) if found else not_found()
 
     def memberships(self, request: Request, token: Token) -> Response:
         """GET /organization_memberships?organization=|user=&email=&count=&page_token=."""
         world = self.world
-        paging = self._paging(request)
+        paging = paging_of(request)
         if isinstance(paging, Response):
             return paging
         org_uri, user_uri = request.arg("organization"), request.arg("user")
         if org_uri is None and user_uri is None:
-            return _invalid("organization", "organization or user is required")
+            return invalid("organization", "organization or user is required")
         if org_uri is not None and org_uri != world.calendly_org_uri:
-            return _forbidden("This user is not in your organization")
+            return forbidden("This user is not in your organization")
         items = world.memberships(request.arg("email"))
         if user_uri is not None:
             items = [m for m in items if m["user"]["uri"] == user_uri]
@@ -225,5 +168,6 @@ def build_calendly_router(world: World) -> Router:
     router.add("GET", "/event_types", api.guard("event_types:read", api.list_event_types))
     router.add("GET", "/event_types/{uuid}", api.guard("event_types:read", api.get_event_type))
     router.add("GET", "/organization_memberships", api.guard("organizations:read", api.memberships))
+    add_webhook_subscriptions(router, world, api.guard)
     add_calendly_oauth(router, world)
     return router

@@ -14,6 +14,8 @@ CLOSE_CLIENT_SECRET = "sandbox-close-secret"
 # The one Calendly OAuth app the sandbox knows.
 CALENDLY_CLIENT_ID = "sandbox-calendly-client"
 CALENDLY_CLIENT_SECRET = "sandbox-calendly-secret"
+# The default webhook signing key of that app (config `calendly_webhook_signing_key`).
+CALENDLY_WEBHOOK_SIGNING_KEY = "sandbox-calendly-webhook-signing-key"
 
 APIS = ("calendly", "close")
 
@@ -71,3 +73,10 @@ class SandboxConfig:
     # text fields trimmed, a null description as "", line breaks as CRLF, non-ASCII URL
     # characters percent-encoded. False (default): stored exactly as sent.
     close_normalises: bool = False
+    # Space-separated Calendly scopes no token has, whatever it was granted (e.g.
+    # "webhooks:write" to test a missing scope); "" withholds none.
+    calendly_withheld_scopes: str = ""
+    # The Calendly OAuth application's webhook signing key: it signs the deliveries of every
+    # subscription made with an OAuth token and no signing_key (Calendly shows it in the
+    # developer console). A fixed dev value so that a receiver can be configured with it.
+    calendly_webhook_signing_key: str = CALENDLY_WEBHOOK_SIGNING_KEY

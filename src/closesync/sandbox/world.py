@@ -9,6 +9,7 @@ State layout (all in memory, gone when the sandbox stops):
 - `close_users` Close user id -> CloseUser (one organization, `close_org_id`).
 - `links`       Close link id -> Link, every source; THIRD_PARTY links are keyed for upsert
                 by (oauth client, user, source_id).
+- `subscriptions` webhook subscription uuid -> WebhookSubscription (webhook_subscriptions.py).
 - `tokens`      TokenStore: PATs, API keys, OAuth grants and codes with their expiry.
 - `faults`      FaultBook of queued rules; `latency_ms` / `error_rate` per API.
 - `limiter`     fixed-window counters; `counts` requests per "api METHOD template";
@@ -44,11 +45,14 @@ from closesync.sandbox.records import (
     render_event_type,
     render_membership,
 )
-from closesync.sandbox.tokens import TokenStore
+from closesync.sandbox.tokens import Token, TokenStore
 from closesync.sandbox.traffic import TrafficBook
+from closesync.sandbox.webhook_subscriptions import WebhookBook
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-CALENDLY_SCOPE = "users:read event_types:read organizations:read"
+# What a Calendly credential may do unless its OAuth request asked for less; config
+# `calendly_withheld_scopes` takes scopes away from every token at run time.
+CALENDLY_SCOPE = "users:read event_types:read organizations:read webhooks:read webhooks:write"
 CLOSE_SCOPE = "all.full_access offline_access"
 
 
@@ -67,7 +71,7 @@ class Clock:
         return self._start + elapsed + self.offset
 
 
-class World(EventTypeBook, LinkBook, TrafficBook):
+class World(WebhookBook, EventTypeBook, LinkBook, TrafficBook):
     """All sandbox state; see the module docstring for the layout."""
 
     def __init__(self, config: SandboxConfig, calendly_base: str, close_base: str) -> None:
@@ -96,6 +100,7 @@ class World(EventTypeBook, LinkBook, TrafficBook):
         self._oauth_next: dict[str, tuple[str | None, bool, str | None]] = {}
         EventTypeBook.__init__(self)
         LinkBook.__init__(self)
+        WebhookBook.__init__(self)
 
     # ids and time -------------------------------------------------------------------------
 
@@ -231,6 +236,14 @@ class World(EventTypeBook, LinkBook, TrafficBook):
         return render_event_type(et, self.calendly_base, self.cal_users.get(et.owner_uuid))
 
     # credentials --------------------------------------------------------------------------
+
+    def has_scope(self, token: Token, scope: str) -> bool:
+        """Whether a Calendly token carries `scope` (a token without scopes carries all) and
+        the scope is not withheld by config `calendly_withheld_scopes`."""
+        with self.lock:
+            if scope in self.config.calendly_withheld_scopes.split():
+                return False
+            return not token.scope or scope in token.scope.split()
 
     def expire_token(self, token: str | None = None, all: bool = False) -> int:
         """Make an access token (or every one, with all=True) answer 401 expired."""
