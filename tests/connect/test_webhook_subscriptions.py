@@ -22,8 +22,10 @@ from closesync.sandbox import Sandbox
 from closesync.sandbox.config import CALENDLY_WEBHOOK_SIGNING_KEY
 from closesync.sandbox.connections import sandbox_connection
 from closesync.settings import Settings
+from closesync.store.key_rotation import check_keys, rotate_keys
 from closesync.store.keys import Keys
-from closesync.store.secretbox import generate_key
+from closesync.store.secretbox import FernetBox, generate_key
+from closesync.store.webhooks import WebhookStore
 from closesync.wiring.services import Services
 from tests._oauth import all_redis_text, follow, sandbox_env, web_process
 from tests._sandbox import running_sandbox
@@ -38,9 +40,14 @@ def sb() -> Iterator[Sandbox]:
 
 
 def make_services(
-    sb: Sandbox, client: redis.Redis, redis_url: str, prefix: str, **extra: Any
+    sb: Sandbox,
+    client: redis.Redis,
+    redis_url: str,
+    prefix: str,
+    key: str | None = None,
+    **extra: Any,
 ) -> Services:
-    env = sandbox_env(sb, redis_url, prefix, generate_key())
+    env = sandbox_env(sb, redis_url, prefix, key or generate_key())
     values: dict[str, Any] = {k.lower(): v for k, v in env.items()}
     values.update({"public_base_url": BASE, **extra})
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -376,3 +383,21 @@ def test_last_member_leaving_with_revoke_deletes_the_organization_subscription(
     remove_connection(services, member, delete_links=False, revoke=True)
     assert at_calendly(sb) == []
     assert services.webhooks.all() == []
+
+
+def test_key_rotation_reseals_the_webhook_signing_keys(
+    sb: Sandbox, redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """`keys rotate` re-seals a generated signing key too; `keys check` counts it."""
+    old = generate_key()
+    services = make_services(sb, redis_client, redis_url, keys.prefix, old)
+    connection = add_pat_connection(services, sb, 1)
+    sub = services.webhooks.for_connection(connection.id)
+    assert sub is not None
+    before = services.webhooks.signing_key(sub.key)
+    new = generate_key()
+    both, first = FernetBox([new, old]), FernetBox([new])
+    assert check_keys(redis_client, keys, both, first)["older_key"] == 2  # grants + signing key
+    assert rotate_keys(redis_client, keys, both) == 2
+    assert check_keys(redis_client, keys, both, first)["current"] == 2
+    assert WebhookStore(redis_client, keys, first).signing_key(sub.key) == before
