@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from closesync.sandbox.config import CALENDLY_WEBHOOK_SIGNING_KEY
+
 BIN = Path(sys.executable).parent / "closesync"
 
 
@@ -43,6 +45,8 @@ def test_cli_json_prints_urls_and_tokens_then_exits_0_on_sigterm() -> None:
     }
     assert info["urls"]["CLOSE_API_URL"].endswith("/api/v1")
     assert info["users"][1]["calendly_token"].startswith("cal_pat_")
+    assert info["oauth_apps"]["CALENDLY_WEBHOOK_SIGNING_KEY"] == CALENDLY_WEBHOOK_SIGNING_KEY
+    assert info["webhooks"][0] == info["urls"]["CALENDLY_API_URL"] + "/webhook_subscriptions"
 
 
 def test_cli_text_prints_export_lines() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 
+from closesync.core.webhooks import EVENT_TYPE_EVENTS
 from closesync.sandbox import Sandbox
 from tests.sandbox.conftest import cal_get
 
@@ -134,3 +135,86 @@ def test_contract_schema_rejects_a_wrong_field_type(sandbox: Sandbox, spec: dict
     body["collection"][0]["kind"] = "triple"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(body, response_schema(spec, "/event_types"))
+
+
+def _with_event_type_events(schema: Any) -> Any:
+    """The 2023 document's events enum lacks the (2026) event_type.* events: add them."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "array" and "enum" in schema.get("items", {}):
+            schema["items"]["enum"] = [*schema["items"]["enum"], *EVENT_TYPE_EVENTS]
+        for value in schema.values():
+            _with_event_type_events(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _with_event_type_events(value)
+    return schema
+
+
+def test_contract_webhook_subscriptions_match_spec(sandbox: Sandbox, spec: dict[str, Any]) -> None:
+    """POST, GET one and the listing of /webhook_subscriptions validate, both scopes."""
+    owner, member = sandbox.users[0], sandbox.users[1]
+    made = []
+    for user, scope in ((member, "user"), (owner, "organization")):
+        body = {
+            "url": f"https://hooks.example.com/{scope}",
+            "events": list(EVENT_TYPE_EVENTS),
+            "organization": user.calendly_organization_uri,
+            "scope": scope,
+            "user": user.calendly_user_uri,
+        }
+        created = requests.post(
+            sandbox.calendly_api_url + "/webhook_subscriptions",
+            json=body,
+            headers={"Authorization": f"Bearer {user.calendly_token}"},
+            timeout=5,
+        )
+        assert created.status_code == 201, created.text
+        post_schema = spec["paths"]["/webhook_subscriptions"]["post"]["responses"]["201"]
+        raw = post_schema["content"]["application/json"]["schema"]
+        jsonschema.validate(created.json(), _with_event_type_events(to_json_schema(raw, spec)))
+        made.append(created.json()["resource"]["uri"])
+    for uri in made:
+        response = cal_get(sandbox, uri.removeprefix(sandbox.calendly_api_url), owner)
+        schema = _with_event_type_events(
+            response_schema(spec, "/webhook_subscriptions/{webhook_uuid}")
+        )
+        assert response.status_code == 200
+        jsonschema.validate(response.json(), schema)
+    listing = cal_get(
+        sandbox,
+        "/webhook_subscriptions",
+        owner,
+        organization=owner.calendly_organization_uri,
+        scope="organization",
+    )
+    assert listing.status_code == 200
+    jsonschema.validate(
+        listing.json(), _with_event_type_events(response_schema(spec, "/webhook_subscriptions"))
+    )
+    assert len(listing.json()["collection"]) == 1
+
+
+def test_contract_webhook_errors_match_spec(sandbox: Sandbox, spec: dict[str, Any]) -> None:
+    """A member's organization-scope request (403) and a duplicate URL (409) validate."""
+    member = sandbox.users[1]
+    body = {
+        "url": "https://hooks.example.com/dup",
+        "events": ["event_type.updated"],
+        "organization": member.calendly_organization_uri,
+        "scope": "user",
+        "user": member.calendly_user_uri,
+    }
+    headers = {"Authorization": f"Bearer {member.calendly_token}"}
+    url = sandbox.calendly_api_url + "/webhook_subscriptions"
+    responses = spec["paths"]["/webhook_subscriptions"]["post"]["responses"]
+    assert requests.post(url, json=body, headers=headers, timeout=5).status_code == 201
+    duplicate = requests.post(url, json=body, headers=headers, timeout=5)
+    refused = requests.post(url, json={**body, "scope": "organization"}, headers=headers, timeout=5)
+    for answer, status in ((duplicate, "409"), (refused, "403")):
+        assert answer.status_code == int(status)
+        raw = responses[status]["content"]["application/json"]["schema"]
+        jsonschema.validate(answer.json(), to_json_schema(raw, spec))
+    assert duplicate.json() == {
+        "title": "Already Exists",
+        "message": "Hook with this url already exists",
+    }

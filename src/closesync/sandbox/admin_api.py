@@ -8,6 +8,10 @@ whatever its owner (`GET /webhooks/subscriptions`, with where its signing key co
 current run of failures, never the key) and disable one (`POST
 /webhooks/subscriptions/{uuid}/disable`) as 24 h of failed deliveries would, to test
 reconciliation; the OAuth application's signing key is config `calendly_webhook_signing_key`.
+Deliveries (deliveries.py): `GET /webhooks/deliveries` lists every attempt (DELETE forgets
+them), `GET /webhooks/idle[?wait=S]` says (after waiting up to S s for it) whether nothing is
+queued, held or in flight, `GET`/`PUT /webhooks/knobs` read and set drop_next, drop_rate,
+duplicate_next, delay_seconds, reorder_batch and wrong_signature_next.
 Admin requests are never counted, delayed, rate limited or faulted. Errors answer
 {"error": …}: 400 for bad input, 404 for an unknown id.
 """
@@ -22,6 +26,8 @@ from closesync.sandbox.routing import Handler, Request, Response, Router, json_r
 from closesync.sandbox.world import World
 
 _P = "/_sandbox"
+# Seconds GET /webhooks/idle?wait= may hold an admin request waiting for the queue to drain.
+_MAX_IDLE_WAIT = 30.0
 
 
 def handle_admin(router: Router, request: Request) -> Response:
@@ -185,6 +191,52 @@ def build_admin_router(world: World) -> Router:
     @add("POST", "/webhooks/subscriptions/{uuid}/disable")
     def disable_subscription(request: Request) -> Response:
         return _ok(world.disable_subscription(request.params["uuid"]))
+
+    @add("GET", "/webhooks/deliveries")
+    def deliveries(request: Request) -> Response:
+        return _ok(world.deliverer.attempts())
+
+    @add("DELETE", "/webhooks/deliveries")
+    def clear_deliveries(request: Request) -> Response:
+        world.deliverer.clear_attempts()
+        return _ok()
+
+    @add("GET", "/webhooks/idle")
+    def idle(request: Request) -> Response:
+        wait = float(request.arg("wait") or 0)
+        if not 0 <= wait <= _MAX_IDLE_WAIT:
+            raise ValueError(f"wait must be between 0 and {_MAX_IDLE_WAIT} seconds")
+        if wait > 0:
+            world.deliverer.wait_idle(wait)
+        return _ok(world.deliverer.idle())
+
+    def knobs() -> dict[str, Any]:
+        config = world.update_config()
+        return {
+            **asdict(world.deliverer.knobs),
+            "delay_seconds": config["webhook_delay_seconds"],
+            "drop_rate": config["webhook_drop_rate"],
+        }
+
+    @add("GET", "/webhooks/knobs")
+    def get_knobs(request: Request) -> Response:
+        return _ok(knobs())
+
+    @add("PUT", "/webhooks/knobs")
+    def put_knobs(request: Request) -> Response:
+        body = _body(request)
+        if "delay_seconds" in body:
+            delay = float(body.pop("delay_seconds"))
+            if delay < 0:
+                raise ValueError("delay_seconds must be >= 0")
+            world.update_config(webhook_delay_seconds=delay)
+        if "drop_rate" in body:
+            rate = float(body.pop("drop_rate"))
+            if not 0 <= rate <= 1:
+                raise ValueError("drop_rate must be between 0 and 1")
+            world.update_config(webhook_drop_rate=rate)
+        world.deliverer.set_knobs(**body)
+        return _ok(knobs())
 
     @add("GET", "/config")
     def get_config(request: Request) -> Response:

@@ -1,8 +1,10 @@
 """The `closesync sandbox` command: run both emulators until interrupted.
 
-Prints the four base URLs, the sandbox OAuth app credentials and a ready-made token block per
-seeded user (or one JSON object with --json), plus `export` lines that point closesync at the
-sandbox. A taken port is one clear line on stderr and exit 2 (bad usage or configuration).
+Prints the four base URLs, the sandbox OAuth app credentials (the Calendly app's webhook
+signing key among them), the webhook endpoints and their admin controls, and a ready-made token
+block per seeded user (or one JSON object with --json), plus `export` lines that point
+closesync at the sandbox. A taken port is one clear line on stderr and exit 2 (bad usage or
+configuration).
 """
 
 from __future__ import annotations
@@ -19,12 +21,22 @@ from typing import Any
 from closesync.sandbox.config import (
     CALENDLY_CLIENT_ID,
     CALENDLY_CLIENT_SECRET,
+    CALENDLY_WEBHOOK_SIGNING_KEY,
     CLOSE_CLIENT_ID,
     CLOSE_CLIENT_SECRET,
     SandboxConfig,
 )
 from closesync.sandbox.server import PortInUseError, Sandbox
 
+# The Calendly webhook endpoints and their admin controls (webhooks_api.py, deliveries.py).
+_WEBHOOK_PATHS = (
+    "/webhook_subscriptions",
+    "/_sandbox/webhooks/subscriptions",
+    "/_sandbox/webhooks/subscriptions/{uuid}/disable",
+    "/_sandbox/webhooks/deliveries",
+    "/_sandbox/webhooks/idle?wait=SECONDS",
+    "/_sandbox/webhooks/knobs",
+)
 EXIT_OK = 0
 EXIT_USAGE = 2
 
@@ -44,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("--error-rate", type=float, default=0.0, help="fraction 0..1")
     parser.add_argument("--close-rate-limit", type=int, default=100)
     parser.add_argument("--calendly-rate-limit", type=int, default=500)
+    parser.add_argument(
+        "--webhook-signing-key",
+        default=CALENDLY_WEBHOOK_SIGNING_KEY,
+        help="the Calendly OAuth app's webhook signing key (a fixed dev value by default)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -58,7 +75,9 @@ def describe(sandbox: Sandbox) -> dict[str, Any]:
             "CLOSE_CLIENT_SECRET": CLOSE_CLIENT_SECRET,
             "CALENDLY_CLIENT_ID": CALENDLY_CLIENT_ID,
             "CALENDLY_CLIENT_SECRET": CALENDLY_CLIENT_SECRET,
+            "CALENDLY_WEBHOOK_SIGNING_KEY": sandbox.world.config.calendly_webhook_signing_key,
         },
+        "webhooks": [f"{sandbox.calendly_api_url}{path}" for path in _WEBHOOK_PATHS],
         "users": [asdict(user) for user in sandbox.users],
     }
 
@@ -67,6 +86,8 @@ def _text(info: dict[str, Any]) -> str:
     lines = ["closesync sandbox is running (Ctrl-C to stop)", ""]
     lines += [f"  {name:18} {url}" for name, url in info["urls"].items()]
     lines += [f"  {'admin':18} {url}" for url in info["admin"]]
+    lines += ["", "Webhooks (event_type.* deliveries of admin changes, signed):"]
+    lines += [f"  {url}" for url in info["webhooks"]]
     lines += ["", "OAuth apps:"]
     lines += [f"  {name:24} {value}" for name, value in info["oauth_apps"].items()]
     for user in info["users"]:
@@ -104,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         close_rate_limit=args.close_rate_limit,
         calendly_rate_limit=args.calendly_rate_limit,
         log_requests=not args.json,
+        calendly_webhook_signing_key=args.webhook_signing_key,
     )
     try:
         sandbox = Sandbox.start(config)

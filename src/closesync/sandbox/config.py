@@ -80,3 +80,21 @@ class SandboxConfig:
     # subscription made with an OAuth token and no signing_key (Calendly shows it in the
     # developer console). A fixed dev value so that a receiver can be configured with it.
     calendly_webhook_signing_key: str = CALENDLY_WEBHOOK_SIGNING_KEY
+    # Threads that send webhook deliveries (read at start): one slow receiver holds only one.
+    webhook_delivery_threads: int = 4
+    # True: one subscription's deliveries go out one at a time, in order (the reorder knob is
+    # then exact); False: in parallel, to load a receiver with concurrent deliveries.
+    webhook_serial_per_subscription: bool = True
+    # Seconds a delivery may take to connect / to answer (Calendly: 10 and 15).
+    webhook_connect_timeout: float = 10.0
+    webhook_read_timeout: float = 15.0
+    # Seconds before the first retry of a failed delivery, doubled per attempt up to the cap;
+    # small so tests see retries quickly (Calendly spreads its retries over 24 h).
+    webhook_backoff_base: float = 0.05
+    webhook_backoff_cap: float = 1.0
+    # Consecutive failed deliveries after which a subscription becomes `disabled`.
+    webhook_disable_after: int = 5
+    # Knobs (see deliveries.py): seconds every delivery waits before its first attempt, and
+    # the fraction (0..1, seeded) of deliveries never sent.
+    webhook_delay_seconds: float = 0.0
+    webhook_drop_rate: float = 0.0

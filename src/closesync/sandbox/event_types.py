@@ -7,6 +7,12 @@ Documented choices (unknown in the docs): listings leave out soft-deleted types;
 types are listed unless `active=true`; one-off (`AdhocEventType`) types are listed; team
 types are listed with `user=` for every member and never with `organization=`; `name` sorts
 by the slug when the name is null; ties left by every sort term are broken by uri.
+
+Every change (create, update, delete, purge of a live type, a membership change) is announced
+to the webhook subscriptions (webhook_subscriptions.py) with the event type as rendered after
+it: `event_type.created`, `event_type.updated` (membership changes included, to the hosts
+before and after), `event_type.deleted` (once: deleting an already deleted type, or purging
+it, announces nothing more; a purged live type is announced with `deleted_at` set).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from closesync.sandbox.records import JSON, CalendlyUser, EventType
@@ -66,6 +73,10 @@ class EventTypeBook:
         raise NotImplementedError
 
     def render_type(self, et: EventType) -> JSON:
+        raise NotImplementedError
+
+    def announce(self, event: str, et: EventType, hosts: set[str]) -> None:
+        """Queue webhook deliveries of a change (webhook_subscriptions.py)."""
         raise NotImplementedError
 
     def create_event_type(
@@ -125,6 +136,7 @@ class EventTypeBook:
             self.event_types[et.uuid] = et
             self._owned.setdefault(user_uuid, {})[et.uuid] = et
             self._index(et, member_list)
+            self.announce("event_type.created", et, set(member_list))
             return self.render_type(et)
 
     def _free_slug(self, owner: str, wanted: str) -> str:
@@ -155,6 +167,7 @@ class EventTypeBook:
             for key, value in changes.items():
                 setattr(et, key, value)
             self._touch(et)
+            self.announce("event_type.updated", et, set(et.members))
             return self.render_type(et)
 
     def delete_event_type(self, uuid: str, purge: bool = False) -> JSON | None:
@@ -162,6 +175,10 @@ class EventTypeBook:
         with self.lock:
             et = self._live(uuid)
             if purge:
+                if et.deleted_at is None:
+                    stamp = max(self.now(), et.updated_at + 0.001)
+                    gone = replace(et, deleted_at=stamp, updated_at=stamp)
+                    self.announce("event_type.deleted", gone, set(et.members))
                 del self.event_types[uuid]
                 self._owned.get(et.owner_uuid, {}).pop(uuid, None)
                 self._unindex(et, et.members)
@@ -169,6 +186,7 @@ class EventTypeBook:
             if et.deleted_at is None:
                 self._touch(et)
                 et.deleted_at = et.updated_at
+                self.announce("event_type.deleted", et, set(et.members))
             return self.render_type(et)
 
     def change_members(self, uuid: str, add: list[str], remove: list[str]) -> JSON:
@@ -177,6 +195,7 @@ class EventTypeBook:
             et = self._live(uuid)
             if not et.shared:
                 raise ValueError("only team event types have members")
+            before = set(et.members)
             for member in add:
                 if member not in self.cal_users:
                     raise KeyError(f"no Calendly user {member}")
@@ -186,6 +205,7 @@ class EventTypeBook:
             self._unindex(et, remove)
             self._index(et, et.members)
             self._touch(et)
+            self.announce("event_type.updated", et, before | set(et.members))
             return self.render_type(et)
 
     def get_event_type(self, uuid: str) -> JSON | None:

@@ -368,6 +368,7 @@ class Sandbox:
         calendly.app = ApiApp("calendly", world, build_calendly_router(world), admin)
         close.app = ApiApp("close", world, build_close_router(world), admin)
         sandbox = cls(config, world, [calendly, close])
+        world.deliverer.start(config.webhook_delivery_threads)
         for server in sandbox._servers:
             server.world = world
             # A short poll interval keeps stop() (which waits for the serve loop) fast.
@@ -411,8 +412,10 @@ class Sandbox:
         }
 
     def stop(self) -> None:
-        """Release hung requests, stop both servers and drop open connections."""
+        """Stop webhook deliveries, release hung requests, stop both servers and drop open
+        connections."""
         self.world.stop_event.set()
+        self.world.deliverer.stop()
         for server in self._servers:
             server.shutdown()
             server.server_close()

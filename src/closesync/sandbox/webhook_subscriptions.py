@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from closesync.sandbox.config import SandboxConfig
+from closesync.sandbox.deliveries import Deliverer, Outcome
 from closesync.sandbox.records import JSON, CalendlyUser, EventType, iso
 
 # Every event a subscription may ask for; only the event_type.* ones are ever delivered here.
@@ -47,7 +48,6 @@ KNOWN_EVENTS = (
     "event_type.updated",
     "event_type.deleted",
 )
-Outcome = Literal["delivered", "failed", "gone"]
 
 
 class SubscriptionConflict(Exception):
@@ -84,6 +84,7 @@ class WebhookBook:
 
     def __init__(self) -> None:
         self.subscriptions: dict[str, WebhookSubscription] = {}
+        self.deliverer = Deliverer(self, self.config.seed)
 
     def new_uuid(self) -> str:
         raise NotImplementedError
@@ -199,6 +200,69 @@ class WebhookBook:
         sub.state = "disabled"
         sub.retry_started_at = sub.retry_started_at or now
         sub.updated_at = now
+
+    # deliveries ---------------------------------------------------------------------------
+
+    def announce(self, event: str, et: EventType, hosts: set[str]) -> None:
+        """Queue `event` about `et` for every matching active subscription (lock held).
+
+        `hosts` are the users whose user-scope subscriptions match (owner and team members).
+        The payload is the event type as the API renders it now.
+        """
+        with self.lock:
+            targets = [
+                s
+                for s in self.subscriptions.values()
+                if s.state == "active"
+                and event in s.events
+                and (s.scope == "organization" or s.user_uuid in hosts)
+            ]
+            if not targets:
+                return
+            payload = self.render_type(et)
+            envelope = {
+                "event": event,
+                "created_at": iso(self.now()),
+                "created_by": f"{self.calendly_base}/users/{et.owner_uuid}",
+                "payload": payload,
+            }
+            self.deliverer.enqueue(
+                [(s.uuid, self.render_subscription(s)["uri"]) for s in targets],
+                event,
+                payload["uri"],
+                envelope,
+            )
+
+    def delivery_target(self, uuid: str) -> tuple[str, str] | None:
+        """(callback URL, signing key) of an active subscription; None when it is gone or
+        disabled (its queued deliveries are then dropped)."""
+        with self.lock:
+            sub = self.subscriptions.get(uuid)
+            if sub is None or sub.state != "active":
+                return None
+            key = sub.signing_key
+            if sub.key_source == "application" or key is None:
+                key = self.config.calendly_webhook_signing_key
+            return sub.callback_url, key
+
+    def delivery_result(self, uuid: str, outcome: Outcome) -> bool:
+        """Record how a delivery attempt went; True when a failed one should be retried."""
+        with self.lock:
+            sub = self.subscriptions.get(uuid)
+            if sub is None:
+                return False
+            if outcome == "gone":
+                del self.subscriptions[uuid]
+                return False
+            if outcome == "delivered":
+                sub.failures, sub.retry_started_at = 0, None
+                return False
+            sub.failures += 1
+            sub.retry_started_at = sub.retry_started_at or self.now()
+            if sub.failures >= self.config.webhook_disable_after:
+                self._disable(sub)
+                return False
+            return sub.state == "active"
 
     def subscription_details(self) -> list[dict[str, Any]]:
         """Every subscription regardless of owner, with the sandbox's own bookkeeping (where

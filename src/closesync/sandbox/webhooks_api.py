@@ -34,6 +34,9 @@ from closesync.sandbox.world import World
 Guard = Callable[[str, Callable[[Request, Token], Response]], Callable[[Request], Response]]
 _ADMINS = ("owner", "admin")
 _SCOPES = ("user", "organization", "group")
+# The 403 messages are the 2023 document's: this one for an organization or user not the
+# caller's; plain "You do not have permission" for a member asking for more than itself.
+_NOT_YOURS = "You do not have permission to access this resource."
 
 
 class CreateSubscription(BaseModel):
@@ -97,7 +100,7 @@ class WebhooksApi:
         if not body.organization:
             return invalid("organization", "is required")
         if body.organization != world.calendly_org_uri:
-            return forbidden("You do not have permission to access this organization.")
+            return forbidden(_NOT_YOURS)
         if body.signing_key is not None and not body.signing_key:
             return invalid("signing_key", "must not be empty")
         if any(e.startswith("event_type.") for e in body.events) and not world.has_scope(
@@ -111,11 +114,11 @@ class WebhooksApi:
                 return invalid("user", "is required for user scope")
             user_uuid = self._user_uuid(body.user)
             if user_uuid is None or world.calendly_role(user_uuid) is None:
-                return forbidden("This user is not in your organization")
+                return forbidden(_NOT_YOURS)
             if user_uuid != token.user and role not in _ADMINS:
-                return forbidden("You may only subscribe to your own events.")
+                return forbidden()
         elif role not in _ADMINS:
-            return forbidden("Only an owner or admin may create organization subscriptions.")
+            return forbidden()
         try:
             resource = world.create_subscription(
                 token.user,
@@ -142,7 +145,7 @@ class WebhooksApi:
         if scope not in _SCOPES:
             return invalid("scope", "is required: one of user, organization, group")
         if organization != world.calendly_org_uri:
-            return forbidden("You do not have permission to access this organization.")
+            return forbidden(_NOT_YOURS)
         role = world.calendly_role(token.user)
         user_uuid: str | None = None
         if scope == "user":
@@ -151,7 +154,7 @@ class WebhooksApi:
                 return invalid("user", "is required for user scope")
             user_uuid = self._user_uuid(user_uri)
             if user_uuid is None or world.calendly_role(user_uuid) is None:
-                return forbidden("This user is not in your organization")
+                return forbidden(_NOT_YOURS)
             if user_uuid != token.user and role not in _ADMINS:
                 return forbidden()
         elif role not in _ADMINS:

@@ -9,7 +9,9 @@ State layout (all in memory, gone when the sandbox stops):
 - `close_users` Close user id -> CloseUser (one organization, `close_org_id`).
 - `links`       Close link id -> Link, every source; THIRD_PARTY links are keyed for upsert
                 by (oauth client, user, source_id).
-- `subscriptions` webhook subscription uuid -> WebhookSubscription (webhook_subscriptions.py).
+- `subscriptions` webhook subscription uuid -> WebhookSubscription (webhook_subscriptions.py);
+                `deliverer` the queue and threads that POST their deliveries (deliveries.py),
+                with its own lock, taken after this one, never before.
 - `tokens`      TokenStore: PATs, API keys, OAuth grants and codes with their expiry.
 - `faults`      FaultBook of queued rules; `latency_ms` / `error_rate` per API.
 - `limiter`     fixed-window counters; `counts` requests per "api METHOD template";
