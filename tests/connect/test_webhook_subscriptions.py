@@ -30,7 +30,8 @@ from closesync.wiring.services import Services
 from tests._oauth import all_redis_text, follow, sandbox_env, web_process
 from tests._sandbox import running_sandbox
 
-BASE = "https://closesync.example"
+# Refused at once, should the sandbox deliver: no DNS lookup, no wait.
+BASE = "http://127.0.0.1:9/closesync"
 
 
 @pytest.fixture
@@ -292,7 +293,7 @@ def test_reconcile_deletes_an_orphan_of_ours_but_never_a_foreign_subscription(
         user=user.calendly_user_uri,
     )
     foreign = client.create_webhook_subscription(
-        url="https://someone-else.example/hooks/calendly",
+        url="http://127.0.0.1:9/someone-else/webhooks/calendly/not-ours",
         events=["event_type.updated"],
         organization=user.calendly_organization_uri,
         scope="user",

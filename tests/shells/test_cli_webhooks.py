@@ -26,7 +26,8 @@ from tests._broker import queued
 from tests._oauth import all_redis_text, sandbox_env, services_for
 from tests._sandbox import running_sandbox
 
-BASE = "https://closesync.example"
+# Refused at once, should the sandbox deliver: no DNS lookup, no wait.
+BASE = "http://127.0.0.1:9/closesync"
 
 
 @pytest.fixture
