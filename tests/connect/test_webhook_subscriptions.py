@@ -402,3 +402,41 @@ def test_key_rotation_reseals_the_webhook_signing_keys(
     assert rotate_keys(redis_client, keys, both) == 2
     assert check_keys(redis_client, keys, both, first)["current"] == 2
     assert WebhookStore(redis_client, keys, first).signing_key(sub.key) == before
+
+
+def test_reconcile_forgets_records_nothing_owns_and_deletes_their_subscriptions(
+    sb: Sandbox, services: Services
+) -> None:
+    """A record replaced by a newer one of the same connection, and one of a connection that is
+    gone: both forgotten; the replaced one's subscription at Calendly is deleted as an orphan."""
+    connection = add_pat_connection(services, sb, 1)
+    current = services.webhooks.for_connection(connection.id)
+    assert current is not None
+    user = sb.users[1]
+    client = services.clients_for(connection, WaitBudget(5)).calendly
+    replaced = client.create_webhook_subscription(
+        url=callback_url(BASE, "replaced-key"),
+        events=["event_type.updated"],
+        organization=user.calendly_organization_uri,
+        scope="user",
+        user=user.calendly_user_uri,
+    )
+    stale = current.model_copy(update={"key": "replaced-key", "uri": replaced.uri})
+    services.webhooks.save(stale)
+    services.webhooks.save(current)  # the index names the current one again
+    gone = current.model_copy(update={"key": "gone-key", "connection_id": "conn_00000000dead"})
+    services.webhooks.save(gone)
+    [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert outcome.orphans_deleted == 1
+    assert [s.key for s in services.webhooks.all()] == [current.key]
+    assert [s["uri"] for s in at_calendly(sb)] == [current.uri]
+
+
+def test_remove_whose_credential_is_unreadable_still_forgets_the_record(
+    sb: Sandbox, services: Services, redis_client: redis.Redis
+) -> None:
+    """Grants that no key opens: the removal forgets the subscription record all the same."""
+    connection = add_pat_connection(services, sb, 1)
+    redis_client.set(services.keys.grants(connection.id), "not-a-sealed-value")
+    Subscriptions(services).after_leaving(connection)
+    assert services.webhooks.all() == []

@@ -92,7 +92,11 @@ class Reconciler:
         concurrency: int = DEFAULT_CONCURRENCY,
     ) -> list[Outcome]:
         """Reconcile these connections' own subscriptions and these organizations'."""
+        # Records first: a connect saves its connection (or credential) before its record, so
+        # every record read here has its owner in the listings read after it.
+        records = self.services.webhooks.all()
         every = self.services.connections.list()
+        self._sweep(records, {c.id for c in every}, set(self.credentials.refs()))
         members: dict[str, list[str]] = {}
         for c in every:
             if c.calendly_grant_ref is not None and c.state is ConnectionState.ACTIVE:
@@ -106,6 +110,23 @@ class Reconciler:
             return []
         with ThreadPoolExecutor(max(1, min(concurrency, len(jobs)))) as pool:
             return list(pool.map(lambda job: job(), jobs))
+
+    def _sweep(self, records: list[Subscription], connection_ids: set[str], refs: set[str]) -> None:
+        """Forget the records nothing owns any more: of a connection or organization that is
+        gone (its leaving could not delete them), or replaced by a newer record of the same
+        owner. Their subscriptions at Calendly, now of our URL but unknown, are then deleted by
+        the owner's listing below, when the owner still exists."""
+        store = self.services.webhooks
+        indexed = store.indexed(records)
+        for sub in records:
+            owner_gone = (
+                sub.connection_id not in connection_ids
+                if sub.scope == "user"
+                else sub.grant_ref not in refs
+            )
+            if owner_gone or sub.key not in indexed:
+                log.info("webhooks: forgot a subscription record nothing owns")
+                store.delete(sub)
 
     def connection(self, connection: Connection, known: set[str]) -> Outcome:
         label = connection.id

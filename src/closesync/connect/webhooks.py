@@ -288,7 +288,7 @@ class Subscriptions:
         current = self.store.for_connection(connection.id)
         if current is None:
             return False
-        self.drop(current, self.user_owner(connection))
+        self.drop(current, self._owner_or_none(lambda: self.user_owner(connection)))
         return True
 
     def drop_organization(self, ref: str) -> bool:
@@ -296,8 +296,18 @@ class Subscriptions:
         current = self.store.for_organization(ref)
         if current is None:
             return False
-        self.drop(current, self.organization_owner(ref))
+        self.drop(current, self._owner_or_none(lambda: self.organization_owner(ref)))
         return True
+
+    def _owner_or_none(self, owner: Callable[[], Owner | None]) -> Owner | None:
+        """The owner whose credential deletes a subscription; None (the record is forgotten
+        all the same) when that credential cannot be read: a leaving connection's record must
+        not outlive it."""
+        try:
+            return owner()
+        except CloseSyncError as error:
+            log.warning("webhooks: no credential to delete a subscription with: %s", error)
+            return None
 
     def drop(self, sub: Subscription, owner: Owner | None) -> None:
         """Delete at Calendly (gone already counts as deleted), then forget the record. A failed
