@@ -21,6 +21,8 @@ Documented choices where the docs are silent:
 - Who a change is delivered to: every active `organization`-scope subscription of the
   organization for every event type; `user`-scope subscriptions of the owner and of every
   host of a team type (for a membership change, of the hosts before and after it).
+- The envelope's `created_at` is the sandbox clock's time of the change and `created_by` the
+  event type owner's URI (the admin API has no acting user).
 - `retry_started_at` is set at the first failed delivery of a run of failures and cleared by a
   success; after `webhook_disable_after` consecutive failures the state becomes `disabled`
   and the subscription gets no more deliveries (Calendly: after 24 h of retries).
