@@ -440,3 +440,38 @@ def test_remove_whose_credential_is_unreadable_still_forgets_the_record(
     redis_client.set(services.keys.grants(connection.id), "not-a-sealed-value")
     Subscriptions(services).after_leaving(connection)
     assert services.webhooks.all() == []
+
+
+def test_reconcile_adopts_a_pending_subscription_whose_create_reached_calendly(
+    sb: Sandbox, services: Services
+) -> None:
+    """A create whose answer was lost: Calendly lists our URL for the pending record's key, so
+    the record is adopted as listed (its own signing key kept) and nothing new is made."""
+    connection = add_pat_connection(services, sb, 1)
+    made = services.webhooks.for_connection(connection.id)
+    assert made is not None
+    signing_key = services.webhooks.signing_key(made.key)
+    pending = made.model_copy(update={"uri": None, "state": WebhookState.PENDING})
+    services.webhooks.save(pending, signing_key)
+    [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert (outcome.action, outcome.state, outcome.orphans_deleted) == ("retried", "active", 0)
+    adopted = services.webhooks.for_connection(connection.id)
+    assert adopted is not None
+    assert (adopted.key, adopted.uri) == (made.key, made.uri)
+    assert services.webhooks.signing_key(made.key) == signing_key
+    assert [s["uri"] for s in at_calendly(sb)] == [made.uri]
+
+
+def test_create_answered_409_adopts_the_subscription_our_earlier_try_made(
+    sb: Sandbox, services: Services
+) -> None:
+    """Retrying a pending record whose first POST did succeed meets a 409: it is adopted."""
+    connection = add_pat_connection(services, sb, 1)
+    made = services.webhooks.for_connection(connection.id)
+    assert made is not None
+    pending = made.model_copy(update={"uri": None, "state": WebhookState.PENDING})
+    services.webhooks.save(pending)
+    subs = Subscriptions(services)
+    adopted = subs.create(subs.user_owner(connection), pending)
+    assert (adopted.state, adopted.uri, adopted.key) == (WebhookState.ACTIVE, made.uri, made.key)
+    assert len(at_calendly(sb)) == 1
