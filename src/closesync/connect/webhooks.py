@@ -127,14 +127,22 @@ class Subscriptions:
     def _quietly(self, what: str, step: Callable[[], object]) -> None:
         try:
             step()
-        except CloseSyncError as error:
-            log.warning("webhooks: %s failed; polling goes on: %s", what, error)
+        # Whatever went wrong (a closesync error names its cause; anything else is a bug here),
+        # the connect, remove or pause that called this has happened and must stand.
+        except Exception as error:
+            log.warning(
+                "webhooks: %s failed; polling goes on: %s: %s",
+                what,
+                type(error).__name__,
+                error,
+            )
 
     def _after_connect(self, connection: Connection, replaced: Connection | None) -> None:
         mine = self.store.for_connection(connection.id)
         if connection.calendly_grant_ref is not None:
             if mine is not None:  # moved into organization mode: its own one is no use now
-                self.drop(mine, self.user_owner(replaced or connection))
+                owner = self._owner_or_none(lambda: self.user_owner(replaced or connection))
+                self.drop(mine, owner)
             self.ensure_organization(connection.calendly_grant_ref)
             return
         renew = replaced is not None and (
@@ -143,7 +151,7 @@ class Subscriptions:
         )
         if mine is not None and renew and replaced is not None:
             # Another Calendly user (or back from organization mode): the old one is not its.
-            self.drop(mine, self.user_owner(replaced))
+            self.drop(mine, self._owner_or_none(lambda: self.user_owner(replaced)))
         self.ensure_connection(connection, renew=True)
 
     # -- ensuring -----------------------------------------------------------------------------
