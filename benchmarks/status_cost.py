@@ -2,8 +2,10 @@
 
 Seeds N connections (default 10,000) through the store, each with `reports_kept` run reports
 written as a run would leave them (mostly unchanged ok runs, a few failed, partial or never
-run; some paused, needing re-authorization, holding deletions or backfilling), then times each
-command as its own process, output piped (not a terminal), as cron or a script would run it.
+run; some paused, needing re-authorization, holding deletions or backfilling; half with a
+webhook subscription record, most active with a delivery received, a few refused), then times
+each command as its own process, output piped (not a terminal), as cron or a script would run
+it.
 
 `--before DIR` times the same commands (for `status --all`, the `status` that printed every row
 before the summary) of another source tree (e.g. `git archive <commit> | tar
@@ -33,6 +35,7 @@ from closesync.core.connection import (
     new_connection_id,
 )
 from closesync.core.report import Outcome, RunReport
+from closesync.core.webhooks import Subscription, WebhookState, new_key
 from closesync.store.connections import ConnectionStore
 from closesync.store.embedded import embedded
 from closesync.store.keys import Keys
@@ -97,6 +100,8 @@ def seed(client: redis.Redis, prefix: str, count: int) -> None:
                 updated_at=now - 86400 + i,
             )
             store.save(conn, grants)
+            if i % 2 == 0:
+                _subscribe(pipe, keys, conn.id, refused=i % 20 == 4, at=now)
             if i % 97 == 11:
                 continue  # never run yet
             failing = i % 40 == 5
@@ -122,6 +127,31 @@ def seed(client: redis.Redis, prefix: str, count: int) -> None:
             if i % 1000 == 0:
                 pipe.execute()
         pipe.execute()
+
+
+def _subscribe(
+    pipe: redis.client.Pipeline, keys: Keys, conn_id: str, *, refused: bool, at: float
+) -> None:
+    """A webhook subscription record as connecting leaves it (half the fleet has one), with a
+    delivery received for the active ones."""
+    sub = Subscription(
+        key=new_key(),
+        scope="user",
+        organization_uri="https://api.calendly.com/organizations/benchmark",
+        connection_id=conn_id,
+        uri=None if refused else f"https://api.calendly.com/webhook_subscriptions/{conn_id}",
+        state=WebhookState.REFUSED if refused else WebhookState.ACTIVE,
+        reason="Calendly POST /webhook_subscriptions answered 403: Insufficient scope"
+        if refused
+        else None,
+        created_at=at,
+        updated_at=at,
+    )
+    pipe.sadd(keys.webhooks(), sub.key)
+    pipe.set(keys.webhook(sub.key), sub.model_dump_json())
+    pipe.set(keys.webhook_of_connection(conn_id), sub.key)
+    if not refused:
+        pipe.set(keys.webhook_last_delivery(sub.key), repr(at - 60))
 
 
 def time_command(src: Path, command: list[str], env: dict[str, str]) -> tuple[float, int]:

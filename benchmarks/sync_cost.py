@@ -54,8 +54,10 @@ def measure(redis_url: str, users: int, types: int) -> list[str]:
 
 def main() -> None:
     url = os.environ.get("REDIS_URL") or embedded(tempfile.mkdtemp(prefix="closesync-bench-"))
-    print(f"{'users':>5} {'types':>6} {'run':>10} {'calendly':>9} {'close':>6} "
-          f"{'seconds':>8} {'ms/conn':>9} {'peak MB':>8}")
+    print(
+        f"{'users':>5} {'types':>6} {'run':>10} {'calendly':>9} {'close':>6} "
+        f"{'seconds':>8} {'ms/conn':>9} {'peak MB':>8}"
+    )
     for users, types in SIZES:
         for row in measure(url, users, types):
             print(row)

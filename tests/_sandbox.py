@@ -106,23 +106,26 @@ class Scripted:
 
 
 class ScriptedServer:
-    """Answers each request with the next queued JSON body; records each request's path+query
-    (and its Cookie header, None without one)."""
+    """Answers each request with the next queued JSON body; records each request's method,
+    path+query, body (and its Cookie header, None without one)."""
 
     def __init__(self) -> None:
         self.answers: list[Scripted] = []
         self.requests: list[str] = []
+        self.methods: list[str] = []
+        self.bodies: list[bytes] = []
         self.cookies: list[str | None] = []
         script = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 script.requests.append(self.path)
+                script.methods.append(self.command)
                 script.cookies.append(self.headers.get("Cookie"))
                 length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
+                script.bodies.append(self.rfile.read(length))
                 answer = script.answers.pop(0) if script.answers else Scripted({}, 500)
-                data = json.dumps(answer.body).encode()
+                data = b"" if answer.body is None else json.dumps(answer.body).encode()
                 self.send_response(answer.status)
                 self.send_header("Content-Type", "application/json")
                 for name, value in answer.headers.items():

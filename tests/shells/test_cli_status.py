@@ -23,7 +23,7 @@ from closesync.store.sync_state import SyncState
 FLEET = 300
 ROW_FIELDS = {
     "id", "name", "state", "state_reason", "last_run", "held_deletions", "last_error",
-    "last_error_at", "backfill",
+    "last_error_at", "backfill", "webhook", "webhook_reason", "last_delivery_at",
 }  # fmt: skip
 
 

@@ -39,6 +39,7 @@ from closesync.core.errors import (
     ApiError,
     AuthFailed,
     BadResponse,
+    Conflict,
     Forbidden,
     NotFound,
     RateLimited,
@@ -159,7 +160,9 @@ def raise_for_response(
     if status == 404:
         # Only an error body of the API's own (a JSON object naming the error) is its word.
         raise NotFound(message, from_api=bool(text), **kwargs)
-    if status in (400, 409, 422):
+    if status == 409:
+        raise Conflict(message, field_errors=field_errors_of(value), **kwargs)
+    if status in (400, 422):
         raise Rejected(message, field_errors=field_errors_of(value), **kwargs)
     if status >= 500 or status == 408:
         raise TransientError(message, **kwargs)

@@ -11,7 +11,7 @@ Register = Callable[["argparse._SubParsersAction[Any]"], None]
 
 def registry() -> list[Register]:
     """Every command, in the order `closesync --help` lists them."""
-    from closesync.cli import connect, connections, daemon, demo, keys, status, sync, web
+    from closesync.cli import connect, connections, daemon, demo, keys, status, sync, web, webhooks
     from closesync.sandbox import cli as sandbox_cli
 
     commands: list[Register] = [
@@ -21,6 +21,7 @@ def registry() -> list[Register]:
         daemon.register,
         connect.register,
         keys.register,
+        webhooks.register,
         web.register,
         demo.register,
         sandbox_cli.register,

@@ -23,6 +23,7 @@ from closesync.cli import bulk_import
 from closesync.cli.common import print_json, print_table, when
 from closesync.cli.token_input import TOKEN_FLAGS, TOKEN_VARIABLES, gather_tokens
 from closesync.connect.by_tokens import connect_by_tokens
+from closesync.connect.webhooks import Subscriptions
 from closesync.core.connection import Connection, ConnectionOptions, ConnectionState
 from closesync.core.errors import ConfigError
 from closesync.core.token_set import TokenSet
@@ -210,6 +211,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def _set_state(args: argparse.Namespace, state: ConnectionState) -> int:
     services = load_services()
     connection: Connection = services.connections.set_state(args.id, state)
+    # Paused: its webhook subscription goes; resumed: it gets one (failures only logged).
+    Subscriptions(services).after_state_change(connection)
     if args.json:
         print_json(public(connection))
     else:

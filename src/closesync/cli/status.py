@@ -12,6 +12,12 @@ not a few round trips per connection. A connection whose Calendly organization's
 credential was refused shows needs_reauth with that credential's reason, although its own record
 is untouched (reconnecting the organization brings it back); organization mode also lists each
 shared credential and its state.
+
+Webhooks: every connection shows the state of the subscription serving it (its own, or its
+organization's): active, disabled, pending, refused (with why) or none, and when it last brought
+a verified delivery. They are read in two calls whatever the fleet's size (SMEMBERS + MGET of
+the records, one MGET of the last deliveries: `_webhooks`), and the summary counts connections by
+webhook state. One whose webhooks are active is judged on schedule by SYNC_CRON_WITH_WEBHOOKS.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from typing import Any
 from closesync.cli.common import print_json, print_table, when
 from closesync.core.connection import Connection, ConnectionState
 from closesync.core.status import FleetSummary, Glance, Listed, summarize
+from closesync.core.webhooks import Served, ServedIndex
 from closesync.store.sync_state import StatusFacts
 from closesync.wiring.services import Services, load_services
-from closesync.worker.schedule import run_deadline
+from closesync.worker.schedule import run_deadline, webhook_run_deadline
 
 # Newest reports searched for a connection's last error (`last_error` of --all and --json).
 ERROR_DEPTH = 20
@@ -53,17 +60,30 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def _read(
     services: Services, connections: Sequence[Connection], *, depth: int
-) -> list[tuple[Connection, StatusFacts, str | None]]:
+) -> list[tuple[Connection, StatusFacts, str | None, Served]]:
     """Each connection with its facts and the refusal of its shared Calendly grant, if any,
     read in batches. `depth`: how many of its newest reports are searched for its last error."""
     refused = services.connections.shared_refused_of(
         c.calendly_grant_ref for c in connections if c.calendly_grant_ref is not None
     )
     facts = services.state.status_facts([c.id for c in connections], depth=depth)
+    served = _webhooks(services)
     return [
-        (connection, found, refused.get(connection.calendly_grant_ref or ""))
+        (
+            connection,
+            found,
+            refused.get(connection.calendly_grant_ref or ""),
+            served.served(connection.id, connection.calendly_grant_ref),
+        )
         for connection, found in zip(connections, facts, strict=True)
     ]
+
+
+def _webhooks(services: Services) -> ServedIndex:
+    """Which subscription serves which connection, with the last deliveries: two round trips."""
+    subscriptions = services.webhooks.all()
+    last = services.webhooks.last_deliveries([s.key for s in subscriptions])
+    return ServedIndex(subscriptions, last)
 
 
 def _state(connection: Connection, shared: str | None) -> tuple[str, str | None]:
@@ -73,7 +93,9 @@ def _state(connection: Connection, shared: str | None) -> tuple[str, str | None]
     return connection.state.value, connection.state_reason
 
 
-def _row(connection: Connection, facts: StatusFacts, shared: str | None) -> dict[str, Any]:
+def _row(
+    connection: Connection, facts: StatusFacts, shared: str | None, served: Served
+) -> dict[str, Any]:
     """Everything `status --json` shows of one connection, as JSON-ready values."""
     last, held, backfill = facts.last, facts.held, facts.backfill
     state, reason = _state(connection, shared)
@@ -87,6 +109,9 @@ def _row(connection: Connection, facts: StatusFacts, shared: str | None) -> dict
         "last_error": facts.last_error,
         "last_error_at": facts.last_error_at,
         "backfill": asdict(backfill) if backfill else None,
+        "webhook": served.state,
+        "webhook_reason": served.reason,
+        "last_delivery_at": served.last_delivery,
     }
 
 
@@ -126,12 +151,27 @@ def cmd_status(args: argparse.Namespace) -> int:
             settings.sync_spread_fraction,
             settings.broker_visibility_timeout,
         ),
+        webhook_deadline=(
+            (
+                lambda last: webhook_run_deadline(
+                    settings.sync_cron,
+                    settings.sync_cron_with_webhooks,
+                    last,
+                    settings.sync_spread_fraction,
+                    settings.broker_visibility_timeout,
+                )
+            )
+            if settings.webhooks_enabled
+            else None
+        ),
     )
     _print_summary(summary, settings.sync_cron, time.time())
     return 0
 
 
-def _glance(connection: Connection, facts: StatusFacts, shared: str | None) -> Glance:
+def _glance(
+    connection: Connection, facts: StatusFacts, shared: str | None, served: Served
+) -> Glance:
     last, held = facts.last, facts.held
     state, reason = _state(connection, shared)
     return Glance(
@@ -146,6 +186,8 @@ def _glance(connection: Connection, facts: StatusFacts, shared: str | None) -> G
         held=held is not None,
         held_reason=held.reason if held else None,
         backfilling=facts.backfill is not None,
+        webhook=served.state,
+        last_delivery_at=served.last_delivery,
     )
 
 
@@ -202,6 +244,9 @@ def _print_summary(summary: FleetSummary, cron: str, now: float) -> None:
             out(f"on schedule (SYNC_CRON {cron}): every active connection ran when due\n")
     if summary.backfilling:
         out(f"backfills in progress: {summary.backfilling}\n")
+    if summary.webhooks:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(summary.webhooks.items()))
+        out(f"webhooks (connections by subscription state): {counts}\n")
     _print_listed(f"failing (their last run failed): {len(summary.failing)}", summary.failing)
     _print_listed(f"needs_reauth: {len(summary.needs_reauth)}", summary.needs_reauth)
     # Each reason names the command that lets that connection's deletions through.
@@ -254,9 +299,24 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
                 last.get("outcome") if last else None,
                 counts,
                 len(held["source_ids"]) if held else 0,
+                row["webhook"],
+                when(row["last_delivery_at"]) if row["last_delivery_at"] else None,
             ]
         )
-    print_table(["ID", "NAME", "STATE", "LAST RUN", "OUTCOME", "+~-=!", "HELD"], table)
+    print_table(
+        [
+            "ID",
+            "NAME",
+            "STATE",
+            "LAST RUN",
+            "OUTCOME",
+            "+~-=!",
+            "HELD",
+            "WEBHOOKS",
+            "LAST DELIVERY",
+        ],
+        table,
+    )
     out = sys.stdout.write
     for row in rows:
         if row["state_reason"]:
@@ -266,6 +326,8 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         if row["last_error"]:
             at = when(row["last_error_at"])
             out(f"{row['id']}: last error (run at {at}): {row['last_error']}\n")
+        if row["webhook_reason"] and row["webhook"] != "active":
+            out(f"{row['id']}: webhooks {row['webhook']}: {row['webhook_reason']}\n")
         if row["backfill"]:
             progress = row["backfill"]
             out(f"{row['id']}: backfill {progress.get('done', 0)}/{progress.get('total', '?')}\n")

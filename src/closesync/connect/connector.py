@@ -48,6 +48,7 @@ from closesync.connect.organizations import Organizations
 from closesync.connect.revoke import revoke_grant
 from closesync.connect.saving import ConnectionBusy, save_connection
 from closesync.connect.steps import KNOWN_ERRORS, FlowError, Step
+from closesync.connect.webhooks import Subscriptions
 from closesync.core.calendly_payloads import TokenResponse as CalendlyToken
 from closesync.core.calendly_payloads import uuid_of
 from closesync.core.close_payloads import Me
@@ -405,6 +406,7 @@ class Connector:
                 "provider", f"Not connected: {error}. Nothing was stored; please try again."
             ) from None
         # From here the grant is stored and shared: nothing below may revoke it.
+        Subscriptions(self.services).after_organization(ref)
         try:
             paired = self.orgs.pair_waiting()
         except (ApiError, ConnectionBusy) as error:

@@ -24,6 +24,7 @@ from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock
 from closesync.store.secretbox import SecretBox
 from closesync.store.sync_state import SyncState
+from closesync.store.webhooks import WebhookStore
 from closesync.sync.parts import Clients, LockHandle
 
 
@@ -36,6 +37,7 @@ class ConnectServices(Protocol):
     box: SecretBox
     connections: ConnectionStore
     state: SyncState
+    webhooks: WebhookStore
 
     def close_oauth(self) -> CloseOAuth | None: ...
 

@@ -10,15 +10,17 @@ an order that no run of the connection can interleave with:
    connection that found the mark meanwhile did nothing: the run holding the lock is asked to
    run once more (a rerun request, as those syncs would have left without the mark). A backfill
    or drift check that found the mark is not made up: it waits for the next one asked;
-3. the links go, while the Close grant still works; then the grants are revoked at both
+3. the connection's own webhook subscription is deleted at Calendly (best effort, while its
+   Calendly grant still works: `closesync.connect.webhooks`); the links go, while the Close
+   grant still works; then the grants are revoked at both
    providers; then every key of the connection is erased and the mark gets its TTL, in one
    transaction. A removal stopped in this step keeps the mark (the connection is no longer
    synced, so no deleted link comes back) until it is run again.
 
 A connection in Calendly organization mode shares its Calendly grant: that one is revoked only
 when the last connection using it leaves (and the organization's credential is then forgotten
-too), never while other users still sync with it or Close users of its Close organization still
-wait to be paired with it.
+too, after its organization-scope webhook subscription is deleted), never while other users
+still sync with it or Close users of its Close organization still wait to be paired with it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
 from closesync.connect.org_waiting import WaitingRoom
 from closesync.connect.revoke import revoke_grant
+from closesync.connect.webhooks import Subscriptions
 from closesync.core.connection import Connection
 from closesync.core.errors import CloseSyncError, RemovalIncomplete, RunLocked
 from closesync.core.mapping import is_our_link
@@ -84,6 +87,8 @@ def remove_connection(
         # user, new grants): what is deleted and revoked is what is stored now.
         connection = services.connections.get(conn_id)
         try:
+            # Its webhook subscription first, while its Calendly credential still works.
+            Subscriptions(services).after_leaving(connection)
             deleted = delete_our_links(services, connection) if delete_links else None
             revoked = revoke_connection(services, connection) if revoke else []
             services.connections.remove(conn_id, lock_held=True)
@@ -129,6 +134,7 @@ def revoke_connection(services: ConnectServices, connection: Connection) -> list
         orgs.bound_to(ref)
     )
     if not others and not waiting:
+        Subscriptions(services).before_organization_goes(ref)
         if revoke_grant(services, "calendly", grants.calendly):
             revoked.append("calendly organization")
         orgs.forget(ref)

@@ -39,8 +39,10 @@ Purpose = Literal["personal", "organization"]
 # Seconds a started flow stays redeemable: long enough to sign in and pick an organization,
 # short enough that a leaked `state` is soon worthless.
 STATE_TTL_SECONDS = 600
-# Calendly's scopes (api-facts.md): users, event types, organization members.
-CALENDLY_SCOPES = "users:read event_types:read organizations:read"
+# Calendly's scopes (api-facts.md): users, event types, organization members, and the webhook
+# subscriptions closesync owns (asked even with WEBHOOKS_ENABLED=false, so that turning webhooks
+# on later needs no user to authorize again).
+CALENDLY_SCOPES = "users:read event_types:read organizations:read webhooks:read webhooks:write"
 _REAL_CLOSE_API_HOST = "api.close.com"
 
 

@@ -18,6 +18,10 @@ A new connection has no old grants and no refresh in flight: it is stored at onc
 
 A connection that a `connections remove` marked meanwhile is not stored (ConnectionLeaving, a
 ConnectionBusy: both ask the user to try again, which then makes a new connection).
+
+Once stored, the connection's webhook subscription is made (`closesync.connect.webhooks`: its
+own, or its organization's in organization mode); a webhook failure is recorded there and never
+fails the save.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Callable
 from closesync.apis.credentials import REFRESH_WAIT_SECONDS, grant_lock_name, shared_lock_key
 from closesync.connect.deps import ConnectServices
 from closesync.connect.revoke import revoke_grant
+from closesync.connect.webhooks import Subscriptions
 from closesync.core.connection import Connection, Grant, Grants
 from closesync.core.errors import (
     CloseSyncError,
@@ -63,6 +68,7 @@ def save_connection(
         grants.calendly,
         wait_seconds,
     )
+    Subscriptions(services).after_connect(connection, existing)
 
 
 def save_shared_connection(
@@ -83,6 +89,7 @@ def save_shared_connection(
         None,
         wait_seconds,
     )
+    Subscriptions(services).after_connect(connection, existing)
 
 
 def _lock_names(existing: Connection, connection: Connection) -> list[str]:

@@ -98,3 +98,27 @@ class TokenResponse(_Payload):
     owner: str | None = None
     organization: str | None = None
     scope: str | None = None
+
+
+class WebhookSubscription(_Payload):
+    """A Calendly webhook subscription (`/webhook_subscriptions`).
+
+    `state` is `active` or `disabled` (Calendly disables one after 24 h of failed deliveries and
+    never re-enables it); kept a plain string so that a state Calendly adds later reads as "not
+    active" rather than failing a whole listing.
+    """
+
+    uri: str
+    callback_url: str
+    state: str
+    events: list[str] = []
+    scope: str
+    organization: str | None = None
+    user: str | None = None
+    creator: str | None = None
+    created_at: datetime | None = None
+    retry_started_at: datetime | None = None
+
+    @property
+    def uuid(self) -> str:
+        return uuid_of(self.uri)

@@ -21,6 +21,7 @@
         ├── Forbidden               403: missing scope or permission; stop this connection
         ├── NotFound                404
         ├── Rejected                400/422: this one record was refused; skip it, keep the others
+        │   └── Conflict            409: it exists already (a webhook subscription to that URL)
         └── PaginationError         a listing repeated a page token; the listing is incomplete
 
 Only `closesync.http.raise_for_response` maps an HTTP status and headers to these classes. Every
@@ -162,6 +163,10 @@ class Rejected(ApiError):
     def __init__(self, message: str, *, field_errors: dict[str, str], **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.field_errors = field_errors
+
+
+class Conflict(Rejected):
+    """The API refused a create because the resource exists already (409)."""
 
 
 class PaginationError(ApiError):

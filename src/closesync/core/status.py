@@ -7,7 +7,9 @@ not one row each. The rows themselves are `status --all` and `status --json`.
 "On schedule" is the caller's to define, as `deadline(t)`: the time by which a connection whose
 last sync was at `t` should have run again (the shell derives it from SYNC_CRON and the fan-out
 spread). It must not decrease as `t` grows, which lets `summarize` find how many connections are
-behind with a binary search instead of one cron computation per connection.
+behind with a binary search instead of one cron computation per connection. A connection whose
+webhooks are active is polled at SYNC_CRON_WITH_WEBHOOKS instead, so it is judged by
+`webhook_deadline` when one is given (binary-searched apart, the same way).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class Glance:
     held: bool = False
     held_reason: str | None = None
     backfilling: bool = False
+    # Its webhook subscription's state (`core.webhooks.Served.state`: active, disabled, pending,
+    # refused or none), and when it last brought a verified delivery.
+    webhook: str = "none"
+    last_delivery_at: float | None = None
 
     @property
     def synced_at(self) -> float:
@@ -70,10 +76,16 @@ class FleetSummary:
     # Active connections past their deadline, and how far past it the oldest is (seconds).
     behind: int = 0
     lag: float = 0.0
+    # Connections (every state) by their webhook state; empty when none has a subscription.
+    webhooks: dict[str, int] = field(default_factory=dict)
 
 
 def summarize(
-    glances: Iterable[Glance], *, now: float, deadline: Callable[[float], float]
+    glances: Iterable[Glance],
+    *,
+    now: float,
+    deadline: Callable[[float], float],
+    webhook_deadline: Callable[[float], float] | None = None,
 ) -> FleetSummary:
     """Counts, the connections needing someone, the oldest last sync and the schedule's lag."""
     states = {state.value: 0 for state in ConnectionState}
@@ -84,8 +96,10 @@ def summarize(
     backfilling = 0
     active: list[Glance] = []
     total = 0
+    webhooks: dict[str, int] = {}
     for glance in glances:
         total += 1
+        webhooks[glance.webhook] = webhooks.get(glance.webhook, 0) + 1
         states[glance.state] = states.get(glance.state, 0) + 1
         if glance.held:
             held.append(Listed(glance.id, glance.name, glance.held_reason or "-"))
@@ -99,14 +113,35 @@ def summarize(
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome == "failed":
             failing.append(Listed(glance.id, glance.name, glance.last_error or "-"))
+    if set(webhooks) == {"none"}:
+        webhooks = {}
     if not active:
-        return FleetSummary(total, states, outcomes, failing, needs_reauth, held, backfilling)
+        return FleetSummary(
+            total, states, outcomes, failing, needs_reauth, held, backfilling, webhooks=webhooks
+        )
     active.sort(key=lambda g: (g.synced_at, g.id))
     oldest = active[0]
-    behind = _count_behind([g.synced_at for g in active], now, deadline)
-    lag = max(0.0, now - deadline(oldest.synced_at))
+    behind, lag = 0, 0.0
+    rare = webhook_deadline or deadline
+    for group, due in (
+        ([g for g in active if g.webhook != "active" or webhook_deadline is None], deadline),
+        ([g for g in active if g.webhook == "active" and webhook_deadline is not None], rare),
+    ):
+        if group:
+            behind += _count_behind([g.synced_at for g in group], now, due)
+            lag = max(lag, now - due(group[0].synced_at))
     return FleetSummary(
-        total, states, outcomes, failing, needs_reauth, held, backfilling, oldest, behind, lag
+        total,
+        states,
+        outcomes,
+        failing,
+        needs_reauth,
+        held,
+        backfilling,
+        oldest,
+        behind,
+        lag,
+        webhooks,
     )
 
 

@@ -2,7 +2,8 @@
 
 Used by `closesync keys rotate|check`. Apart from the connection store because it walks every
 sealed value of every kind (connections' grants, organization credentials, waiting Close users'
-grants), not one connection's. Re-sealing keeps each value bound to its owner, and binds the
+grants, the signing keys of webhook subscriptions made with a personal access token), not one
+connection's. Re-sealing keeps each value bound to its owner, and binds the
 values sealed before owners were bound (`closesync.store.secretbox`).
 """
 
@@ -20,8 +21,10 @@ from closesync.store.secretbox import PLAIN_PREFIX, FernetBox
 def sealed_keys(redis_client: redis.Redis, keys: Keys) -> list[tuple[str, str]]:
     """Every key holding a sealed grant, with the owner its value is sealed for.
 
-    Connections' grants, the shared organization credentials and the grants of Close users
-    waiting for a Calendly match; an OAuth flow under way lives minutes and is left to expire.
+    Connections' grants, the shared organization credentials, the grants of Close users
+    waiting for a Calendly match and the webhook signing keys closesync generated (a
+    subscription without one is signed by the OAuth application's key: its absent key is
+    skipped like any empty one); an OAuth flow under way lives minutes and is left to expire.
     """
     found = [
         (keys.grants(conn_id), Owner.connection(conn_id))
@@ -34,6 +37,10 @@ def sealed_keys(redis_client: redis.Redis, keys: Keys) -> list[tuple[str, str]]:
     found += [
         (keys.waiting_close_grant(user), Owner.waiting_close_user(user))
         for user in map(as_text, redis_client.hkeys(keys.waiting_close()))
+    ]
+    found += [
+        (keys.webhook_signing_key(key), Owner.webhook(key))
+        for key in map(as_text, redis_client.smembers(keys.webhooks()))
     ]
     return sorted(found)
 

@@ -93,6 +93,34 @@ class WebhookStore:
         raw = self._get(self.keys.webhook_last_delivery(key))
         return float(raw) if raw is not None else None
 
+    def last_deliveries(self, keys: list[str]) -> dict[str, float]:
+        """When each of these subscriptions last brought a verified delivery, in one MGET (the
+        ones that never did are left out): what `status` and `webhooks list` show."""
+        if not keys:
+            return {}
+        try:
+            raws = self.redis.mget([self.keys.webhook_last_delivery(k) for k in keys])
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"Redis refused reading webhook deliveries: {error}") from error
+        return {
+            k: float(as_text(raw)) for k, raw in zip(keys, raws, strict=True) if raw is not None
+        }
+
+    def indexed(self, subscriptions: list[Subscription]) -> set[str]:
+        """The keys of those subscriptions that their owner's index still names, in one MGET:
+        a record another one of the same owner replaced is not among them."""
+        if not subscriptions:
+            return set()
+        try:
+            named = self.redis.mget([self._owner_index(s) for s in subscriptions])
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"Redis refused reading webhook indexes: {error}") from error
+        return {
+            s.key
+            for s, key in zip(subscriptions, named, strict=True)
+            if key is not None and as_text(key) == s.key
+        }
+
     def for_connection(self, conn_id: str) -> Subscription | None:
         key = self._get(self.keys.webhook_of_connection(conn_id))
         return self.find(key) if key is not None else None

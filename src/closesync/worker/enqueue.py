@@ -25,9 +25,14 @@ from closesync.worker.celery_app import create_app
 from closesync.worker.publish import Message, publish
 from closesync.worker.schedule import current_slot, interval_after, tick_ttl
 
-Tick = Literal["sync", "drift"]
+# "webhooks": the daily reconciliation of the webhook subscriptions, on the drift check's cron.
+Tick = Literal["sync", "drift", "webhooks"]
 
-_TICK_TASKS = {"sync": names.SYNC_ALL, "drift": names.DRIFT_CHECK}
+_TICK_TASKS = {
+    "sync": names.SYNC_ALL,
+    "drift": names.DRIFT_CHECK,
+    "webhooks": names.RECONCILE_WEBHOOKS,
+}
 
 
 def claim_name(tick: Tick) -> str:
@@ -37,7 +42,7 @@ def claim_name(tick: Tick) -> str:
 
 def cron_of(services: Services, tick: Tick) -> str:
     s = services.settings
-    return s.sync_cron if tick == "sync" else s.drift_cron
+    return s.sync_cron if tick == "sync" else s.drift_cron  # the reconciliation: daily too
 
 
 @contextmanager

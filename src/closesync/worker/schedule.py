@@ -150,3 +150,28 @@ def run_deadline(expression: str, last: float, fraction: float, visibility_timeo
     fire = next_fire(trigger, datetime.fromtimestamp(last, UTC))
     interval = (next_fire(trigger, fire) - fire).total_seconds()
     return fire.timestamp() + spread_window(interval, fraction, visibility_timeout)
+
+
+def polls_webhook_connections(expression: str, webhooks_expression: str, slot: str) -> bool:
+    """Whether the tick `slot` of `expression` (SYNC_CRON) also polls the connections whose
+    webhooks are active: it does when SYNC_CRON_WITH_WEBHOOKS fired since the tick before it,
+    i.e. it is the first tick at or after each of that cron's fires. Neither cron need divide
+    the other; the rarer poll is at most one SYNC_CRON interval late."""
+    fire = datetime.fromisoformat(slot)
+    before = previous_fire(cron_trigger(expression), fire - timedelta(seconds=1))
+    return previous_fire(cron_trigger(webhooks_expression), fire) > before
+
+
+def webhook_run_deadline(
+    expression: str,
+    webhooks_expression: str,
+    last: float,
+    fraction: float,
+    visibility_timeout: float,
+) -> float:
+    """`run_deadline` of a connection whose webhooks are active: the window's end of the first
+    SYNC_CRON tick at or after the next SYNC_CRON_WITH_WEBHOOKS fire after `last`. Later `last`
+    never gives an earlier deadline."""
+    rare = next_fire(cron_trigger(webhooks_expression), datetime.fromtimestamp(last, UTC))
+    # run_deadline looks strictly after its `last`: a tick at the rare fire itself counts.
+    return run_deadline(expression, rare.timestamp() - 0.001, fraction, visibility_timeout)

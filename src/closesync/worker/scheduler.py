@@ -1,4 +1,5 @@
-"""The scheduler process: enqueue `sync_all` on SYNC_CRON and `drift_check` on DRIFT_CRON.
+"""The scheduler process: enqueue `sync_all` on SYNC_CRON, and `drift_check` and
+`reconcile_webhooks` (WEBHOOKS_ENABLED) on DRIFT_CRON.
 
 Run as many as you like (one per host, or two for failover): only the leader enqueues. The leader
 holds a Redis lock (`{p}:scheduler:leader`) renewed every third of its TTL; a follower tries to
@@ -100,7 +101,10 @@ class TickScheduler:
 
     def build(self) -> BlockingScheduler:
         scheduler = BlockingScheduler(timezone="UTC")
-        for tick in ("sync", "drift"):
+        ticks: list[Tick] = ["sync", "drift"]
+        if self.services.settings.webhooks_enabled:
+            ticks.append("webhooks")
+        for tick in ticks:
             scheduler.add_job(
                 self.fire,
                 trigger=cron_trigger(cron_of(self.services, tick)),

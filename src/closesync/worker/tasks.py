@@ -43,18 +43,26 @@ from celery import Celery, Task, shared_task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_process_shutdown, worker_shutdown
 
-from closesync.core.connection import ConnectionState
+from closesync.core.connection import Connection, ConnectionState
 from closesync.core.errors import CloseSyncError, ConnectionNotFound, StoreUnavailable
 from closesync.core.queueing import next_drain_in
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.core.retry import Random, rate_limit_delay, transient_delay
+from closesync.core.webhooks import ServedIndex
 from closesync.sync.parts import Deadline
 from closesync.wiring.logs import bind
 from closesync.wiring.observability import cron_checkin
 from closesync.wiring.services import Services
 from closesync.worker import celery_app as names
+from closesync.worker.enqueue import ask_for_syncs
 from closesync.worker.publish import Message, PublishFailed, publish
-from closesync.worker.schedule import interval_after, spread_offset, spread_window, tick_ttl
+from closesync.worker.schedule import (
+    interval_after,
+    polls_webhook_connections,
+    spread_offset,
+    spread_window,
+    tick_ttl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +196,11 @@ def fan_out(
         interval, settings.sync_spread_fraction, settings.broker_visibility_timeout
     )
     now = clock()
+    polled = _polled(services, tick, slot, cron)
     due = {
         connection.id: now + spread_offset(connection.id, window)
         for connection in services.connections.list()
-        if connection.state is ConnectionState.ACTIVE
+        if connection.state is ConnectionState.ACTIVE and polled(connection)
     }
     services.schedule.add(tick, due)
     log.info(
@@ -204,6 +213,20 @@ def fan_out(
     )
     drain(services, app, kind=tick, slot=slot, clock=clock)
     return len(due)
+
+
+def _polled(services: Services, tick: Kind, slot: str, cron: str) -> Callable[[Connection], bool]:
+    """Which active connections a tick runs: a drift check all of them; a sync tick those whose
+    webhooks are not active, and the others too at the first tick after each fire of
+    SYNC_CRON_WITH_WEBHOOKS (`schedule.polls_webhook_connections`). Every subscription record
+    is read in one SMEMBERS and one MGET, not one read per connection."""
+    settings = services.settings
+    if tick != "sync" or not settings.webhooks_enabled:
+        return lambda connection: True
+    if polls_webhook_connections(cron, settings.sync_cron_with_webhooks, slot):
+        return lambda connection: True
+    served = ServedIndex(services.webhooks.all())
+    return lambda c: not served.active(c.id, c.calendly_grant_ref)
 
 
 def drain(
@@ -487,3 +510,33 @@ def drift_connection(
     """Compare one connection's links in Close with the desired ones and repair the drift."""
     with bind(slot=slot):
         return run_connection(self, connection_id, RunMode.DRIFT, resumes)
+
+
+@shared_task(bind=True, name=names.RECONCILE_WEBHOOKS)
+def reconcile_webhooks(self: Task[Any, Any], slot: str) -> int:
+    """Reconcile every webhook subscription closesync owns with Calendly (daily, DRIFT_CRON):
+    re-create the disabled and missing ones (and sync what they serve), retry the pending ones,
+    delete our orphans. How many owners failed (logged; the next day tries again)."""
+    from closesync.connect.webhook_reconcile import Reconciler, targets
+
+    services = get_services()
+    settings = services.settings
+    cron = settings.drift_cron
+    if not settings.webhooks_enabled:
+        return 0
+    if not services.state.claim_tick("webhooks", slot, tick_ttl(interval_after(cron, slot))):
+        log.info("webhook reconciliation already ran: %s", slot, extra={"slot": slot})
+        return 0
+    with cron_checkin("closesync-reconcile-webhooks", cron):
+        outcomes = Reconciler(services, lambda ids: ask_for_syncs(services, self.app, ids)).run(
+            *targets(services, None)
+        )
+    failed = sum(outcome.failed for outcome in outcomes)
+    log.info(
+        "webhook reconciliation %s: %d owners, %d failed",
+        slot,
+        len(outcomes),
+        failed,
+        extra={"slot": slot},
+    )
+    return failed

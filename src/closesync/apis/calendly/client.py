@@ -12,16 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from closesync.apis.bodies import parse_body, summarize
 from closesync.apis.http import ApiHttp
 from closesync.apis.oauth_tokens import post_token_call, require_single_attempt
-from closesync.core.calendly_payloads import EventType, OrganizationMembership, TokenResponse, User
-from closesync.core.errors import PaginationError
+from closesync.core.calendly_payloads import (
+    EventType,
+    OrganizationMembership,
+    TokenResponse,
+    User,
+    WebhookSubscription,
+)
+from closesync.core.errors import NotFound, PaginationError
 
 API = "Calendly"
 M = TypeVar("M", bound=BaseModel)
@@ -113,6 +119,82 @@ class CalendlyClient:
                 yield parse_body(
                     OrganizationMembership, item, api=API, method="GET", endpoint=endpoint
                 )
+
+    # -- webhook subscriptions ------------------------------------------------------------------
+    # A 409 (a subscription to that URL exists) raises Conflict; a 403 (no `webhooks:write`
+    # scope, a plan or role that may not) raises Forbidden: both mapped by `apis.http`.
+
+    def create_webhook_subscription(
+        self,
+        *,
+        url: str,
+        events: list[str],
+        organization: str,
+        scope: Literal["user", "organization"],
+        user: str | None = None,
+        signing_key: SecretStr | None = None,
+    ) -> WebhookSubscription:
+        """Subscribe `url` to `events` (`POST /webhook_subscriptions`, 201 with the resource).
+
+        `signing_key`: the key Calendly signs deliveries with (a personal access token's
+        subscription); None: the OAuth application's key signs them. Write-only at Calendly.
+        """
+        endpoint = "/webhook_subscriptions"
+        body: dict[str, Any] = {
+            "url": url,
+            "events": events,
+            "organization": organization,
+            "scope": scope,
+        }
+        if user is not None:
+            body["user"] = user
+        if signing_key is not None:
+            body["signing_key"] = signing_key.get_secret_value()
+        value = self.http.request(
+            "POST", endpoint, endpoint=endpoint, json_body=body, headers=self._headers()
+        )
+        envelope = parse_body(_Resource, value, api=API, method="POST", endpoint=endpoint)
+        return parse_body(
+            WebhookSubscription, envelope.resource, api=API, method="POST", endpoint=endpoint
+        )
+
+    def list_webhook_subscriptions(
+        self,
+        *,
+        organization: str,
+        scope: Literal["user", "organization"],
+        user: str | None = None,
+    ) -> list[WebhookSubscription]:
+        """Every subscription of that organization and scope (and user), every page read."""
+        endpoint = "/webhook_subscriptions"
+        params = {"organization": organization, "scope": scope}
+        if user is not None:
+            params["user"] = user
+        return [
+            parse_body(WebhookSubscription, item, api=API, method="GET", endpoint=endpoint)
+            for page in self._pages(endpoint, params)
+            for item in page
+        ]
+
+    def get_webhook_subscription(self, uuid: str) -> WebhookSubscription:
+        """One subscription by uuid; NotFound when Calendly has no such subscription."""
+        path = f"/webhook_subscriptions/{quote(uuid, safe='')}"
+        return self._get_resource(WebhookSubscription, path, "/webhook_subscriptions/{uuid}")
+
+    def delete_webhook_subscription(self, uuid: str) -> bool:
+        """Delete a subscription: True if deleted, False if Calendly said it was already gone.
+
+        Only Calendly's own 404 counts as gone; a 404 page from something in front of it raises.
+        """
+        endpoint = "/webhook_subscriptions/{uuid}"
+        path = f"/webhook_subscriptions/{quote(uuid, safe='')}"
+        try:
+            self.http.request("DELETE", path, endpoint=endpoint, headers=self._headers())
+        except NotFound as error:
+            if error.from_api:
+                return False
+            raise
+        return True
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token()}"}

@@ -1,0 +1,370 @@
+"""The Calendly webhook subscriptions closesync owns: made as a connection (or an organization)
+connects, deleted as it leaves or pauses.
+
+A connection with its own Calendly credential gets one `user`-scope subscription, made with that
+credential; a connected Calendly organization gets one `organization`-scope subscription, made
+with its shared credential, serving every member connection. Each has a callback URL of its own
+(`core.webhooks.callback_url`, a fresh key), since Calendly refuses two subscriptions of one user
+on one URL and never lets a URL change.
+
+Signing. A subscription made with a personal access token is given a key closesync generates
+(`secrets`), stored sealed beside the record; one made with an OAuth token is signed by Calendly
+with the application's key, CALENDLY_WEBHOOK_SIGNING_KEY. Without that setting an OAuth-made
+subscription is not created at all: no delivery of it could be verified, so the receiver would
+refuse every one until Calendly disabled it. It is recorded REFUSED with that reason instead, and
+`closesync webhooks ensure` makes it once the key is set.
+
+The record is saved PENDING, with its signing key, before the POST: a delivery that arrives
+before the POST returns finds its key, and a POST whose answer was lost (then retried into a 409)
+is adopted by its URL with the key it was made with. Calendly's answer then makes it ACTIVE; a
+403 or 400 (missing `webhooks:write`, a plan or role that may not) REFUSED with the reason; any
+other failure leaves it PENDING for the daily reconciliation.
+
+Nothing here may fail or undo the connect, remove or pause that called it: `after_*` catch every
+closesync error, record and log it (never a key or token), and the connection keeps syncing by
+polling. WEBHOOKS_ENABLED=false makes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import SecretStr
+
+from closesync.apis.calendly.client import CalendlyClient
+from closesync.connect.deps import ConnectServices
+from closesync.connect.org_credentials import OrgCredentials
+from closesync.core.calendly_payloads import WebhookSubscription, uuid_of
+from closesync.core.connection import Connection, ConnectionState
+from closesync.core.errors import CloseSyncError, Conflict
+from closesync.core.retry import WaitBudget
+from closesync.core.webhooks import (
+    EVENT_TYPE_EVENTS,
+    Subscription,
+    WebhookState,
+    callback_url,
+    new_key,
+    state_after_failure,
+    state_at_calendly,
+)
+
+log = logging.getLogger(__name__)
+
+# Bytes of randomness in a signing key closesync generates (URL-safe base64 of 32 bytes, as
+# Calendly's own example key).
+SIGNING_KEY_BYTES = 32
+NO_APP_KEY = (
+    "CALENDLY_WEBHOOK_SIGNING_KEY is not set: a subscription made with an OAuth token is signed "
+    "with the application's key, so its deliveries could not be verified; set it (Calendly's "
+    "developer console) and run `closesync webhooks ensure`"
+)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a subscription is made for and with: a connection (user scope) or an organization."""
+
+    scope: Literal["user", "organization"]
+    organization_uri: str
+    client: CalendlyClient
+    pat: bool  # made with a personal access token: closesync signs it with a key of its own
+    user_uri: str | None = None
+    connection_id: str | None = None
+    grant_ref: str | None = None
+
+    def label(self) -> str:
+        return self.connection_id or f"organization {self.grant_ref}"
+
+
+class Subscriptions:
+    """Makes, adopts and deletes the subscriptions of connections and organizations."""
+
+    def __init__(self, services: ConnectServices, clock: Callable[[], float] = time.time) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.store = services.webhooks
+        self.clock = clock
+
+    # -- hooks of the connect, remove and pause paths: never raise --------------------------------
+
+    def after_connect(self, connection: Connection, replaced: Connection | None) -> None:
+        """A connection was stored (made or reconnected): subscribe what serves it."""
+        if not self.settings.webhooks_enabled:
+            return
+        self._quietly(
+            f"subscribing {connection.id}", lambda: self._after_connect(connection, replaced)
+        )
+
+    def after_organization(self, ref: str) -> None:
+        """An organization credential was (re)connected: subscribe the organization."""
+        if not self.settings.webhooks_enabled:
+            return
+        self._quietly(
+            f"subscribing organization {ref}", lambda: self.ensure_organization(ref, renew=True)
+        )
+
+    def after_leaving(self, connection: Connection) -> None:
+        """A connection is being removed or was paused: delete its own subscription."""
+        self._quietly(f"unsubscribing {connection.id}", lambda: self.drop_connection(connection))
+
+    def before_organization_goes(self, ref: str) -> None:
+        """An organization credential is about to be revoked and forgotten: delete its
+        subscription first, while the credential can still do it."""
+        self._quietly(f"unsubscribing organization {ref}", lambda: self.drop_organization(ref))
+
+    def after_state_change(self, connection: Connection) -> None:
+        """Paused: its own subscription goes; active again: it gets one."""
+        if connection.state is ConnectionState.PAUSED:
+            self.after_leaving(connection)
+        elif connection.state is ConnectionState.ACTIVE:
+            self.after_connect(connection, None)
+
+    def _quietly(self, what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        # Whatever went wrong (a closesync error names its cause; anything else is a bug here),
+        # the connect, remove or pause that called this has happened and must stand.
+        except Exception as error:
+            log.warning(
+                "webhooks: %s failed; polling goes on: %s: %s",
+                what,
+                type(error).__name__,
+                error,
+            )
+
+    def _after_connect(self, connection: Connection, replaced: Connection | None) -> None:
+        mine = self.store.for_connection(connection.id)
+        if connection.calendly_grant_ref is not None:
+            if mine is not None:  # moved into organization mode: its own one is no use now
+                owner = self._owner_or_none(lambda: self.user_owner(replaced or connection))
+                self.drop(mine, owner)
+            self.ensure_organization(connection.calendly_grant_ref)
+            return
+        renew = replaced is not None and (
+            replaced.calendly_user_uri != connection.calendly_user_uri
+            or replaced.calendly_grant_ref is not None
+        )
+        if mine is not None and renew and replaced is not None:
+            # Another Calendly user (or back from organization mode): the old one is not its.
+            self.drop(mine, self._owner_or_none(lambda: self.user_owner(replaced)))
+        self.ensure_connection(connection, renew=True)
+
+    # -- ensuring -----------------------------------------------------------------------------
+
+    def ensure_connection(
+        self, connection: Connection, *, renew: bool = False, retry_refused: bool = True
+    ) -> Subscription | None:
+        """The connection's own subscription, made unless an ACTIVE one (made with the same
+        kind of credential, when `renew`) exists. None: organization mode, or webhooks off."""
+        if not self.settings.webhooks_enabled or connection.calendly_grant_ref is not None:
+            return None
+        owner = self.user_owner(connection)
+        return self._ensure(owner, self.store.for_connection(connection.id), renew, retry_refused)
+
+    def ensure_organization(
+        self, ref: str, *, renew: bool = False, retry_refused: bool = True
+    ) -> Subscription | None:
+        """The organization's subscription, made unless an ACTIVE one exists."""
+        if not self.settings.webhooks_enabled:
+            return None
+        owner = self.organization_owner(ref)
+        if owner is None:
+            return None
+        return self._ensure(owner, self.store.for_organization(ref), renew, retry_refused)
+
+    def _ensure(
+        self, owner: Owner, current: Subscription | None, renew: bool, retry_refused: bool
+    ) -> Subscription:
+        if current is None:
+            return self.create(owner)
+        same_signing = current.own_signing_key == owner.pat
+        if current.state is WebhookState.ACTIVE and (same_signing or not renew):
+            return current
+        if current.state is WebhookState.REFUSED and not retry_refused:
+            return current
+        if current.state is WebhookState.PENDING and current.uri is None and same_signing:
+            return self.create(owner, current)  # the same key and URL: a lost answer is adopted
+        # Disabled (Calendly never re-enables one), refused, or signed the other way: replaced.
+        self.drop(current, owner)
+        return self.create(owner)
+
+    def create(self, owner: Owner, pending: Subscription | None = None) -> Subscription:
+        """Subscribe at Calendly and record the outcome (`pending`: retry that record, with its
+        key and signing key, so that a create whose answer was lost is adopted by its URL)."""
+        now = self.clock()
+        if not owner.pat and self.settings.calendly_webhook_signing_key is None:
+            return self._record(owner, pending, WebhookState.REFUSED, NO_APP_KEY, now)
+        key = pending.key if pending is not None else new_key()
+        signing_key = None
+        if owner.pat:
+            signing_key = (
+                self.store.signing_key(key) if pending is not None else None
+            ) or SecretStr(secrets.token_urlsafe(SIGNING_KEY_BYTES))
+        sub = Subscription(
+            key=key,
+            scope=owner.scope,
+            organization_uri=owner.organization_uri,
+            user_uri=owner.user_uri,
+            connection_id=owner.connection_id,
+            grant_ref=owner.grant_ref,
+            own_signing_key=owner.pat,
+            created_at=pending.created_at if pending is not None else now,
+            updated_at=now,
+        )
+        self.store.save(sub, signing_key)
+        url = callback_url(self.settings.public_base_url, key)
+        try:
+            made = self._post(owner, url, signing_key)
+        except CloseSyncError as error:
+            state, reason = state_after_failure(error)
+            log.warning(
+                "webhooks: Calendly did not subscribe %s (%s): %s",
+                owner.label(),
+                state.value,
+                reason,
+                extra={"connection_id": owner.connection_id},
+            )
+            sub = sub.model_copy(update={"state": state, "reason": reason})
+        else:
+            sub = sub.model_copy(
+                update={"uri": made.uri, "state": state_at_calendly(made.state), "reason": None}
+            )
+            log.info(
+                "webhooks: subscribed %s (%s scope)",
+                owner.label(),
+                owner.scope,
+                extra={"connection_id": owner.connection_id},
+            )
+        self.store.save(sub)
+        return sub
+
+    def _post(self, owner: Owner, url: str, signing_key: SecretStr | None) -> WebhookSubscription:
+        scope = owner.scope
+        try:
+            return owner.client.create_webhook_subscription(
+                url=url,
+                events=list(EVENT_TYPE_EVENTS),
+                organization=owner.organization_uri,
+                scope=scope,
+                user=owner.user_uri,
+                signing_key=signing_key,
+            )
+        except Conflict:
+            # Our URL is new for every subscription: only our own earlier try can hold it.
+            listed = owner.client.list_webhook_subscriptions(
+                organization=owner.organization_uri, scope=scope, user=owner.user_uri
+            )
+            for found in listed:
+                if found.callback_url == url:
+                    return found
+            raise
+
+    def _record(
+        self,
+        owner: Owner,
+        pending: Subscription | None,
+        state: WebhookState,
+        reason: str,
+        now: float,
+    ) -> Subscription:
+        sub = Subscription(
+            key=pending.key if pending is not None else new_key(),
+            scope=owner.scope,
+            organization_uri=owner.organization_uri,
+            user_uri=owner.user_uri,
+            connection_id=owner.connection_id,
+            grant_ref=owner.grant_ref,
+            own_signing_key=owner.pat,
+            state=state,
+            reason=reason,
+            created_at=pending.created_at if pending is not None else now,
+            updated_at=now,
+        )
+        self.store.save(sub)
+        log.warning("webhooks: %s not subscribed: %s", owner.label(), reason)
+        return sub
+
+    # -- dropping -----------------------------------------------------------------------------
+
+    def drop_connection(self, connection: Connection) -> bool:
+        """Delete the connection's own subscription at Calendly, then its record."""
+        current = self.store.for_connection(connection.id)
+        if current is None:
+            return False
+        self.drop(current, self._owner_or_none(lambda: self.user_owner(connection)))
+        return True
+
+    def drop_organization(self, ref: str) -> bool:
+        """Delete the organization's subscription at Calendly, then its record."""
+        current = self.store.for_organization(ref)
+        if current is None:
+            return False
+        self.drop(current, self._owner_or_none(lambda: self.organization_owner(ref)))
+        return True
+
+    def _owner_or_none(self, owner: Callable[[], Owner | None]) -> Owner | None:
+        """The owner whose credential deletes a subscription; None (the record is forgotten
+        all the same) when that credential cannot be read: a leaving connection's record must
+        not outlive it."""
+        try:
+            return owner()
+        except CloseSyncError as error:
+            log.warning("webhooks: no credential to delete a subscription with: %s", error)
+            return None
+
+    def drop(self, sub: Subscription, owner: Owner | None) -> None:
+        """Delete at Calendly (gone already counts as deleted), then forget the record. A failed
+        delete at Calendly is logged and the record forgotten all the same: the subscription is
+        then an orphan of ours, which the reconciliation deletes if a credential can see it."""
+        if sub.uri is not None and owner is not None:
+            try:
+                owner.client.delete_webhook_subscription(uuid_of(sub.uri))
+            except CloseSyncError as error:
+                log.warning(
+                    "webhooks: Calendly did not delete the subscription of %s: %s",
+                    owner.label(),
+                    error,
+                    extra={"connection_id": sub.connection_id},
+                )
+        self.store.delete(sub)
+
+    # -- owners -------------------------------------------------------------------------------
+
+    def _budget(self) -> WaitBudget:
+        return WaitBudget(self.settings.inline_wait_budget_seconds)
+
+    def user_owner(self, connection: Connection) -> Owner:
+        grants = self.services.connections.grants(connection.id)
+        client = self.services.clients_for(connection, self._budget()).calendly
+        organization = connection.calendly_organization_uri
+        if organization is None:
+            organization = client.get_current_user().current_organization
+        if organization is None:
+            raise CloseSyncError(f"Calendly names no organization of {connection.id}'s user")
+        return Owner(
+            scope="user",
+            organization_uri=organization,
+            client=client,
+            pat=grants.calendly.kind == "pat",
+            user_uri=connection.calendly_user_uri,
+            connection_id=connection.id,
+        )
+
+    def organization_owner(self, ref: str) -> Owner | None:
+        credentials = OrgCredentials(self.services)
+        info = credentials.info(ref)
+        if info is None or not info.get("organization_uri"):
+            return None
+        grant = self.services.connections.shared_grant(ref)
+        return Owner(
+            scope="organization",
+            organization_uri=str(info["organization_uri"]),
+            client=credentials.client(ref),
+            pat=grant.kind == "pat",
+            grant_ref=ref,
+        )
