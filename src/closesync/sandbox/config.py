@@ -77,8 +77,9 @@ class SandboxConfig:
     # "webhooks:write" to test a missing scope); "" withholds none.
     calendly_withheld_scopes: str = ""
     # The Calendly OAuth application's webhook signing key: it signs the deliveries of every
-    # subscription made with an OAuth token and no signing_key (Calendly shows it in the
-    # developer console). A fixed dev value so that a receiver can be configured with it.
+    # subscription made with an OAuth token, a signing_key passed with one being ignored
+    # (Calendly shows it in the developer console). A fixed dev value so that a receiver can
+    # be configured with it.
     calendly_webhook_signing_key: str = CALENDLY_WEBHOOK_SIGNING_KEY
     # Threads that send webhook deliveries (read at start): one slow receiver holds only one.
     webhook_delivery_threads: int = 4

@@ -1,14 +1,14 @@
 """Calendly's webhook deliveries: a queue of signed POSTs, sent by background threads.
 
 A change to an event type made through the admin API (webhook_subscriptions.py decides which
-subscriptions it goes to) becomes one `Delivery` per subscription: the envelope
-`{"event", "created_at", "created_by", "payload"}` serialised once, so every retry sends the
-same bytes. The admin request only queues it; a small pool of delivery threads (config
-`webhook_delivery_threads`), each with its own requests session, sends it, so a slow or dead
-receiver never holds up the admin API. The deliveries of one subscription go out one at a
-time, in queue order (config `webhook_serial_per_subscription`; False sends them in parallel,
-as many at once as there are threads, to load a receiver); different subscriptions' go out in
-parallel.
+subscriptions it goes to and builds each one's envelope `{"event", "created_at",
+"created_by", "payload"}`) becomes one `Delivery` per subscription, its envelope serialised
+once, so every retry sends the same bytes. The admin request only queues it; a small pool of
+delivery threads (config `webhook_delivery_threads`), each with its own requests session,
+sends it, so a slow or dead receiver never holds up the admin API. The deliveries of one
+subscription go out one at a time, in queue order (config `webhook_serial_per_subscription`;
+False sends them in parallel, as many at once as there are threads, to load a receiver);
+different subscriptions' go out in parallel.
 
 As Calendly does (api-facts.md, Webhooks): each attempt is signed anew,
 `Calendly-Webhook-Signature: t=<unix>,v1=<hex HMAC-SHA256(key, "{t}." + body)>`, with `t`
@@ -184,13 +184,13 @@ class Deliverer:
     # queueing -------------------------------------------------------------------------------
 
     def enqueue(
-        self, targets: list[tuple[str, str]], event: str, event_type: str, envelope: dict[str, Any]
+        self, targets: list[tuple[str, str, dict[str, Any]]], event: str, event_type: str
     ) -> None:
-        """Queue `envelope` for each (subscription uuid, uri) in `targets`, knobs applied."""
-        body = json.dumps(envelope).encode("utf-8")
+        """Queue each (subscription uuid, uri, envelope) in `targets`, knobs applied."""
         config = self._source.config
         with self._cond:
-            for uuid, uri in targets:
+            for uuid, uri, envelope in targets:
+                body = json.dumps(envelope).encode("utf-8")
                 delivery = Delivery(next(self._ids), uuid, uri, event, event_type, body)
                 if self._take("drop_next") or self._rng.random() < config.webhook_drop_rate:
                     self._record(delivery, "dropped", error="dropped by the drop knob")
