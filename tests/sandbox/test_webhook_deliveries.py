@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import time
 from typing import Any
 
@@ -197,15 +198,24 @@ def test_a_retry_that_succeeds_clears_retry_started_at(
     )
 
 
-def test_a_redirect_is_a_failure_and_is_not_followed(sandbox: Sandbox, receiver: Receiver) -> None:
-    """A 302 counts as failed and is retried at the same URL, never at its Location."""
+@pytest.mark.parametrize("status", [302, 307, 308])
+def test_a_redirect_is_a_failure_and_is_not_followed(
+    sandbox: Sandbox, receiver: Receiver, status: int
+) -> None:
+    """A redirect (307/308 would keep the POST if followed) counts as failed and is retried at
+    the same URL; nothing ever reaches its Location."""
     member = sandbox.users[1]
-    receiver.answer(302)
+    receiver.answer(status)
     subscribe(sandbox, member, receiver.url())
     create_type(sandbox, member)
     await_idle(sandbox)
-    assert [r.path for r in receiver.received] == ["/webhooks/calendly/k1"] * 2
-    assert [a["outcome"] for a in deliveries_of(sandbox)] == ["failed", "delivered"]
+    assert [(r.method, r.path) for r in receiver.received] == [
+        ("POST", "/webhooks/calendly/k1")
+    ] * 2
+    assert [(a["outcome"], a["status"]) for a in deliveries_of(sandbox)] == [
+        ("failed", status),
+        ("delivered", 200),
+    ]
 
 
 def test_410_deletes_the_subscription_without_retry(sandbox: Sandbox, receiver: Receiver) -> None:
@@ -403,19 +413,20 @@ def test_a_delivery_queued_for_a_deleted_subscription_is_skipped(
 
 
 def test_read_timeout_and_dead_receiver_are_failures(sandbox: Sandbox, receiver: Receiver) -> None:
-    """A receiver slower than the read timeout, and a closed port, both count as failed, named
-    by the error class only (no URL, no key)."""
+    """A receiver slower than the read timeout, and a port that refuses connections, both
+    count as failed, named by the error class only (no URL, no key)."""
     member, other = sandbox.users[1], sandbox.users[2]
     config = {"webhook_read_timeout": 0.3, "webhook_disable_after": 1}
     assert admin(sandbox, "PUT", "/config", json=config).ok
     receiver.hold = True
     subscribe(sandbox, member, receiver.url())
-    with Receiver() as dead:
-        dead_url = dead.url()
-    subscribe(sandbox, other, dead_url)
-    create_type(sandbox, member)
-    create_type(sandbox, other)
-    await_idle(sandbox)
+    # Bound but never listening: connections are refused, and no other socket can take the port.
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        subscribe(sandbox, other, f"http://127.0.0.1:{dead.getsockname()[1]}/webhooks/calendly/d")
+        create_type(sandbox, member)
+        create_type(sandbox, other)
+        await_idle(sandbox)
     errors = sorted(a["error"] for a in deliveries_of(sandbox))
     assert errors == ["ConnectionError", "ReadTimeout"]
     listing = json.dumps(deliveries_of(sandbox))
