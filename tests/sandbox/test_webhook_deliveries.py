@@ -166,6 +166,11 @@ def test_failures_retry_with_backoff_then_disable(sandbox: Sandbox, receiver: Re
     assert [(a["attempt"], a["outcome"], a["status"]) for a in attempts] == [
         (n, "failed", 500) for n in (1, 2, 3, 4)
     ]
+    # The frozen sandbox clock says nothing of the gaps; the monotonic sent_at does.
+    assert len({a["at"] for a in attempts}) == 1
+    sent_gaps = [b["sent_at"] - a["sent_at"] for a, b in itertools.pairwise(attempts)]
+    assert all(gap >= 0.05 * 2**n for n, gap in enumerate(sent_gaps)), sent_gaps
+    assert all(abs(s - r) < 0.25 for s, r in zip(sent_gaps, gaps, strict=True)), (sent_gaps, gaps)
     resource = cal_call(
         sandbox, "GET", f"/webhook_subscriptions/{uuid_of(sub['uri'])}", member.calendly_token
     ).json()["resource"]

@@ -7,7 +7,8 @@ Not a mock: the sandbox's delivery threads reach it over real HTTP. It answers t
 queued with `answer(...)` in turn, then `default_status`; `verify_with` makes it answer 400 to
 a delivery whose signature does not verify with that key (as closesync's receiver will);
 `hold` makes every request wait until `release()` (or `hold_seconds`), to play a slow
-receiver.
+receiver; `reset_reused` closes a kept-alive connection, unanswered and unrecorded, when a
+second request arrives on it, as a receiver whose idle timeout just expired would.
 """
 
 from __future__ import annotations
@@ -52,15 +53,21 @@ class Receiver:
         self.verify_with: str | None = None
         self.hold = False
         self.hold_seconds = 10.0
+        self.reset_reused = False
         self._released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            served = 0  # requests on this connection (one handler per connection)
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                self.served += 1
+                if receiver.reset_reused and self.served > 1:
+                    self.close_connection = True
+                    return
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 arrived = Received(self.command, self.path, headers, body, time.monotonic())
                 with receiver.cond:

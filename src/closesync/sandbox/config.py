@@ -83,8 +83,9 @@ class SandboxConfig:
     calendly_webhook_signing_key: str = CALENDLY_WEBHOOK_SIGNING_KEY
     # Threads that send webhook deliveries (read at start): one slow receiver holds only one.
     webhook_delivery_threads: int = 4
-    # True: one subscription's deliveries go out one at a time, in order (the reorder knob is
-    # then exact); False: in parallel, to load a receiver with concurrent deliveries.
+    # True: one subscription's deliveries go out one at a time, in order, a failed one's
+    # retries before anything queued after it (the reorder knob is then exact); False: in
+    # parallel, to load a receiver with concurrent deliveries. Read as each delivery is queued.
     webhook_serial_per_subscription: bool = True
     # Seconds a delivery may take to connect / to answer (Calendly: 10 and 15).
     webhook_connect_timeout: float = 10.0
