@@ -11,7 +11,8 @@ reconciliation; the OAuth application's signing key is config `calendly_webhook_
 Deliveries (deliveries.py): `GET /webhooks/deliveries` lists every attempt (DELETE forgets
 them), `GET /webhooks/idle[?wait=S]` says (after waiting up to S s for it) whether nothing is
 queued, held or in flight, `GET`/`PUT /webhooks/knobs` read and set drop_next, drop_rate,
-duplicate_next, delay_seconds, reorder_batch and wrong_signature_next.
+duplicate_next, delay_seconds, reorder_batch and wrong_signature_next. PUT /config and PUT
+/webhooks/knobs are all or nothing: one bad field is a 400 naming it and changes nothing.
 Admin requests are never counted, delayed, rate limited or faulted. Errors answer
 {"error": …}: 400 for bad input, 404 for an unknown id.
 """
