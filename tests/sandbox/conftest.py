@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from closesync.sandbox import Sandbox, SandboxConfig, SeededUser
+from tests.sandbox.webhook_receiver import Receiver
 
 
 @pytest.fixture
@@ -16,6 +17,13 @@ def sandbox() -> Iterator[Sandbox]:
     """A default sandbox with a frozen clock, stopped after the test."""
     with Sandbox.start(SandboxConfig(seed=1, freeze_clock=True)) as sb:
         yield sb
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A recording webhook receiver on a loopback port."""
+    with Receiver() as r:
+        yield r
 
 
 @pytest.fixture

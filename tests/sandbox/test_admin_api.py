@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import requests
 
 from closesync.sandbox import Sandbox
@@ -170,3 +171,26 @@ def test_admin_unknown_endpoint_answers_404_json(sandbox: Sandbox) -> None:
     response = admin(sandbox, "GET", "/nope")
     assert response.status_code == 404
     assert "error" in response.json()
+
+
+@pytest.mark.parametrize(("sent", "stored"), [(False, False), ("false", False), ("True", True)])
+def test_admin_config_booleans_parse_strictly(sandbox: Sandbox, sent: object, stored: bool) -> None:
+    """A boolean field takes JSON true/false or the strings true/false; "false" is False."""
+    answer = admin(sandbox, "PUT", "/config", json={"webhook_serial_per_subscription": sent})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["webhook_serial_per_subscription"] is stored
+    assert sandbox.world.config.webhook_serial_per_subscription is stored
+
+
+@pytest.mark.parametrize("sent", ["no", 0, 1, "", None])
+def test_admin_config_bad_boolean_answers_400_and_changes_nothing(
+    sandbox: Sandbox, sent: object
+) -> None:
+    """Anything but true/false for a boolean is a 400 naming the field; nothing in the same
+    request is applied."""
+    body = {"webhook_delay_seconds": 2.0, "webhook_serial_per_subscription": sent}
+    answer = admin(sandbox, "PUT", "/config", json=body)
+    assert answer.status_code == 400
+    assert "webhook_serial_per_subscription" in answer.json()["error"]
+    assert sandbox.world.config.webhook_serial_per_subscription is True
+    assert sandbox.world.config.webhook_delay_seconds == 0.0

@@ -6,78 +6,27 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
 
 from closesync.core.webhooks import EVENT_TYPE_EVENTS
-from closesync.sandbox import Sandbox, SandboxConfig, SeededUser
+from closesync.sandbox import Sandbox, SandboxConfig
 from closesync.sandbox.config import CALENDLY_WEBHOOK_SIGNING_KEY
 from closesync.sandbox.deliveries import backoff_delay, sign
 from tests.sandbox.conftest import admin, cal_call, calendly_oauth_token
-from tests.sandbox.webhook_receiver import Received, Receiver, verify
-
-KEY = "test-signing-key-0123456789abcdef"
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    """A recording webhook receiver on a loopback port."""
-    with Receiver() as r:
-        yield r
-
-
-def _subscribe(
-    sb: Sandbox,
-    user: SeededUser,
-    url: str,
-    scope: str = "user",
-    token: str | None = None,
-    signing_key: str | None = KEY,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "url": url,
-        "events": list(EVENT_TYPE_EVENTS),
-        "organization": user.calendly_organization_uri,
-        "scope": scope,
-    }
-    if scope == "user":
-        body["user"] = user.calendly_user_uri
-    if signing_key is not None:
-        body["signing_key"] = signing_key
-    answer = cal_call(sb, "POST", "/webhook_subscriptions", token or user.calendly_token, json=body)
-    assert answer.status_code == 201, answer.text
-    return dict(answer.json()["resource"])
-
-
-def _create_type(sb: Sandbox, user: SeededUser, **fields: Any) -> dict[str, Any]:
-    answer = admin(
-        sb, "POST", "/calendly/event_types", json={"user_uuid": user.calendly_user_uuid, **fields}
-    )
-    assert answer.ok, answer.text
-    return dict(answer.json())
-
-
-def _uuid(uri: str) -> str:
-    return uri.rsplit("/", 1)[1]
-
-
-def _await_idle(sb: Sandbox) -> dict[str, Any]:
-    url = f"{sb.world.close_base}/_sandbox/webhooks/idle"
-    state = requests.get(url, params={"wait": 10}, timeout=15).json()
-    assert state["idle"], state
-    return dict(state)
-
-
-def _attempts(sb: Sandbox) -> list[dict[str, Any]]:
-    return list(admin(sb, "GET", "/webhooks/deliveries").json())
-
-
-def _envelope(received: Received) -> dict[str, Any]:
-    return dict(json.loads(received.body))
+from tests.sandbox.webhook_helpers import (
+    KEY,
+    await_idle,
+    create_type,
+    deliveries_of,
+    envelope_of,
+    subscribe,
+    uuid_of,
+)
+from tests.sandbox.webhook_receiver import Receiver, verify
 
 
 def test_backoff_delay_doubles_up_to_the_cap() -> None:
@@ -99,24 +48,24 @@ def test_every_event_is_delivered_signed_with_the_full_event_type(
     """Create, rename and delete each arrive once, signed with the subscription's key at the
     sandbox clock's time, carrying the event type as the API renders it."""
     member = sandbox.users[1]
-    sub = _subscribe(sandbox, member, receiver.url())
-    created = _create_type(sandbox, member, name="Intro")
+    sub = subscribe(sandbox, member, receiver.url())
+    created = create_type(sandbox, member, name="Intro")
     sandbox.world.advance_clock(100)
     renamed = admin(
-        sandbox, "PATCH", f"/calendly/event_types/{_uuid(created['uri'])}", json={"name": "Hi"}
+        sandbox, "PATCH", f"/calendly/event_types/{uuid_of(created['uri'])}", json={"name": "Hi"}
     ).json()
-    deleted = admin(sandbox, "DELETE", f"/calendly/event_types/{_uuid(created['uri'])}").json()
-    _await_idle(sandbox)
+    deleted = admin(sandbox, "DELETE", f"/calendly/event_types/{uuid_of(created['uri'])}").json()
+    await_idle(sandbox)
     got = receiver.wait_for(3)
-    assert [_envelope(r)["event"] for r in got] == list(EVENT_TYPE_EVENTS)
-    assert [_envelope(r)["payload"] for r in got] == [created, renamed, deleted]
+    assert [envelope_of(r)["event"] for r in got] == list(EVENT_TYPE_EVENTS)
+    assert [envelope_of(r)["payload"] for r in got] == [created, renamed, deleted]
     assert deleted["deleted_at"] is not None
     fetched = cal_call(
-        sandbox, "GET", f"/event_types/{_uuid(created['uri'])}", member.calendly_token
+        sandbox, "GET", f"/event_types/{uuid_of(created['uri'])}", member.calendly_token
     )
     assert fetched.json()["resource"] == deleted
     for received in got:
-        envelope = _envelope(received)
+        envelope = envelope_of(received)
         assert set(envelope) == {"event", "created_at", "created_by", "payload"}
         assert envelope["created_by"] == member.calendly_user_uri
         assert received.path == "/webhooks/calendly/k1"
@@ -125,7 +74,7 @@ def test_every_event_is_delivered_signed_with_the_full_event_type(
     stamps = [r.headers["calendly-webhook-signature"].split(",")[0] for r in got]
     assert stamps[0] == f"t={int(sandbox.world.now()) - 100}"
     assert stamps[1] == f"t={int(sandbox.world.now())}"
-    attempts = _attempts(sandbox)
+    attempts = deliveries_of(sandbox)
     assert [(a["subscription"], a["outcome"], a["status"], a["attempt"]) for a in attempts] == [
         (sub["uri"], "delivered", 200, 1)
     ] * 3
@@ -139,14 +88,14 @@ def test_oauth_subscription_is_signed_with_the_applications_key(
     admin API can change."""
     member = sandbox.users[1]
     token = calendly_oauth_token(sandbox, member)
-    _subscribe(sandbox, member, receiver.url(), token=token, signing_key=None)
-    _create_type(sandbox, member)
+    subscribe(sandbox, member, receiver.url(), token=token, signing_key=None)
+    create_type(sandbox, member)
     first = receiver.wait_for(1)[0]
     assert verify(
         first.headers["calendly-webhook-signature"], CALENDLY_WEBHOOK_SIGNING_KEY, first.body
     )
     assert admin(sandbox, "PUT", "/config", json={"calendly_webhook_signing_key": "new-app-key"}).ok
-    _create_type(sandbox, member)
+    create_type(sandbox, member)
     second = receiver.wait_for(2)[1]
     assert verify(second.headers["calendly-webhook-signature"], "new-app-key", second.body)
 
@@ -156,8 +105,8 @@ def test_pat_subscription_without_key_is_signed_with_a_key_nobody_knows(
 ) -> None:
     """A PAT-made subscription without signing_key gets a random key: the app key fails."""
     member = sandbox.users[1]
-    _subscribe(sandbox, member, receiver.url(), signing_key=None)
-    _create_type(sandbox, member)
+    subscribe(sandbox, member, receiver.url(), signing_key=None)
+    create_type(sandbox, member)
     got = receiver.wait_for(1)[0]
     signature = got.headers["calendly-webhook-signature"]
     assert not verify(signature, CALENDLY_WEBHOOK_SIGNING_KEY, got.body)
@@ -170,24 +119,24 @@ def test_organization_and_host_subscriptions_get_team_changes_strangers_none(
     """An organization subscription gets every type; a user subscription gets its own and its
     team types' (hosts before and after a membership change), not another user's solo type."""
     owner, host, stranger = sandbox.users
-    org = _subscribe(sandbox, owner, receiver.url("/org"), "organization")
-    host_sub = _subscribe(sandbox, host, receiver.url("/host"))
-    _subscribe(sandbox, stranger, receiver.url("/stranger"))
-    team = _create_type(
+    org = subscribe(sandbox, owner, receiver.url("/org"), "organization")
+    host_sub = subscribe(sandbox, host, receiver.url("/host"))
+    subscribe(sandbox, stranger, receiver.url("/stranger"))
+    team = create_type(
         sandbox, owner, pooling_type="round_robin", members=[host.calendly_user_uuid]
     )
-    _create_type(sandbox, owner, name="Owner solo")
+    create_type(sandbox, owner, name="Owner solo")
     changed = admin(
         sandbox,
         "POST",
-        f"/calendly/event_types/{_uuid(team['uri'])}/members",
+        f"/calendly/event_types/{uuid_of(team['uri'])}/members",
         json={"remove": [host.calendly_user_uuid]},
     )
     assert changed.ok
-    _await_idle(sandbox)
+    await_idle(sandbox)
     by_path: dict[str, list[tuple[str, str]]] = {}
     for received in receiver.received:
-        envelope = _envelope(received)
+        envelope = envelope_of(received)
         by_path.setdefault(received.path, []).append(
             (envelope["event"], envelope["payload"]["uri"])
         )
@@ -197,7 +146,7 @@ def test_organization_and_host_subscriptions_get_team_changes_strangers_none(
     ]
     assert len(by_path["/org"]) == 3
     assert "/stranger" not in by_path
-    assert {a["subscription"] for a in _attempts(sandbox)} == {org["uri"], host_sub["uri"]}
+    assert {a["subscription"] for a in deliveries_of(sandbox)} == {org["uri"], host_sub["uri"]}
 
 
 def test_failures_retry_with_backoff_then_disable(sandbox: Sandbox, receiver: Receiver) -> None:
@@ -207,25 +156,30 @@ def test_failures_retry_with_backoff_then_disable(sandbox: Sandbox, receiver: Re
     config = {"webhook_disable_after": 4, "webhook_backoff_base": 0.05, "webhook_backoff_cap": 1}
     assert admin(sandbox, "PUT", "/config", json=config).ok
     receiver.default_status = 500
-    sub = _subscribe(sandbox, member, receiver.url())
-    _create_type(sandbox, member)
-    _await_idle(sandbox)
+    sub = subscribe(sandbox, member, receiver.url())
+    create_type(sandbox, member)
+    await_idle(sandbox)
     got = receiver.wait_for(4)
     gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(got)]
     assert all(gap >= 0.05 * 2**n * 0.9 for n, gap in enumerate(gaps)), gaps
-    attempts = _attempts(sandbox)
+    attempts = deliveries_of(sandbox)
     assert [(a["attempt"], a["outcome"], a["status"]) for a in attempts] == [
         (n, "failed", 500) for n in (1, 2, 3, 4)
     ]
+    # The frozen sandbox clock says nothing of the gaps; the monotonic sent_at does.
+    assert len({a["at"] for a in attempts}) == 1
+    sent_gaps = [b["sent_at"] - a["sent_at"] for a, b in itertools.pairwise(attempts)]
+    assert all(gap >= 0.05 * 2**n for n, gap in enumerate(sent_gaps)), sent_gaps
+    assert all(abs(s - r) < 0.25 for s, r in zip(sent_gaps, gaps, strict=True)), (sent_gaps, gaps)
     resource = cal_call(
-        sandbox, "GET", f"/webhook_subscriptions/{_uuid(sub['uri'])}", member.calendly_token
+        sandbox, "GET", f"/webhook_subscriptions/{uuid_of(sub['uri'])}", member.calendly_token
     ).json()["resource"]
     assert resource["state"] == "disabled"
     assert resource["retry_started_at"] is not None
-    _create_type(sandbox, member)
-    _await_idle(sandbox)
+    create_type(sandbox, member)
+    await_idle(sandbox)
     assert len(receiver.received) == 4
-    assert len(_attempts(sandbox)) == 4
+    assert len(deliveries_of(sandbox)) == 4
 
 
 def test_a_retry_that_succeeds_clears_retry_started_at(
@@ -234,12 +188,12 @@ def test_a_retry_that_succeeds_clears_retry_started_at(
     """503 then 200: two attempts of one delivery, the subscription stays active."""
     member = sandbox.users[1]
     receiver.answer(503)
-    sub = _subscribe(sandbox, member, receiver.url())
-    _create_type(sandbox, member)
-    _await_idle(sandbox)
+    sub = subscribe(sandbox, member, receiver.url())
+    create_type(sandbox, member)
+    await_idle(sandbox)
     got = receiver.wait_for(2)
     assert got[0].body == got[1].body
-    assert [(a["attempt"], a["status"]) for a in _attempts(sandbox)] == [(1, 503), (2, 200)]
+    assert [(a["attempt"], a["status"]) for a in deliveries_of(sandbox)] == [(1, 503), (2, 200)]
     resource = admin(sandbox, "GET", "/webhooks/subscriptions").json()[0]
     assert resource["uri"] == sub["uri"]
     assert (resource["state"], resource["retry_started_at"], resource["failures"]) == (
@@ -249,43 +203,52 @@ def test_a_retry_that_succeeds_clears_retry_started_at(
     )
 
 
-def test_a_redirect_is_a_failure_and_is_not_followed(sandbox: Sandbox, receiver: Receiver) -> None:
-    """A 302 counts as failed and is retried at the same URL, never at its Location."""
+@pytest.mark.parametrize("status", [302, 307, 308])
+def test_a_redirect_is_a_failure_and_is_not_followed(
+    sandbox: Sandbox, receiver: Receiver, status: int
+) -> None:
+    """A redirect (307/308 would keep the POST if followed) counts as failed and is retried at
+    the same URL; nothing ever reaches its Location."""
     member = sandbox.users[1]
-    receiver.answer(302)
-    _subscribe(sandbox, member, receiver.url())
-    _create_type(sandbox, member)
-    _await_idle(sandbox)
-    assert [r.path for r in receiver.received] == ["/webhooks/calendly/k1"] * 2
-    assert [a["outcome"] for a in _attempts(sandbox)] == ["failed", "delivered"]
+    receiver.answer(status)
+    subscribe(sandbox, member, receiver.url())
+    create_type(sandbox, member)
+    await_idle(sandbox)
+    assert [(r.method, r.path) for r in receiver.received] == [
+        ("POST", "/webhooks/calendly/k1")
+    ] * 2
+    assert [(a["outcome"], a["status"]) for a in deliveries_of(sandbox)] == [
+        ("failed", status),
+        ("delivered", 200),
+    ]
 
 
 def test_410_deletes_the_subscription_without_retry(sandbox: Sandbox, receiver: Receiver) -> None:
     """One 410 answer and the subscription is gone (404), with no second attempt."""
     member = sandbox.users[1]
     receiver.default_status = 410
-    sub = _subscribe(sandbox, member, receiver.url())
-    _create_type(sandbox, member)
-    _await_idle(sandbox)
-    assert [(a["outcome"], a["status"]) for a in _attempts(sandbox)] == [("gone", 410)]
-    path = f"/webhook_subscriptions/{_uuid(sub['uri'])}"
+    sub = subscribe(sandbox, member, receiver.url())
+    create_type(sandbox, member)
+    await_idle(sandbox)
+    assert [(a["outcome"], a["status"]) for a in deliveries_of(sandbox)] == [("gone", 410)]
+    path = f"/webhook_subscriptions/{uuid_of(sub['uri'])}"
     assert cal_call(sandbox, "GET", path, member.calendly_token).status_code == 404
-    _create_type(sandbox, member)
-    _await_idle(sandbox)
+    create_type(sandbox, member)
+    await_idle(sandbox)
     assert len(receiver.received) == 1
 
 
 def test_drop_knob_loses_the_next_delivery_only(sandbox: Sandbox, receiver: Receiver) -> None:
     """drop_next=1: the first change never arrives, the second does."""
     member = sandbox.users[1]
-    _subscribe(sandbox, member, receiver.url())
+    subscribe(sandbox, member, receiver.url())
     knobs = admin(sandbox, "PUT", "/webhooks/knobs", json={"drop_next": 1}).json()
     assert knobs["drop_next"] == 1
-    first = _create_type(sandbox, member, name="Lost")
-    second = _create_type(sandbox, member, name="Kept")
-    _await_idle(sandbox)
-    assert [_envelope(r)["payload"]["uri"] for r in receiver.received] == [second["uri"]]
-    assert [(a["event_type"], a["outcome"]) for a in _attempts(sandbox)] == [
+    first = create_type(sandbox, member, name="Lost")
+    second = create_type(sandbox, member, name="Kept")
+    await_idle(sandbox)
+    assert [envelope_of(r)["payload"]["uri"] for r in receiver.received] == [second["uri"]]
+    assert [(a["event_type"], a["outcome"]) for a in deliveries_of(sandbox)] == [
         (first["uri"], "dropped"),
         (second["uri"], "delivered"),
     ]
@@ -295,22 +258,22 @@ def test_drop_knob_loses_the_next_delivery_only(sandbox: Sandbox, receiver: Rece
 def test_drop_rate_one_loses_every_delivery(sandbox: Sandbox, receiver: Receiver) -> None:
     """drop_rate=1 sends nothing at all."""
     member = sandbox.users[1]
-    _subscribe(sandbox, member, receiver.url())
+    subscribe(sandbox, member, receiver.url())
     assert admin(sandbox, "PUT", "/webhooks/knobs", json={"drop_rate": 1}).ok
     for _ in range(3):
-        _create_type(sandbox, member)
-    _await_idle(sandbox)
+        create_type(sandbox, member)
+    await_idle(sandbox)
     assert receiver.received == []
-    assert [a["outcome"] for a in _attempts(sandbox)] == ["dropped"] * 3
+    assert [a["outcome"] for a in deliveries_of(sandbox)] == ["dropped"] * 3
 
 
 def test_duplicate_knob_sends_the_same_delivery_twice(sandbox: Sandbox, receiver: Receiver) -> None:
     """duplicate_next=1: two identical bodies, each validly signed."""
     member = sandbox.users[1]
-    _subscribe(sandbox, member, receiver.url())
+    subscribe(sandbox, member, receiver.url())
     assert admin(sandbox, "PUT", "/webhooks/knobs", json={"duplicate_next": 1}).ok
-    _create_type(sandbox, member)
-    _await_idle(sandbox)
+    create_type(sandbox, member)
+    await_idle(sandbox)
     got = receiver.wait_for(2)
     assert len(receiver.received) == 2
     assert got[0].body == got[1].body
@@ -322,10 +285,10 @@ def test_delay_knob_holds_each_delivery_and_idle_says_so(
 ) -> None:
     """delay_seconds=1: the queue is not idle at once and the delivery arrives 1 s later."""
     member = sandbox.users[1]
-    _subscribe(sandbox, member, receiver.url())
+    subscribe(sandbox, member, receiver.url())
     assert admin(sandbox, "PUT", "/webhooks/knobs", json={"delay_seconds": 1.0}).ok
     started = time.monotonic()
-    _create_type(sandbox, member)
+    create_type(sandbox, member)
     state = admin(sandbox, "GET", "/webhooks/idle").json()
     assert (state["idle"], state["queued"]) == (False, 1)
     got = receiver.wait_for(1)[0]
@@ -335,16 +298,18 @@ def test_delay_knob_holds_each_delivery_and_idle_says_so(
 def test_reorder_knob_sends_a_batch_reversed(sandbox: Sandbox, receiver: Receiver) -> None:
     """reorder_batch=3: three renames are held, then arrive last first."""
     member = sandbox.users[1]
-    _subscribe(sandbox, member, receiver.url())
-    et = _create_type(sandbox, member, name="v0")
+    subscribe(sandbox, member, receiver.url())
+    et = create_type(sandbox, member, name="v0")
     receiver.wait_for(1)
     assert admin(sandbox, "PUT", "/webhooks/knobs", json={"reorder_batch": 3}).ok
     for n in (1, 2):
-        admin(sandbox, "PATCH", f"/calendly/event_types/{_uuid(et['uri'])}", json={"name": f"v{n}"})
+        admin(
+            sandbox, "PATCH", f"/calendly/event_types/{uuid_of(et['uri'])}", json={"name": f"v{n}"}
+        )
     assert admin(sandbox, "GET", "/webhooks/idle").json()["held"] == 2
-    admin(sandbox, "PATCH", f"/calendly/event_types/{_uuid(et['uri'])}", json={"name": "v3"})
-    _await_idle(sandbox)
-    names = [_envelope(r)["payload"]["name"] for r in receiver.wait_for(4)]
+    admin(sandbox, "PATCH", f"/calendly/event_types/{uuid_of(et['uri'])}", json={"name": "v3"})
+    await_idle(sandbox)
+    names = [envelope_of(r)["payload"]["name"] for r in receiver.wait_for(4)]
     assert names == ["v0", "v3", "v2", "v1"]
 
 
@@ -353,14 +318,14 @@ def test_reorder_knob_set_to_zero_releases_a_held_batch(
 ) -> None:
     """A batch that never fills is released, reversed, when the knob goes back to 0."""
     member = sandbox.users[1]
-    _subscribe(sandbox, member, receiver.url())
+    subscribe(sandbox, member, receiver.url())
     assert admin(sandbox, "PUT", "/webhooks/knobs", json={"reorder_batch": 5}).ok
-    _create_type(sandbox, member, name="a")
-    _create_type(sandbox, member, name="b")
+    create_type(sandbox, member, name="a")
+    create_type(sandbox, member, name="b")
     assert admin(sandbox, "GET", "/webhooks/idle").json()["idle"] is False
     assert admin(sandbox, "PUT", "/webhooks/knobs", json={"reorder_batch": 0}).ok
-    _await_idle(sandbox)
-    assert [_envelope(r)["payload"]["name"] for r in receiver.received] == ["b", "a"]
+    await_idle(sandbox)
+    assert [envelope_of(r)["payload"]["name"] for r in receiver.received] == ["b", "a"]
 
 
 def test_wrong_signature_knob_is_rejected_then_retried_correctly(
@@ -370,14 +335,14 @@ def test_wrong_signature_knob_is_rejected_then_retried_correctly(
     signed right and accepted."""
     member = sandbox.users[1]
     receiver.verify_with = KEY
-    _subscribe(sandbox, member, receiver.url())
+    subscribe(sandbox, member, receiver.url())
     assert admin(sandbox, "PUT", "/webhooks/knobs", json={"wrong_signature_next": 1}).ok
-    _create_type(sandbox, member)
-    _await_idle(sandbox)
+    create_type(sandbox, member)
+    await_idle(sandbox)
     got = receiver.wait_for(2)
     assert not verify(got[0].headers["calendly-webhook-signature"], KEY, got[0].body)
     assert verify(got[1].headers["calendly-webhook-signature"], KEY, got[1].body)
-    assert [(a["signature"], a["status"]) for a in _attempts(sandbox)] == [
+    assert [(a["signature"], a["status"]) for a in deliveries_of(sandbox)] == [
         ("wrong", 400),
         ("valid", 200),
     ]
@@ -402,17 +367,17 @@ def test_slow_receiver_never_holds_up_the_admin_api(sandbox: Sandbox, receiver: 
     """While a receiver holds every delivery, admin changes still answer at once."""
     member = sandbox.users[1]
     receiver.hold = True
-    _subscribe(sandbox, member, receiver.url())
-    _create_type(sandbox, member)
+    subscribe(sandbox, member, receiver.url())
+    create_type(sandbox, member)
     receiver.wait_for(1)
     started = time.monotonic()
     for n in range(5):
-        _create_type(sandbox, member, name=f"Busy {n}")
+        create_type(sandbox, member, name=f"Busy {n}")
     assert time.monotonic() - started < receiver.hold_seconds / 2
     state = admin(sandbox, "GET", "/webhooks/idle").json()
     assert (state["in_flight"], state["queued"]) == (1, 5)
     receiver.release()
-    _await_idle(sandbox)
+    await_idle(sandbox)
     assert len(receiver.received) == 6
 
 
@@ -424,14 +389,14 @@ def test_parallel_mode_sends_one_subscriptions_deliveries_at_once(
     member = sandbox.users[1]
     assert admin(sandbox, "PUT", "/config", json={"webhook_serial_per_subscription": False}).ok
     receiver.hold = True
-    _subscribe(sandbox, member, receiver.url())
+    subscribe(sandbox, member, receiver.url())
     for n in range(3):
-        _create_type(sandbox, member, name=f"parallel {n}")
+        create_type(sandbox, member, name=f"parallel {n}")
     assert len(receiver.wait_for(3)) == 3
     assert admin(sandbox, "GET", "/webhooks/idle").json()["in_flight"] == 3
     receiver.release()
-    _await_idle(sandbox)
-    assert [a["outcome"] for a in _attempts(sandbox)] == ["delivered"] * 3
+    await_idle(sandbox)
+    assert [a["outcome"] for a in deliveries_of(sandbox)] == ["delivered"] * 3
 
 
 def test_a_delivery_queued_for_a_deleted_subscription_is_skipped(
@@ -440,35 +405,36 @@ def test_a_delivery_queued_for_a_deleted_subscription_is_skipped(
     """Deleting a subscription while its next delivery waits: that delivery is never sent."""
     member = sandbox.users[1]
     receiver.hold = True
-    sub = _subscribe(sandbox, member, receiver.url())
-    _create_type(sandbox, member, name="first")
+    sub = subscribe(sandbox, member, receiver.url())
+    create_type(sandbox, member, name="first")
     receiver.wait_for(1)
-    _create_type(sandbox, member, name="second")
-    path = f"/webhook_subscriptions/{_uuid(sub['uri'])}"
+    create_type(sandbox, member, name="second")
+    path = f"/webhook_subscriptions/{uuid_of(sub['uri'])}"
     assert cal_call(sandbox, "DELETE", path, member.calendly_token).status_code == 204
     receiver.release()
-    _await_idle(sandbox)
+    await_idle(sandbox)
     assert len(receiver.received) == 1
-    assert [a["outcome"] for a in _attempts(sandbox)] == ["delivered", "skipped"]
+    assert [a["outcome"] for a in deliveries_of(sandbox)] == ["delivered", "skipped"]
 
 
 def test_read_timeout_and_dead_receiver_are_failures(sandbox: Sandbox, receiver: Receiver) -> None:
-    """A receiver slower than the read timeout, and a closed port, both count as failed, named
-    by the error class only (no URL, no key)."""
+    """A receiver slower than the read timeout, and a port that refuses connections, both
+    count as failed, named by the error class only (no URL, no key)."""
     member, other = sandbox.users[1], sandbox.users[2]
     config = {"webhook_read_timeout": 0.3, "webhook_disable_after": 1}
     assert admin(sandbox, "PUT", "/config", json=config).ok
     receiver.hold = True
-    _subscribe(sandbox, member, receiver.url())
-    with Receiver() as dead:
-        dead_url = dead.url()
-    _subscribe(sandbox, other, dead_url)
-    _create_type(sandbox, member)
-    _create_type(sandbox, other)
-    _await_idle(sandbox)
-    errors = sorted(a["error"] for a in _attempts(sandbox))
+    subscribe(sandbox, member, receiver.url())
+    # Bound but never listening: connections are refused, and no other socket can take the port.
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        subscribe(sandbox, other, f"http://127.0.0.1:{dead.getsockname()[1]}/webhooks/calendly/d")
+        create_type(sandbox, member)
+        create_type(sandbox, other)
+        await_idle(sandbox)
+    errors = sorted(a["error"] for a in deliveries_of(sandbox))
     assert errors == ["ConnectionError", "ReadTimeout"]
-    listing = json.dumps(_attempts(sandbox))
+    listing = json.dumps(deliveries_of(sandbox))
     assert KEY not in listing
     assert "/webhooks/calendly/" not in listing
 
@@ -479,9 +445,9 @@ def test_stop_ends_delivery_threads_promptly_even_mid_attempt(receiver: Receiver
     try:
         member = sb.users[1]
         receiver.hold = True
-        _subscribe(sb, member, receiver.url())
-        _create_type(sb, member)
-        _create_type(sb, member)
+        subscribe(sb, member, receiver.url())
+        create_type(sb, member)
+        create_type(sb, member)
         receiver.wait_for(1)
     finally:
         started = time.monotonic()

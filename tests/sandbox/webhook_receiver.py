@@ -1,11 +1,14 @@
 """A tiny real webhook receiver for the delivery tests: an http.server on a loopback port that
-records every request (path, headers, raw body, arrival time) and answers what it is told.
+records every request, whatever its method (method, path, headers, raw body, arrival time),
+and answers what it is told: a test of redirects must see a followed one (a GET after a 302, a
+POST to the Location after a 307) arrive.
 
 Not a mock: the sandbox's delivery threads reach it over real HTTP. It answers the statuses
 queued with `answer(...)` in turn, then `default_status`; `verify_with` makes it answer 400 to
 a delivery whose signature does not verify with that key (as closesync's receiver will);
 `hold` makes every request wait until `release()` (or `hold_seconds`), to play a slow
-receiver.
+receiver; `reset_reused` closes a kept-alive connection, unanswered and unrecorded, when a
+second request arrives on it, as a receiver whose idle timeout just expired would.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 class Received:
     """One request the receiver got."""
 
+    method: str
     path: str
     headers: dict[str, str]
     body: bytes
@@ -49,18 +53,25 @@ class Receiver:
         self.verify_with: str | None = None
         self.hold = False
         self.hold_seconds = 10.0
+        self.reset_reused = False
         self._released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            served = 0  # requests on this connection (one handler per connection)
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                self.served += 1
+                if receiver.reset_reused and self.served > 1:
+                    self.close_connection = True
+                    return
                 headers = {k.lower(): v for k, v in self.headers.items()}
+                arrived = Received(self.command, self.path, headers, body, time.monotonic())
                 with receiver.cond:
-                    receiver.received.append(Received(self.path, headers, body, time.monotonic()))
+                    receiver.received.append(arrived)
                     receiver.cond.notify_all()
                     status = receiver.statuses.popleft() if receiver.statuses else None
                 if receiver.hold:
@@ -76,6 +87,8 @@ class Receiver:
                     self.send_header("Location", "/elsewhere")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            do_GET = do_PUT = do_PATCH = do_DELETE = do_POST
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -11,7 +11,8 @@ reconciliation; the OAuth application's signing key is config `calendly_webhook_
 Deliveries (deliveries.py): `GET /webhooks/deliveries` lists every attempt (DELETE forgets
 them), `GET /webhooks/idle[?wait=S]` says (after waiting up to S s for it) whether nothing is
 queued, held or in flight, `GET`/`PUT /webhooks/knobs` read and set drop_next, drop_rate,
-duplicate_next, delay_seconds, reorder_batch and wrong_signature_next.
+duplicate_next, delay_seconds, reorder_batch and wrong_signature_next. PUT /config and PUT
+/webhooks/knobs are all or nothing: one bad field is a 400 naming it and changes nothing.
 Admin requests are never counted, delayed, rate limited or faulted. Errors answer
 {"error": …}: 400 for bad input, 404 for an unknown id.
 """
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from closesync.sandbox.deliveries import check_knobs
 from closesync.sandbox.routing import Handler, Request, Response, Router, json_response
 from closesync.sandbox.world import World
 
@@ -51,6 +53,16 @@ def _body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
     return body
+
+
+def _number(value: Any, name: str) -> float:
+    """`value` as a float; ValueError naming `name` when it is not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{name} must be a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number") from None
 
 
 def _ok(payload: Any = None) -> Response:
@@ -225,16 +237,21 @@ def build_admin_router(world: World) -> Router:
     @add("PUT", "/webhooks/knobs")
     def put_knobs(request: Request) -> Response:
         body = _body(request)
+        # Every knob is checked before any is applied, so a 400 leaves nothing changed.
+        config: dict[str, float] = {}
         if "delay_seconds" in body:
-            delay = float(body.pop("delay_seconds"))
+            delay = _number(body.pop("delay_seconds"), "delay_seconds")
             if delay < 0:
                 raise ValueError("delay_seconds must be >= 0")
-            world.update_config(webhook_delay_seconds=delay)
+            config["webhook_delay_seconds"] = delay
         if "drop_rate" in body:
-            rate = float(body.pop("drop_rate"))
+            rate = _number(body.pop("drop_rate"), "drop_rate")
             if not 0 <= rate <= 1:
                 raise ValueError("drop_rate must be between 0 and 1")
-            world.update_config(webhook_drop_rate=rate)
+            config["webhook_drop_rate"] = rate
+        check_knobs(body)
+        if config:
+            world.update_config(None, **config)
         world.deliverer.set_knobs(**body)
         return _ok(knobs())
 

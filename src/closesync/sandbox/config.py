@@ -77,13 +77,15 @@ class SandboxConfig:
     # "webhooks:write" to test a missing scope); "" withholds none.
     calendly_withheld_scopes: str = ""
     # The Calendly OAuth application's webhook signing key: it signs the deliveries of every
-    # subscription made with an OAuth token and no signing_key (Calendly shows it in the
-    # developer console). A fixed dev value so that a receiver can be configured with it.
+    # subscription made with an OAuth token, a signing_key passed with one being ignored
+    # (Calendly shows it in the developer console). A fixed dev value so that a receiver can
+    # be configured with it.
     calendly_webhook_signing_key: str = CALENDLY_WEBHOOK_SIGNING_KEY
     # Threads that send webhook deliveries (read at start): one slow receiver holds only one.
     webhook_delivery_threads: int = 4
-    # True: one subscription's deliveries go out one at a time, in order (the reorder knob is
-    # then exact); False: in parallel, to load a receiver with concurrent deliveries.
+    # True: one subscription's deliveries go out one at a time, in order, a failed one's
+    # retries before anything queued after it (the reorder knob is then exact); False: in
+    # parallel, to load a receiver with concurrent deliveries. Read as each delivery is queued.
     webhook_serial_per_subscription: bool = True
     # Seconds a delivery may take to connect / to answer (Calendly: 10 and 15).
     webhook_connect_timeout: float = 10.0

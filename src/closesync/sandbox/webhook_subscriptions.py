@@ -12,17 +12,22 @@ Documented choices where the docs are silent:
   organization) or by the same creator already has that callback URL, whatever its state.
 - A member may read and delete only subscriptions it created or that are for itself; owners
   and admins any of the organization's.
-- The signing key: the `signing_key` given at creation; otherwise, for one created with an
-  OAuth access token, the application's key (config `calendly_webhook_signing_key`, read at
-  delivery time, so changing it re-keys every such subscription as Calendly's console would);
-  otherwise (a personal access token and no `signing_key`) a random key the sandbox never
+- The signing key: for one created with an OAuth access token, always the application's key
+  (config `calendly_webhook_signing_key`, read at delivery time, so changing it re-keys every
+  such subscription as Calendly's console would), and a `signing_key` passed with it is
+  ignored: api-facts.md reads the docs as one key for all of an OAuth application's
+  subscriptions, and the docs describe `signing_key` only for personal access tokens (the
+  sandbox's reading; Calendly might instead refuse or honour it). With a personal access
+  token, the `signing_key` given at creation; without one a random key the sandbox never
   shows, so such deliveries cannot be verified by anyone, as a PAT-made subscription without
   a key would be useless for verification at Calendly too.
 - Who a change is delivered to: every active `organization`-scope subscription of the
   organization for every event type; `user`-scope subscriptions of the owner and of every
   host of a team type (for a membership change, of the hosts before and after it).
 - The envelope's `created_at` is the sandbox clock's time of the change and `created_by` the
-  event type owner's URI (the admin API has no acting user).
+  URI of the user who created the receiving subscription, as Calendly sends it: one envelope
+  per subscription, so an organization subscription made by an admin says that admin even
+  for a member's event type.
 - `retry_started_at` is set at the first failed delivery of a run of failures and cleared by a
   success; after `webhook_disable_after` consecutive failures the state becomes `disabled`
   and the subscription gets no more deliveries (Calendly: after 24 h of retries).
@@ -137,10 +142,10 @@ class WebhookBook:
                 if sub.callback_url == url and (same_owner or sub.creator_uuid == creator_uuid):
                     raise SubscriptionConflict(url)
             source: Literal["given", "application", "random"]
-            if signing_key is not None:
+            if by_oauth:
+                source, signing_key = "application", None  # a passed key is ignored (above)
+            elif signing_key is not None:
                 source = "given"
-            elif by_oauth:
-                source = "application"
             else:
                 source, signing_key = "random", secrets.token_hex(32)
             now = self.now()
@@ -222,17 +227,24 @@ class WebhookBook:
             if not targets:
                 return
             payload = self.render_type(et)
-            envelope = {
-                "event": event,
-                "created_at": iso(self.now()),
-                "created_by": f"{self.calendly_base}/users/{et.owner_uuid}",
-                "payload": payload,
-            }
+            created_at = iso(self.now())
+            base = self.calendly_base
             self.deliverer.enqueue(
-                [(s.uuid, self.render_subscription(s)["uri"]) for s in targets],
+                [
+                    (
+                        s.uuid,
+                        self.render_subscription(s)["uri"],
+                        {
+                            "event": event,
+                            "created_at": created_at,
+                            "created_by": f"{base}/users/{s.creator_uuid}",
+                            "payload": payload,
+                        },
+                    )
+                    for s in targets
+                ],
                 event,
                 payload["uri"],
-                envelope,
             )
 
     def delivery_target(self, uuid: str) -> tuple[str, str] | None:

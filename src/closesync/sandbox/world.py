@@ -313,20 +313,41 @@ class World(WebhookBook, EventTypeBook, LinkBook, TrafficBook):
         return [user.organization_id, *user.other_organizations]
 
     def update_config(self, api: str | None = None, **changes: Any) -> dict[str, Any]:
-        """Change latency, error rate, limits or TTLs at run time; `api` narrows the first two."""
+        """Change latency, error rate, limits or TTLs at run time; `api` narrows the first two.
+        Every change is checked before any is applied: a bad one changes nothing."""
         known = {f.name for f in fields(SandboxConfig)}
+        typed: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key not in known:
+                raise ValueError(f"unknown config field: {key}")
+            typed[key] = _typed(key, getattr(self.config, key), value)
         with self.lock:
-            for key, value in changes.items():
-                if key not in known:
-                    raise ValueError(f"unknown config field: {key}")
+            for key, value in typed.items():
                 if key in ("latency_ms", "error_rate"):
                     target = getattr(self, key)
                     for name in [api] if api else APIS:
                         target[name] = float(value)
                 if api is None or key not in ("latency_ms", "error_rate"):
-                    setattr(self.config, key, type(getattr(self.config, key))(value))
+                    setattr(self.config, key, value)
             return {
                 **vars(self.config),
                 "latency_ms": self.latency_ms,
                 "error_rate": self.error_rate,
             }
+
+
+def _typed(key: str, current: Any, value: Any) -> Any:
+    """`value` converted to the type of config field `key` (now `current`); a boolean only from
+    true/false (JSON or the strings), since bool("false") would be True."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError(f"config field {key} must be true or false, not {value!r}")
+    try:
+        return type(current)(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"config field {key} must be a {type(current).__name__}, not {value!r}"
+        ) from None
