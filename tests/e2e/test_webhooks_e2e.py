@@ -18,7 +18,7 @@ from closesync.core.webhooks import Subscription, WebhookState, new_key
 from closesync.sandbox import Sandbox
 from closesync.web.webhooks import WebhookReceiver
 from closesync.worker.celery_app import SYNC_QUEUE, create_app
-from closesync.worker.enqueue import webhook_asker
+from closesync.worker.webhook_asks import webhook_asker
 from tests._broker import queue_key
 from tests.e2e.conftest import Deployment, converged, our_links, wait_for
 from tests.webhook_helpers import ReceiverServer, serving, signed
