@@ -23,8 +23,7 @@ from closesync.wiring.services import Services
 from closesync.worker import celery_app as names
 from closesync.worker.celery_app import FANOUT_QUEUE, SYNC_QUEUE, create_app
 from closesync.worker.tasks import drain
-from closesync.worker.webhook_asks import WEBHOOK, fan_out_team_type
-from closesync.worker.webhook_asks import webhook_asker
+from closesync.worker.webhook_asks import WEBHOOK, fan_out_team_type, webhook_asker
 from tests._broker import Queued, queued
 from tests.store.test_state import connection, grants
 

@@ -183,8 +183,8 @@ def test_receiver_signed_body_that_is_no_delivery_is_2xx_warned_and_left_to_the_
     assert len(warned) == 2
     assert all("unreadable" in r.getMessage() for r in warned)
     text = " ".join(f"{r.getMessage()} {r.__dict__}" for r in warned)
-    assert "no uri" not in text and "event_types/X" not in text
-    assert world.user_sub.key not in text and OWN_KEY not in text
+    for leaked in ("no uri", "event_types/X", world.user_sub.key, OWN_KEY):
+        assert leaked not in text
 
 
 def test_receiver_redis_down_is_503(world: World) -> None:
