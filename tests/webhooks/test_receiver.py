@@ -400,3 +400,70 @@ def test_receiver_keeps_every_key_out_of_logs_replies_and_redis(
         assert not any(secret in answer for answer in answers)
     for secret in (OWN_KEY, APP_KEY):
         assert not any(secret in value for value in stored)
+
+
+class _Asker:
+    """An asker that fails its first ask (the broker down) and, before failing, lets the same
+    delivery arrive again, as Calendly's retry or a duplicate send would mid-enqueue."""
+
+    def __init__(self, again: Callable[[], int]) -> None:
+        self.again, self.calls, self.answers = again, 0, list[int]()
+
+    def __call__(self, ids: list[str]) -> list[str]:
+        from closesync.core.errors import StoreUnavailable
+
+        self.calls += 1
+        if self.calls == 1:
+            self.answers.append(self.again())
+            raise StoreUnavailable("the broker cannot be reached while enqueueing syncs")
+        return ids
+
+    def organization(self, grant_ref: str, event_type_uuid: str) -> bool:
+        return False
+
+
+def test_receiver_duplicate_of_a_pending_delivery_is_503_so_the_hint_survives_a_failure(
+    world: World,
+) -> None:
+    """The same delivery arriving while the first is still enqueueing is answered 503 (not
+    "200 duplicate"): when the first then fails, Calendly's retry is taken and asks the sync."""
+    body = event_body(UPDATED, "ET1", "U1")
+    headers = signed(OWN_KEY, body)
+    receiver: WebhookReceiver
+
+    def again() -> int:
+        return receiver.receive(world.user_sub.key, headers, body).status
+
+    asker = _Asker(again)
+    receiver = WebhookReceiver(world.services, asker)
+    first = receiver.receive(world.user_sub.key, headers, body)
+    assert (first.status, asker.answers) == (503, [503])
+    retried = receiver.receive(world.user_sub.key, headers, body)
+    assert (retried.status, retried.body) == (200, {"status": "accepted", "asked": 1})
+    replay = receiver.receive(world.user_sub.key, headers, body)
+    assert (replay.status, replay.body) == (200, {"status": "duplicate"})
+    assert asker.calls == 2
+
+
+def test_receiver_signing_key_sealed_for_another_subscription_logs_no_callback_key(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signing key copied in Redis from another subscription does not open (EncryptionError),
+    and neither that error in the log nor the answer names either callback key."""
+    keys, client = world.services.keys, world.services.redis
+    other = "otherSubscriptionKey_0123456789"
+    sealed = client.get(keys.webhook_signing_key(world.user_sub.key))
+    world.services.webhooks.save(world.user_sub.model_copy(update={"key": other}), None)
+    client.set(keys.webhook_signing_key(other), str(sealed))
+    body = event_body(UPDATED, "ET1", "U1")
+    with caplog.at_level(logging.DEBUG):
+        reply = world.receiver.receive(other, signed(OWN_KEY, body), body)
+    assert reply.status == 500
+    logged = "\n".join(
+        f"{r.getMessage()} {r.__dict__}" for r in caplog.records if r.name.startswith("closesync")
+    )
+    assert "cannot be opened" in logged
+    assert "sealed for another owner" in logged
+    for secret in (world.user_sub.key, other, OWN_KEY):
+        assert secret not in logged
+        assert secret not in str(reply.body)
