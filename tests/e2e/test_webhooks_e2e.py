@@ -70,10 +70,11 @@ def delivery(event: str, event_type: dict[str, Any]) -> bytes:
 
 
 def quiet(deployment: Deployment, conn_id: str) -> bool:
-    """No sync of the connection is queued, held for its countdown or owed by a run."""
+    """No sync of the connection is scheduled by a delivery, queued, held or owed by a run."""
     client, prefix = deployment.services.redis, deployment.settings.redis_prefix
     return (
-        not client.exists(deployment.services.keys.queued(conn_id))
+        client.zscore(deployment.services.keys.schedule("webhook"), conn_id) is None
+        and not client.exists(deployment.services.keys.queued(conn_id))
         and not client.exists(deployment.services.keys.run_lock(conn_id))
         and client.llen(queue_key(prefix, SYNC_QUEUE)) == 0
         and client.hlen(f"{prefix}:celery:unacked") == 0
