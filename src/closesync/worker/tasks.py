@@ -18,10 +18,14 @@ a run the soft limit stopped.
 A tick is spread through a schedule in Redis, not countdowns: `fan_out` writes each connection's
 due time there and publishes what is due, and a chain of `drain_schedule` tasks (one at a time,
 each a second apart at most, on the `fanout` queue with the fan-outs) publishes the rest as it
-falls due, in batches over one producer. Every sync asked for goes through the connection's sync
+falls due, in batches over one producer. Webhook deliveries use a schedule of their own
+(`webhook`, closesync.worker.webhook_asks) drained the same way, and `webhook_fan_out` spreads a
+team type nobody holds over it. Every sync asked for goes through the connection's sync
 marker (`closesync.core.queueing`): at most one sync per connection is queued, a task clears the
 marker as it starts, a task that met the run lock hands its ask to the holder (which runs once
-more), and a retry of a sync is the queued one, or gives way to the one queued meanwhile.
+more), and a retry of a sync is the queued one, or gives way to the one queued meanwhile. A run
+that leaves with the ask still handed to it (its reruns ran out, or it met the lock of a holder
+that had just ended) publishes it as a fresh sync.
 
 The caps are this module's: the per-connection tasks set Celery's own `max_retries` to None, since
 Celery's default (3, counted over every retry of a task) would otherwise end each of them first,
