@@ -156,6 +156,13 @@ class Settings(BaseSettings):
     # edits makes one run), and how old a signed timestamp may be (Calendly: 3 minutes).
     webhook_debounce_seconds: float = Field(default=1.0, ge=0.0, le=30.0)
     webhook_tolerance_seconds: int = Field(default=180, ge=1, le=3600)
+    # A team event type that no connection holds yet (new, or a host who just joined it) may be
+    # hosted by any connection of the organization: a task (never the request) asks at most
+    # WEBHOOK_FANOUT_MAX of them, spread over WEBHOOK_FANOUT_WINDOW_SECONDS through the Redis
+    # schedule. Connections past the cap wait for the poll. 10,000 syncs at once would spend an
+    # admin's whole Calendly budget (500/min) for minutes; 60 s x 1,000 is ~17 syncs a second.
+    webhook_fanout_max: int = Field(default=1000, ge=1, le=100_000)
+    webhook_fanout_window_seconds: float = Field(default=60.0, ge=0.0, le=3600.0)
     # Bytes a delivery's body may have; a longer one is refused with 413 unread. An event type
     # with long descriptions and many questions is tens of kilobytes: 256 KiB leaves room, while
     # bounding what an unauthenticated request makes the web process buffer and hash.

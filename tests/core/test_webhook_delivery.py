@@ -9,7 +9,7 @@ import pytest
 from closesync.core.webhook_delivery import (
     EventTypeChange,
     MalformedDelivery,
-    needs_all_served,
+    needs_fan_out,
     parse_delivery,
     targets,
 )
@@ -96,7 +96,7 @@ def test_targets_never_outside_the_subscription() -> None:
 def test_targets_new_team_type_asks_every_served_connection() -> None:
     """A team type no connection holds yet: every connection the subscription serves."""
     change = _change(True)
-    assert needs_all_served(change, set()) is True
+    assert needs_fan_out(change, set()) is True
     got = targets(change, owner=None, hosts=set(), served=set(), all_served={"c4", "c5"})
     assert got == ["c4", "c5"]
 
@@ -104,8 +104,8 @@ def test_targets_new_team_type_asks_every_served_connection() -> None:
 def test_targets_held_team_type_does_not_widen() -> None:
     """Once a served connection holds the team type, only its holders (and owner) are asked."""
     change = _change(True)
-    assert needs_all_served(change, {"c2"}) is False
-    assert needs_all_served(_change(False), set()) is False
+    assert needs_fan_out(change, {"c2"}) is False
+    assert needs_fan_out(_change(False), set()) is False
     assert targets(change, owner=None, hosts={"c2"}, served={"c2"}, all_served=None) == ["c2"]
 
 

@@ -18,7 +18,7 @@ from closesync.core.webhooks import Subscription, WebhookState, new_key
 from closesync.sandbox import Sandbox
 from closesync.web.webhooks import WebhookReceiver
 from closesync.worker.celery_app import SYNC_QUEUE, create_app
-from closesync.worker.enqueue import webhook_asker
+from closesync.worker.webhook_asks import webhook_asker
 from tests._broker import queue_key
 from tests.e2e.conftest import Deployment, converged, our_links, wait_for
 from tests.webhook_helpers import ReceiverServer, serving, signed
@@ -70,10 +70,11 @@ def delivery(event: str, event_type: dict[str, Any]) -> bytes:
 
 
 def quiet(deployment: Deployment, conn_id: str) -> bool:
-    """No sync of the connection is queued, held for its countdown or owed by a run."""
+    """No sync of the connection is scheduled by a delivery, queued, held or owed by a run."""
     client, prefix = deployment.services.redis, deployment.settings.redis_prefix
     return (
-        not client.exists(deployment.services.keys.queued(conn_id))
+        client.zscore(deployment.services.keys.schedule("webhook"), conn_id) is None
+        and not client.exists(deployment.services.keys.queued(conn_id))
         and not client.exists(deployment.services.keys.run_lock(conn_id))
         and client.llen(queue_key(prefix, SYNC_QUEUE)) == 0
         and client.hlen(f"{prefix}:celery:unacked") == 0

@@ -104,11 +104,16 @@ def test_id_of_calendly_user_reads_the_index(redis_client: redis.Redis, keys: Ke
     assert store.id_of_calendly_user("U7") is None
 
 
-def test_claim_delivery_once_then_released(redis_client: redis.Redis, keys: Keys) -> None:
-    """A delivery is taken once within its TTL; a released one can be taken again."""
+def test_claim_delivery_pending_then_done_or_released(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A delivery is taken once within its TTL: pending until done (its TTL kept); a released
+    one can be taken again."""
     store = WebhookStore(redis_client, keys, FernetBox([generate_key()]))
-    assert store.claim_delivery("d1", 420) is True
-    assert store.claim_delivery("d1", 420) is False
+    assert store.claim_delivery("d1", 420) == "taken"
+    assert store.claim_delivery("d1", 420) == "pending"
+    store.delivery_done("d1")
+    assert store.claim_delivery("d1", 420) == "done"
     assert 400 < redis_client.ttl(keys.webhook_delivery("d1")) <= 420
     store.release_delivery("d1")
-    assert store.claim_delivery("d1", 420) is True
+    assert store.claim_delivery("d1", 420) == "taken"

@@ -23,7 +23,7 @@ from closesync.sandbox import Sandbox
 from closesync.sandbox.connections import sandbox_connection
 from closesync.store.keys import Keys
 from closesync.store.secretbox import generate_key
-from closesync.worker.celery_app import SYNC_QUEUE
+from closesync.worker.celery_app import DRAIN_SCHEDULE, FANOUT_QUEUE
 from tests._broker import queued
 from tests._oauth import follow, sandbox_env, services_for
 from tests._sandbox import running_sandbox
@@ -202,8 +202,11 @@ def test_gunicorn_takes_a_webhook_delivery_and_queues_its_sync(
     )
     assert answer.status_code == 200
     assert answer.json() == {"status": "accepted", "asked": 1}
-    [message] = queued(redis_client, keys.prefix, SYNC_QUEUE)
-    assert message.args[0] == connection.id
+    # Scheduled a debounce later in Redis, with the drain that will publish it on its way.
+    assert redis_client.zrange(keys.schedule("webhook"), 0, -1) == [connection.id]
+    [drain_task] = queued(redis_client, keys.prefix, FANOUT_QUEUE)
+    assert drain_task.task == DRAIN_SCHEDULE
+    assert drain_task.args == ["webhook", "webhook"]
     web.wait_for(r"web POST /webhooks/calendly/<")
     assert subscription.key not in web.text()
 

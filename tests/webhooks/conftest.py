@@ -1,9 +1,10 @@
 """A deployment for the receiver tests: Services on the session's Redis, a Celery app publishing
-to it (no worker: the tests read the queue), four connections in two organizations and the
-subscriptions that serve them."""
+to it (no worker: the tests read the queues and run the drain and fan-out tasks' code
+themselves), four connections in two organizations and the subscriptions that serve them."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from closesync.settings import Settings
 from closesync.store.secretbox import generate_key
 from closesync.web.webhooks import SyncAsker, WebhookReceiver
 from closesync.wiring.services import Services
-from closesync.worker.celery_app import SYNC_QUEUE, create_app
-from closesync.worker.enqueue import webhook_asker
+from closesync.worker import celery_app as names
+from closesync.worker.celery_app import FANOUT_QUEUE, SYNC_QUEUE, create_app
+from closesync.worker.tasks import drain
+from closesync.worker.webhook_asks import WEBHOOK, fan_out_team_type, webhook_asker
 from tests._broker import Queued, queued
 from tests.store.test_state import connection, grants
 
@@ -50,8 +53,29 @@ class World:
     def queued(self) -> list[Queued]:
         return queued(self.services.redis, self.services.settings.redis_prefix, SYNC_QUEUE)
 
+    def fanout_queue(self) -> list[Queued]:
+        return queued(self.services.redis, self.services.settings.redis_prefix, FANOUT_QUEUE)
+
+    def scheduled(self) -> dict[str, float]:
+        """The webhook schedule: connection id -> when its sync is due (epoch seconds)."""
+        key = self.services.keys.schedule(WEBHOOK)
+        return {
+            str(m): float(s) for m, s in self.services.redis.zrange(key, 0, -1, withscores=True)
+        }
+
+    def drain(self, at: float) -> int:
+        """Run the drain task's code as a worker would at time `at`: the syncs it published."""
+        return drain(self.services, self.app, kind=WEBHOOK, slot=WEBHOOK, clock=lambda: at)
+
+    def run_fan_outs(self) -> int:
+        """Run every queued webhook fan-out task's code: the syncs they scheduled."""
+        tasks = [m for m in self.fanout_queue() if m.task == names.WEBHOOK_FAN_OUT]
+        return sum(fan_out_team_type(self.services, self.app, *m.args) for m in tasks)
+
     def asked(self) -> list[str]:
-        """The connection ids of the sync tasks on the queue, in order."""
+        """The connection ids of the sync tasks on the queue, in order, once every sync the
+        webhook schedule holds has fallen due and been drained."""
+        self.drain(time.time() + 3600)
         return [message.args[0] for message in self.queued()]
 
 

@@ -15,6 +15,7 @@ from closesync.core.plan import LinkRecord
 from closesync.core.webhook_signature import signature_header
 from closesync.web.webhooks import WebhookReceiver
 from closesync.wiring.services import Services
+from closesync.worker import celery_app as names
 from tests.webhook_helpers import event_body, serving, signed
 from tests.webhooks.conftest import APP_KEY, C1, C2, C3, C4, OWN_KEY, World, build_world
 
@@ -35,15 +36,27 @@ def _changed(world: World) -> dict[str, object]:
 def test_receiver_valid_delivery_notes_it_and_asks_the_owner_with_a_debounce(
     world: World,
 ) -> None:
-    """A signed delivery is noted and asks one sync of its owner's connection, not yet due."""
+    """A signed delivery is noted and schedules one sync of its owner's connection a debounce
+    later in Redis, with one drain due then; the sync is published when due, with no countdown."""
     body = event_body(UPDATED, "ET1", "U1")
+    before = time.time()
     with serving(world.receiver) as server:
         answer = server.post(world.user_sub.key, body, signed(OWN_KEY, body))
     assert answer.status_code == 200
     assert answer.json() == {"status": "accepted", "asked": 1}
+    debounce = world.services.settings.webhook_debounce_seconds
+    [(conn_id, due)] = world.scheduled().items()
+    assert conn_id == C1
+    assert before + debounce <= due <= time.time() + debounce
+    assert world.queued() == []  # nothing a worker would hold for a countdown
+    [drain_task] = world.fanout_queue()
+    assert drain_task.task == names.DRAIN_SCHEDULE
+    assert drain_task.headers["eta"] is not None  # the one countdown: the drain, due with it
+    assert world.drain(due - 0.2) == 0
+    assert world.drain(due) == 1
     [message] = world.queued()
-    assert message.args == [C1, None]
-    assert message.headers["eta"] is not None  # published with the debounce as its countdown
+    assert message.args == [C1, "webhook"]
+    assert message.headers["eta"] is None
     noted = world.services.webhooks.last_delivery(world.user_sub.key)
     assert noted is not None
     assert abs(noted - world.services.state.now()) < 5
@@ -122,6 +135,7 @@ def test_receiver_replay_is_200_and_does_nothing(world: World) -> None:
     headers = signed(OWN_KEY, body)
     with serving(world.receiver) as server:
         first = server.post(world.user_sub.key, body, headers)
+        assert world.asked() == [C1]
         [message] = world.queued()
         world.services.state.sync_started(C1, message.task_id)
         again = server.post(world.user_sub.key, body, headers)
@@ -144,14 +158,33 @@ def test_receiver_unknown_event_is_acknowledged_and_ignored(world: World) -> Non
     assert world.services.webhooks.last_delivery(world.user_sub.key) is not None
 
 
-def test_receiver_signed_body_that_is_no_delivery_is_400(world: World) -> None:
-    """A validly signed body without an event type's uri is a 400 naming the field."""
-    body = b'{"event": "event_type.created", "payload": {"name": "no uri"}}'
-    with serving(world.receiver) as server:
-        answer = server.post(world.user_sub.key, body, signed(OWN_KEY, body))
-    assert answer.status_code == 400
-    assert "payload.uri" in answer.json()["error"] or "uri" in answer.json()["error"]
-    assert world.asked() == []
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"name": "no uri"}',
+        b'{"uri": "https://api.calendly.com/event_types/X", "profile": {"owner": {"a": 1}}}',
+    ],
+    ids=["missing uri", "owner an object"],
+)
+def test_receiver_signed_body_that_is_no_delivery_is_2xx_warned_and_left_to_the_poll(
+    world: World, caplog: pytest.LogCaptureFixture, payload: bytes
+) -> None:
+    """A validly signed body that does not parse is answered 200 (a 4xx would be retried for a
+    day, then Calendly disables the subscription), warned of without its body, and asks only
+    a user subscription's own connection; the organization's asks nobody."""
+    body = b'{"event": "event_type.created", "payload": ' + payload + b"}"
+    with caplog.at_level(logging.WARNING), serving(world.receiver) as server:
+        own = server.post(world.user_sub.key, body, signed(OWN_KEY, body))
+        org = server.post(world.org_sub.key, body, signed(APP_KEY, body))
+    assert (own.status_code, own.json()) == (200, {"status": "unreadable", "asked": 1})
+    assert (org.status_code, org.json()) == (200, {"status": "unreadable", "asked": 0})
+    assert world.asked() == [C1]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2
+    assert all("unreadable" in r.getMessage() for r in warned)
+    text = " ".join(f"{r.getMessage()} {r.__dict__}" for r in warned)
+    for leaked in ("no uri", "event_types/X", world.user_sub.key, OWN_KEY):
+        assert leaked not in text
 
 
 def test_receiver_redis_down_is_503(world: World) -> None:
@@ -253,7 +286,7 @@ def test_receiver_never_answers_410_on_any_error_path(
         "too large": 413,
         "no header": 400,
         "bad header": 400,
-        "not a delivery": 400,
+        "not a delivery": 200,
         "redis down": 503,
         "bug": 500,
         "tampered body": 401,
@@ -289,10 +322,17 @@ def test_receiver_team_type_syncs_every_connected_host_within_the_organization(
 def test_receiver_new_team_type_asks_every_connection_the_subscription_serves(
     world: World,
 ) -> None:
-    """A team type nobody holds yet: every connection of the organization, and no other."""
+    """A team type nobody holds yet: one fan-out task, which schedules every connection of the
+    organization over the fan-out window, and no other."""
     body = event_body("event_type.created", "NEWTEAM", "U9", team=True)
     with serving(world.receiver) as server:
         server.post(world.org_sub.key, body, signed(APP_KEY, body))
+    assert world.scheduled() == {}  # the request asked nobody itself
+    assert world.run_fan_outs() == 3
+    window = world.services.settings.webhook_fanout_window_seconds
+    due = world.scheduled()
+    assert sorted(due) == [C1, C2, C3]
+    assert max(due.values()) - time.time() <= window + 1
     assert sorted(world.asked()) == [C1, C2, C3]
 
 
@@ -311,12 +351,22 @@ def test_receiver_user_subscription_never_syncs_another_connection(world: World)
 
 
 def test_receiver_burst_of_deliveries_makes_one_queued_sync(world: World) -> None:
-    """Thirty deliveries about one user's types within the debounce make one sync task."""
+    """Thirty deliveries about one user's types within the debounce make one schedule entry,
+    due one debounce after the first, one drain task, and, drained, one sync task."""
+    first = time.time()
     with serving(world.receiver) as server, requests.Session() as session:
         for n in range(30):
             body = event_body(UPDATED, f"ET{n % 3}", "U1", name=f"rename {n}")
             answer = server.post(world.user_sub.key, body, signed(OWN_KEY, body), session)
             assert answer.json()["status"] == "accepted"
+    debounce = world.services.settings.webhook_debounce_seconds
+    [(conn_id, due)] = world.scheduled().items()
+    assert conn_id == C1
+    assert due - first < debounce + 0.5  # kept from the first delivery (ZADD LT)
+    assert len(world.fanout_queue()) == 1  # one drain for the whole burst
+    assert world.queued() == []
+    assert world.drain(due) == 1
+    assert world.drain(due + 10) == 0
     assert world.asked() == [C1]
 
 
@@ -350,3 +400,70 @@ def test_receiver_keeps_every_key_out_of_logs_replies_and_redis(
         assert not any(secret in answer for answer in answers)
     for secret in (OWN_KEY, APP_KEY):
         assert not any(secret in value for value in stored)
+
+
+class _Asker:
+    """An asker that fails its first ask (the broker down) and, before failing, lets the same
+    delivery arrive again, as Calendly's retry or a duplicate send would mid-enqueue."""
+
+    def __init__(self, again: Callable[[], int]) -> None:
+        self.again, self.calls, self.answers = again, 0, list[int]()
+
+    def __call__(self, ids: list[str]) -> list[str]:
+        from closesync.core.errors import StoreUnavailable
+
+        self.calls += 1
+        if self.calls == 1:
+            self.answers.append(self.again())
+            raise StoreUnavailable("the broker cannot be reached while enqueueing syncs")
+        return ids
+
+    def organization(self, grant_ref: str, event_type_uuid: str) -> bool:
+        return False
+
+
+def test_receiver_duplicate_of_a_pending_delivery_is_503_so_the_hint_survives_a_failure(
+    world: World,
+) -> None:
+    """The same delivery arriving while the first is still enqueueing is answered 503 (not
+    "200 duplicate"): when the first then fails, Calendly's retry is taken and asks the sync."""
+    body = event_body(UPDATED, "ET1", "U1")
+    headers = signed(OWN_KEY, body)
+    receiver: WebhookReceiver
+
+    def again() -> int:
+        return receiver.receive(world.user_sub.key, headers, body).status
+
+    asker = _Asker(again)
+    receiver = WebhookReceiver(world.services, asker)
+    first = receiver.receive(world.user_sub.key, headers, body)
+    assert (first.status, asker.answers) == (503, [503])
+    retried = receiver.receive(world.user_sub.key, headers, body)
+    assert (retried.status, retried.body) == (200, {"status": "accepted", "asked": 1})
+    replay = receiver.receive(world.user_sub.key, headers, body)
+    assert (replay.status, replay.body) == (200, {"status": "duplicate"})
+    assert asker.calls == 2
+
+
+def test_receiver_signing_key_sealed_for_another_subscription_logs_no_callback_key(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signing key copied in Redis from another subscription does not open (EncryptionError),
+    and neither that error in the log nor the answer names either callback key."""
+    keys, client = world.services.keys, world.services.redis
+    other = "otherSubscriptionKey_0123456789"
+    sealed = client.get(keys.webhook_signing_key(world.user_sub.key))
+    world.services.webhooks.save(world.user_sub.model_copy(update={"key": other}), None)
+    client.set(keys.webhook_signing_key(other), str(sealed))
+    body = event_body(UPDATED, "ET1", "U1")
+    with caplog.at_level(logging.DEBUG):
+        reply = world.receiver.receive(other, signed(OWN_KEY, body), body)
+    assert reply.status == 500
+    logged = "\n".join(
+        f"{r.getMessage()} {r.__dict__}" for r in caplog.records if r.name.startswith("closesync")
+    )
+    assert "cannot be opened" in logged
+    assert "sealed for another owner" in logged
+    for secret in (world.user_sub.key, other, OWN_KEY):
+        assert secret not in logged
+        assert secret not in str(reply.body)

@@ -11,7 +11,7 @@ import requests
 
 from closesync.web.serving import WebServer
 from closesync.web.webhooks import key_digest
-from closesync.worker.enqueue import webhook_asker
+from closesync.worker.webhook_asks import webhook_asker
 from tests.webhook_helpers import event_body, signed
 from tests.webhooks.conftest import C1, OWN_KEY, World
 
@@ -44,7 +44,7 @@ def test_route_takes_a_signed_delivery_and_asks_its_sync(
         )
     assert answer.status_code == 200
     assert answer.json() == {"status": "accepted", "asked": 1}
-    assert [m.args[0] for m in world.queued()] == [C1]
+    assert world.asked() == [C1]
     access = [r.getMessage() for r in caplog.records if r.getMessage().startswith("web POST")]
     assert access == [f"web POST /webhooks/calendly/<{key_digest(world.user_sub.key)}> 200"]
     assert world.user_sub.key not in caplog.text

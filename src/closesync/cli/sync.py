@@ -133,15 +133,22 @@ def _run_all(
     # One connection kept open per API for each run at once.
     services.http.reserve(concurrency)
 
+    # Connections a worker's task asked this run to run once more (it met our lock): an inline
+    # run does not rerun, so their asks are published as a fresh sync once the runs are done.
+    owed: list[str] = []
+
     def run_one(connection_id: str, bar: SetBar | None) -> RunReport:
         try:
-            return engine.run(
+            report = engine.run(
                 connection_id,
                 mode=mode,
                 allow_mass_delete=allow_mass_delete,
                 progress=bar.progress_of(connection_id) if bar is not None else None,
                 dry_run=dry,
             )
+            if not dry and report.failure != "locked" and services.state.pop_rerun(connection_id):
+                owed.append(connection_id)
+            return report
         except CloseSyncError as error:
             # This connection could not even be read or recorded; the others still run.
             return RunReport(
@@ -175,6 +182,8 @@ def _run_all(
             # Ctrl-C: runs not started are dropped; those under way finish their run.
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    if owed:
+        _pass_on(services, owed)
     # A connection another process is running was not synced by this command: say so in the
     # exit code too (the run in progress picks the request up when it ends).
     failed = [r for r in reports if r.outcome is Outcome.FAILED or r.failure == "locked"]
@@ -188,6 +197,17 @@ def _run_all(
     elif not ids:
         sys.stdout.write("no active connections\n")
     return 1 if failed else 0
+
+
+def _pass_on(services: Services, owed: list[str]) -> None:
+    """Publish the syncs workers asked of these inline runs (`holder` markers), so a webhook's
+    hint is not lost until the next poll; a broker that cannot be reached is only warned of."""
+    from closesync.worker.enqueue import enqueue_sync
+
+    try:
+        enqueue_sync(services, sorted(owed))
+    except CloseSyncError as error:
+        sys.stderr.write(f"warning: syncs asked during this run were not enqueued: {error}\n")
 
 
 class SetBar:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from closesync.settings import Settings, load_settings
+from closesync.web.webhooks import SyncAsker
 from closesync.wiring.services import Services, redis_url_of
 
 # Port when neither --port, PORT (set by Heroku-like platforms) nor PUBLIC_BASE_URL gives one.
@@ -122,10 +122,10 @@ def _multiprocess_metrics(settings: Settings) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "closesync", *sys.argv[1:]])  # noqa: S606
 
 
-def webhook_asker_of(services: Services) -> Callable[[list[str]], list[str]]:
+def webhook_asker_of(services: Services) -> SyncAsker:
     """What webhook deliveries ask for syncs with, on a Celery app of this process's own."""
     from closesync.worker.celery_app import create_app
-    from closesync.worker.enqueue import webhook_asker
+    from closesync.worker.webhook_asks import webhook_asker
 
     return webhook_asker(services, create_app(services.settings))
 

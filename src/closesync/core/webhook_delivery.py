@@ -14,7 +14,8 @@ and ignored (a subscription closesync did not make, or an event Calendly adds).
 - for a team type (`profile.type` Team) also every connection that holds a link of it (its
   connected hosts: Calendly's payload does not list them); when none of those the subscription
   serves does yet (a new team type, or a host who just joined it), every connection the
-  subscription serves, since any of them may host it;
+  subscription serves, since any of them may host it (for an organization, not here: a task
+  reads and spreads them, `closesync.worker.webhook_asks`);
 - and only ever connections the subscription serves: a delivery to one user's URL must not sync
   another user, nor an organization's another organization.
 """
@@ -123,7 +124,8 @@ def targets(
     return sorted(chosen)
 
 
-def needs_all_served(change: EventTypeChange, served_hosts: Collection[str]) -> bool:
-    """Whether `targets` needs every connection the subscription serves: a team type that none
-    of them holds yet (`served_hosts`: the holders the subscription serves)."""
+def needs_fan_out(change: EventTypeChange, served_hosts: Collection[str]) -> bool:
+    """Whether every connection the subscription serves may host it: a team type that none of
+    them holds yet (`served_hosts`: the holders the subscription serves). For an organization
+    the caller hands that to a task (`closesync.worker.webhook_asks`), never reads it inline."""
     return change.is_team and not served_hosts

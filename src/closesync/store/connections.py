@@ -28,6 +28,7 @@ from closesync.core.errors import (
 )
 from closesync.core.mapping import parse_source_id
 from closesync.store.client import guard
+from closesync.store.index_backfill import IndexBackfill
 from closesync.store.keys import Keys, Owner, as_text, watched
 from closesync.store.secretbox import SecretBox
 
@@ -172,8 +173,13 @@ class ConnectionStore:
                         self.keys.backfill(conn_id),
                     ]
             stale = [key for key in moved if _text(pipe.get(key)) == conn_id]
-            # The holders entries of the links forgotten with the previous Calendly user.
-            unheld = self._holder_sets(pipe.hkeys(self.keys.links(conn_id))) if forgotten else []
+            # The holders entries of the links forgotten with the previous Calendly user, read
+            # under WATCH: a link recorded meanwhile (a run still going) aborts and re-reads,
+            # rather than leave a holders entry that nothing would remove.
+            unheld: list[str] = []
+            if forgotten:
+                pipe.watch(self.keys.links(conn_id))  # type: ignore[no-untyped-call]
+                unheld = self._holder_sets(pipe.hkeys(self.keys.links(conn_id)))
             new_ref = connection.calendly_grant_ref
             pipe.multi()
             if stale or forgotten:
@@ -386,30 +392,47 @@ class ConnectionStore:
 
     @guard("reading an organization's connections")
     def of_organization(self, ref: str) -> set[str]:
-        """Ids of the connections whose calendly_grant_ref is `ref` (one SMEMBERS).
+        """Ids of the connections whose calendly_grant_ref is `ref` now: whom its subscription
+        serves. Reads every member's record (one MGET per LIST_BATCH): for worker tasks only.
 
-        Saves and removals keep the set; connections saved before it existed are added by one
-        scan of the records, the first time any organization's set is read in a deployment.
+        Saves and removals keep the set; connections saved before it existed are added by a
+        one-time backfill (`closesync.store.index_backfill`). A member whose record no longer
+        names `ref` (removed, or moved by a save that raced an older index write) is not
+        returned, and is dropped from the set.
         """
-        if not self.redis.exists(self.keys.calendly_org_index_complete()):
-            self._index_organizations()
-        return {as_text(m) for m in self.redis.smembers(self.keys.calendly_org_connections(ref))}
+        IndexBackfill(self.redis, self.keys).organizations()
+        key = self.keys.calendly_org_connections(ref)
+        members = {as_text(m) for m in self.redis.smembers(key)}
+        refs: dict[str, str | None] = {}
+        ordered = sorted(members)
+        for start in range(0, len(ordered), LIST_BATCH):
+            refs.update(self.organization_refs(ordered[start : start + LIST_BATCH]))
+        served = {conn_id for conn_id in members if refs.get(conn_id) == ref}
+        stale = members - served
+        if stale:
+            self._drop_stale(ref, stale)
+        return served
 
-    def _index_organizations(self) -> None:
-        """Give every stored record its organization set entry, once (see `of_organization`).
+    def _drop_stale(self, ref: str, candidates: set[str]) -> None:
+        """SREM the members that still do not name `ref`, under WATCH of their records (a save
+        adding one back between the read and the SREM aborts, and the entry stays)."""
+        key = self.keys.calendly_org_connections(ref)
+        ordered = sorted(candidates)
+        records = [self.keys.conn(conn_id) for conn_id in ordered]
 
-        Racing saves or removals are harmless: a save adds what the scan adds, and an entry the
-        scan adds for a connection removed meanwhile names a connection no run syncs (the
-        receiver asks only for syncs, and a removed connection's sync does nothing).
-        """
-        with self.redis.pipeline(transaction=True) as pipe:
-            for found in self.list():
-                if found.calendly_grant_ref is not None:
-                    pipe.sadd(
-                        self.keys.calendly_org_connections(found.calendly_grant_ref), found.id
-                    )
-            pipe.set(self.keys.calendly_org_index_complete(), "1")
-            pipe.execute()
+        def apply(pipe: redis.client.Pipeline) -> None:
+            pipe.watch(*records)  # type: ignore[no-untyped-call]
+            raws = pipe.mget(records)
+            gone = [
+                conn_id
+                for conn_id, raw in zip(ordered, raws, strict=True)
+                if raw is None or Connection.model_validate_json(raw).calendly_grant_ref != ref
+            ]
+            pipe.multi()
+            if gone:
+                pipe.srem(key, *gone)
+
+        watched(self.redis, key, apply)
 
     @guard("reading connections")
     def organization_refs(self, conn_ids: Iterable[str]) -> dict[str, str | None]:

@@ -73,7 +73,10 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:schedule:{kind}             ZSET    connection id -> epoch seconds its run of the
                                             tick is due (kind: sync | drift): the fan-out
                                             spreads a tick here (ZADD LT), the drain task
-                                            publishes what is due and removes it       no TTL
+                                            publishes what is due and removes it. Kind
+                                            webhook: the syncs webhook deliveries asked
+                                            for, due one debounce after the first of a
+                                            burst (ZADD LT: one entry per connection)  no TTL
     {p}:schedule:{kind}:drain       STRING  id of the drain task that is to drain the
                                             schedule next: one chain of drains at a time
                                                                     PX next drain + 30 s
@@ -123,10 +126,12 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             user-scope subscription                      no TTL
     {p}:webhook-of:org:{ref}        STRING  -> callback key of organization {ref}'s
                                             organization-scope subscription              no TTL
-    {p}:webhook-delivery:{digest}   STRING  "1": a verified delivery the receiver took
+    {p}:webhook-delivery:{digest}   STRING  a verified delivery the receiver took
                                             (digest: sha256 of callback key, signed t and
-                                            body; SET NX), so the same signed request sent
-                                            again is answered 200 and does nothing. Lives
+                                            body): "pending" (SET NX) while it enqueues,
+                                            then "done". The same signed request again is
+                                            answered 200 and does nothing once done, 503
+                                            while pending (Calendly retries). Lives
                                             longer than any t the receiver accepts (twice
                                             WEBHOOK_TOLERANCE_SECONDS, + 60 s)     EX 2 x tol + 60
     {p}:event-type:{uuid}:holders   SET     ids of the connections holding a link of event
@@ -144,8 +149,18 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             removing the connection                      no TTL
     {p}:calendly-org-index          STRING  "1": every connection record was given its
                                             calendly-org:{ref}:connections entry (one
-                                            scan, the first time the set is read); absent
-                                            = the sets may miss older connections        no TTL
+                                            scan, the first time the set is read, outside
+                                            any request: closesync.store.index_backfill);
+                                            absent = the sets may miss older connections no TTL
+    {p}:event-type-holders-index    STRING  "1": every link record was given its
+                                            event-type:{uuid}:holders entry (one scan by
+                                            the first webhook fan-out task,
+                                            closesync.store.index_backfill); absent = the
+                                            sets may miss links written before them      no TTL
+    {p}:webhook-fanout:{ref}:{uuid} STRING  "1": a fan-out of organization {ref}'s
+                                            connections for team type {uuid} (no holder)
+                                            was published; SET NX, so a burst of
+                                            deliveries publishes one  EX WEBHOOK_FANOUT_WINDOW + 1
 
 A connection whose `calendly_grant_ref` is set stores only its Close grant in `:grants` (sealed
 JSON `{"close": ..., "calendly_ref": ref}`); `grants()` and `update_grant()` read and write the
@@ -174,6 +189,7 @@ grants), `closesync.store.sync_state` (link records, reports, sync markers, tick
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -337,6 +353,12 @@ class Keys:
     def calendly_org_index_complete(self) -> str:
         return f"{self.prefix}:calendly-org-index"
 
+    def event_type_holders_index_complete(self) -> str:
+        return f"{self.prefix}:event-type-holders-index"
+
+    def webhook_fan_out(self, ref: str, event_type_uuid: str) -> str:
+        return f"{self.prefix}:webhook-fanout:{ref}:{event_type_uuid}"
+
     def of_connection(self, conn_id: str) -> list[str]:
         """Every key of one connection, but the Close and Calendly user indexes, the refresh locks
         and the removal mark.
@@ -379,4 +401,6 @@ class Owner:
 
     @staticmethod
     def webhook(key: str) -> str:
-        return f"webhook-subscription:{key}"
+        # A digest, not the callback key: an owner is named in EncryptionError messages, which
+        # the receiver logs, and the key is half of what a delivery proves.
+        return f"webhook-subscription:{hashlib.sha256(key.encode()).hexdigest()[:24]}"

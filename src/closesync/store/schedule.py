@@ -67,6 +67,19 @@ class Schedule:
     def size(self, kind: str) -> int:
         return int(self.redis.zcard(self.keys.schedule(kind)))
 
+    @guard("claiming a webhook fan-out")
+    def claim_fan_out(self, ref: str, event_type_uuid: str, ttl_seconds: float) -> bool:
+        """Whether this call may publish the fan-out of organization `ref` for a team type no
+        connection holds: one per (organization, type) within `ttl_seconds` (a burst's first)."""
+        key = self.keys.webhook_fan_out(ref, event_type_uuid)
+        ms = max(1, int(ttl_seconds * 1000))
+        return bool(self.redis.set(key, "1", nx=True, px=ms))
+
+    @guard("releasing a webhook fan-out claim")
+    def release_fan_out(self, ref: str, event_type_uuid: str) -> None:
+        """The fan-out could not be published: the next delivery may publish it."""
+        self.redis.delete(self.keys.webhook_fan_out(ref, event_type_uuid))
+
     @guard("handing over the drain")
     def pass_drain(self, kind: str, drain_id: str, ttl_seconds: float) -> bool:
         """Whether `drain_id` may be the next drain: no other chain of drains has the turn.

@@ -510,6 +510,11 @@ class SyncState:
         """Whether the holder of the lock was asked to run once more; the request is consumed."""
         return self._clear_if(conn_id, holder_reruns)
 
+    @guard("reading the run lock")
+    def lock_held(self, conn_id: str) -> bool:
+        """Whether a run of the connection holds its run lock now."""
+        return bool(self.redis.exists(self.keys.run_lock(conn_id)))
+
     def _clear_if(self, conn_id: str, clears: Callable[[str | None], bool]) -> bool:
         """Delete the marker if `clears` says so of its value; whether it was deleted."""
         key = self.keys.queued(conn_id)

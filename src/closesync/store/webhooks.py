@@ -8,6 +8,8 @@ delivery (`find`, `signing_key`) are one GET each.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import redis
 from pydantic import SecretStr, ValidationError
 
@@ -15,6 +17,13 @@ from closesync.core.errors import StoreUnavailable
 from closesync.core.webhooks import Subscription
 from closesync.store.keys import Keys, Owner, as_text
 from closesync.store.secretbox import SecretBox
+
+# A delivery's replay mark (keys.py, webhook-delivery:{digest}): pending while the request that
+# took it enqueues, done after. A duplicate of a pending one is answered 503, so that Calendly
+# retries it, in case the first fails and gives the mark back.
+PENDING = "pending"
+DONE = "done"
+Claim = Literal["taken", "pending", "done"]
 
 
 class WebhookStore:
@@ -69,12 +78,24 @@ class WebhookStore:
         except redis.RedisError as error:
             raise StoreUnavailable(f"Redis refused noting a webhook delivery: {error}") from error
 
-    def claim_delivery(self, digest: str, ttl_seconds: int) -> bool:
-        """Take the delivery named `digest` (SET NX): False when it was taken already (replay)."""
+    def claim_delivery(self, digest: str, ttl_seconds: int) -> Claim:
+        """Take the delivery named `digest`: "taken" (this call marked it pending, SET NX),
+        "pending" (another request is still enqueueing it, or just gave it back) or "done"."""
+        key = self.keys.webhook_delivery(digest)
         try:
-            return bool(
-                self.redis.set(self.keys.webhook_delivery(digest), "1", nx=True, ex=ttl_seconds)
-            )
+            if self.redis.set(key, PENDING, nx=True, ex=ttl_seconds):
+                return "taken"
+            mark = self.redis.get(key)
+        except redis.RedisError as error:
+            raise StoreUnavailable(
+                f"Redis refused recording a webhook delivery: {error}"
+            ) from error
+        return "pending" if mark is None or as_text(mark) == PENDING else "done"
+
+    def delivery_done(self, digest: str) -> None:
+        """The claimed delivery was enqueued: the same one again is a replay (its TTL kept)."""
+        try:
+            self.redis.set(self.keys.webhook_delivery(digest), DONE, xx=True, keepttl=True)
         except redis.RedisError as error:
             raise StoreUnavailable(
                 f"Redis refused recording a webhook delivery: {error}"

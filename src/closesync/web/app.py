@@ -90,7 +90,7 @@ def create_app(
 ) -> Flask:
     """The web app on `services`; redirect URIs are built from `base_url` (or PUBLIC_BASE_URL).
 
-    `ask` is how webhook deliveries ask for syncs (`closesync.worker.enqueue.webhook_asker`,
+    `ask` is how webhook deliveries ask for syncs (`closesync.worker.webhook_asks.webhook_asker`,
     given by the CLI: the web layer sits beside the worker); without it deliveries get 503.
     """
     settings = services.settings

@@ -10,8 +10,9 @@ within a few Redis round trips and one publish, never an API call: a delivery is
     signature header missing or unreadable               400
     signing key missing (CALENDLY_WEBHOOK_SIGNING_KEY)   500, the setting named in the log
     signature wrong, or `t` outside the tolerance        401
-    signed, but not a readable delivery                  400
-    the same signed delivery again (replay)              200, nothing done
+    the same signed delivery again, once taken (replay)  200, nothing done
+    ... while the first is still being enqueued          503 (Calendly retries)
+    signed, but not a readable delivery                  200, warned (the poll heals it)
     an event other than event_type.*                     200, noted, nothing asked
     Redis or the broker down                             503 (Calendly retries)
     otherwise: noted, the syncs asked for                200
@@ -20,11 +21,18 @@ Nothing is changed or enqueued on any refusal. It NEVER answers 410: Calendly de
 subscription on a 410, without retry, and a bug or a misconfiguration must not cost every
 connection its webhooks; an unexpected error is a 500, which Calendly retries.
 
+A signed body that does not parse is answered 2xx all the same: a 4xx would make Calendly retry
+it for 24 h and then disable the subscription, for every connection it serves. It is logged (no
+body, no key), and a user-scope subscription asks its own connection; the poll heals the rest.
+
 Whom a delivery asks to sync is `closesync.core.webhook_delivery.targets`, from what Redis holds:
-the owner's connection (`calendly-user:{uuid}`), the connections holding a link of the event type
-(`event-type:{uuid}:holders`), and the connections the subscription serves. The ask goes through
-the connections' sync markers with a debounce (`closesync.worker.enqueue.webhook_asker`, passed in
-as `ask`, since the web process sits beside the worker, not above it).
+the owner's connection (`calendly-user:{uuid}`) and the connections holding a link of the event
+type (`event-type:{uuid}:holders`), of those the subscription serves. The request reads a few keys
+whatever the organization's size: a team type that no served connection holds yet is handed to
+one fan-out task (`SyncAsker.organization`), which reads the organization and spreads its syncs.
+The asks go through the connections' sync markers with a debounce in the Redis schedule
+(`closesync.worker.webhook_asks`, passed in as `ask`, since the web process sits beside the
+worker, not above it).
 
 An `event_type.deleted` asks the same sync as the others and carries no more weight: the run
 lists Calendly, and a linked type missing from a complete listing gets a direct fetch, whose 404
@@ -41,8 +49,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydantic import SecretStr
 
@@ -50,7 +59,7 @@ from closesync.core.errors import CloseSyncError, EncryptionError, StoreUnavaila
 from closesync.core.webhook_delivery import (
     EventTypeChange,
     MalformedDelivery,
-    needs_all_served,
+    needs_fan_out,
     parse_delivery,
     targets,
 )
@@ -67,9 +76,19 @@ from closesync.wiring.services import Services
 
 log = logging.getLogger(__name__)
 
-# Asks for a sync of each connection id; returns the ids whose task it published. Raises
-# StoreUnavailable when Redis or the broker cannot take the ask.
-SyncAsker = Callable[[list[str]], list[str]]
+
+class SyncAsker(Protocol):
+    """How deliveries ask for syncs; both raise StoreUnavailable when Redis or the broker
+    cannot take the ask."""
+
+    def __call__(self, ids: list[str], /) -> list[str]:
+        """Ask for a sync of each connection id (debounced); the ids asked."""
+
+    def organization(self, grant_ref: str, event_type_uuid: str, /) -> bool:
+        """Ask a task to sync the organization's connections that may host a team type none of
+        them holds yet; whether this call published it (False: a delivery just did)."""
+
+
 # A callback key as `closesync.core.webhooks.new_key` makes them (URL-safe base64), with room.
 _KEY_SHAPE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 # Seconds a replay mark outlives the tolerance window on both sides of a delivery's `t`.
@@ -156,20 +175,16 @@ class WebhookReceiver:
         except SignatureRejected as error:
             log.info("webhook delivery refused: %s", error, extra={"webhook": key_digest(key)})
             return _reply(401, error=str(error))
-        try:
-            delivery = parse_delivery(body)
-        except MalformedDelivery as error:
-            log.warning("webhook delivery refused: %s", error, extra={"webhook": key_digest(key)})
-            return _reply(400, error=str(error))
         digest = delivery_digest(key, header, body)
-        if not webhooks.claim_delivery(digest, self.replay_ttl):
+        claim = webhooks.claim_delivery(digest, self.replay_ttl)
+        if claim == "done":
             return _reply(200, status="duplicate")
+        if claim == "pending":
+            return _reply(503, error="the same delivery is being taken; retry later")
         try:
             webhooks.note_delivery(key, now)
-            if delivery is None:
-                return _reply(200, status="ignored")
-            ids = self._targets(subscription, delivery.change)
-            published = self.ask(ids) if ids else []
+            reply = self._take(key, subscription, body)
+            webhooks.delivery_done(digest)
         except BaseException:
             # Not taken after all: Calendly's retry must not be answered as a replay.
             try:
@@ -177,11 +192,33 @@ class WebhookReceiver:
             except CloseSyncError:
                 log.warning("a delivery's replay mark could not be released; it expires")
             raise
+        return reply
+
+    def _take(self, key: str, subscription: Subscription, body: bytes) -> Reply:
+        """Ask for what a verified, claimed delivery asks."""
+        try:
+            delivery = parse_delivery(body)
+        except MalformedDelivery as error:
+            # 2xx: a 4xx is retried for 24 h, then Calendly disables the subscription.
+            own = [subscription.connection_id] if subscription.connection_id else []
+            log.warning(
+                "webhook delivery signed but unreadable, left to the poll%s: %s",
+                " (its connection asked)" if own else "",
+                error,
+                extra={"webhook": key_digest(key)},
+            )
+            if own:
+                self.ask(own)
+            return _reply(200, status="unreadable", asked=len(own))
+        if delivery is None:
+            return _reply(200, status="ignored")
+        ids, fanned_out = self._targets(subscription, delivery.change)
+        asked = self.ask(ids) if ids else []
         log.info(
-            "webhook delivery %s: %d connection(s) asked, %d published",
+            "webhook delivery %s: %d connection(s) asked%s",
             delivery.event,
-            len(ids),
-            len(published),
+            len(asked),
+            ", the organization's fanned out" if fanned_out else "",
             extra={"webhook": key_digest(key)},
         )
         return _reply(200, status="accepted", asked=len(ids))
@@ -217,8 +254,11 @@ class WebhookReceiver:
             return None
         return app_key
 
-    def _targets(self, subscription: Subscription, change: EventTypeChange) -> list[str]:
-        """The connections this delivery asks to sync: a few Redis reads, never a scan."""
+    def _targets(
+        self, subscription: Subscription, change: EventTypeChange
+    ) -> tuple[list[str], bool]:
+        """The connections this delivery asks to sync, and whether it fanned the organization out
+        to a task: a few Redis reads whatever the organization's size, never a scan."""
         connections = self.services.connections
         owner_uuid = change.owner_uuid
         owner = connections.id_of_calendly_user(owner_uuid) if owner_uuid else None
@@ -234,12 +274,14 @@ class WebhookReceiver:
                 c for c, ref in refs.items() if ref is not None and ref == subscription.grant_ref
             }
         all_served: set[str] | None = None
-        if needs_all_served(change, hosts & served):
+        fanned_out = False
+        if needs_fan_out(change, hosts & served):
             if subscription.scope == "user":
                 all_served = served
             elif subscription.grant_ref is not None:
-                all_served = connections.of_organization(subscription.grant_ref)
-        return targets(change, owner=owner, hosts=hosts, served=served, all_served=all_served)
+                fanned_out = self.ask.organization(subscription.grant_ref, change.uuid)
+        ids = targets(change, owner=owner, hosts=hosts, served=served, all_served=all_served)
+        return ids, fanned_out
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

@@ -30,6 +30,7 @@ DRIFT_CHECK = "closesync.drift_check"
 DRIFT_CONNECTION = "closesync.drift_connection"
 DRAIN_SCHEDULE = "closesync.drain_schedule"
 RECONCILE_WEBHOOKS = "closesync.reconcile_webhooks"
+WEBHOOK_FAN_OUT = "closesync.webhook_fan_out"
 # Seconds a task result is kept in Redis: only eager tests and `celery inspect` look at them.
 RESULT_EXPIRES_SECONDS = 3600
 
@@ -128,6 +129,7 @@ def celery_config(settings: Settings, broker_url: str) -> dict[str, Any]:
             DRIFT_CHECK: {"queue": FANOUT_QUEUE},
             DRAIN_SCHEDULE: {"queue": FANOUT_QUEUE},
             RECONCILE_WEBHOOKS: {"queue": FANOUT_QUEUE},
+            WEBHOOK_FAN_OUT: {"queue": FANOUT_QUEUE},
             SYNC_CONNECTION: {"queue": SYNC_QUEUE},
             DRIFT_CONNECTION: {"queue": BACKFILL_QUEUE},
             BACKFILL: {"queue": BACKFILL_QUEUE},

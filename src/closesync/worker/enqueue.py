@@ -4,13 +4,14 @@
 cron, a Kubernetes CronJob): both name the tick by the slot of the cron's most recent fire time
 and claim it with SET NX, so however many of them fire for one tick, one `sync_all` is enqueued.
 Chosen connections go through their sync markers (`ask_for_syncs`): a connection whose sync is
-queued already, or asked of the run in progress, gets no second one.
+queued already, or asked of the run in progress, gets no second one. `publish_drain` starts the
+chain of drains of a schedule in Redis (`closesync.store.schedule`) unless one has the turn.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Literal
@@ -27,6 +28,11 @@ from closesync.worker.schedule import current_slot, interval_after, tick_ttl
 
 # "webhooks": the daily reconciliation of the webhook subscriptions, on the drift check's cron.
 Tick = Literal["sync", "drift", "webhooks"]
+
+# Seconds a drain's turn outlives the countdown it was published with: room for a worker that
+# is busy when the drain is due. A chain that died is replaced by the next tick's fan-out (or
+# the next webhook delivery) once the turn lapsed.
+DRAIN_TURN_GRACE_SECONDS = 30.0
 
 _TICK_TASKS = {
     "sync": names.SYNC_ALL,
@@ -46,7 +52,7 @@ def cron_of(services: Services, tick: Tick) -> str:
 
 
 @contextmanager
-def _broker(action: str) -> Iterator[None]:
+def broker_errors(action: str) -> Iterator[None]:
     try:
         yield
     except OperationalError as error:
@@ -63,7 +69,7 @@ def enqueue_tick(
     if not services.state.claim_tick(claim_name(tick), slot, ttl):
         return slot, False
     try:
-        with _broker(f"enqueueing the {tick} tick {slot}"):
+        with broker_errors(f"enqueueing the {tick} tick {slot}"):
             app.send_task(_TICK_TASKS[tick], args=[slot])
     except BaseException:
         # Not enqueued after all: let the next enqueuer (or a retry) have the tick.
@@ -72,23 +78,17 @@ def enqueue_tick(
     return slot, True
 
 
-def ask_for_syncs(
-    services: Services, app: Celery, ids: list[str], countdown: float | None = None
-) -> list[str]:
+def ask_for_syncs(services: Services, app: Celery, ids: list[str]) -> list[str]:
     """Ask for a sync of each connection now: the ids whose task this call published.
 
     The others are coalesced (`closesync.core.queueing`): a sync of theirs is queued already,
-    or asked of the run in progress, and runs after this ask. `countdown`: seconds the published
-    tasks wait before they start, during which further asks coalesce into them (a debounce).
+    or asked of the run in progress, and runs after this ask.
     """
     task_ids = {connection_id: str(uuid.uuid4()) for connection_id in dict.fromkeys(ids)}
     chosen = services.state.ask_syncs(task_ids)
     try:
-        with _broker("enqueueing syncs"):
-            publish(
-                app,
-                [Message(names.SYNC_CONNECTION, [c, None], task_ids[c], countdown) for c in chosen],
-            )
+        with broker_errors("enqueueing syncs"):
+            publish(app, [Message(names.SYNC_CONNECTION, [c, None], task_ids[c]) for c in chosen])
     except BaseException:
         # Not published after all: the next ask must not be coalesced into nothing.
         for connection_id in chosen:
@@ -97,20 +97,30 @@ def ask_for_syncs(
     return chosen
 
 
-def webhook_asker(services: Services, app: Celery) -> Callable[[list[str]], list[str]]:
-    """What the webhook receiver asks syncs with: `ask_for_syncs`, debounced.
+def publish_drain(services: Services, app: Celery, kind: str, slot: str, delay: float) -> bool:
+    """Publish a drain of the `kind` schedule `delay` seconds from now, unless a chain of drains
+    has the turn already (it drains what is there when it runs); whether this call published.
 
-    A burst of deliveries for a connection makes one run: the first publishes a sync that starts
-    WEBHOOK_DEBOUNCE_SECONDS later, and the ones after it coalesce into it through the sync
-    marker, which also bounds the tasks a worker holds for their countdown to one per connection.
-    A delivery during the run publishes one more, so the run that reads Calendly comes after it.
+    The one countdown task of a schedule: at most one per kind is on the queue at a time.
     """
-    debounce = services.settings.webhook_debounce_seconds
-
-    def ask(ids: list[str]) -> list[str]:
-        return ask_for_syncs(services, app, ids, countdown=debounce or None)
-
-    return ask
+    schedule = services.schedule
+    drain_id = str(uuid.uuid4())
+    if not schedule.pass_drain(kind, drain_id, delay + DRAIN_TURN_GRACE_SECONDS):
+        return False
+    try:
+        with broker_errors(f"publishing the drain of the {kind} schedule"):
+            app.send_task(
+                names.DRAIN_SCHEDULE,
+                args=[kind, slot],
+                task_id=drain_id,
+                countdown=delay or None,
+                ignore_result=True,
+                add_to_parent=False,
+            )
+    except BaseException:
+        schedule.take_drain(kind, drain_id)
+        raise
+    return True
 
 
 def enqueue_sync(services: Services, ids: list[str] | None) -> dict[str, object]:
@@ -135,7 +145,7 @@ def enqueue_backfill(services: Services, ids: list[str]) -> dict[str, object]:
     """`backfill --enqueue`: one backfill task per connection, on the backfill queue."""
     app = create_app(services.settings)
     try:
-        with _broker("enqueueing backfills"):
+        with broker_errors("enqueueing backfills"):
             for connection_id in ids:
                 app.send_task(names.BACKFILL, args=[connection_id])
         return {"task": "backfill", "enqueued": ids}

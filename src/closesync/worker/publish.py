@@ -29,8 +29,6 @@ class Message:
     task: str
     args: Sequence[Any]
     task_id: str
-    # Seconds before a worker may start it (a webhook's debounce); None: at once.
-    countdown: float | None = None
 
 
 class PublishFailed(OperationalError):
@@ -38,8 +36,8 @@ class PublishFailed(OperationalError):
 
 
 def publish(app: Celery, messages: Sequence[Message]) -> None:
-    """Publish `messages` now, routed as the app's routes say (each with its own countdown, if
-    any: only a webhook's debounce of a second or so, as a worker holds such a task unacked).
+    """Publish `messages` now, routed as the app's routes say, none with a countdown: a worker
+    would take every such task at once and hold it unacknowledged until it is due.
 
     A broker error raises PublishFailed (an OperationalError, like a failed `send_task`); the
     caller withdraws what it asked for, since which of the last batch landed is unknown.
@@ -53,7 +51,6 @@ def publish(app: Celery, messages: Sequence[Message]) -> None:
                     message.task,
                     args=list(message.args),
                     task_id=message.task_id,
-                    countdown=message.countdown,
                     producer=producer,
                     # Nothing reads a result (task_ignore_result): do not subscribe to one.
                     ignore_result=True,

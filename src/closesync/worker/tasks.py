@@ -18,10 +18,14 @@ a run the soft limit stopped.
 A tick is spread through a schedule in Redis, not countdowns: `fan_out` writes each connection's
 due time there and publishes what is due, and a chain of `drain_schedule` tasks (one at a time,
 each a second apart at most, on the `fanout` queue with the fan-outs) publishes the rest as it
-falls due, in batches over one producer. Every sync asked for goes through the connection's sync
+falls due, in batches over one producer. Webhook deliveries use a schedule of their own
+(`webhook`, closesync.worker.webhook_asks) drained the same way, and `webhook_fan_out` spreads a
+team type nobody holds over it. Every sync asked for goes through the connection's sync
 marker (`closesync.core.queueing`): at most one sync per connection is queued, a task clears the
 marker as it starts, a task that met the run lock hands its ask to the holder (which runs once
-more), and a retry of a sync is the queued one, or gives way to the one queued meanwhile.
+more), and a retry of a sync is the queued one, or gives way to the one queued meanwhile. A run
+that leaves with the ask still handed to it (its reruns ran out, or it met the lock of a holder
+that had just ended) publishes it as a fresh sync.
 
 The caps are this module's: the per-connection tasks set Celery's own `max_retries` to None, since
 Celery's default (3, counted over every retry of a task) would otherwise end each of them first,
@@ -54,7 +58,7 @@ from closesync.wiring.logs import bind
 from closesync.wiring.observability import cron_checkin
 from closesync.wiring.services import Services
 from closesync.worker import celery_app as names
-from closesync.worker.enqueue import ask_for_syncs
+from closesync.worker.enqueue import ask_for_syncs, publish_drain
 from closesync.worker.publish import Message, PublishFailed, publish
 from closesync.worker.schedule import (
     interval_after,
@@ -63,6 +67,7 @@ from closesync.worker.schedule import (
     spread_window,
     tick_ttl,
 )
+from closesync.worker.webhook_asks import WEBHOOK, fan_out_team_type
 
 log = logging.getLogger(__name__)
 
@@ -155,18 +160,19 @@ def close_services(**_: Any) -> None:
 # --- fan-out --------------------------------------------------------------------------------------
 
 
-Kind = Literal["sync", "drift"]
+Kind = Literal["sync", "drift", "webhook"]
 
-# The per-connection task each kind of tick runs. Only syncs are coalesced by the sync marker
+# The per-connection task each schedule runs (`webhook`: the syncs deliveries asked for,
+# closesync.worker.webhook_asks). Only syncs are coalesced by the sync marker
 # (closesync.core.queueing); a drift check is daily, and its schedule holds a connection once.
-_RUNS: dict[str, str] = {"sync": names.SYNC_CONNECTION, "drift": names.DRIFT_CONNECTION}
+_RUNS: dict[str, str] = {
+    "sync": names.SYNC_CONNECTION,
+    "drift": names.DRIFT_CONNECTION,
+    WEBHOOK: names.SYNC_CONNECTION,
+}
 # Due runs a drain takes from a schedule at a time: one ZRANGE, two pipelines of markers and
 # one flush of published messages per batch.
 DRAIN_BATCH = 500
-# Seconds a drain's turn outlives the countdown it was published with: room for a worker that
-# is busy when the drain is due. A chain that died is replaced by the next tick's fan-out once
-# the turn lapsed.
-DRAIN_TURN_GRACE_SECONDS = 30.0
 
 
 def fan_out(
@@ -268,12 +274,13 @@ def _publish_runs(
     """Publish the runs of `conn_ids`, each at most once queued (syncs): how many were."""
     # Celery's own id format: a dashed uuid, which the log redaction leaves readable.
     task_ids = {conn_id: str(uuid.uuid4()) for conn_id in conn_ids}
-    chosen = services.state.ask_syncs(task_ids) if kind == "sync" else list(conn_ids)
+    syncs = _RUNS[kind] == names.SYNC_CONNECTION
+    chosen = services.state.ask_syncs(task_ids) if syncs else list(conn_ids)
     messages = [Message(_RUNS[kind], [conn_id, slot], task_ids[conn_id]) for conn_id in chosen]
     try:
         publish(app, messages)
     except PublishFailed:
-        if kind == "sync":
+        if syncs:
             _withdraw(services, {conn_id: task_ids[conn_id] for conn_id in chosen})
         raise
     return len(chosen)
@@ -291,25 +298,9 @@ def _withdraw(services: Services, asks: dict[str, str]) -> None:
 
 def _hand_over(services: Services, app: Celery, kind: Kind, slot: str, now: float) -> None:
     """Publish the next drain (one countdown task of a second at most), unless one is coming."""
-    schedule = services.schedule
-    delay = next_drain_in(schedule.next_due(kind), now)
-    if delay is None:
-        return
-    drain_id = str(uuid.uuid4())
-    if not schedule.pass_drain(kind, drain_id, delay + DRAIN_TURN_GRACE_SECONDS):
-        return
-    try:
-        app.send_task(
-            names.DRAIN_SCHEDULE,
-            args=[kind, slot],
-            task_id=drain_id,
-            countdown=delay,
-            ignore_result=True,
-            add_to_parent=False,
-        )
-    except BaseException:
-        schedule.take_drain(kind, drain_id)
-        raise
+    delay = next_drain_in(services.schedule.next_due(kind), now)
+    if delay is not None:
+        publish_drain(services, app, kind, slot, delay)
 
 
 def pair_organizations(services: Services) -> int:
@@ -380,6 +371,7 @@ def run_connection(
                 reruns += 1
                 log.info("a sync was requested while this run lasted: running once more")
                 report = engine.run(connection_id, mode=RunMode.SYNC, deadline=deadline)
+            _pass_on_owed_rerun(task, services, connection_id, report, reruns)
         except SoftTimeLimitExceeded:
             # The engine released the lock on the way out and stored the run's report as failed;
             # what was written stays recorded.
@@ -407,6 +399,27 @@ def run_connection(
                 extra={"run_id": report.run_id},
             )
         return report.outcome.value
+
+
+def _pass_on_owed_rerun(
+    task: Task[Any, Any], services: Services, connection_id: str, report: RunReport, reruns: int
+) -> None:
+    """Leaving with a rerun still owed: publish a fresh sync rather than lose the ask.
+
+    Two ways to leave with the `holder` marker set: the reruns ran out (an ask arrived during
+    the last one), or this task met the lock (SKIPPED) of a holder that will not rerun (an
+    inline `closesync sync`) or that ended just after the request landed. A failed run owes
+    nothing here: its retry takes the marker over (`retry_later`).
+    """
+    ran_out = report.outcome in (Outcome.OK, Outcome.PARTIAL) and reruns >= MAX_RERUNS
+    locked = report.outcome is Outcome.SKIPPED and report.failure == "locked"
+    if not (ran_out or locked):
+        return
+    if locked and services.state.lock_held(connection_id):
+        return  # the holder runs on: it reruns (a worker) or passes the ask on as it ends
+    if services.state.pop_rerun(connection_id):
+        log.info("a sync asked for while leaving is published afresh")
+        ask_for_syncs(services, task.app, [connection_id])
 
 
 def retry_later(
@@ -476,6 +489,12 @@ def sync_all(self: Task[Any, Any], slot: str) -> int:
 def drain_schedule(self: Task[Any, Any], kind: Kind, slot: str) -> int:
     """Publish the runs of the `kind` schedule that are due, and hand over to the next drain."""
     return drain(get_services(), self.app, kind=kind, slot=slot, drain_id=self.request.id)
+
+
+@shared_task(bind=True, name=names.WEBHOOK_FAN_OUT)
+def webhook_fan_out(self: Task[Any, Any], grant_ref: str, event_type_uuid: str) -> int:
+    """Schedule the syncs of a team type no connection holds (closesync.worker.webhook_asks)."""
+    return fan_out_team_type(get_services(), self.app, grant_ref, event_type_uuid)
 
 
 @shared_task(bind=True, name=names.SYNC_CONNECTION, max_retries=None)
