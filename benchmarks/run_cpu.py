@@ -4,7 +4,8 @@ not change, measured so that it can be compared across versions on a noisy share
 The fleet benchmark's tick time depends on everything the machine does meanwhile; this counts
 only the CPU seconds (time.process_time) of the process that runs the connections, with the
 sandbox in a process of its own (benchmarks.sandbox_host, no latency) and a real Redis, so the
-figure is the closesync side's work alone. Each run goes through the Celery task's own body
+figure is the closesync side's work alone, set up as a worker is (tokens sealed with a key, INFO
+lines formatted as JSON). Each run goes through the Celery task's own body
 (`closesync.worker.tasks.run_connection`: sync marker, engine, rerun check), one after another.
 The first pass (every link created) is not measured; then `--rounds` passes over the fleet are
 timed and the least CPU per run is kept (noise only ever adds time).
@@ -51,8 +52,13 @@ def measure(n: int, rounds: int, profile: int, workdir: Path) -> dict[str, Any]:
     import closesync
     from closesync.core.report import RunMode
     from closesync.settings import Settings
+    from closesync.store.secretbox import generate_key
+    from closesync.wiring.logs import configure
     from closesync.wiring.services import Services
     from closesync.worker import tasks
+
+    # As a worker runs: its INFO lines formatted as JSON (to nowhere), tokens sealed.
+    configure("INFO", "json", stream=open(os.devnull, "w"))  # noqa: SIM115 - for the process
 
     redis_url = redis_for_benchmark(workdir)
     with SandboxProcess.running(n, 0.0, workdir) as sandbox:
@@ -60,7 +66,7 @@ def measure(n: int, rounds: int, profile: int, workdir: Path) -> dict[str, Any]:
             "redis_url": redis_url,
             "redis_prefix": f"cpu-{uuid.uuid4().hex[:6]}",
             "data_dir": str(workdir / "var"),
-            "closesync_allow_plaintext_tokens": "true",
+            "closesync_encryption_keys": generate_key(),
             "log_format": "json",
             **{k.lower(): v for k, v in sandbox.env().items()},
         }
