@@ -137,7 +137,6 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         usable_cores,
         worker_argv,
     )
-    from closesync.worker.celery_app import create_app, worker_queues
 
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
@@ -162,6 +161,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if concurrency is not None:
         # The pool's tasks build their Services from the environment: size its HTTP pools alike.
         os.environ["WORKER_CONCURRENCY"] = str(concurrency)
+    # Only a process that runs Celery itself loads it (not the supervisor of several).
+    from closesync.worker.celery_app import create_app, worker_queues
+
     app = create_app(settings)
     argv = [
         "worker",
