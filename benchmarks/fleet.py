@@ -352,6 +352,9 @@ def measure_closesync(n: int, args: argparse.Namespace, redis_url: str, workdir:
             # raised alike) makes a first run of 10,000 connections minutes, not half an hour.
             # A steady tick makes no Close call, so its figure does not depend on it.
             env["CLOSE_ORG_REQUESTS_PER_SECOND"] = str(args.close_rate)
+        if args.concurrency:
+            # Sizing experiments: the default is what the table is for.
+            env["WORKER_CONCURRENCY"] = str(args.concurrency)
         values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k not in ("PATH", "HOME")}
         settings = Settings(_env_file=None, **values)
         services = Services.build(settings)
@@ -514,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Close requests per second for closesync's budget and the sandbox's limit "
         "(default: the settings' 40 and the sandbox's own); the naive peers are not limited",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="WORKER_CONCURRENCY of the closesync worker (default: the setting's)",
     )
     parser.add_argument(
         "--naive-sample",

@@ -174,7 +174,11 @@ class Settings(BaseSettings):
     # TASK_TIME_LIMIT either): the engine stops a run between steps at the soft limit itself.
     # The HTTP sessions keep this many connections open per API. Higher = more runs waiting at
     # once, more threads and Redis connections; lower = a tick takes longer when the APIs are slow.
-    worker_concurrency: int = Field(default=64, ge=1, le=1000)
+    # 32 since one process per core (2 x 16 on 2 cores): the same fleet benchmark at 100 ms, worker
+    # CPU per steady run, 2 x 8: 10.2 ms; 2 x 12: 11.0; 2 x 16: 9.5-9.7; 2 x 32: 11.8-12.5 (more
+    # threads than the waiting needs only contend for the interpreter lock). Raise it when the
+    # APIs answer much slower than 100 ms.
+    worker_concurrency: int = Field(default=32, ge=1, le=1000)
     # Worker processes `closesync worker|run` starts to share WORKER_CONCURRENCY (`--processes`
     # overrides it); 0 = one per core the command may run on. The runs' CPU is spent under one
     # interpreter lock per process, so one process uses one core however many threads it has:

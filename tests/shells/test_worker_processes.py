@@ -10,7 +10,7 @@ from closesync.cli.worker_processes import Split, split
 @pytest.mark.parametrize(
     ("concurrency", "processes", "cores", "expected"),
     [
-        (64, 0, 2, Split(2, 32)),  # the default on a 2-core host: both cores, 64 runs in all
+        (32, 0, 2, Split(2, 16)),  # the default on a 2-core host: both cores, 32 runs in all
         (64, 0, 1, Split(1, 64)),
         (65, 0, 2, Split(2, 33)),  # shares rounded up: never fewer runs at once than asked
         (1, 0, 8, Split(1, 1)),  # one run at a time is one process
