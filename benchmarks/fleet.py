@@ -20,6 +20,7 @@ makes the same calls for every connection, one after another, so its time is lin
 
     python -m benchmarks.fleet                       # N = 1,000
     python -m benchmarks.fleet --n 100,1000,10000 --latency-ms 100 --timeout 900
+    python -m benchmarks.fleet --n 10000 --peers closesync --close-rate 400   # first run faster
 
 Every wait has a bound: a phase that does not finish within --timeout seconds is reported as
 "timed out after X s (k/N reported)" and the steady phase after it is skipped. Traffic goes
@@ -111,7 +112,9 @@ class SandboxProcess:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, users: int, latency_ms: float, workdir: Path) -> Iterator[SandboxProcess]:
+    def running(
+        cls, users: int, latency_ms: float, workdir: Path, close_rate: int | None = None
+    ) -> Iterator[SandboxProcess]:
         data_file = workdir / f"sandbox-{users}-{uuid.uuid4().hex[:6]}.json"
         errors = (workdir / "sandbox.log").open("a")
         popen = subprocess.Popen(
@@ -119,6 +122,7 @@ class SandboxProcess:
                 *(sys.executable, "-m", "benchmarks.sandbox_host", "--users", str(users)),
                 *("--event-types", str(TYPES_PER_USER), "--latency-ms", str(latency_ms)),
                 *("--out", str(data_file)),
+                *(("--close-rate-limit", str(close_rate)) if close_rate else ()),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -323,8 +327,11 @@ def run_tick(
 
 
 def measure_closesync(n: int, args: argparse.Namespace, redis_url: str, workdir: Path) -> Row:
+    # Here, not at the top: benchmarks.run_cpu imports this module under older versions too.
+    from closesync.cli.worker_processes import split, usable_cores
+
     row = Row("closesync worker", n)
-    with SandboxProcess.running(n, args.latency_ms, workdir) as sandbox:
+    with SandboxProcess.running(n, args.latency_ms, workdir, args.close_rate) as sandbox:
         prefix = f"fleet-{n}-{uuid.uuid4().hex[:6]}"
         env = {
             "PATH": os.environ.get("PATH", ""),
@@ -340,6 +347,14 @@ def measure_closesync(n: int, args: argparse.Namespace, redis_url: str, workdir:
             "NO_PROXY": "127.0.0.1,localhost",
             **sandbox.env(),
         }
+        if args.close_rate:
+            # The first run is bound by the Close budget alone: a larger one (the sandbox's limit
+            # raised alike) makes a first run of 10,000 connections minutes, not half an hour.
+            # A steady tick makes no Close call, so its figure does not depend on it.
+            env["CLOSE_ORG_REQUESTS_PER_SECOND"] = str(args.close_rate)
+        if args.concurrency:
+            # Sizing experiments: the default is what the table is for.
+            env["WORKER_CONCURRENCY"] = str(args.concurrency)
         values: dict[str, Any] = {k.lower(): v for k, v in env.items() if k not in ("PATH", "HOME")}
         settings = Settings(_env_file=None, **values)
         services = Services.build(settings)
@@ -351,9 +366,14 @@ def measure_closesync(n: int, args: argparse.Namespace, redis_url: str, workdir:
         try:
             worker.wait_ready(app, WORKER_START_SECONDS)
             children = len(descendants(worker.popen.pid))
-            # The threads pool runs in the worker's own process; prefork adds one child per slot.
-            threads = f"threads, {settings.worker_concurrency}"
-            pool = f"{children} pool procs" if children else threads
+            # The threads pool runs in its worker processes: the command's own when it has one,
+            # else one child per core, each with its share of WORKER_CONCURRENCY.
+            shares = split(settings.worker_concurrency, settings.worker_processes, usable_cores())
+            pool = (
+                f"threads, {shares.processes} procs x {shares.concurrency}"
+                if children
+                else f"threads, {settings.worker_concurrency}"
+            )
             row.config = f"closesync worker (default: {pool})"
             slot: str | None = None
             for phase in ("first", "steady"):
@@ -491,6 +511,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=parse_sizes, default=[1000], help="fleet sizes, e.g. 100,1000")
     parser.add_argument("--latency-ms", type=float, default=100.0, help="per request, both APIs")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per phase")
+    parser.add_argument(
+        "--close-rate",
+        type=int,
+        default=None,
+        help="Close requests per second for closesync's budget and the sandbox's limit "
+        "(default: the settings' 40 and the sandbox's own); the naive peers are not limited",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="WORKER_CONCURRENCY of the closesync worker (default: the setting's)",
+    )
     parser.add_argument(
         "--naive-sample",
         type=int,

@@ -14,6 +14,7 @@ to FILE (mode 0600, for the parent; never printed), prints one line `ready` and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -64,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-types", type=int, default=6)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--close-rate-limit", type=int, default=None, help="Close requests per group-second"
+    )
     args = parser.parse_args(argv)
     # Wall-clock time (not frozen): Close's rate windows are one second long and must roll over.
     config = SandboxConfig(seed=11, users=args.users, event_types=0, latency_ms=args.latency_ms)
+    if args.close_rate_limit is not None:
+        config = dataclasses.replace(config, close_rate_limit=args.close_rate_limit)
     sandbox = Sandbox.start(config)
     stop = threading.Event()
 

@@ -169,11 +169,12 @@ class Settings(BaseSettings):
     webhook_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
 
     # --- Worker ---------------------------------------------------------------------------
-    # Runs one worker process makes at once, each in a thread of Celery's `threads` pool
-    # (`closesync worker|run --concurrency` overrides it; `--pool prefork` is the old one process
-    # per run). A run spends nearly all its time waiting on Calendly, Close and Redis, so one
-    # process overlaps many runs on one core; past a few dozen, that core (parsing, decrypting,
-    # Celery's own bookkeeping) is the limit, not the waiting: run one worker per core for more.
+    # Runs one worker command makes at once, shared by its WORKER_PROCESSES, each in a thread of
+    # Celery's `threads` pool (`closesync worker|run --concurrency` overrides it; `--pool
+    # prefork` is the old one process per run). A run spends nearly all its time waiting on
+    # Calendly, Close and Redis, so one process overlaps many runs on one core; past a few dozen,
+    # that core (parsing, decrypting, Celery's own bookkeeping) is the limit, not the waiting:
+    # hence one process per core (WORKER_PROCESSES).
     # Measured on one loaded 2-core machine, 1,000 connections x 6 event types at 100 ms a
     # request, in one run (first run / steady-state tick, worker RSS): threads:64 70.9 s /
     # 25.0 s, 111 MB; threads:128 76.9 s / 27.9 s, 125 MB; gevent:64 95.6 s / 36.7 s, 103 MB;
@@ -184,7 +185,17 @@ class Settings(BaseSettings):
     # TASK_TIME_LIMIT either): the engine stops a run between steps at the soft limit itself.
     # The HTTP sessions keep this many connections open per API. Higher = more runs waiting at
     # once, more threads and Redis connections; lower = a tick takes longer when the APIs are slow.
-    worker_concurrency: int = Field(default=64, ge=1, le=1000)
+    # 32 since one process per core (2 x 16 on 2 cores): the same fleet benchmark at 100 ms, worker
+    # CPU per steady run, 2 x 8: 10.2 ms; 2 x 12: 11.0; 2 x 16: 9.5-9.7; 2 x 32: 11.8-12.5 (more
+    # threads than the waiting needs only contend for the interpreter lock). Raise it when the
+    # APIs answer much slower than 100 ms.
+    worker_concurrency: int = Field(default=32, ge=1, le=1000)
+    # Worker processes `closesync worker|run` starts to share WORKER_CONCURRENCY (`--processes`
+    # overrides it); 0 = one per core the command may run on. The runs' CPU is spent under one
+    # interpreter lock per process, so one process uses one core however many threads it has:
+    # one per core uses them all (about 100 MB each). Never more processes than runs at once;
+    # `--pool prefork` makes its own processes and ignores this.
+    worker_processes: int = Field(default=0, ge=0, le=256)
 
     # --- Web process (`closesync web`: gunicorn, gthread workers) ---------------------------
     # Worker processes (`--workers` overrides it). Each is a whole Flask app with its own Redis

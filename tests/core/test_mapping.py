@@ -550,3 +550,16 @@ def test_core_import_pulls_no_io_libraries() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
+
+
+def test_control_regexes_match_the_per_character_rule_at_every_code_point() -> None:
+    """The fast regex checks name exactly the characters `_is_control` (and whitespace) name."""
+    from closesync.core.mapping import _CONTROL, _SPACE_OR_CONTROL, _is_control
+
+    wrong = [
+        hex(i)
+        for i in range(sys.maxunicode + 1)
+        if bool(_CONTROL.match(chr(i))) != _is_control(chr(i))
+        or bool(_SPACE_OR_CONTROL.match(chr(i))) != (chr(i).isspace() or _is_control(chr(i)))
+    ]
+    assert wrong == []

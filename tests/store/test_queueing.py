@@ -134,3 +134,24 @@ def test_schedule_drain_turn_one_chain_at_a_time(schedule: Schedule) -> None:
     assert schedule.pass_drain("sync", "d3", ttl_seconds=30) is False
     schedule.take_drain("sync", "d1")
     assert schedule.pass_drain("sync", "d3", ttl_seconds=30) is True
+
+
+def test_sync_started_marker_changed_after_the_read_is_judged_again(
+    sync: SyncState, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A marker replaced between the read and the delete is not deleted: the new value is read
+    and judged again, as an aborted WATCH transaction would retry."""
+    key = keys.queued(CONN)
+    redis_client.set(key, "queued:t1")
+    seen: list[str | None] = []
+
+    def clears(marker: str | None) -> bool:
+        seen.append(marker)
+        if len(seen) == 1:
+            # Another worker's write lands after the read, before the delete.
+            redis_client.set(key, "queued:t2")
+        return marker == "queued:t1"
+
+    assert sync._clear_if(CONN, clears) is False
+    assert seen == ["queued:t1", "queued:t2"]
+    assert redis_client.get(key) == "queued:t2"

@@ -206,3 +206,26 @@ def test_box_from_settings_keys_give_fernetbox_even_with_plaintext_allowed() -> 
     box = box_from_settings(settings)
     assert isinstance(box, FernetBox)
     assert box.key_count == 2
+
+
+def test_fernet_box_opened_again_still_checks_owner_and_follows_new_seals() -> None:
+    """A value opened before (kept decrypted) still refuses another owner, and a value sealed
+    anew opens to its new secret, never to the one kept for the old value."""
+    box = FernetBox([Fernet.generate_key().decode()])
+    first = box.seal(b"token one", owner="connection:a")
+    assert box.open(first, owner="connection:a") == b"token one"
+    assert box.open(first, owner="connection:a") == b"token one"
+    with pytest.raises(EncryptionError):
+        box.open(first, owner="connection:b")
+    second = box.seal(b"token two", owner="connection:a")
+    assert box.open(second, owner="connection:a") == b"token two"
+    assert box.open(first, owner="connection:a") == b"token one"
+
+
+def test_fernet_box_kept_value_never_opens_under_a_box_without_its_key() -> None:
+    """What one box keeps decrypted is its own: a box without the sealing key still fails."""
+    sealing = FernetBox([Fernet.generate_key().decode()])
+    sealed = sealing.seal(b"secret", owner="connection:a")
+    assert sealing.open(sealed, owner="connection:a") == b"secret"
+    with pytest.raises(EncryptionError, match="none of the 1 keys"):
+        FernetBox([Fernet.generate_key().decode()]).open(sealed, owner="connection:a")

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -175,14 +176,49 @@ DEFAULT_POOL_SIZE = 10
 HOST_POOLS = 4
 
 
+class _Session(requests.Session):
+    """A requests session that reads the proxy and CA-bundle environment once per host.
+
+    requests looks at the whole environment on every request (HTTPS_PROXY, NO_PROXY matched
+    against the host, REQUESTS_CA_BUNDLE): a tenth of a steady run's CPU. The environment of a
+    process does not change under it, and an API's calls all go to one or two hosts, so what it
+    says for a host is kept for the session's life. A call passing its own proxies, stream,
+    verify or cert is merged afresh, as requests would.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple[str, str], Any] = {}
+
+    def merge_environment_settings(
+        self,
+        url: str | bytes | None,
+        proxies: Any,
+        stream: bool | None,
+        verify: Any,
+        cert: Any,
+    ) -> Any:
+        if proxies or stream is not None or verify is not None or cert is not None:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        text = url.decode() if isinstance(url, bytes) else url or ""
+        parts = urlsplit(text)
+        host = (parts.scheme, parts.netloc)
+        settings = self._environment.get(host)
+        if settings is None:
+            settings = super().merge_environment_settings(url, {}, None, None, None)
+            self._environment[host] = settings
+        # A copy: requests may add to what it is handed.
+        return {**settings, "proxies": dict(settings["proxies"])}
+
+
 def new_session(pool_size: int = DEFAULT_POOL_SIZE) -> requests.Session:
     """A keep-alive session with closesync's User-Agent, keeping up to `pool_size` connections
-    open per host, that stores no cookies.
+    open per host, that stores no cookies, and reads the proxy environment once per host.
 
     Shared by the runs of every connection, a cookie one user's answer set (a load balancer's,
     say) would ride along on the next user's calls: nothing of one run may reach another.
     """
-    session = requests.Session()
+    session = _Session()
     session.headers["User-Agent"] = f"closesync/{__version__}"
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     _mount_pool(session, pool_size)

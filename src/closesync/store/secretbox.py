@@ -23,17 +23,27 @@ CLOSESYNC_REQUIRE_BOUND_GRANTS=true (`require_bound`): an unbound value then nei
 rotates.
 
 No message raised here ever contains a key or a secret; a bad key is named by its position.
+
+A run opens its connection's sealed grants several times (the Calendly user check, the shared
+grant's name, each side's token keeper), and decrypting is most of what opening costs: a
+`FernetBox` keeps what it decrypted for a short while (DECRYPTED_TTL_SECONDS, at most
+DECRYPTED_KEPT values, in this process's memory only), keyed by the SHA-256 of the sealed value.
+A value sealed anew (a refresh, a reconnect, a rotation) has another digest, so nothing stale is
+ever opened; the binding to the owner is checked on every open, cached or not.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from cachetools import TTLCache
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from closesync.core.errors import ConfigError, EncryptionError
@@ -42,6 +52,11 @@ from closesync.settings import Settings
 log = logging.getLogger(__name__)
 
 PLAIN_PREFIX = "plain:"
+# Decrypted values a FernetBox keeps, and for how many seconds: long enough for the opens of one
+# run (a second or two), short enough that a token does not linger in memory; enough of them
+# for the runs a worker process makes at once, each opening a few values.
+DECRYPTED_TTL_SECONDS = 30.0
+DECRYPTED_KEPT = 1024
 
 _NO_KEY_HELP = (
     "CLOSESYNC_ENCRYPTION_KEYS is not set: stored OAuth tokens are encrypted with it. "
@@ -126,6 +141,9 @@ class FernetBox:
                 ) from None
         self._fernet = MultiFernet(fernets)
         self.key_count = len(fernets)
+        # SHA-256 of a sealed value -> its decryption (see the module docstring).
+        self._decrypted: TTLCache[bytes, bytes] = TTLCache(DECRYPTED_KEPT, DECRYPTED_TTL_SECONDS)
+        self._decrypted_lock = threading.Lock()
         # CLOSESYNC_REQUIRE_BOUND_GRANTS: refuse values sealed before the binding (see above).
         self.require_bound = require_bound
 
@@ -145,14 +163,7 @@ class FernetBox:
                 "closesync refuses once a key is set: anyone who can write to Redis could have "
                 "put it there; connect again to replace it (`closesync keys check` counts them)"
             )
-        try:
-            data = self._fernet.decrypt(sealed.encode("ascii"))
-        except (InvalidToken, UnicodeEncodeError):
-            raise EncryptionError(
-                f"none of the {self.key_count} keys in CLOSESYNC_ENCRYPTION_KEYS can decrypt this "
-                "secret: was the key that sealed it removed from the list?"
-            ) from None
-        opened = _unbind(data, owner)
+        opened = _unbind(self._decrypt(sealed), owner)
         if self.require_bound and not opened.bound:
             raise EncryptionError(
                 "this secret was sealed before secrets were bound to their owner, and "
@@ -160,6 +171,31 @@ class FernetBox:
                 "connection's would look the same); connect again to replace it"
             )
         return opened
+
+    def _decrypt(self, sealed: str) -> bytes:
+        """The plaintext of a Fernet token, decrypted once per DECRYPTED_TTL_SECONDS."""
+        try:
+            token = sealed.encode("ascii")
+        except UnicodeEncodeError:
+            raise self._undecryptable() from None
+        digest = hashlib.sha256(token).digest()
+        with self._decrypted_lock:
+            data = self._decrypted.get(digest)
+        if data is not None:
+            return data
+        try:
+            data = self._fernet.decrypt(token)
+        except InvalidToken:
+            raise self._undecryptable() from None
+        with self._decrypted_lock:
+            self._decrypted[digest] = data
+        return data
+
+    def _undecryptable(self) -> EncryptionError:
+        return EncryptionError(
+            f"none of the {self.key_count} keys in CLOSESYNC_ENCRYPTION_KEYS can decrypt this "
+            "secret: was the key that sealed it removed from the list?"
+        )
 
     def rotate(self, sealed: str, *, owner: str, seal_plaintext: bool = False) -> str:
         """`sealed` re-sealed under the first key, bound to `owner`.

@@ -40,6 +40,23 @@ QUEUED_TTL_SECONDS = 3600
 # Connections whose status facts one pipeline reads (`status_facts`): few round trips for a
 # fleet (20 for 10,000 connections), while one reply stays a few megabytes at most.
 FACTS_BATCH = 500
+# Two scripts, each the one-round-trip form of what would otherwise be WATCH, a read and
+# MULTI/EXEC (three round trips), run on every steady run: Redis runs a script atomically, so
+# each keeps the guarantee of the transaction it replaces. They hold no decision: which marker
+# value a sync clears is `closesync.core.queueing`'s, read first.
+# Delete KEYS[1] if it still holds ARGV[1]; 1 if deleted.
+_DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Unless KEYS[1] (the removal mark) exists, push ARGV[1] onto the list KEYS[2] and keep its
+# newest ARGV[2]; 1 if pushed, 0 if the connection is being removed.
+_PUSH_UNLESS_REMOVED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+return 1
+"""
 # The one spelling of an empty `errors` in a report's JSON: pydantic writes it compact, and a
 # quote inside a JSON string is escaped, so this text appears only as that empty field (the
 # other dicts of a report hold strings or numbers, never lists). Reports containing it are
@@ -152,6 +169,8 @@ class SyncState:
         # holds its connection back at most this long, and a backlog grows by at most one task
         # per connection per this long, not one per tick.
         self.queued_ttl = queued_ttl
+        self._delete_if_equal = redis.register_script(_DELETE_IF_EQUAL)
+        self._push_unless_removed = redis.register_script(_PUSH_UNLESS_REMOVED)
 
     # --- the deployment's clock -------------------------------------------------------------------
 
@@ -329,14 +348,12 @@ class SyncState:
 
     @guard("storing a run report")
     def push_report(self, conn_id: str, report: RunReport, keep: int) -> None:
-        """Prepend the report and keep only the newest `keep`."""
-        key = self.keys.reports(conn_id)
-
-        def queue(pipe: redis.client.Pipeline) -> None:
-            pipe.lpush(key, report.model_dump_json())
-            pipe.ltrim(key, 0, max(keep, 1) - 1)
-
-        self._unless_removed(conn_id, queue)
+        """Prepend the report and keep only the newest `keep` (refused once removal began)."""
+        keys = [self.keys.removed(conn_id), self.keys.reports(conn_id)]
+        if not self._push_unless_removed(keys, [report.model_dump_json(), max(keep, 1)]):
+            raise ConnectionRemoved(
+                f"connection {conn_id} is being removed: its sync state is not written"
+            )
 
     @guard("reading run reports")
     def reports(self, conn_id: str, limit: int = 20) -> list[RunReport]:
@@ -516,18 +533,21 @@ class SyncState:
         return bool(self.redis.exists(self.keys.run_lock(conn_id)))
 
     def _clear_if(self, conn_id: str, clears: Callable[[str | None], bool]) -> bool:
-        """Delete the marker if `clears` says so of its value; whether it was deleted."""
+        """Delete the marker if `clears` says so of its value; whether it was deleted.
+
+        A read, then (only when it clears) a delete of that very value: one round trip when the
+        marker stays, two when it goes, where a WATCH transaction took three. A marker changed
+        between the two is judged again, as a transaction aborted by its WATCH would be.
+        """
         key = self.keys.queued(conn_id)
-
-        def apply(pipe: redis.client.Pipeline) -> bool:
-            marker = pipe.get(key)
-            cleared = clears(None if marker is None else as_text(marker))
-            pipe.multi()
-            if cleared:
-                pipe.delete(key)
-            return cleared
-
-        return watched(self.redis, key, apply)
+        while True:
+            raw = self.redis.get(key)
+            marker = None if raw is None else as_text(raw)
+            if marker is None or not clears(marker):
+                # Nothing to delete: the read alone is the answer (no key is no marker to clear).
+                return marker is None and clears(None)
+            if self._delete_if_equal([key], [marker]):
+                return True
 
     # --- backfill progress ----------------------------------------------------------------------
 
