@@ -188,8 +188,13 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
             # One Celery worker per core, this process their supervisor (worker_processes).
             env = {**os.environ, "WORKER_CONCURRENCY": str(shares.concurrency)}
             env["WORKER_PROCESSES"] = "1"
+            services = _supervisor_metrics(settings, env)
             argv = worker_argv(args.pool, shares.concurrency, args.queues)
-            return supervise(argv, shares.processes, env)
+            try:
+                return supervise(argv, shares.processes, env)
+            finally:
+                if services is not None:
+                    services.close()
         concurrency = shares.concurrency
     if concurrency is not None:
         # The pool's tasks build their Services from the environment: size its HTTP pools alike.
@@ -198,7 +203,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from closesync.worker.celery_app import create_app, worker_queues
 
     app = create_app(settings)
-    _serve_worker_metrics(settings)
+    _serve_worker_metrics(settings, serve_port=args.parent_pid is None)
     argv = [
         "worker",
         f"--pool={args.pool}",
@@ -215,13 +220,37 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _serve_worker_metrics(settings: Settings) -> None:
-    """The heartbeat and task counting on Celery's signals; the metrics port, if one is set."""
+def _supervisor_metrics(settings: Settings, env: dict[str, str]) -> Services | None:
+    """With METRICS_PORT, the supervisor of several worker processes serves their sum on it.
+
+    Each child counts into a multiprocess directory of this command's own (cleaned first; the
+    children are new processes, so PROMETHEUS_MULTIPROC_DIR in their environment takes effect
+    before they import prometheus_client) and serves nothing itself: only one process can hold
+    the port. This process serves the directory's sum and the worker's Redis-read gauges.
+    """
+    from closesync.wiring.metrics import MULTIPROC_ENV, clean_multiproc_dir, multiproc_dir_of, serve
+
+    if settings.metrics_port is None:
+        return None
+    directory = os.environ.get(MULTIPROC_ENV) or os.path.join(
+        multiproc_dir_of(settings), f"worker-{socket.gethostname()}-{os.getpid()}"
+    )
+    clean_multiproc_dir(directory)
+    env[MULTIPROC_ENV] = directory
+    os.environ[MULTIPROC_ENV] = directory  # what `serve` reads to sum the directory
+    services = Services.build(settings)
+    serve(services, "worker")
+    return services
+
+
+def _serve_worker_metrics(settings: Settings, *, serve_port: bool = True) -> None:
+    """The heartbeat and task counting on Celery's signals; the metrics port, if one is set and
+    this process is not one of several under a supervisor (which serves their sum)."""
     from closesync.wiring.metrics import serve
     from closesync.worker import liveness
 
     liveness.connect(settings)
-    if settings.metrics_port is not None:
+    if settings.metrics_port is not None and serve_port:
         # Services of its own: the tasks build theirs in the pool (after a prefork fork).
         serve(Services.build(settings), "worker")
 
