@@ -35,9 +35,12 @@ sandbox: $(STAMP)
 
 # FLEET_ARGS picks the fleet sizes and more, e.g. make bench FLEET_ARGS="--n 100,1000".
 FLEET_ARGS ?=
+# LATENCY_ARGS e.g. "--changes 30 --poll-changes 0" (the poll-only half takes about 8 minutes).
+LATENCY_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.sync_cost
 	$(BIN)/python -m benchmarks.fleet $(FLEET_ARGS)
+	$(BIN)/python -m benchmarks.webhook_latency $(LATENCY_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
