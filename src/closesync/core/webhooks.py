@@ -117,7 +117,9 @@ class Served:
 
 
 class ServedIndex:
-    """Which subscription serves which connection, built once from every record (no I/O).
+    """Which subscription serves which connection, built once from the records their owner
+    indexes name (`WebhookStore.current`; no I/O here). Given a leftover too, the last one of an
+    owner would win, which is why callers pass only the current ones.
 
     A connection with its own Calendly credential is served by its `user`-scope subscription;
     one in organization mode by its organization's (`grant_ref`).

@@ -147,6 +147,15 @@ class WebhookStore:
                 continue
         return found
 
+    def current(self) -> list[Subscription]:
+        """The records their owner's index names (three round trips): what serves each
+        connection. A leftover record (replaced by a newer one of the same owner, not yet swept
+        by the reconciliation) is left out, so a stale ACTIVE one never shadows the real
+        PENDING or REFUSED one."""
+        records = self.all()
+        named = self.indexed(records)
+        return [s for s in records if s.key in named]
+
     def delete(self, subscription: Subscription) -> None:
         """Forget the record, its signing key and its index entry (only if it still points here)."""
         key = subscription.key

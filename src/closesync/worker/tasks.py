@@ -219,13 +219,13 @@ def _polled(services: Services, tick: Kind, slot: str, cron: str) -> Callable[[C
     """Which active connections a tick runs: a drift check all of them; a sync tick those whose
     webhooks are not active, and the others too at the first tick after each fire of
     SYNC_CRON_WITH_WEBHOOKS (`schedule.polls_webhook_connections`). Every subscription record
-    is read in one SMEMBERS and one MGET, not one read per connection."""
+    an owner index names is read in one SMEMBERS and two MGETs, not one read per connection."""
     settings = services.settings
     if tick != "sync" or not settings.webhooks_enabled:
         return lambda connection: True
     if polls_webhook_connections(cron, settings.sync_cron_with_webhooks, slot):
         return lambda connection: True
-    served = ServedIndex(services.webhooks.all())
+    served = ServedIndex(services.webhooks.current())
     return lambda c: not served.active(c.id, c.calendly_grant_ref)
 
 
