@@ -475,3 +475,46 @@ def test_create_answered_409_adopts_the_subscription_our_earlier_try_made(
     adopted = subs.create(subs.user_owner(connection), pending)
     assert (adopted.state, adopted.uri, adopted.key) == (WebhookState.ACTIVE, made.uri, made.key)
     assert len(at_calendly(sb)) == 1
+
+
+def test_reconnect_to_another_calendly_user_leaves_exactly_one_subscription(
+    sb: Sandbox, services: Services
+) -> None:
+    """Reconnected to another Calendly user: the old user's subscription is deleted with the old
+    credential (before the new grants replace it), so Calendly holds only the new one."""
+    connection = add_pat_connection(services, sb, 1)
+    old = services.webhooks.for_connection(connection.id)
+    assert old is not None
+    other, grants = sandbox_connection(sb.users[2], time.time(), connection_id=connection.id)
+    save_connection(services, connection, other, grants)
+    new = services.webhooks.for_connection(connection.id)
+    assert new is not None
+    assert new.state is WebhookState.ACTIVE
+    assert new.key != old.key
+    assert new.user_uri == sb.users[2].calendly_user_uri
+    [there] = at_calendly(sb)
+    assert (there["uri"], there["user"]) == (new.uri, sb.users[2].calendly_user_uri)
+    assert [s.key for s in services.webhooks.all()] == [new.key]
+
+
+def test_connect_spends_only_a_short_budget_on_a_rate_limited_webhook_create(
+    sb: Sandbox, redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """Calendly asks 20 s of wait on the create: the connect does not wait it out (the webhook
+    budget is a few seconds, not the inline sync's 60), and the record stays PENDING."""
+    services = make_services(
+        sb, redis_client, redis_url, keys.prefix, inline_wait_budget_seconds=60.0
+    )
+    assert services.settings.webhook_call_budget_seconds <= 5
+    sb.world.add_fault(
+        api="calendly", kind="429", method="POST", path_prefix="/webhook_subscriptions", reset=20
+    )
+    started = time.monotonic()
+    connection = add_pat_connection(services, sb, 1)
+    assert time.monotonic() - started < 10
+    sub = services.webhooks.for_connection(connection.id)
+    assert sub is not None
+    assert sub.state is WebhookState.PENDING
+    assert sub.reason is not None
+    assert "429" in sub.reason
+    assert services.connections.get(connection.id).state is ConnectionState.ACTIVE

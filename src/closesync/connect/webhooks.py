@@ -137,21 +137,34 @@ class Subscriptions:
                 error,
             )
 
+    def before_replacing(self, existing: Connection, connection: Connection) -> None:
+        """`existing` is about to be replaced by `connection` of ANOTHER Calendly user (or in
+        organization mode): delete its own subscription now, while the stored grants are still
+        the old user's. After the save they are the new user's (Calendly answers their delete of
+        the old user's subscription 403) and the old Calendly grant is revoked."""
+        if not self._leaves_its_user(existing, connection):
+            return
+        self._quietly(f"unsubscribing {existing.id}", lambda: self.drop_connection(existing))
+
+    @staticmethod
+    def _leaves_its_user(existing: Connection, connection: Connection) -> bool:
+        return existing.calendly_grant_ref is None and (
+            connection.calendly_grant_ref is not None
+            or existing.calendly_user_uri != connection.calendly_user_uri
+        )
+
     def _after_connect(self, connection: Connection, replaced: Connection | None) -> None:
         mine = self.store.for_connection(connection.id)
+        leaves = replaced is not None and (
+            self._leaves_its_user(replaced, connection) or replaced.calendly_grant_ref is not None
+        )
+        if mine is not None and leaves:
+            # `before_replacing` could not delete it; the stored credential is the new one now
+            # and cannot, so only the record goes (the reconciliation lists no orphan of it).
+            self.drop(mine, None)
         if connection.calendly_grant_ref is not None:
-            if mine is not None:  # moved into organization mode: its own one is no use now
-                owner = self._owner_or_none(lambda: self.user_owner(replaced or connection))
-                self.drop(mine, owner)
             self.ensure_organization(connection.calendly_grant_ref)
             return
-        renew = replaced is not None and (
-            replaced.calendly_user_uri != connection.calendly_user_uri
-            or replaced.calendly_grant_ref is not None
-        )
-        if mine is not None and renew and replaced is not None:
-            # Another Calendly user (or back from organization mode): the old one is not its.
-            self.drop(mine, self._owner_or_none(lambda: self.user_owner(replaced)))
         self.ensure_connection(connection, renew=True)
 
     # -- ensuring -----------------------------------------------------------------------------
@@ -336,7 +349,10 @@ class Subscriptions:
     # -- owners -------------------------------------------------------------------------------
 
     def _budget(self) -> WaitBudget:
-        return WaitBudget(self.settings.inline_wait_budget_seconds)
+        # Short (WEBHOOK_CALL_BUDGET_SECONDS), not the inline sync's 60 s: these calls run inside
+        # a connect request (an OAuth callback must never time out on them); a create that runs
+        # out of it stays PENDING and the reconciliation makes it.
+        return WaitBudget(self.settings.webhook_call_budget_seconds)
 
     def user_owner(self, connection: Connection) -> Owner:
         grants = self.services.connections.grants(connection.id)
