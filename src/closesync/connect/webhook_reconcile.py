@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CONCURRENCY = 8
 
 
+# Why a skipped (or dropped) owner is due no subscription at all.
+NOTHING_DUE = frozenset({"organization mode", "paused"})
+
+
 @dataclass
 class Outcome:
     """What the reconciliation did for one owner (a connection, or an organization's ref)."""
@@ -66,6 +70,17 @@ class Outcome:
     @property
     def failed(self) -> bool:
         return self.action == "failed"
+
+    @property
+    def settled(self) -> bool:
+        """Done for this owner: its subscription is active, or none is due (a member of a
+        connected organization, a paused connection). A skip for any other cause (needs_reauth,
+        an organization no longer connected) leaves deliveries unserved: not settled."""
+        if self.failed:
+            return False
+        if self.action in ("skipped", "dropped"):
+            return self.reason in NOTHING_DUE
+        return self.state == WebhookState.ACTIVE.value
 
 
 class Reconciler:
