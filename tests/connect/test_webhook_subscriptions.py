@@ -518,3 +518,26 @@ def test_connect_spends_only_a_short_budget_on_a_rate_limited_webhook_create(
     assert sub.reason is not None
     assert "429" in sub.reason
     assert services.connections.get(connection.id).state is ConnectionState.ACTIVE
+
+
+def test_reconcile_after_a_base_url_change_recreates_the_subscription_at_the_new_host(
+    sb: Sandbox, services: Services, redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """PUBLIC_BASE_URL changed: an ACTIVE subscription still posting to the old host is deleted
+    and made again at the new URL with a new key, and a sync is asked."""
+    connection = add_pat_connection(services, sb, 1)
+    old = services.webhooks.for_connection(connection.id)
+    assert old is not None
+    moved_base = "http://127.0.0.1:9/moved"
+    moved = Services.build(
+        services.settings.model_copy(update={"public_base_url": moved_base}),
+        redis_client=redis_client,
+    )
+    asked: list[list[str]] = []
+    [outcome] = Reconciler(moved, asked.append).run([connection], [])
+    assert (outcome.action, outcome.state, asked) == ("recreated", "active", [[connection.id]])
+    new = moved.webhooks.for_connection(connection.id)
+    assert new is not None
+    assert new.key != old.key
+    [there] = at_calendly(sb)
+    assert (there["uri"], there["callback_url"]) == (new.uri, callback_url(moved_base, new.key))

@@ -6,8 +6,9 @@ Calendly credential: `user` scope; a connected organization: `organization` scop
 listing at Calendly, with the credential that owns the subscriptions, and then:
 
 - keeps an ACTIVE record that Calendly lists `active`;
-- re-creates one that Calendly lists `disabled` (deleted first: Calendly never re-enables one)
-  or no longer lists at all, and asks a sync of the connections it serves, since deliveries were
+- re-creates one that Calendly lists `disabled` (deleted first: Calendly never re-enables one),
+  no longer lists at all, or lists with a callback URL other than `callback_url(PUBLIC_BASE_URL,
+  key)` (the base URL changed: deliveries go to the old host), and asks a sync of the connections it serves, since deliveries were
   lost meanwhile (`ask_sync`, the coalescing sync marker of `worker.enqueue.ask_for_syncs`);
 - retries a PENDING record (with its own key: a create whose answer was lost is adopted), and a
   REFUSED one when asked (`retry_refused`: `webhooks ensure`, run after a scope or setting was
@@ -39,6 +40,7 @@ from closesync.core.connection import Connection, ConnectionState
 from closesync.core.errors import CloseSyncError
 from closesync.core.webhooks import (
     CALLBACK_PATH,
+    callback_url,
     Subscription,
     WebhookState,
     is_ours,
@@ -186,13 +188,20 @@ class Reconciler:
         if current is None:
             made = self.subs.create(owner)
             outcome.action = "created"
-        elif current.state is WebhookState.ACTIVE and there is not None and there.state == "active":
+        elif (
+            current.state is WebhookState.ACTIVE
+            and there is not None
+            and there.state == "active"
+            and there.callback_url == callback_url(self.base_url, current.key)
+        ):
             made = current
         elif current.uri is not None and current.state in (
             WebhookState.ACTIVE,
             WebhookState.DISABLED,
         ):
-            # Disabled at Calendly, or gone from it: deliveries were lost, so a sync follows.
+            # Disabled at Calendly, gone from it, or posting to a URL that is no longer ours (a
+            # PUBLIC_BASE_URL change; Calendly never changes a URL): deliveries were lost, so it
+            # is made again with a new key and a sync follows.
             self.subs.drop(current, owner)
             made = self.subs.create(owner)
             outcome.action = "recreated"
