@@ -3,6 +3,7 @@ pause, and the reconciliation; against the sandbox over loopback HTTP and a real
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -541,3 +542,79 @@ def test_reconcile_after_a_base_url_change_recreates_the_subscription_at_the_new
     assert new.key != old.key
     [there] = at_calendly(sb)
     assert (there["uri"], there["callback_url"]) == (new.uri, callback_url(moved_base, new.key))
+
+
+def test_reconcile_from_a_stale_list_never_resubscribes_a_connection_being_removed(
+    sb: Sandbox, services: Services
+) -> None:
+    """A remove marked the connection and dropped its subscription after the pass read its
+    list: the pass reads the removal mark under the owner's lock and makes nothing."""
+    connection = add_pat_connection(services, sb, 1)
+    assert services.connections.mark_removing(connection.id)
+    Subscriptions(services).after_leaving(connection)
+    assert at_calendly(sb) == []
+    [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert (outcome.action, outcome.reason, outcome.settled) == ("skipped", "removed", True)
+    assert at_calendly(sb) == []
+    assert services.webhooks.for_connection(connection.id) is None
+
+
+def test_reconcile_from_a_stale_list_never_resubscribes_a_paused_connection(
+    sb: Sandbox, services: Services
+) -> None:
+    """Paused after the pass read it ACTIVE: the pass reads the state again and makes nothing."""
+    connection = add_pat_connection(services, sb, 1)
+    paused = services.connections.set_state(connection.id, ConnectionState.PAUSED)
+    Subscriptions(services).after_state_change(paused)
+    assert at_calendly(sb) == []
+    [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert outcome.reason == "paused"
+    assert at_calendly(sb) == []
+
+
+def test_reconcile_waits_out_an_owner_lock_held_elsewhere_and_calls_nothing(
+    sb: Sandbox, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process holds the owner's lifecycle lock, a reconcile of that owner makes
+    no Calendly call and reports it failed (busy); once released it proceeds."""
+    monkeypatch.setattr("closesync.connect.webhooks.OWNER_LOCK_WAIT_SECONDS", 0.2)
+    connection = add_pat_connection(services, sb, 1)
+    before = sb.world.request_counts()
+    with services.webhooks.owner_lock("user", connection.id, wait=0):
+        [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert outcome.failed
+    assert outcome.reason is not None
+    assert "lock" in outcome.reason
+    assert sb.world.request_counts() == before
+    [again] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert again.action == "kept"
+
+
+def test_two_reconciles_at_once_make_exactly_one_replacement(
+    sb: Sandbox, services: Services
+) -> None:
+    """Two passes race on a disabled subscription: under the owner's lock one re-creates it and
+    the other then keeps the new one; Calendly ends with exactly one active subscription."""
+    connection = add_pat_connection(services, sb, 1)
+    old = services.webhooks.for_connection(connection.id)
+    assert old is not None
+    assert old.uri is not None
+    sb.world.disable_subscription(old.uri.rsplit("/", 1)[1])
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def one_pass() -> None:
+        start.wait(timeout=10)
+        [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+        outcomes.append(outcome.action)
+
+    threads = [threading.Thread(target=one_pass) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes) == ["kept", "recreated"]
+    [there] = at_calendly(sb)
+    current = services.webhooks.for_connection(connection.id)
+    assert current is not None
+    assert (there["uri"], there["state"]) == (current.uri, "active")

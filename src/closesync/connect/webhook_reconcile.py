@@ -8,8 +8,8 @@ listing at Calendly, with the credential that owns the subscriptions, and then:
 - keeps an ACTIVE record that Calendly lists `active`;
 - re-creates one that Calendly lists `disabled` (deleted first: Calendly never re-enables one),
   no longer lists at all, or lists with a callback URL other than `callback_url(PUBLIC_BASE_URL,
-  key)` (the base URL changed: deliveries go to the old host), and asks a sync of the connections it serves, since deliveries were
-  lost meanwhile (`ask_sync`, the coalescing sync marker of `worker.enqueue.ask_for_syncs`);
+  key)` (the base URL changed: deliveries go to the old host), and asks a sync of the
+  connections it serves, since deliveries were lost meanwhile (`ask_sync`, the coalescing sync marker of `worker.enqueue.ask_for_syncs`);
 - retries a PENDING record (with its own key: a create whose answer was lost is adopted), and a
   REFUSED one when asked (`retry_refused`: `webhooks ensure`, run after a scope or setting was
   fixed; the daily pass leaves Calendly's refusals alone);
@@ -18,7 +18,11 @@ listing at Calendly, with the credential that owns the subscriptions, and then:
   CALLBACK_PATH) but whose key no record holds: left behind by a delete that failed. A
   subscription to any other URL is never touched.
 
-A paused connection's leftover subscription is dropped. A connection needing re-authorization is
+Each owner is reconciled under its lifecycle lock (`Subscriptions.locked`), the same one the
+connect, remove and pause hooks take, and from its state read again inside it: a connection
+removed, paused or reconnected since the pass read its list, or an organization whose credential
+went, is never given its subscription back. A paused connection's leftover subscription is
+dropped; a removed one is skipped (its removal drops it). A connection needing re-authorization is
 skipped (its credential is refused). Owners run `concurrency` at a time; one owner's failure is
 reported in its outcome and never stops the others. Nothing here imports the worker: `ask_sync`
 is given.
@@ -37,12 +41,12 @@ from closesync.connect.org_credentials import OrgCredentials
 from closesync.connect.webhooks import Owner, Subscriptions
 from closesync.core.calendly_payloads import WebhookSubscription, uuid_of
 from closesync.core.connection import Connection, ConnectionState
-from closesync.core.errors import CloseSyncError
+from closesync.core.errors import CloseSyncError, ConnectionNotFound
 from closesync.core.webhooks import (
     CALLBACK_PATH,
-    callback_url,
     Subscription,
     WebhookState,
+    callback_url,
     is_ours,
     state_at_calendly,
 )
@@ -54,7 +58,7 @@ DEFAULT_CONCURRENCY = 8
 
 
 # Why a skipped (or dropped) owner is due no subscription at all.
-NOTHING_DUE = frozenset({"organization mode", "paused"})
+NOTHING_DUE = frozenset({"organization mode", "paused", "removed"})
 
 
 @dataclass
@@ -146,31 +150,50 @@ class Reconciler:
                 store.delete(sub)
 
     def connection(self, connection: Connection, known: set[str]) -> Outcome:
+        """One connection's own subscription, under its lifecycle lock, from what is stored
+        now: the listing this pass started from may be stale (a remove, pause or reconnect
+        since must win, never be undone here)."""
         label = connection.id
-        if connection.calendly_grant_ref is not None:
-            return Outcome(label, "user", "skipped", reason="organization mode")
         try:
-            if connection.state is ConnectionState.PAUSED:
-                dropped = self.subs.drop_connection(connection)
-                return Outcome(label, "user", "dropped" if dropped else "skipped", reason="paused")
-            if connection.state is not ConnectionState.ACTIVE:
-                return Outcome(label, "user", "skipped", reason=connection.state.value)
-            owner = self.subs.user_owner(connection)
-            current = self.services.webhooks.for_connection(connection.id)
-            return self._reconcile(owner, current, [connection.id], known)
+            return self.subs.locked(connection.id, lambda: self._connection(connection.id, known))
         except CloseSyncError as error:
             return self._failed(label, "user", error)
 
+    def _connection(self, conn_id: str, known: set[str]) -> Outcome:
+        if self.services.connections.is_removing(conn_id):
+            return Outcome(conn_id, "user", "skipped", reason="removed")
+        try:
+            connection = self.services.connections.get(conn_id)
+        except ConnectionNotFound:
+            return Outcome(conn_id, "user", "skipped", reason="removed")
+        if connection.calendly_grant_ref is not None:
+            return Outcome(conn_id, "user", "skipped", reason="organization mode")
+        if connection.state is ConnectionState.PAUSED:
+            dropped = self.subs.drop_connection(connection)
+            return Outcome(conn_id, "user", "dropped" if dropped else "skipped", reason="paused")
+        if connection.state is not ConnectionState.ACTIVE:
+            return Outcome(conn_id, "user", "skipped", reason=connection.state.value)
+        owner = self.subs.user_owner(connection)
+        current = self.services.webhooks.for_connection(conn_id)
+        return self._reconcile(owner, current, [conn_id], known)
+
     def organization(self, ref: str, members: list[str], known: set[str]) -> Outcome:
+        """One organization's subscription, under its lifecycle lock; a credential revoked
+        since the pass started is seen gone here (organization_owner reads it again)."""
         label = f"organization {ref}"
         try:
-            owner = self.subs.organization_owner(ref)
-            if owner is None:
-                return Outcome(label, "organization", "skipped", reason="not connected")
-            current = self.services.webhooks.for_organization(ref)
-            return self._reconcile(owner, current, members, known)
+            return self.subs.locked_organization(
+                ref, lambda: self._organization(ref, members, known)
+            )
         except CloseSyncError as error:
             return self._failed(label, "organization", error)
+
+    def _organization(self, ref: str, members: list[str], known: set[str]) -> Outcome:
+        owner = self.subs.organization_owner(ref)
+        if owner is None:
+            return Outcome(f"organization {ref}", "organization", "skipped", reason="not connected")
+        current = self.services.webhooks.for_organization(ref)
+        return self._reconcile(owner, current, members, known)
 
     def _failed(self, label: str, scope: str, error: CloseSyncError) -> Outcome:
         log.warning("webhooks: reconciling %s failed: %s", label, error)

@@ -20,6 +20,11 @@ is adopted by its URL with the key it was made with. Calendly's answer then make
 403 or 400 (missing `webhooks:write`, a plan or role that may not) REFUSED with the reason; any
 other failure leaves it PENDING for the daily reconciliation.
 
+Every ensure, drop and reconcile of one owner (a connection, an organization) runs under that
+owner's lifecycle lock (`WebhookStore.owner_lock`) and reads the owner's state again inside it:
+a remove, pause or revoke racing a reconcile or a connect never has its subscription made again
+after it, and two reconciles never both drop and create.
+
 Nothing here may fail or undo the connect, remove or pause that called it: `after_*` catch every
 closesync error, record and log it (never a key or token), and the connection keeps syncing by
 polling. WEBHOOKS_ENABLED=false makes nothing.
@@ -32,7 +37,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import SecretStr
 
@@ -41,7 +46,7 @@ from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
 from closesync.core.calendly_payloads import WebhookSubscription, uuid_of
 from closesync.core.connection import Connection, ConnectionState
-from closesync.core.errors import CloseSyncError, Conflict
+from closesync.core.errors import CloseSyncError, Conflict, ConnectionNotFound
 from closesync.core.retry import WaitBudget
 from closesync.core.webhooks import (
     EVENT_TYPE_EVENTS,
@@ -55,9 +60,15 @@ from closesync.core.webhooks import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Bytes of randomness in a signing key closesync generates (URL-safe base64 of 32 bytes, as
 # Calendly's own example key).
 SIGNING_KEY_BYTES = 32
+# Seconds a hook (connect, remove, pause) or the reconciliation waits for an owner's lifecycle
+# lock held by another one: longer than one owner's listing, delete and create take within their
+# call budgets, short enough for a connect request.
+OWNER_LOCK_WAIT_SECONDS = 15.0
 NO_APP_KEY = (
     "CALENDLY_WEBHOOK_SIGNING_KEY is not set: a subscription made with an OAuth token is signed "
     "with the application's key, so its deliveries could not be verified; set it (Calendly's "
@@ -97,7 +108,10 @@ class Subscriptions:
         if not self.settings.webhooks_enabled:
             return
         self._quietly(
-            f"subscribing {connection.id}", lambda: self._after_connect(connection, replaced)
+            f"subscribing {connection.id}",
+            lambda: self._locked_connection(
+                connection.id, lambda current: self._after_connect(current, replaced)
+            ),
         )
 
     def after_organization(self, ref: str) -> None:
@@ -105,17 +119,26 @@ class Subscriptions:
         if not self.settings.webhooks_enabled:
             return
         self._quietly(
-            f"subscribing organization {ref}", lambda: self.ensure_organization(ref, renew=True)
+            f"subscribing organization {ref}",
+            lambda: self.locked_organization(
+                ref, lambda: self.ensure_organization(ref, renew=True)
+            ),
         )
 
     def after_leaving(self, connection: Connection) -> None:
         """A connection is being removed or was paused: delete its own subscription."""
-        self._quietly(f"unsubscribing {connection.id}", lambda: self.drop_connection(connection))
+        self._quietly(
+            f"unsubscribing {connection.id}",
+            lambda: self.locked(connection.id, lambda: self.drop_connection(connection)),
+        )
 
     def before_organization_goes(self, ref: str) -> None:
         """An organization credential is about to be revoked and forgotten: delete its
         subscription first, while the credential can still do it."""
-        self._quietly(f"unsubscribing organization {ref}", lambda: self.drop_organization(ref))
+        self._quietly(
+            f"unsubscribing organization {ref}",
+            lambda: self.locked_organization(ref, lambda: self.drop_organization(ref)),
+        )
 
     def after_state_change(self, connection: Connection) -> None:
         """Paused: its own subscription goes; active again: it gets one."""
@@ -123,6 +146,35 @@ class Subscriptions:
             self.after_leaving(connection)
         elif connection.state is ConnectionState.ACTIVE:
             self.after_connect(connection, None)
+
+    # -- the per-owner lock: every ensure, drop and reconcile of one owner runs under it -------
+
+    def locked(self, conn_id: str, step: Callable[[], T]) -> T:
+        """`step` under connection `conn_id`'s lifecycle lock (RunLocked past OWNER_LOCK_WAIT)."""
+        with self.store.owner_lock("user", conn_id, OWNER_LOCK_WAIT_SECONDS):
+            return step()
+
+    def locked_organization(self, ref: str, step: Callable[[], T]) -> T:
+        """`step` under organization `ref`'s lifecycle lock."""
+        with self.store.owner_lock("organization", ref, OWNER_LOCK_WAIT_SECONDS):
+            return step()
+
+    def _locked_connection(self, conn_id: str, step: Callable[[Connection], object]) -> None:
+        """`step` of the connection as stored now, under its lock; nothing when it is being
+        removed, is gone or is not active any more (a remove or pause won the race: its own
+        hook, waiting for this lock, drops whatever is there)."""
+
+        def fresh() -> None:
+            if self.services.connections.is_removing(conn_id):
+                return
+            try:
+                current = self.services.connections.get(conn_id)
+            except ConnectionNotFound:
+                return
+            if current.state is ConnectionState.ACTIVE:
+                step(current)
+
+        self.locked(conn_id, fresh)
 
     def _quietly(self, what: str, step: Callable[[], object]) -> None:
         try:
@@ -144,7 +196,10 @@ class Subscriptions:
         the old user's subscription 403) and the old Calendly grant is revoked."""
         if not self._leaves_its_user(existing, connection):
             return
-        self._quietly(f"unsubscribing {existing.id}", lambda: self.drop_connection(existing))
+        self._quietly(
+            f"unsubscribing {existing.id}",
+            lambda: self.locked(existing.id, lambda: self.drop_connection(existing)),
+        )
 
     @staticmethod
     def _leaves_its_user(existing: Connection, connection: Connection) -> bool:
@@ -162,8 +217,10 @@ class Subscriptions:
             # `before_replacing` could not delete it; the stored credential is the new one now
             # and cannot, so only the record goes (the reconciliation lists no orphan of it).
             self.drop(mine, None)
-        if connection.calendly_grant_ref is not None:
-            self.ensure_organization(connection.calendly_grant_ref)
+        ref = connection.calendly_grant_ref
+        if ref is not None:
+            # Lock order: a connection's, then its organization's (nothing takes them reversed).
+            self.locked_organization(ref, lambda: self.ensure_organization(ref))
             return
         self.ensure_connection(connection, renew=True)
 

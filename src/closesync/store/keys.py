@@ -123,6 +123,14 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             user-scope subscription                      no TTL
     {p}:webhook-of:org:{ref}        STRING  -> callback key of organization {ref}'s
                                             organization-scope subscription              no TTL
+    {p}:webhook-lock:conn:{id}      STRING  per-owner lock of the webhook lifecycle: the
+    {p}:webhook-lock:org:{ref}              token of the process ensuring, dropping or
+                                            reconciling that owner's subscription (a
+                                            connect, remove, pause, organization revoke
+                                            or the reconciliation), which re-reads the
+                                            owner's state inside it; renewed while held,
+                                            a connection's taken before its organization's
+                                                                        PX 30 s, renewed
     {p}:webhook-delivery:{digest}   STRING  "1": a verified delivery the receiver took
                                             (digest: sha256 of callback key, signed t and
                                             body; SET NX), so the same signed request sent
@@ -324,6 +332,12 @@ class Keys:
 
     def webhook_of_organization(self, grant_ref: str) -> str:
         return f"{self.prefix}:webhook-of:org:{grant_ref}"
+
+    def webhook_lock_of_connection(self, conn_id: str) -> str:
+        return f"{self.prefix}:webhook-lock:conn:{conn_id}"
+
+    def webhook_lock_of_organization(self, grant_ref: str) -> str:
+        return f"{self.prefix}:webhook-lock:org:{grant_ref}"
 
     def webhook_delivery(self, digest: str) -> str:
         return f"{self.prefix}:webhook-delivery:{digest}"
