@@ -9,7 +9,8 @@ listing at Calendly, with the credential that owns the subscriptions, and then:
 - re-creates one that Calendly lists `disabled` (deleted first: Calendly never re-enables one),
   no longer lists at all, or lists with a callback URL other than `callback_url(PUBLIC_BASE_URL,
   key)` (the base URL changed: deliveries go to the old host), and asks a sync of the
-  connections it serves, since deliveries were lost meanwhile (`ask_sync`, the coalescing sync marker of `worker.enqueue.ask_for_syncs`);
+  connections it serves, since deliveries were lost meanwhile (`ask_sync`, the coalescing
+  sync marker of `worker.enqueue.ask_for_syncs`);
 - retries a PENDING record (with its own key: a create whose answer was lost is adopted), and a
   REFUSED one when asked (`retry_refused`: `webhooks ensure`, run after a scope or setting was
   fixed; the daily pass leaves Calendly's refusals alone);
