@@ -17,6 +17,7 @@ from closesync.connect.saving import save_connection
 from closesync.connect.webhook_reconcile import Reconciler, targets
 from closesync.connect.webhooks import NO_APP_KEY, Subscriptions
 from closesync.core.connection import Connection, ConnectionState
+from closesync.core.errors import RemovalIncomplete
 from closesync.core.retry import WaitBudget
 from closesync.core.webhooks import CALLBACK_PATH, WebhookState, callback_url
 from closesync.sandbox import Sandbox
@@ -618,3 +619,24 @@ def test_two_reconciles_at_once_make_exactly_one_replacement(
     current = services.webhooks.for_connection(connection.id)
     assert current is not None
     assert (there["uri"], there["state"]) == (current.uri, "active")
+
+
+def test_remove_whose_calendly_delete_fails_stops_incomplete_and_its_rerun_deletes_it(
+    sb: Sandbox, services: Services
+) -> None:
+    """Calendly fails the delete (503s): the removal stops as RemovalIncomplete with the record
+    kept, not forgotten (nothing could list that subscription again); run again, it goes."""
+    connection = add_pat_connection(services, sb, 1)
+    sub = services.webhooks.for_connection(connection.id)
+    assert sub is not None
+    sb.world.add_fault(
+        api="calendly", kind="503", method="DELETE", path_prefix="/webhook_subscriptions", count=50
+    )
+    with pytest.raises(RemovalIncomplete, match="503"):
+        remove_connection(services, connection, delete_links=False, revoke=True)
+    assert services.webhooks.for_connection(connection.id) == sub
+    assert [s["uri"] for s in at_calendly(sb)] == [sub.uri]
+    sb.world.clear_faults()
+    remove_connection(services, connection, delete_links=False, revoke=True)
+    assert at_calendly(sb) == []
+    assert services.webhooks.all() == []

@@ -170,7 +170,7 @@ class Reconciler:
         if connection.calendly_grant_ref is not None:
             return Outcome(conn_id, "user", "skipped", reason="organization mode")
         if connection.state is ConnectionState.PAUSED:
-            dropped = self.subs.drop_connection(connection)
+            dropped = self.subs.drop_connection(connection, keep_on_failure=True)
             return Outcome(conn_id, "user", "dropped" if dropped else "skipped", reason="paused")
         if connection.state is not ConnectionState.ACTIVE:
             return Outcome(conn_id, "user", "skipped", reason=connection.state.value)

@@ -46,7 +46,13 @@ from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
 from closesync.core.calendly_payloads import WebhookSubscription, uuid_of
 from closesync.core.connection import Connection, ConnectionState
-from closesync.core.errors import CloseSyncError, Conflict, ConnectionNotFound
+from closesync.core.errors import (
+    AuthFailed,
+    CloseSyncError,
+    Conflict,
+    ConnectionNotFound,
+    Forbidden,
+)
 from closesync.core.retry import WaitBudget
 from closesync.core.webhooks import (
     EVENT_TYPE_EVENTS,
@@ -129,15 +135,9 @@ class Subscriptions:
         """A connection is being removed or was paused: delete its own subscription."""
         self._quietly(
             f"unsubscribing {connection.id}",
-            lambda: self.locked(connection.id, lambda: self.drop_connection(connection)),
-        )
-
-    def before_organization_goes(self, ref: str) -> None:
-        """An organization credential is about to be revoked and forgotten: delete its
-        subscription first, while the credential can still do it."""
-        self._quietly(
-            f"unsubscribing organization {ref}",
-            lambda: self.locked_organization(ref, lambda: self.drop_organization(ref)),
+            lambda: self.locked(
+                connection.id, lambda: self.drop_connection(connection, keep_on_failure=True)
+            ),
         )
 
     def after_state_change(self, connection: Connection) -> None:
@@ -361,21 +361,33 @@ class Subscriptions:
 
     # -- dropping -----------------------------------------------------------------------------
 
-    def drop_connection(self, connection: Connection) -> bool:
+    def drop_connection(self, connection: Connection, *, keep_on_failure: bool = False) -> bool:
         """Delete the connection's own subscription at Calendly, then its record."""
         current = self.store.for_connection(connection.id)
         if current is None:
             return False
-        self.drop(current, self._owner_or_none(lambda: self.user_owner(connection)))
+        owner = self._owner_or_none(lambda: self.user_owner(connection))
+        self.drop(current, owner, keep_on_failure=keep_on_failure)
         return True
 
-    def drop_organization(self, ref: str) -> bool:
+    def drop_organization(self, ref: str, *, keep_on_failure: bool = False) -> bool:
         """Delete the organization's subscription at Calendly, then its record."""
         current = self.store.for_organization(ref)
         if current is None:
             return False
-        self.drop(current, self._owner_or_none(lambda: self.organization_owner(ref)))
+        owner = self._owner_or_none(lambda: self.organization_owner(ref))
+        self.drop(current, owner, keep_on_failure=keep_on_failure)
         return True
+
+    def drop_before_removal(self, connection: Connection) -> None:
+        """A `connections remove`: delete its own subscription under its lock, raising (record
+        kept, so the removal stops as RemovalIncomplete and its rerun deletes it) when Calendly
+        failed for a reason a retry may get past."""
+        self.locked(connection.id, lambda: self.drop_connection(connection, keep_on_failure=True))
+
+    def drop_before_organization_goes(self, ref: str) -> None:
+        """The organization credential is about to be revoked: as `drop_before_removal`."""
+        self.locked_organization(ref, lambda: self.drop_organization(ref, keep_on_failure=True))
 
     def _owner_or_none(self, owner: Callable[[], Owner | None]) -> Owner | None:
         """The owner whose credential deletes a subscription; None (the record is forgotten
@@ -387,14 +399,26 @@ class Subscriptions:
             log.warning("webhooks: no credential to delete a subscription with: %s", error)
             return None
 
-    def drop(self, sub: Subscription, owner: Owner | None) -> None:
-        """Delete at Calendly (gone already counts as deleted), then forget the record. A failed
-        delete at Calendly is logged and the record forgotten all the same: the subscription is
-        then an orphan of ours, which the reconciliation deletes if a credential can see it."""
+    def drop(
+        self, sub: Subscription, owner: Owner | None, *, keep_on_failure: bool = False
+    ) -> None:
+        """Delete at Calendly (gone already counts as deleted), then forget the record.
+
+        A delete that failed for a reason a retry may get past (a 5xx, a timeout, a rate limit,
+        Redis), with `keep_on_failure`: raised, the record kept, so that whoever asked (a
+        removal, which then stops as RemovalIncomplete; a pause, which the reconciliation's
+        paused branch retries) deletes it on the next try. Without it (a replacement of an owner
+        that stays): logged and forgotten, the subscription then an orphan of our URL that the
+        owner's next listing deletes. A lasting refusal (401/403: this credential can never
+        delete it) is logged and forgotten either way: keeping a credential-bound tombstone
+        nothing can act on would only keep a sealed credential alive.
+        """
         if sub.uri is not None and owner is not None:
             try:
                 owner.client.delete_webhook_subscription(uuid_of(sub.uri))
             except CloseSyncError as error:
+                if keep_on_failure and not isinstance(error, AuthFailed | Forbidden):
+                    raise
                 log.warning(
                     "webhooks: Calendly did not delete the subscription of %s: %s",
                     owner.label(),

@@ -113,7 +113,16 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:webhooks                    SET     callback keys of the Calendly webhook
                                             subscriptions closesync owns                 no TTL
     {p}:webhook:{key}               STRING  JSON Subscription (closesync.core.webhooks):
-                                            scope, what it serves, Calendly's uri, state  no TTL
+                                            scope, what it serves, Calendly's uri, state.
+                                            Outlives a failed delete: a remove, pause or
+                                            organization revoke whose Calendly delete
+                                            failed for a passing reason keeps it (the
+                                            remove stops RemovalIncomplete; its rerun, or
+                                            the reconciliation for a pause, deletes it).
+                                            Chosen over a tombstone holding a sealed
+                                            credential: no credential outlives its
+                                            connection; a 401/403 forgets it (nothing
+                                            could ever delete it)                        no TTL
     {p}:webhook:{key}:signing-key   STRING  the signing key closesync generated for it
                                             (personal access token), sealed; absent: the
                                             OAuth application's key signs                no TTL
