@@ -58,10 +58,11 @@ from closesync.worker.enqueue import ask_for_syncs
 from closesync.worker.publish import Message, PublishFailed, publish
 from closesync.worker.schedule import (
     interval_after,
-    polls_webhook_connections,
     spread_offset,
     spread_window,
     tick_ttl,
+    webhook_poll_due,
+    webhook_poll_turn,
 )
 
 log = logging.getLogger(__name__)
@@ -217,16 +218,20 @@ def fan_out(
 
 def _polled(services: Services, tick: Kind, slot: str, cron: str) -> Callable[[Connection], bool]:
     """Which active connections a tick runs: a drift check all of them; a sync tick those whose
-    webhooks are not active, and the others too at the first tick after each fire of
-    SYNC_CRON_WITH_WEBHOOKS (`schedule.polls_webhook_connections`). Every subscription record
-    an owner index names is read in one SMEMBERS and two MGETs, not one read per connection."""
+    webhooks are not active, and of the others those whose own turn of the
+    SYNC_CRON_WITH_WEBHOOKS interval this tick is (`schedule.webhook_poll_due`: pure
+    arithmetic, so the fleet's rarer poll is spread over the interval's ticks). The records an
+    owner index names are read in one SMEMBERS and two MGETs, not one read per connection."""
     settings = services.settings
     if tick != "sync" or not settings.webhooks_enabled:
         return lambda connection: True
-    if polls_webhook_connections(cron, settings.sync_cron_with_webhooks, slot):
+    turn, ticks = webhook_poll_turn(cron, settings.sync_cron_with_webhooks, slot)
+    if ticks <= 1:
         return lambda connection: True
     served = ServedIndex(services.webhooks.current())
-    return lambda c: not served.active(c.id, c.calendly_grant_ref)
+    return lambda c: (
+        not served.active(c.id, c.calendly_grant_ref) or webhook_poll_due(c.id, turn, ticks)
+    )
 
 
 def drain(
