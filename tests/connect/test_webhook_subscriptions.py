@@ -3,6 +3,7 @@ pause, and the reconciliation; against the sandbox over loopback HTTP and a real
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -640,3 +641,47 @@ def test_remove_whose_calendly_delete_fails_stops_incomplete_and_its_rerun_delet
     remove_connection(services, connection, delete_links=False, revoke=True)
     assert at_calendly(sb) == []
     assert services.webhooks.all() == []
+
+
+def test_no_callback_key_in_logs_of_the_lifecycle_and_the_reconciliation(
+    sb: Sandbox, services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connect, a failed create, reconcile (retry, re-create after disable), pause, resume,
+    reconnect to another user, remove, all at DEBUG: no callback key (half of what a delivery
+    proves) in any log message, argument or extra field."""
+    caplog.set_level(logging.DEBUG)
+    keys_seen: set[str] = set()
+
+    def remember(conn_id: str) -> None:
+        for sub in services.webhooks.all():
+            keys_seen.add(sub.key)
+
+    sb.world.update_config(api="calendly", error_rate=1.0)
+    connection = add_pat_connection(services, sb, 1)
+    sb.world.update_config(api="calendly", error_rate=0.0)
+    remember(connection.id)
+    Reconciler(services, lambda ids: None).run([connection], [])
+    remember(connection.id)
+    sub = services.webhooks.for_connection(connection.id)
+    assert sub is not None
+    assert sub.uri is not None
+    sb.world.disable_subscription(sub.uri.rsplit("/", 1)[1])
+    Reconciler(services, lambda ids: None).run([connection], [])
+    remember(connection.id)
+    subs = Subscriptions(services)
+    subs.after_state_change(services.connections.set_state(connection.id, ConnectionState.PAUSED))
+    subs.after_state_change(services.connections.set_state(connection.id, ConnectionState.ACTIVE))
+    remember(connection.id)
+    current = services.connections.get(connection.id)
+    other, grants = sandbox_connection(sb.users[2], time.time(), connection_id=connection.id)
+    save_connection(services, current, other, grants)
+    remember(connection.id)
+    remove_connection(
+        services, services.connections.get(connection.id), delete_links=False, revoke=True
+    )
+    assert len(keys_seen) >= 4
+    assert caplog.records
+    for record in caplog.records:
+        text = " ".join([record.getMessage(), repr(record.args), repr(vars(record))])
+        for key in keys_seen:
+            assert key not in text, record.getMessage()

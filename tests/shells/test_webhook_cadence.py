@@ -226,3 +226,23 @@ def test_fan_out_ten_thousand_connections_reads_the_subscriptions_in_one_batch(
     assert count == 5_000 + len(their_turn)
     assert scheduled(services) == (set(active) - set(with_hooks)) | their_turn
     assert calls < 50
+
+
+def test_members_of_an_organization_whose_shared_credential_is_refused_are_polled_every_tick(
+    redis_client: redis.Redis,
+    keys: Keys,
+    broker: Callable[[Services], Celery],  # noqa: F811
+) -> None:
+    """The organization's subscription is ACTIVE but Calendly refused its shared credential:
+    its members are scheduled at every SYNC_CRON tick, not once an hour."""
+    services = services_on(redis_client, keys, sync_spread_fraction=0.5)
+    org_member(services, "conn_0000000000d4", "org1")
+    org_member(services, "conn_0000000000e5", "org1")
+    served(services, None, "org1", WebhookState.ACTIVE)
+    assert services.connections.mark_shared_refused("org1", "Calendly answered 401")
+    app = broker(services)
+    for minute in range(0, 60, 5):
+        slot = f"2026-03-04T11:{minute:02}:00+00:00"
+        services.redis.delete(services.keys.schedule("sync"))
+        fan_out(services, app, tick="sync", slot=slot, cron=EVERY_5, clock=partial(_epoch, slot))
+        assert scheduled(services) == {"conn_0000000000d4", "conn_0000000000e5"}, slot

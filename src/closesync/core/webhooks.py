@@ -137,6 +137,10 @@ class ServedIndex:
             elif sub.scope == "organization" and sub.grant_ref is not None:
                 self._by_ref[sub.grant_ref] = sub
 
+    def organization_refs(self) -> list[str]:
+        """The refs of the organizations a subscription serves."""
+        return sorted(self._by_ref)
+
     def subscription(self, connection_id: str, grant_ref: str | None) -> Subscription | None:
         if grant_ref is not None:
             return self._by_ref.get(grant_ref)

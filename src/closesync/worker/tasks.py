@@ -220,8 +220,10 @@ def _polled(services: Services, tick: Kind, slot: str, cron: str) -> Callable[[C
     """Which active connections a tick runs: a drift check all of them; a sync tick those whose
     webhooks are not active, and of the others those whose own turn of the
     SYNC_CRON_WITH_WEBHOOKS interval this tick is (`schedule.webhook_poll_due`: pure
-    arithmetic, so the fleet's rarer poll is spread over the interval's ticks). The records an
-    owner index names are read in one SMEMBERS and two MGETs, not one read per connection."""
+    arithmetic, so the fleet's rarer poll is spread over the interval's ticks); a member of an
+    organization whose shared credential is refused at every tick. The records an owner index
+    names, and the organizations' refusals, are read in a few batched calls, none per
+    connection."""
     settings = services.settings
     if tick != "sync" or not settings.webhooks_enabled:
         return lambda connection: True
@@ -229,8 +231,14 @@ def _polled(services: Services, tick: Kind, slot: str, cron: str) -> Callable[[C
     if ticks <= 1:
         return lambda connection: True
     served = ServedIndex(services.webhooks.current())
+    # An organization whose shared credential Calendly refused: its deliveries cannot be acted
+    # on (and those of the refusal are lost), so its members are polled at SYNC_CRON.
+    refs = served.organization_refs()
+    refused = {r for r, why in services.connections.shared_refused_of(refs).items() if why}
     return lambda c: (
-        not served.active(c.id, c.calendly_grant_ref) or webhook_poll_due(c.id, turn, ticks)
+        c.calendly_grant_ref in refused
+        or not served.active(c.id, c.calendly_grant_ref)
+        or webhook_poll_due(c.id, turn, ticks)
     )
 
 
