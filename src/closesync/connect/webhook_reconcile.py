@@ -112,13 +112,17 @@ class Reconciler:
         connections: Sequence[Connection],
         refs: Sequence[str],
         concurrency: int = DEFAULT_CONCURRENCY,
+        *,
+        sweep: bool = True,
     ) -> list[Outcome]:
-        """Reconcile these connections' own subscriptions and these organizations'."""
+        """Reconcile these connections' own subscriptions and these organizations' (`sweep`:
+        first forget the records nothing owns; a batch after the first of a pass skips it)."""
         # Records first: a connect saves its connection (or credential) before its record, so
         # every record read here has its owner in the listings read after it.
         records = self.services.webhooks.all()
         every = self.services.connections.list()
-        self._sweep(records, {c.id for c in every}, set(self.credentials.refs()))
+        if sweep:
+            self._sweep(records, {c.id for c in every}, set(self.credentials.refs()))
         members: dict[str, list[str]] = {}
         for c in every:
             if c.calendly_grant_ref is not None and c.state is ConnectionState.ACTIVE:
@@ -294,3 +298,26 @@ def targets(
     connections = [services.connections.get(conn_id) for conn_id in dict.fromkeys(ids)]
     refs = sorted({c.calendly_grant_ref for c in connections if c.calendly_grant_ref is not None})
     return connections, refs
+
+
+def owner_cursor(connection_id: str | None = None, ref: str | None = None) -> str:
+    """An owner's place in a pass that runs in batches: connections, then organizations."""
+    return f"conn:{connection_id}" if connection_id is not None else f"org:{ref}"
+
+
+def next_batch(
+    connections: Sequence[Connection], refs: Sequence[str], after: str | None, size: int
+) -> tuple[list[Connection], list[str], str | None]:
+    """The next `size` owners after cursor `after` (None: from the start), and the cursor to
+    resume from (None: this batch ends the pass). A cursor names an owner, not a position, so
+    owners added or removed meanwhile shift nothing: a pass never runs one owner twice."""
+    owners: list[tuple[str, Connection | str]] = sorted(
+        [(owner_cursor(connection_id=c.id), c) for c in connections]
+        + [(owner_cursor(ref=r), r) for r in refs],
+        key=lambda owner: owner[0],
+    )
+    pending = [o for o in owners if after is None or o[0] > after]
+    batch, rest = pending[:size], pending[size:]
+    batch_connections = [o for _, o in batch if isinstance(o, Connection)]
+    batch_refs = [o for _, o in batch if isinstance(o, str)]
+    return batch_connections, batch_refs, (batch[-1][0] if rest else None)

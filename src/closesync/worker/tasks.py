@@ -525,25 +525,44 @@ def drift_connection(
         return run_connection(self, connection_id, RunMode.DRIFT, resumes)
 
 
+# Owners one reconcile_webhooks task reconciles before it hands the rest of the pass to the
+# next one: at most a few Calendly calls each (listing, delete, create within their 5 s call
+# budgets), DEFAULT_CONCURRENCY at a time, well within the task's 240 s soft limit; smaller
+# batches cost one more message each.
+RECONCILE_BATCH = 100
+
+
 @shared_task(bind=True, name=names.RECONCILE_WEBHOOKS)
-def reconcile_webhooks(self: Task[Any, Any], slot: str) -> int:
-    """Reconcile every webhook subscription closesync owns with Calendly (daily, DRIFT_CRON):
+def reconcile_webhooks(self: Task[Any, Any], slot: str, after: str | None = None) -> int:
+    """Reconcile the webhook subscriptions closesync owns with Calendly (daily, DRIFT_CRON):
     re-create the disabled and missing ones (and sync what they serve), retry the pending ones,
-    delete our orphans. How many owners failed (logged; the next day tries again)."""
-    from closesync.connect.webhook_reconcile import Reconciler, targets
+    delete our orphans. RECONCILE_BATCH owners per task: each task publishes the next one,
+    resuming after the last owner it did (`after`), so a pass of any fleet size ends within a
+    day and none of it repeats. How many owners of this batch failed (logged; the next day
+    tries again)."""
+    from closesync.connect.webhook_reconcile import Reconciler, next_batch, targets
 
     services = get_services()
     settings = services.settings
     cron = settings.drift_cron
     if not settings.webhooks_enabled:
         return 0
-    if not services.state.claim_tick("webhooks", slot, tick_ttl(interval_after(cron, slot))):
+    # Only the pass's first task claims the slot; a continuation is one message of that claim.
+    first = after is None
+    if first and not services.state.claim_tick(
+        "webhooks", slot, tick_ttl(interval_after(cron, slot))
+    ):
         log.info("webhook reconciliation already ran: %s", slot, extra={"slot": slot})
         return 0
     with cron_checkin("closesync-reconcile-webhooks", cron):
+        connections, refs, resume = next_batch(*targets(services, None), after, RECONCILE_BATCH)
         outcomes = Reconciler(services, lambda ids: ask_for_syncs(services, self.app, ids)).run(
-            *targets(services, None)
+            connections, refs, sweep=first
         )
+    if resume is not None:
+        # Published before this task acks: a crash from here redelivers this batch (every step
+        # of it idempotent) rather than lose the rest of the pass.
+        self.app.send_task(names.RECONCILE_WEBHOOKS, args=[slot, resume])
     failed = sum(outcome.failed for outcome in outcomes)
     log.info(
         "webhook reconciliation %s: %d owners, %d failed",
