@@ -152,6 +152,10 @@ class Settings(BaseSettings):
     # Cron expression (UTC) of the scheduled sync of a connection whose webhooks are active: the
     # poll then only heals lost deliveries and disabled subscriptions, so it can be rarer.
     sync_cron_with_webhooks: str = "0 * * * *"
+    # Seconds of rate-limit and retry waits one webhook subscription call may spend: short,
+    # since creates and deletes run inside a connect request (an OAuth callback must not time
+    # out); one that runs out stays PENDING for the reconciliation. Longer rides out more 429s.
+    webhook_call_budget_seconds: float = Field(default=5.0, ge=0.0, le=60.0)
     # Seconds a delivery's sync waits for more deliveries of the same connections (a burst of
     # edits makes one run), and how old a signed timestamp may be (Calendly: 3 minutes).
     webhook_debounce_seconds: float = Field(default=1.0, ge=0.0, le=30.0)

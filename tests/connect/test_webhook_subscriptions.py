@@ -3,6 +3,8 @@ pause, and the reconciliation; against the sandbox over loopback HTTP and a real
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +18,7 @@ from closesync.connect.saving import save_connection
 from closesync.connect.webhook_reconcile import Reconciler, targets
 from closesync.connect.webhooks import NO_APP_KEY, Subscriptions
 from closesync.core.connection import Connection, ConnectionState
+from closesync.core.errors import RemovalIncomplete
 from closesync.core.retry import WaitBudget
 from closesync.core.webhooks import CALLBACK_PATH, WebhookState, callback_url
 from closesync.sandbox import Sandbox
@@ -475,3 +478,210 @@ def test_create_answered_409_adopts_the_subscription_our_earlier_try_made(
     adopted = subs.create(subs.user_owner(connection), pending)
     assert (adopted.state, adopted.uri, adopted.key) == (WebhookState.ACTIVE, made.uri, made.key)
     assert len(at_calendly(sb)) == 1
+
+
+def test_reconnect_to_another_calendly_user_leaves_exactly_one_subscription(
+    sb: Sandbox, services: Services
+) -> None:
+    """Reconnected to another Calendly user: the old user's subscription is deleted with the old
+    credential (before the new grants replace it), so Calendly holds only the new one."""
+    connection = add_pat_connection(services, sb, 1)
+    old = services.webhooks.for_connection(connection.id)
+    assert old is not None
+    other, grants = sandbox_connection(sb.users[2], time.time(), connection_id=connection.id)
+    save_connection(services, connection, other, grants)
+    new = services.webhooks.for_connection(connection.id)
+    assert new is not None
+    assert new.state is WebhookState.ACTIVE
+    assert new.key != old.key
+    assert new.user_uri == sb.users[2].calendly_user_uri
+    [there] = at_calendly(sb)
+    assert (there["uri"], there["user"]) == (new.uri, sb.users[2].calendly_user_uri)
+    assert [s.key for s in services.webhooks.all()] == [new.key]
+
+
+def test_connect_spends_only_a_short_budget_on_a_rate_limited_webhook_create(
+    sb: Sandbox, redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """Calendly asks 20 s of wait on the create: the connect does not wait it out (the webhook
+    budget is a few seconds, not the inline sync's 60), and the record stays PENDING."""
+    services = make_services(
+        sb, redis_client, redis_url, keys.prefix, inline_wait_budget_seconds=60.0
+    )
+    assert services.settings.webhook_call_budget_seconds <= 5
+    sb.world.add_fault(
+        api="calendly", kind="429", method="POST", path_prefix="/webhook_subscriptions", reset=20
+    )
+    started = time.monotonic()
+    connection = add_pat_connection(services, sb, 1)
+    assert time.monotonic() - started < 10
+    sub = services.webhooks.for_connection(connection.id)
+    assert sub is not None
+    assert sub.state is WebhookState.PENDING
+    assert sub.reason is not None
+    assert "429" in sub.reason
+    assert services.connections.get(connection.id).state is ConnectionState.ACTIVE
+
+
+def test_reconcile_after_a_base_url_change_recreates_the_subscription_at_the_new_host(
+    sb: Sandbox, services: Services, redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """PUBLIC_BASE_URL changed: an ACTIVE subscription still posting to the old host is deleted
+    and made again at the new URL with a new key, and a sync is asked."""
+    connection = add_pat_connection(services, sb, 1)
+    old = services.webhooks.for_connection(connection.id)
+    assert old is not None
+    moved_base = "http://127.0.0.1:9/moved"
+    moved = Services.build(
+        services.settings.model_copy(update={"public_base_url": moved_base}),
+        redis_client=redis_client,
+    )
+    asked: list[list[str]] = []
+    [outcome] = Reconciler(moved, asked.append).run([connection], [])
+    assert (outcome.action, outcome.state, asked) == ("recreated", "active", [[connection.id]])
+    new = moved.webhooks.for_connection(connection.id)
+    assert new is not None
+    assert new.key != old.key
+    [there] = at_calendly(sb)
+    assert (there["uri"], there["callback_url"]) == (new.uri, callback_url(moved_base, new.key))
+
+
+def test_reconcile_from_a_stale_list_never_resubscribes_a_connection_being_removed(
+    sb: Sandbox, services: Services
+) -> None:
+    """A remove marked the connection and dropped its subscription after the pass read its
+    list: the pass reads the removal mark under the owner's lock and makes nothing."""
+    connection = add_pat_connection(services, sb, 1)
+    assert services.connections.mark_removing(connection.id)
+    Subscriptions(services).after_leaving(connection)
+    assert at_calendly(sb) == []
+    [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert (outcome.action, outcome.reason, outcome.settled) == ("skipped", "removed", True)
+    assert at_calendly(sb) == []
+    assert services.webhooks.for_connection(connection.id) is None
+
+
+def test_reconcile_from_a_stale_list_never_resubscribes_a_paused_connection(
+    sb: Sandbox, services: Services
+) -> None:
+    """Paused after the pass read it ACTIVE: the pass reads the state again and makes nothing."""
+    connection = add_pat_connection(services, sb, 1)
+    paused = services.connections.set_state(connection.id, ConnectionState.PAUSED)
+    Subscriptions(services).after_state_change(paused)
+    assert at_calendly(sb) == []
+    [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert outcome.reason == "paused"
+    assert at_calendly(sb) == []
+
+
+def test_reconcile_waits_out_an_owner_lock_held_elsewhere_and_calls_nothing(
+    sb: Sandbox, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process holds the owner's lifecycle lock, a reconcile of that owner makes
+    no Calendly call and reports it failed (busy); once released it proceeds."""
+    monkeypatch.setattr("closesync.connect.webhooks.OWNER_LOCK_WAIT_SECONDS", 0.2)
+    connection = add_pat_connection(services, sb, 1)
+    before = sb.world.request_counts()
+    with services.webhooks.owner_lock("user", connection.id, wait=0):
+        [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert outcome.failed
+    assert outcome.reason is not None
+    assert "lock" in outcome.reason
+    assert sb.world.request_counts() == before
+    [again] = Reconciler(services, lambda ids: None).run([connection], [])
+    assert again.action == "kept"
+
+
+def test_two_reconciles_at_once_make_exactly_one_replacement(
+    sb: Sandbox, services: Services
+) -> None:
+    """Two passes race on a disabled subscription: under the owner's lock one re-creates it and
+    the other then keeps the new one; Calendly ends with exactly one active subscription."""
+    connection = add_pat_connection(services, sb, 1)
+    old = services.webhooks.for_connection(connection.id)
+    assert old is not None
+    assert old.uri is not None
+    sb.world.disable_subscription(old.uri.rsplit("/", 1)[1])
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def one_pass() -> None:
+        start.wait(timeout=10)
+        [outcome] = Reconciler(services, lambda ids: None).run([connection], [])
+        outcomes.append(outcome.action)
+
+    threads = [threading.Thread(target=one_pass) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes) == ["kept", "recreated"]
+    [there] = at_calendly(sb)
+    current = services.webhooks.for_connection(connection.id)
+    assert current is not None
+    assert (there["uri"], there["state"]) == (current.uri, "active")
+
+
+def test_remove_whose_calendly_delete_fails_stops_incomplete_and_its_rerun_deletes_it(
+    sb: Sandbox, services: Services
+) -> None:
+    """Calendly fails the delete (503s): the removal stops as RemovalIncomplete with the record
+    kept, not forgotten (nothing could list that subscription again); run again, it goes."""
+    connection = add_pat_connection(services, sb, 1)
+    sub = services.webhooks.for_connection(connection.id)
+    assert sub is not None
+    sb.world.add_fault(
+        api="calendly", kind="503", method="DELETE", path_prefix="/webhook_subscriptions", count=50
+    )
+    with pytest.raises(RemovalIncomplete, match="503"):
+        remove_connection(services, connection, delete_links=False, revoke=True)
+    assert services.webhooks.for_connection(connection.id) == sub
+    assert [s["uri"] for s in at_calendly(sb)] == [sub.uri]
+    sb.world.clear_faults()
+    remove_connection(services, connection, delete_links=False, revoke=True)
+    assert at_calendly(sb) == []
+    assert services.webhooks.all() == []
+
+
+def test_no_callback_key_in_logs_of_the_lifecycle_and_the_reconciliation(
+    sb: Sandbox, services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connect, a failed create, reconcile (retry, re-create after disable), pause, resume,
+    reconnect to another user, remove, all at DEBUG: no callback key (half of what a delivery
+    proves) in any log message, argument or extra field."""
+    caplog.set_level(logging.DEBUG)
+    keys_seen: set[str] = set()
+
+    def remember(conn_id: str) -> None:
+        for sub in services.webhooks.all():
+            keys_seen.add(sub.key)
+
+    sb.world.update_config(api="calendly", error_rate=1.0)
+    connection = add_pat_connection(services, sb, 1)
+    sb.world.update_config(api="calendly", error_rate=0.0)
+    remember(connection.id)
+    Reconciler(services, lambda ids: None).run([connection], [])
+    remember(connection.id)
+    sub = services.webhooks.for_connection(connection.id)
+    assert sub is not None
+    assert sub.uri is not None
+    sb.world.disable_subscription(sub.uri.rsplit("/", 1)[1])
+    Reconciler(services, lambda ids: None).run([connection], [])
+    remember(connection.id)
+    subs = Subscriptions(services)
+    subs.after_state_change(services.connections.set_state(connection.id, ConnectionState.PAUSED))
+    subs.after_state_change(services.connections.set_state(connection.id, ConnectionState.ACTIVE))
+    remember(connection.id)
+    current = services.connections.get(connection.id)
+    other, grants = sandbox_connection(sb.users[2], time.time(), connection_id=connection.id)
+    save_connection(services, current, other, grants)
+    remember(connection.id)
+    remove_connection(
+        services, services.connections.get(connection.id), delete_links=False, revoke=True
+    )
+    assert len(keys_seen) >= 4
+    assert caplog.records
+    for record in caplog.records:
+        text = " ".join([record.getMessage(), repr(record.args), repr(vars(record))])
+        for key in keys_seen:
+            assert key not in text, record.getMessage()

@@ -253,3 +253,31 @@ def test_no_signing_or_callback_key_in_logs_output_or_redis_in_the_clear(
         assert secret not in redis_text
     for key in callback:
         assert key not in printed.out + printed.err
+
+
+def test_webhooks_ensure_exits_1_when_an_owner_needing_reauth_is_skipped(
+    sb: Sandbox, services: Services, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """A connection needing re-authorization has no working subscription: `ensure` counts it
+    not active and exits 1 (it used to be skipped with state None and exit 0)."""
+    conn_id = add(sb.users[1], monkeypatch, capsys)
+    services.connections.set_state(conn_id, ConnectionState.NEEDS_REAUTH)
+    code, report = run_json(capsys, "webhooks", "ensure", "--all", "--json")
+    assert code == 1
+    [owner] = report["owners"]
+    assert (owner["owner"], owner["action"], owner["reason"]) == (
+        conn_id,
+        "skipped",
+        "needs_reauth",
+    )
+    assert report["failed"] == 1
+
+
+def test_webhooks_ensure_help_documents_its_exit_codes(capsys: Any) -> None:
+    """`webhooks ensure --help` says what exit codes 0, 1 and 2 mean."""
+    with pytest.raises(SystemExit):
+        main(["webhooks", "ensure", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit codes: 0" in text
+    assert "1 at least one" in text
+    assert "2 bad usage" in text

@@ -20,7 +20,7 @@ from closesync.wiring.services import Services
 from closesync.worker.enqueue import enqueue_tick
 from closesync.worker.scheduler import Leadership, TickScheduler
 from closesync.worker.tasks import reconcile_webhooks, use_services
-from tests._broker import queued
+from tests._broker import queue_key, queued
 from tests._oauth import sandbox_env
 from tests._sandbox import running_sandbox
 from tests.shells.test_worker_tasks import broker, services_on  # noqa: F401
@@ -102,3 +102,48 @@ def test_reconcile_task_recreates_a_disabled_subscription_and_queues_its_sync_on
     assert [s["state"] for s in sb.world.subscription_details()] == ["active"]
     runs = queued(redis_client, keys.prefix, "sync")
     assert [(r.task, r.args[0]) for r in runs] == [("closesync.sync_connection", connection.id)]
+
+
+def test_reconcile_task_runs_in_batches_each_resuming_after_the_last_owner(
+    sb: Sandbox,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    broker: Callable[[Services], Celery],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One owner per task: the first task mends one disabled subscription and queues the next
+    task (on `fanout`, resuming after that owner), which mends the other and queues none."""
+    monkeypatch.setattr("closesync.worker.tasks.RECONCILE_BATCH", 1)
+    env = sandbox_env(sb, redis_url, keys.prefix, generate_key())
+    settings = Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[call-arg]
+    services = Services.build(settings, redis_client=redis_client)
+    broker(services)
+    olds = []
+    for user in sb.users[:2]:
+        connection, grants = sandbox_connection(user, time.time())
+        save_connection(services, None, connection, grants)
+        old = services.webhooks.for_connection(connection.id)
+        assert old is not None
+        assert old.uri is not None
+        sb.world.disable_subscription(old.uri.rsplit("/", 1)[1])
+        olds.append(old)
+    use_services(services)
+    try:
+        assert reconcile_webhooks.apply(args=[SLOT]).get() == 0
+        [resume] = queued(redis_client, keys.prefix, "fanout")
+        assert resume.task == "closesync.reconcile_webhooks"
+        assert resume.args[0] == SLOT
+        states = sorted(s["state"] for s in sb.world.subscription_details())
+        assert states == ["active", "disabled"]
+        redis_client.delete(queue_key(keys.prefix, "fanout"))
+        assert reconcile_webhooks.apply(args=resume.args).get() == 0
+        assert queued(redis_client, keys.prefix, "fanout") == []
+    finally:
+        use_services(None)
+    assert [s["state"] for s in sb.world.subscription_details()] == ["active", "active"]
+    for old in olds:
+        assert old.connection_id is not None
+        new = services.webhooks.for_connection(old.connection_id)
+        assert new is not None
+        assert new.key != old.key

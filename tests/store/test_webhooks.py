@@ -5,7 +5,13 @@ from __future__ import annotations
 import redis
 from pydantic import SecretStr
 
-from closesync.core.webhooks import Subscription, WebhookState, callback_url, new_key
+from closesync.core.webhooks import (
+    ServedIndex,
+    Subscription,
+    WebhookState,
+    callback_url,
+    new_key,
+)
 from closesync.store.keys import Keys
 from closesync.store.secretbox import FernetBox, generate_key
 from closesync.store.webhooks import WebhookStore
@@ -83,3 +89,24 @@ def test_callback_url_joins_base_and_key() -> None:
     assert callback_url("https://sync.example.com/", "k1") == (
         "https://sync.example.com/webhooks/calendly/k1"
     )
+
+
+def test_served_index_of_current_records_ignores_a_stale_active_leftover(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A leftover ACTIVE record the owner index no longer names never shadows the current
+    PENDING one: the connection is not taken for webhook-served (so it keeps being polled)."""
+    store = WebhookStore(redis_client, keys, FernetBox([generate_key()]))
+    current = _user_sub()
+    stale = current.model_copy(
+        update={"key": "zzzz-" + new_key(), "state": WebhookState.ACTIVE, "uri": "u"}
+    )
+    store.save(stale)
+    store.save(current)  # the index names the current, PENDING one
+    assert {s.key for s in store.all()} == {current.key, stale.key}
+    assert [s.key for s in store.current()] == [current.key]
+    served = ServedIndex(store.current())
+    assert served.active("conn_aaaaaaaaaaaa", None) is False
+    assert served.served("conn_aaaaaaaaaaaa", None).state == "pending"
+    # What the fan-out and status did before: every record, the leftover last, wins.
+    assert ServedIndex(store.all()).active("conn_aaaaaaaaaaaa", None) is True

@@ -80,8 +80,9 @@ def _read(
 
 
 def _webhooks(services: Services) -> ServedIndex:
-    """Which subscription serves which connection, with the last deliveries: two round trips."""
-    subscriptions = services.webhooks.all()
+    """Which subscription serves which connection, with the last deliveries: four round trips
+    (only the records an owner index names: a leftover never shadows the current one)."""
+    subscriptions = services.webhooks.current()
     last = services.webhooks.last_deliveries([s.key for s in subscriptions])
     return ServedIndex(subscriptions, last)
 

@@ -5,8 +5,9 @@ Calendly's uri, the last verified delivery and why it is refused or pending. `en
 --all]` runs the reconciliation (`closesync.connect.webhook_reconcile`) now, retrying refused
 subscriptions too (run after granting `webhooks:write` or setting CALENDLY_WEBHOOK_SIGNING_KEY),
 and asks the workers for a sync of what a re-created subscription serves. Exit codes as
-decisions.md has them: 0 every subscription in scope is active (or none is due: organization
-members, paused connections), 1 at least one failed, is pending or refused, 2 bad usage (an
+decisions.md has them (and `ensure --help`): 0 every subscription in scope is active (or none is
+due: organization members, paused connections), 1 at least one failed, is pending or refused, or
+was skipped unserved (needs_reauth, an organization no longer connected), 2 bad usage (an
 unknown id, neither ids nor --all, WEBHOOKS_ENABLED=false). Never prints a signing key, a
 callback key or a token: the callback URL holds the key, so only Calendly's uri is shown.
 """
@@ -26,8 +27,12 @@ from closesync.wiring.services import Services, load_services
 from closesync.worker.celery_app import create_app
 from closesync.worker.enqueue import ask_for_syncs
 
-# What `ensure` counts as done for an owner: its subscription is active, or none is due.
-_SETTLED = {"active", None}
+ENSURE_EXIT_CODES = (
+    "exit codes: 0 every owner in scope has an active subscription or is due none (an "
+    "organization member, a paused connection); 1 at least one failed, is pending or refused, "
+    "or was skipped unserved (needs_reauth, an organization not connected); 2 bad usage or "
+    "configuration (an unknown id, neither IDs nor --all, WEBHOOKS_ENABLED=false)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -45,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "ensure",
         help="reconcile with Calendly now: re-create disabled or missing subscriptions, retry "
         "pending and refused ones, delete orphans of our URL",
+        description="Reconcile the webhook subscriptions of these connections (or --all) with "
+        "Calendly now.",
+        epilog=ENSURE_EXIT_CODES,
     )
     ensure.add_argument("ids", nargs="*", metavar="ID", help="connection ids")
     ensure.add_argument("--all", action="store_true", help="every connection and organization")
@@ -126,7 +134,7 @@ def cmd_ensure(args: argparse.Namespace) -> int:
     services.require_key()  # the credentials are read, and a new signing key is sealed
     connections, refs = targets(services, None if args.all else args.ids)
     outcomes = _reconcile(services, connections, refs, args.concurrency)
-    failed = [o for o in outcomes if o.failed or o.state not in _SETTLED]
+    failed = [o for o in outcomes if not o.settled]
     if args.json:
         print_json({"owners": [_json(o) for o in outcomes], "failed": len(failed)})
     else:

@@ -10,8 +10,10 @@ an order that no run of the connection can interleave with:
    connection that found the mark meanwhile did nothing: the run holding the lock is asked to
    run once more (a rerun request, as those syncs would have left without the mark). A backfill
    or drift check that found the mark is not made up: it waits for the next one asked;
-3. the connection's own webhook subscription is deleted at Calendly (best effort, while its
-   Calendly grant still works: `closesync.connect.webhooks`); the links go, while the Close
+3. the connection's own webhook subscription is deleted at Calendly, while its Calendly grant
+   still works (`closesync.connect.webhooks`; a delete Calendly failed for a passing reason
+   stops the removal here, the record kept, so that running it again deletes the subscription
+   rather than leave one nothing can list any more); the links go, while the Close
    grant still works; then the grants are revoked at both
    providers; then every key of the connection is erased and the mark gets its TTL, in one
    transaction. A removal stopped in this step keeps the mark (the connection is no longer
@@ -88,7 +90,8 @@ def remove_connection(
         connection = services.connections.get(conn_id)
         try:
             # Its webhook subscription first, while its Calendly credential still works.
-            Subscriptions(services).after_leaving(connection)
+            # A failed delete stops the removal here (RemovalIncomplete: run it again).
+            Subscriptions(services).drop_before_removal(connection)
             deleted = delete_our_links(services, connection) if delete_links else None
             revoked = revoke_connection(services, connection) if revoke else []
             services.connections.remove(conn_id, lock_held=True)
@@ -134,7 +137,7 @@ def revoke_connection(services: ConnectServices, connection: Connection) -> list
         orgs.bound_to(ref)
     )
     if not others and not waiting:
-        Subscriptions(services).before_organization_goes(ref)
+        Subscriptions(services).drop_before_organization_goes(ref)
         if revoke_grant(services, "calendly", grants.calendly):
             revoked.append("calendly organization")
         orgs.forget(ref)

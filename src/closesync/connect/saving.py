@@ -19,6 +19,9 @@ A new connection has no old grants and no refresh in flight: it is stored at onc
 A connection that a `connections remove` marked meanwhile is not stored (ConnectionLeaving, a
 ConnectionBusy: both ask the user to try again, which then makes a new connection).
 
+A reconnect to another Calendly user (or into organization mode) first deletes the old user's
+webhook subscription with the old grants, still stored then (`Subscriptions.before_replacing`);
+should the save then fail, the connection has none until the reconciliation makes it again.
 Once stored, the connection's webhook subscription is made (`closesync.connect.webhooks`: its
 own, or its organization's in organization mode); a webhook failure is recorded there and never
 fails the save.
@@ -112,6 +115,9 @@ def _replacing(
     if existing is None:
         _store(write)
         return
+    # Before the locks (deleting may refresh the old grant under them) and before the write:
+    # only the old grants can delete the old Calendly user's subscription.
+    Subscriptions(services).before_replacing(existing, connection)
     held: list[RedisLock] = []
     try:
         for name in _lock_names(existing, connection):

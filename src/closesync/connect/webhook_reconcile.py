@@ -6,9 +6,11 @@ Calendly credential: `user` scope; a connected organization: `organization` scop
 listing at Calendly, with the credential that owns the subscriptions, and then:
 
 - keeps an ACTIVE record that Calendly lists `active`;
-- re-creates one that Calendly lists `disabled` (deleted first: Calendly never re-enables one)
-  or no longer lists at all, and asks a sync of the connections it serves, since deliveries were
-  lost meanwhile (`ask_sync`, the coalescing sync marker of `worker.enqueue.ask_for_syncs`);
+- re-creates one that Calendly lists `disabled` (deleted first: Calendly never re-enables one),
+  no longer lists at all, or lists with a callback URL other than `callback_url(PUBLIC_BASE_URL,
+  key)` (the base URL changed: deliveries go to the old host), and asks a sync of the
+  connections it serves, since deliveries were lost meanwhile (`ask_sync`, the coalescing
+  sync marker of `worker.enqueue.ask_for_syncs`);
 - retries a PENDING record (with its own key: a create whose answer was lost is adopted), and a
   REFUSED one when asked (`retry_refused`: `webhooks ensure`, run after a scope or setting was
   fixed; the daily pass leaves Calendly's refusals alone);
@@ -17,7 +19,11 @@ listing at Calendly, with the credential that owns the subscriptions, and then:
   CALLBACK_PATH) but whose key no record holds: left behind by a delete that failed. A
   subscription to any other URL is never touched.
 
-A paused connection's leftover subscription is dropped. A connection needing re-authorization is
+Each owner is reconciled under its lifecycle lock (`Subscriptions.locked`), the same one the
+connect, remove and pause hooks take, and from its state read again inside it: a connection
+removed, paused or reconnected since the pass read its list, or an organization whose credential
+went, is never given its subscription back. A paused connection's leftover subscription is
+dropped; a removed one is skipped (its removal drops it). A connection needing re-authorization is
 skipped (its credential is refused). Owners run `concurrency` at a time; one owner's failure is
 reported in its outcome and never stops the others. Nothing here imports the worker: `ask_sync`
 is given.
@@ -36,11 +42,12 @@ from closesync.connect.org_credentials import OrgCredentials
 from closesync.connect.webhooks import Owner, Subscriptions
 from closesync.core.calendly_payloads import WebhookSubscription, uuid_of
 from closesync.core.connection import Connection, ConnectionState
-from closesync.core.errors import CloseSyncError
+from closesync.core.errors import CloseSyncError, ConnectionNotFound
 from closesync.core.webhooks import (
     CALLBACK_PATH,
     Subscription,
     WebhookState,
+    callback_url,
     is_ours,
     state_at_calendly,
 )
@@ -49,6 +56,10 @@ log = logging.getLogger(__name__)
 
 # Owners reconciled at once by default: each is one listing and at most a delete and a create.
 DEFAULT_CONCURRENCY = 8
+
+
+# Why a skipped (or dropped) owner is due no subscription at all.
+NOTHING_DUE = frozenset({"organization mode", "paused", "removed"})
 
 
 @dataclass
@@ -66,6 +77,17 @@ class Outcome:
     @property
     def failed(self) -> bool:
         return self.action == "failed"
+
+    @property
+    def settled(self) -> bool:
+        """Done for this owner: its subscription is active, or none is due (a member of a
+        connected organization, a paused connection). A skip for any other cause (needs_reauth,
+        an organization no longer connected) leaves deliveries unserved: not settled."""
+        if self.failed:
+            return False
+        if self.action in ("skipped", "dropped"):
+            return self.reason in NOTHING_DUE
+        return self.state == WebhookState.ACTIVE.value
 
 
 class Reconciler:
@@ -90,13 +112,17 @@ class Reconciler:
         connections: Sequence[Connection],
         refs: Sequence[str],
         concurrency: int = DEFAULT_CONCURRENCY,
+        *,
+        sweep: bool = True,
     ) -> list[Outcome]:
-        """Reconcile these connections' own subscriptions and these organizations'."""
+        """Reconcile these connections' own subscriptions and these organizations' (`sweep`:
+        first forget the records nothing owns; a batch after the first of a pass skips it)."""
         # Records first: a connect saves its connection (or credential) before its record, so
         # every record read here has its owner in the listings read after it.
         records = self.services.webhooks.all()
         every = self.services.connections.list()
-        self._sweep(records, {c.id for c in every}, set(self.credentials.refs()))
+        if sweep:
+            self._sweep(records, {c.id for c in every}, set(self.credentials.refs()))
         members: dict[str, list[str]] = {}
         for c in every:
             if c.calendly_grant_ref is not None and c.state is ConnectionState.ACTIVE:
@@ -129,31 +155,50 @@ class Reconciler:
                 store.delete(sub)
 
     def connection(self, connection: Connection, known: set[str]) -> Outcome:
+        """One connection's own subscription, under its lifecycle lock, from what is stored
+        now: the listing this pass started from may be stale (a remove, pause or reconnect
+        since must win, never be undone here)."""
         label = connection.id
-        if connection.calendly_grant_ref is not None:
-            return Outcome(label, "user", "skipped", reason="organization mode")
         try:
-            if connection.state is ConnectionState.PAUSED:
-                dropped = self.subs.drop_connection(connection)
-                return Outcome(label, "user", "dropped" if dropped else "skipped", reason="paused")
-            if connection.state is not ConnectionState.ACTIVE:
-                return Outcome(label, "user", "skipped", reason=connection.state.value)
-            owner = self.subs.user_owner(connection)
-            current = self.services.webhooks.for_connection(connection.id)
-            return self._reconcile(owner, current, [connection.id], known)
+            return self.subs.locked(connection.id, lambda: self._connection(connection.id, known))
         except CloseSyncError as error:
             return self._failed(label, "user", error)
 
+    def _connection(self, conn_id: str, known: set[str]) -> Outcome:
+        if self.services.connections.is_removing(conn_id):
+            return Outcome(conn_id, "user", "skipped", reason="removed")
+        try:
+            connection = self.services.connections.get(conn_id)
+        except ConnectionNotFound:
+            return Outcome(conn_id, "user", "skipped", reason="removed")
+        if connection.calendly_grant_ref is not None:
+            return Outcome(conn_id, "user", "skipped", reason="organization mode")
+        if connection.state is ConnectionState.PAUSED:
+            dropped = self.subs.drop_connection(connection, keep_on_failure=True)
+            return Outcome(conn_id, "user", "dropped" if dropped else "skipped", reason="paused")
+        if connection.state is not ConnectionState.ACTIVE:
+            return Outcome(conn_id, "user", "skipped", reason=connection.state.value)
+        owner = self.subs.user_owner(connection)
+        current = self.services.webhooks.for_connection(conn_id)
+        return self._reconcile(owner, current, [conn_id], known)
+
     def organization(self, ref: str, members: list[str], known: set[str]) -> Outcome:
+        """One organization's subscription, under its lifecycle lock; a credential revoked
+        since the pass started is seen gone here (organization_owner reads it again)."""
         label = f"organization {ref}"
         try:
-            owner = self.subs.organization_owner(ref)
-            if owner is None:
-                return Outcome(label, "organization", "skipped", reason="not connected")
-            current = self.services.webhooks.for_organization(ref)
-            return self._reconcile(owner, current, members, known)
+            return self.subs.locked_organization(
+                ref, lambda: self._organization(ref, members, known)
+            )
         except CloseSyncError as error:
             return self._failed(label, "organization", error)
+
+    def _organization(self, ref: str, members: list[str], known: set[str]) -> Outcome:
+        owner = self.subs.organization_owner(ref)
+        if owner is None:
+            return Outcome(f"organization {ref}", "organization", "skipped", reason="not connected")
+        current = self.services.webhooks.for_organization(ref)
+        return self._reconcile(owner, current, members, known)
 
     def _failed(self, label: str, scope: str, error: CloseSyncError) -> Outcome:
         log.warning("webhooks: reconciling %s failed: %s", label, error)
@@ -171,13 +216,20 @@ class Reconciler:
         if current is None:
             made = self.subs.create(owner)
             outcome.action = "created"
-        elif current.state is WebhookState.ACTIVE and there is not None and there.state == "active":
+        elif (
+            current.state is WebhookState.ACTIVE
+            and there is not None
+            and there.state == "active"
+            and there.callback_url == callback_url(self.base_url, current.key)
+        ):
             made = current
         elif current.uri is not None and current.state in (
             WebhookState.ACTIVE,
             WebhookState.DISABLED,
         ):
-            # Disabled at Calendly, or gone from it: deliveries were lost, so a sync follows.
+            # Disabled at Calendly, gone from it, or posting to a URL that is no longer ours (a
+            # PUBLIC_BASE_URL change; Calendly never changes a URL): deliveries were lost, so it
+            # is made again with a new key and a sync follows.
             self.subs.drop(current, owner)
             made = self.subs.create(owner)
             outcome.action = "recreated"
@@ -246,3 +298,26 @@ def targets(
     connections = [services.connections.get(conn_id) for conn_id in dict.fromkeys(ids)]
     refs = sorted({c.calendly_grant_ref for c in connections if c.calendly_grant_ref is not None})
     return connections, refs
+
+
+def owner_cursor(connection_id: str | None = None, ref: str | None = None) -> str:
+    """An owner's place in a pass that runs in batches: connections, then organizations."""
+    return f"conn:{connection_id}" if connection_id is not None else f"org:{ref}"
+
+
+def next_batch(
+    connections: Sequence[Connection], refs: Sequence[str], after: str | None, size: int
+) -> tuple[list[Connection], list[str], str | None]:
+    """The next `size` owners after cursor `after` (None: from the start), and the cursor to
+    resume from (None: this batch ends the pass). A cursor names an owner, not a position, so
+    owners added or removed meanwhile shift nothing: a pass never runs one owner twice."""
+    owners: list[tuple[str, Connection | str]] = sorted(
+        [(owner_cursor(connection_id=c.id), c) for c in connections]
+        + [(owner_cursor(ref=r), r) for r in refs],
+        key=lambda owner: owner[0],
+    )
+    pending = [o for o in owners if after is None or o[0] > after]
+    batch, rest = pending[:size], pending[size:]
+    batch_connections = [o for _, o in batch if isinstance(o, Connection)]
+    batch_refs = [o for _, o in batch if isinstance(o, str)]
+    return batch_connections, batch_refs, (batch[-1][0] if rest else None)

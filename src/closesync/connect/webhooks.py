@@ -20,6 +20,11 @@ is adopted by its URL with the key it was made with. Calendly's answer then make
 403 or 400 (missing `webhooks:write`, a plan or role that may not) REFUSED with the reason; any
 other failure leaves it PENDING for the daily reconciliation.
 
+Every ensure, drop and reconcile of one owner (a connection, an organization) runs under that
+owner's lifecycle lock (`WebhookStore.owner_lock`) and reads the owner's state again inside it:
+a remove, pause or revoke racing a reconcile or a connect never has its subscription made again
+after it, and two reconciles never both drop and create.
+
 Nothing here may fail or undo the connect, remove or pause that called it: `after_*` catch every
 closesync error, record and log it (never a key or token), and the connection keeps syncing by
 polling. WEBHOOKS_ENABLED=false makes nothing.
@@ -32,7 +37,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import SecretStr
 
@@ -41,7 +46,13 @@ from closesync.connect.deps import ConnectServices
 from closesync.connect.org_credentials import OrgCredentials
 from closesync.core.calendly_payloads import WebhookSubscription, uuid_of
 from closesync.core.connection import Connection, ConnectionState
-from closesync.core.errors import CloseSyncError, Conflict
+from closesync.core.errors import (
+    AuthFailed,
+    CloseSyncError,
+    Conflict,
+    ConnectionNotFound,
+    Forbidden,
+)
 from closesync.core.retry import WaitBudget
 from closesync.core.webhooks import (
     EVENT_TYPE_EVENTS,
@@ -55,9 +66,15 @@ from closesync.core.webhooks import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Bytes of randomness in a signing key closesync generates (URL-safe base64 of 32 bytes, as
 # Calendly's own example key).
 SIGNING_KEY_BYTES = 32
+# Seconds a hook (connect, remove, pause) or the reconciliation waits for an owner's lifecycle
+# lock held by another one: longer than one owner's listing, delete and create take within their
+# call budgets, short enough for a connect request.
+OWNER_LOCK_WAIT_SECONDS = 15.0
 NO_APP_KEY = (
     "CALENDLY_WEBHOOK_SIGNING_KEY is not set: a subscription made with an OAuth token is signed "
     "with the application's key, so its deliveries could not be verified; set it (Calendly's "
@@ -97,7 +114,10 @@ class Subscriptions:
         if not self.settings.webhooks_enabled:
             return
         self._quietly(
-            f"subscribing {connection.id}", lambda: self._after_connect(connection, replaced)
+            f"subscribing {connection.id}",
+            lambda: self._locked_connection(
+                connection.id, lambda current: self._after_connect(current, replaced)
+            ),
         )
 
     def after_organization(self, ref: str) -> None:
@@ -105,17 +125,20 @@ class Subscriptions:
         if not self.settings.webhooks_enabled:
             return
         self._quietly(
-            f"subscribing organization {ref}", lambda: self.ensure_organization(ref, renew=True)
+            f"subscribing organization {ref}",
+            lambda: self.locked_organization(
+                ref, lambda: self.ensure_organization(ref, renew=True)
+            ),
         )
 
     def after_leaving(self, connection: Connection) -> None:
         """A connection is being removed or was paused: delete its own subscription."""
-        self._quietly(f"unsubscribing {connection.id}", lambda: self.drop_connection(connection))
-
-    def before_organization_goes(self, ref: str) -> None:
-        """An organization credential is about to be revoked and forgotten: delete its
-        subscription first, while the credential can still do it."""
-        self._quietly(f"unsubscribing organization {ref}", lambda: self.drop_organization(ref))
+        self._quietly(
+            f"unsubscribing {connection.id}",
+            lambda: self.locked(
+                connection.id, lambda: self.drop_connection(connection, keep_on_failure=True)
+            ),
+        )
 
     def after_state_change(self, connection: Connection) -> None:
         """Paused: its own subscription goes; active again: it gets one."""
@@ -123,6 +146,35 @@ class Subscriptions:
             self.after_leaving(connection)
         elif connection.state is ConnectionState.ACTIVE:
             self.after_connect(connection, None)
+
+    # -- the per-owner lock: every ensure, drop and reconcile of one owner runs under it -------
+
+    def locked(self, conn_id: str, step: Callable[[], T]) -> T:
+        """`step` under connection `conn_id`'s lifecycle lock (RunLocked past OWNER_LOCK_WAIT)."""
+        with self.store.owner_lock("user", conn_id, OWNER_LOCK_WAIT_SECONDS):
+            return step()
+
+    def locked_organization(self, ref: str, step: Callable[[], T]) -> T:
+        """`step` under organization `ref`'s lifecycle lock."""
+        with self.store.owner_lock("organization", ref, OWNER_LOCK_WAIT_SECONDS):
+            return step()
+
+    def _locked_connection(self, conn_id: str, step: Callable[[Connection], object]) -> None:
+        """`step` of the connection as stored now, under its lock; nothing when it is being
+        removed, is gone or is not active any more (a remove or pause won the race: its own
+        hook, waiting for this lock, drops whatever is there)."""
+
+        def fresh() -> None:
+            if self.services.connections.is_removing(conn_id):
+                return
+            try:
+                current = self.services.connections.get(conn_id)
+            except ConnectionNotFound:
+                return
+            if current.state is ConnectionState.ACTIVE:
+                step(current)
+
+        self.locked(conn_id, fresh)
 
     def _quietly(self, what: str, step: Callable[[], object]) -> None:
         try:
@@ -137,21 +189,39 @@ class Subscriptions:
                 error,
             )
 
+    def before_replacing(self, existing: Connection, connection: Connection) -> None:
+        """`existing` is about to be replaced by `connection` of ANOTHER Calendly user (or in
+        organization mode): delete its own subscription now, while the stored grants are still
+        the old user's. After the save they are the new user's (Calendly answers their delete of
+        the old user's subscription 403) and the old Calendly grant is revoked."""
+        if not self._leaves_its_user(existing, connection):
+            return
+        self._quietly(
+            f"unsubscribing {existing.id}",
+            lambda: self.locked(existing.id, lambda: self.drop_connection(existing)),
+        )
+
+    @staticmethod
+    def _leaves_its_user(existing: Connection, connection: Connection) -> bool:
+        return existing.calendly_grant_ref is None and (
+            connection.calendly_grant_ref is not None
+            or existing.calendly_user_uri != connection.calendly_user_uri
+        )
+
     def _after_connect(self, connection: Connection, replaced: Connection | None) -> None:
         mine = self.store.for_connection(connection.id)
-        if connection.calendly_grant_ref is not None:
-            if mine is not None:  # moved into organization mode: its own one is no use now
-                owner = self._owner_or_none(lambda: self.user_owner(replaced or connection))
-                self.drop(mine, owner)
-            self.ensure_organization(connection.calendly_grant_ref)
-            return
-        renew = replaced is not None and (
-            replaced.calendly_user_uri != connection.calendly_user_uri
-            or replaced.calendly_grant_ref is not None
+        leaves = replaced is not None and (
+            self._leaves_its_user(replaced, connection) or replaced.calendly_grant_ref is not None
         )
-        if mine is not None and renew and replaced is not None:
-            # Another Calendly user (or back from organization mode): the old one is not its.
-            self.drop(mine, self._owner_or_none(lambda: self.user_owner(replaced)))
+        if mine is not None and leaves:
+            # `before_replacing` could not delete it; the stored credential is the new one now
+            # and cannot, so only the record goes (the reconciliation lists no orphan of it).
+            self.drop(mine, None)
+        ref = connection.calendly_grant_ref
+        if ref is not None:
+            # Lock order: a connection's, then its organization's (nothing takes them reversed).
+            self.locked_organization(ref, lambda: self.ensure_organization(ref))
+            return
         self.ensure_connection(connection, renew=True)
 
     # -- ensuring -----------------------------------------------------------------------------
@@ -291,21 +361,33 @@ class Subscriptions:
 
     # -- dropping -----------------------------------------------------------------------------
 
-    def drop_connection(self, connection: Connection) -> bool:
+    def drop_connection(self, connection: Connection, *, keep_on_failure: bool = False) -> bool:
         """Delete the connection's own subscription at Calendly, then its record."""
         current = self.store.for_connection(connection.id)
         if current is None:
             return False
-        self.drop(current, self._owner_or_none(lambda: self.user_owner(connection)))
+        owner = self._owner_or_none(lambda: self.user_owner(connection))
+        self.drop(current, owner, keep_on_failure=keep_on_failure)
         return True
 
-    def drop_organization(self, ref: str) -> bool:
+    def drop_organization(self, ref: str, *, keep_on_failure: bool = False) -> bool:
         """Delete the organization's subscription at Calendly, then its record."""
         current = self.store.for_organization(ref)
         if current is None:
             return False
-        self.drop(current, self._owner_or_none(lambda: self.organization_owner(ref)))
+        owner = self._owner_or_none(lambda: self.organization_owner(ref))
+        self.drop(current, owner, keep_on_failure=keep_on_failure)
         return True
+
+    def drop_before_removal(self, connection: Connection) -> None:
+        """A `connections remove`: delete its own subscription under its lock, raising (record
+        kept, so the removal stops as RemovalIncomplete and its rerun deletes it) when Calendly
+        failed for a reason a retry may get past."""
+        self.locked(connection.id, lambda: self.drop_connection(connection, keep_on_failure=True))
+
+    def drop_before_organization_goes(self, ref: str) -> None:
+        """The organization credential is about to be revoked: as `drop_before_removal`."""
+        self.locked_organization(ref, lambda: self.drop_organization(ref, keep_on_failure=True))
 
     def _owner_or_none(self, owner: Callable[[], Owner | None]) -> Owner | None:
         """The owner whose credential deletes a subscription; None (the record is forgotten
@@ -317,14 +399,26 @@ class Subscriptions:
             log.warning("webhooks: no credential to delete a subscription with: %s", error)
             return None
 
-    def drop(self, sub: Subscription, owner: Owner | None) -> None:
-        """Delete at Calendly (gone already counts as deleted), then forget the record. A failed
-        delete at Calendly is logged and the record forgotten all the same: the subscription is
-        then an orphan of ours, which the reconciliation deletes if a credential can see it."""
+    def drop(
+        self, sub: Subscription, owner: Owner | None, *, keep_on_failure: bool = False
+    ) -> None:
+        """Delete at Calendly (gone already counts as deleted), then forget the record.
+
+        A delete that failed for a reason a retry may get past (a 5xx, a timeout, a rate limit,
+        Redis), with `keep_on_failure`: raised, the record kept, so that whoever asked (a
+        removal, which then stops as RemovalIncomplete; a pause, which the reconciliation's
+        paused branch retries) deletes it on the next try. Without it (a replacement of an owner
+        that stays): logged and forgotten, the subscription then an orphan of our URL that the
+        owner's next listing deletes. A lasting refusal (401/403: this credential can never
+        delete it) is logged and forgotten either way: keeping a credential-bound tombstone
+        nothing can act on would only keep a sealed credential alive.
+        """
         if sub.uri is not None and owner is not None:
             try:
                 owner.client.delete_webhook_subscription(uuid_of(sub.uri))
             except CloseSyncError as error:
+                if keep_on_failure and not isinstance(error, AuthFailed | Forbidden):
+                    raise
                 log.warning(
                     "webhooks: Calendly did not delete the subscription of %s: %s",
                     owner.label(),
@@ -336,7 +430,10 @@ class Subscriptions:
     # -- owners -------------------------------------------------------------------------------
 
     def _budget(self) -> WaitBudget:
-        return WaitBudget(self.settings.inline_wait_budget_seconds)
+        # Short (WEBHOOK_CALL_BUDGET_SECONDS), not the inline sync's 60 s: these calls run inside
+        # a connect request (an OAuth callback must never time out on them); a create that runs
+        # out of it stays PENDING and the reconciliation makes it.
+        return WaitBudget(self.settings.webhook_call_budget_seconds)
 
     def user_owner(self, connection: Connection) -> Owner:
         grants = self.services.connections.grants(connection.id)

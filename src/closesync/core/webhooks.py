@@ -117,7 +117,9 @@ class Served:
 
 
 class ServedIndex:
-    """Which subscription serves which connection, built once from every record (no I/O).
+    """Which subscription serves which connection, built once from the records their owner
+    indexes name (`WebhookStore.current`; no I/O here). Given a leftover too, the last one of an
+    owner would win, which is why callers pass only the current ones.
 
     A connection with its own Calendly credential is served by its `user`-scope subscription;
     one in organization mode by its organization's (`grant_ref`).
@@ -134,6 +136,10 @@ class ServedIndex:
                 self._by_connection[sub.connection_id] = sub
             elif sub.scope == "organization" and sub.grant_ref is not None:
                 self._by_ref[sub.grant_ref] = sub
+
+    def organization_refs(self) -> list[str]:
+        """The refs of the organizations a subscription serves."""
+        return sorted(self._by_ref)
 
     def subscription(self, connection_id: str, grant_ref: str | None) -> Subscription | None:
         if grant_ref is not None:

@@ -248,6 +248,11 @@ class ConnectionStore:
             raise _not_found(conn_id)
         return Connection.model_validate_json(raw)
 
+    @guard("reading a removal mark")
+    def is_removing(self, conn_id: str) -> bool:
+        """Whether the connection carries its removal mark (a `remove` under way or just done)."""
+        return bool(self.redis.exists(self.keys.removed(conn_id)))
+
     @guard("looking up a Close user")
     def find_by_close_user(self, close_user_id: str) -> Connection | None:
         conn_id = self.redis.get(self.keys.close_user(close_user_id))

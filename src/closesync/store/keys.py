@@ -116,7 +116,16 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:webhooks                    SET     callback keys of the Calendly webhook
                                             subscriptions closesync owns                 no TTL
     {p}:webhook:{key}               STRING  JSON Subscription (closesync.core.webhooks):
-                                            scope, what it serves, Calendly's uri, state  no TTL
+                                            scope, what it serves, Calendly's uri, state.
+                                            Outlives a failed delete: a remove, pause or
+                                            organization revoke whose Calendly delete
+                                            failed for a passing reason keeps it (the
+                                            remove stops RemovalIncomplete; its rerun, or
+                                            the reconciliation for a pause, deletes it).
+                                            Chosen over a tombstone holding a sealed
+                                            credential: no credential outlives its
+                                            connection; a 401/403 forgets it (nothing
+                                            could ever delete it)                        no TTL
     {p}:webhook:{key}:signing-key   STRING  the signing key closesync generated for it
                                             (personal access token), sealed; absent: the
                                             OAuth application's key signs                no TTL
@@ -126,6 +135,14 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
                                             user-scope subscription                      no TTL
     {p}:webhook-of:org:{ref}        STRING  -> callback key of organization {ref}'s
                                             organization-scope subscription              no TTL
+    {p}:webhook-lock:conn:{id}      STRING  per-owner lock of the webhook lifecycle: the
+    {p}:webhook-lock:org:{ref}              token of the process ensuring, dropping or
+                                            reconciling that owner's subscription (a
+                                            connect, remove, pause, organization revoke
+                                            or the reconciliation), which re-reads the
+                                            owner's state inside it; renewed while held,
+                                            a connection's taken before its organization's
+                                                                        PX 30 s, renewed
     {p}:webhook-delivery:{digest}   STRING  a verified delivery the receiver took
                                             (digest: sha256 of callback key, signed t and
                                             body): "pending" (SET NX) while it enqueues,
@@ -340,6 +357,12 @@ class Keys:
 
     def webhook_of_organization(self, grant_ref: str) -> str:
         return f"{self.prefix}:webhook-of:org:{grant_ref}"
+
+    def webhook_lock_of_connection(self, conn_id: str) -> str:
+        return f"{self.prefix}:webhook-lock:conn:{conn_id}"
+
+    def webhook_lock_of_organization(self, grant_ref: str) -> str:
+        return f"{self.prefix}:webhook-lock:org:{grant_ref}"
 
     def webhook_delivery(self, digest: str) -> str:
         return f"{self.prefix}:webhook-delivery:{digest}"

@@ -8,6 +8,8 @@ delivery (`find`, `signing_key`) are one GET each.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import redis
@@ -16,6 +18,7 @@ from pydantic import SecretStr, ValidationError
 from closesync.core.errors import StoreUnavailable
 from closesync.core.webhooks import Subscription
 from closesync.store.keys import Keys, Owner, as_text
+from closesync.store.locks import RedisLock, hold
 from closesync.store.secretbox import SecretBox
 
 # A delivery's replay mark (keys.py, webhook-delivery:{digest}): pending while the request that
@@ -24,6 +27,10 @@ from closesync.store.secretbox import SecretBox
 PENDING = "pending"
 DONE = "done"
 Claim = Literal["taken", "pending", "done"]
+
+# Seconds the per-owner lifecycle lock lives unless renewed (it is, while held): a holder that
+# crashed frees its owner within this time.
+OWNER_LOCK_TTL_SECONDS = 30.0
 
 
 class WebhookStore:
@@ -168,6 +175,15 @@ class WebhookStore:
                 continue
         return found
 
+    def current(self) -> list[Subscription]:
+        """The records their owner's index names (three round trips): what serves each
+        connection. A leftover record (replaced by a newer one of the same owner, not yet swept
+        by the reconciliation) is left out, so a stale ACTIVE one never shadows the real
+        PENDING or REFUSED one."""
+        records = self.all()
+        named = self.indexed(records)
+        return [s for s in records if s.key in named]
+
     def delete(self, subscription: Subscription) -> None:
         """Forget the record, its signing key and its index entry (only if it still points here)."""
         key = subscription.key
@@ -188,6 +204,20 @@ class WebhookStore:
             raise StoreUnavailable(
                 f"Redis refused deleting webhook subscription: {error}"
             ) from error
+
+    @contextmanager
+    def owner_lock(self, scope: str, owner_id: str, wait: float) -> Iterator[RedisLock]:
+        """Hold the lifecycle lock of one owner (scope "user": a connection id; "organization":
+        a ref) for the block, waiting up to `wait` seconds; RunLocked when another process keeps
+        it. Every ensure, drop and reconcile of that owner runs under it, so two of them never
+        both drop and create."""
+        key = (
+            self.keys.webhook_lock_of_connection(owner_id)
+            if scope == "user"
+            else self.keys.webhook_lock_of_organization(owner_id)
+        )
+        with hold(self.redis, key, OWNER_LOCK_TTL_SECONDS, wait=wait) as lock:
+            yield lock
 
     def _owner_index(self, subscription: Subscription) -> str:
         if subscription.scope == "user":

@@ -152,14 +152,53 @@ def run_deadline(expression: str, last: float, fraction: float, visibility_timeo
     return fire.timestamp() + spread_window(interval, fraction, visibility_timeout)
 
 
-def polls_webhook_connections(expression: str, webhooks_expression: str, slot: str) -> bool:
-    """Whether the tick `slot` of `expression` (SYNC_CRON) also polls the connections whose
-    webhooks are active: it does when SYNC_CRON_WITH_WEBHOOKS fired since the tick before it,
-    i.e. it is the first tick at or after each of that cron's fires. Neither cron need divide
-    the other; the rarer poll is at most one SYNC_CRON interval late."""
+# Ticks of one SYNC_CRON_WITH_WEBHOOKS interval past which the crons are a mistake (every second
+# for more than a day): `webhook_poll_turn` walks them.
+_MAX_TICKS_PER_WEBHOOK_INTERVAL = 100_000
+
+
+def webhook_poll_turn(expression: str, webhooks_expression: str, slot: str) -> tuple[int, int]:
+    """(turn, ticks): the tick `slot` of `expression` (SYNC_CRON) is turn `turn` (0-based) of
+    the `ticks` SYNC_CRON ticks within the SYNC_CRON_WITH_WEBHOOKS interval that holds it.
+
+    A connection whose webhooks are active is polled at one tick per such interval, its own
+    (`webhook_poll_due`), so that the hourly poll of the whole fleet is spread over the hour's
+    ticks instead of landing on one. A webhooks cron more frequent than SYNC_CRON gives every
+    interval one tick (or the tick's own): (0, 1), everyone polled at every tick.
+    """
+    sync, rare = cron_trigger(expression), cron_trigger(webhooks_expression)
     fire = datetime.fromisoformat(slot)
-    before = previous_fire(cron_trigger(expression), fire - timedelta(seconds=1))
-    return previous_fire(cron_trigger(webhooks_expression), fire) > before
+    start = previous_fire(rare, fire)
+    end = next_fire(rare, start)
+    tick = next_fire(sync, start - timedelta(microseconds=1))  # the first at or after start
+    turn = ticks = 0
+    while tick < end:
+        if tick < fire:
+            turn += 1
+        ticks += 1
+        if ticks > _MAX_TICKS_PER_WEBHOOK_INTERVAL:
+            raise ConfigError(
+                f"SYNC_CRON {expression!r} fires more than {_MAX_TICKS_PER_WEBHOOK_INTERVAL} times "
+                f"per SYNC_CRON_WITH_WEBHOOKS {webhooks_expression!r} interval"
+            )
+        tick = next_fire(sync, tick)
+    return turn, max(ticks, 1)
+
+
+def webhook_poll_due(connection_id: str, turn: int, ticks: int) -> bool:
+    """Whether a connection whose webhooks are active is polled at turn `turn` of `ticks`.
+
+    Its place is a stable hash of its id as a fraction of the interval (not modulo `ticks`): a
+    connection keeps about the same point in every interval even when two intervals hold
+    different numbers of ticks (crons that do not divide each other), so it goes unpolled at
+    most one interval plus one tick. The hash is salted apart from `spread_offset`'s, so the
+    connections of one turn still spread over the whole of their tick's window.
+    """
+    if ticks <= 1:
+        return True
+    digest = hashlib.sha256(b"webhook-poll:" + connection_id.encode()).digest()
+    share = int.from_bytes(digest[:8], "big") / 2**64
+    return min(ticks - 1, int(share * ticks)) == turn
 
 
 def webhook_run_deadline(
@@ -169,9 +208,13 @@ def webhook_run_deadline(
     fraction: float,
     visibility_timeout: float,
 ) -> float:
-    """`run_deadline` of a connection whose webhooks are active: the window's end of the first
-    SYNC_CRON tick at or after the next SYNC_CRON_WITH_WEBHOOKS fire after `last`. Later `last`
-    never gives an earlier deadline."""
-    rare = next_fire(cron_trigger(webhooks_expression), datetime.fromtimestamp(last, UTC))
-    # run_deadline looks strictly after its `last`: a tick at the rare fire itself counts.
-    return run_deadline(expression, rare.timestamp() - 0.001, fraction, visibility_timeout)
+    """`run_deadline` of a connection whose webhooks are active: it is polled once per
+    SYNC_CRON_WITH_WEBHOOKS interval at its own tick, so after a run at `last` the next poll
+    falls within the interval that starts at the next fire of that cron: by the window's end of
+    that interval's last SYNC_CRON tick. Later `last` never gives an earlier deadline."""
+    rare = cron_trigger(webhooks_expression)
+    following = next_fire(rare, next_fire(rare, datetime.fromtimestamp(last, UTC)))
+    sync = cron_trigger(expression)
+    tick = previous_fire(sync, following - timedelta(microseconds=1))
+    interval = (next_fire(sync, tick) - tick).total_seconds()
+    return tick.timestamp() + spread_window(interval, fraction, visibility_timeout)

@@ -62,10 +62,11 @@ from closesync.worker.enqueue import ask_for_syncs, publish_drain
 from closesync.worker.publish import Message, PublishFailed, publish
 from closesync.worker.schedule import (
     interval_after,
-    polls_webhook_connections,
     spread_offset,
     spread_window,
     tick_ttl,
+    webhook_poll_due,
+    webhook_poll_turn,
 )
 from closesync.worker.webhook_asks import WEBHOOK, fan_out_team_type
 
@@ -223,16 +224,28 @@ def fan_out(
 
 def _polled(services: Services, tick: Kind, slot: str, cron: str) -> Callable[[Connection], bool]:
     """Which active connections a tick runs: a drift check all of them; a sync tick those whose
-    webhooks are not active, and the others too at the first tick after each fire of
-    SYNC_CRON_WITH_WEBHOOKS (`schedule.polls_webhook_connections`). Every subscription record
-    is read in one SMEMBERS and one MGET, not one read per connection."""
+    webhooks are not active, and of the others those whose own turn of the
+    SYNC_CRON_WITH_WEBHOOKS interval this tick is (`schedule.webhook_poll_due`: pure
+    arithmetic, so the fleet's rarer poll is spread over the interval's ticks); a member of an
+    organization whose shared credential is refused at every tick. The records an owner index
+    names, and the organizations' refusals, are read in a few batched calls, none per
+    connection."""
     settings = services.settings
     if tick != "sync" or not settings.webhooks_enabled:
         return lambda connection: True
-    if polls_webhook_connections(cron, settings.sync_cron_with_webhooks, slot):
+    turn, ticks = webhook_poll_turn(cron, settings.sync_cron_with_webhooks, slot)
+    if ticks <= 1:
         return lambda connection: True
-    served = ServedIndex(services.webhooks.all())
-    return lambda c: not served.active(c.id, c.calendly_grant_ref)
+    served = ServedIndex(services.webhooks.current())
+    # An organization whose shared credential Calendly refused: its deliveries cannot be acted
+    # on (and those of the refusal are lost), so its members are polled at SYNC_CRON.
+    refs = served.organization_refs()
+    refused = {r for r, why in services.connections.shared_refused_of(refs).items() if why}
+    return lambda c: (
+        c.calendly_grant_ref in refused
+        or not served.active(c.id, c.calendly_grant_ref)
+        or webhook_poll_due(c.id, turn, ticks)
+    )
 
 
 def drain(
@@ -531,25 +544,44 @@ def drift_connection(
         return run_connection(self, connection_id, RunMode.DRIFT, resumes)
 
 
+# Owners one reconcile_webhooks task reconciles before it hands the rest of the pass to the
+# next one: at most a few Calendly calls each (listing, delete, create within their 5 s call
+# budgets), DEFAULT_CONCURRENCY at a time, well within the task's 240 s soft limit; smaller
+# batches cost one more message each.
+RECONCILE_BATCH = 100
+
+
 @shared_task(bind=True, name=names.RECONCILE_WEBHOOKS)
-def reconcile_webhooks(self: Task[Any, Any], slot: str) -> int:
-    """Reconcile every webhook subscription closesync owns with Calendly (daily, DRIFT_CRON):
+def reconcile_webhooks(self: Task[Any, Any], slot: str, after: str | None = None) -> int:
+    """Reconcile the webhook subscriptions closesync owns with Calendly (daily, DRIFT_CRON):
     re-create the disabled and missing ones (and sync what they serve), retry the pending ones,
-    delete our orphans. How many owners failed (logged; the next day tries again)."""
-    from closesync.connect.webhook_reconcile import Reconciler, targets
+    delete our orphans. RECONCILE_BATCH owners per task: each task publishes the next one,
+    resuming after the last owner it did (`after`), so a pass of any fleet size ends within a
+    day and none of it repeats. How many owners of this batch failed (logged; the next day
+    tries again)."""
+    from closesync.connect.webhook_reconcile import Reconciler, next_batch, targets
 
     services = get_services()
     settings = services.settings
     cron = settings.drift_cron
     if not settings.webhooks_enabled:
         return 0
-    if not services.state.claim_tick("webhooks", slot, tick_ttl(interval_after(cron, slot))):
+    # Only the pass's first task claims the slot; a continuation is one message of that claim.
+    first = after is None
+    if first and not services.state.claim_tick(
+        "webhooks", slot, tick_ttl(interval_after(cron, slot))
+    ):
         log.info("webhook reconciliation already ran: %s", slot, extra={"slot": slot})
         return 0
     with cron_checkin("closesync-reconcile-webhooks", cron):
+        connections, refs, resume = next_batch(*targets(services, None), after, RECONCILE_BATCH)
         outcomes = Reconciler(services, lambda ids: ask_for_syncs(services, self.app, ids)).run(
-            *targets(services, None)
+            connections, refs, sweep=first
         )
+    if resume is not None:
+        # Published before this task acks: a crash from here redelivers this batch (every step
+        # of it idempotent) rather than lose the rest of the pass.
+        self.app.send_task(names.RECONCILE_WEBHOOKS, args=[slot, resume])
     failed = sum(outcome.failed for outcome in outcomes)
     log.info(
         "webhook reconciliation %s: %d owners, %d failed",
