@@ -65,9 +65,11 @@ RATE_LIMIT_WAIT = Counter(
 )
 TOKEN_REFRESHES = Counter(
     "closesync_token_refreshes_total",
-    "OAuth token refreshes sent to a provider, by API and result: ok, revoked (the grant was "
-    "refused: the connection needs re-authorization), client_refused (closesync's own OAuth "
-    "client was refused: configuration), error (no answer, or a 5xx).",
+    "OAuth token refreshes sent to a provider, by API and result: ok (the rotated grant is "
+    "stored), revoked (the grant was refused: the connection needs re-authorization), "
+    "rotated_elsewhere (refused because another process had just redeemed it: its grant is "
+    "used), client_refused (closesync's own OAuth client was refused: configuration), error "
+    "(no answer, a 5xx, or the rotated grant could not be stored).",
     ["api", "result"],
 )
 TASKS_COMPLETED = Counter(
