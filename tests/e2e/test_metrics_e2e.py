@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,8 +179,9 @@ def test_prefork_worker_metrics_sum_what_its_pool_processes_counted(
     """Under --pool prefork the runs happen in pool processes: the worker's port serves their
     sum from the multiprocess directory, which it cleaned of an earlier worker's files."""
     directory = tmp_path / "multiproc"
-    directory.mkdir()
-    (directory / "counter_999999999.db").write_bytes(b"a dead worker's samples")
+    dead = directory / f"worker-999999999@{socket.gethostname()}"
+    dead.mkdir(parents=True)
+    (dead / "counter_999999999.db").write_bytes(b"a dead worker's samples")
     port = free_port()
     deployment = deploy(METRICS_PORT=str(port), METRICS_MULTIPROC_DIR=str(directory))
     users = sandbox.users[:2]
@@ -198,5 +200,6 @@ def test_prefork_worker_metrics_sum_what_its_pool_processes_counted(
     samples = wait_for("the pool's two runs to be counted", counted, 15)
     links = sum(len(expected_links(sandbox, user)) for user in users)
     assert value(samples, "closesync_links_total", action="created") == links
-    assert not (directory / "counter_999999999.db").exists()
-    assert list(directory.glob("counter_*.db"))
+    assert not dead.exists()
+    # The worker's own directory, named after its node: no other worker shares it.
+    assert list(directory.glob("worker-*@*/counter_*.db"))

@@ -132,7 +132,11 @@ def selectors(node: Any) -> Iterator[str]:
 def exposed(redis_client: redis.Redis, keys: Keys) -> set[str]:
     """Every sample name the worker, scheduler and web processes may expose."""
     services = services_on(redis_client, keys)
-    everything = metrics.collectors(services, "worker") + metrics.collectors(services, "web")
+    everything = [
+        *metrics.collectors(services, "worker"),
+        *metrics.collectors(services, "web"),
+        metrics.SyncIntervalGauge(lambda: {"poll": 300.0}),
+    ]
     unique = list({type(c): c for c in everything}.values())
     body, _ = metrics.Exposition(unique).render()
     names = set()

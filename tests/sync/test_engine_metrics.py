@@ -37,7 +37,8 @@ def test_run_interrupted_by_a_non_closesync_error_is_counted_failed_with_its_lin
     with pytest.raises(Interrupted):
         harness.engine().run(conn, progress=interrupt_after_first_write)
     stored = harness.services.state.last_report(conn)
-    assert stored is not None and stored.outcome is Outcome.FAILED
+    assert stored is not None
+    assert stored.outcome is Outcome.FAILED
     assert counter("closesync_runs_total", mode="sync", outcome="failed") == failed + 1
     assert counter("closesync_run_duration_seconds_count", mode="sync") == durations + 1
     assert counter("closesync_links_total", action="created") == created + stored.created

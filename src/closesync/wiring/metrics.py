@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -190,6 +194,41 @@ class Fleet(Collector):
         )
 
 
+# Seconds between two sync ticks of each polling cadence in use ("poll": SYNC_CRON; "webhooks":
+# SYNC_CRON_WITH_WEBHOOKS, for connections whose webhooks are active), read from the cron
+# expressions by whoever can parse them (the CLI hands `closesync.worker.schedule`'s in: this
+# layer may not import the worker's).
+SyncIntervals = Callable[[], dict[str, float]]
+_sync_intervals: SyncIntervals | None = None
+
+
+def use_sync_intervals(intervals: SyncIntervals) -> None:
+    """Have this process's fleet gauges export `closesync_sync_interval_seconds{cadence}` from
+    `intervals`: what the lag alert compares closesync_sync_lag_seconds with."""
+    global _sync_intervals  # noqa: PLW0603 - set once per process by the CLI, before serving
+    _sync_intervals = intervals
+
+
+class SyncIntervalGauge(Collector):
+    """`closesync_sync_interval_seconds{cadence}`: the expected interval of each cadence."""
+
+    def __init__(self, intervals: SyncIntervals) -> None:
+        self.intervals = intervals
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "closesync_sync_interval_seconds",
+            "Seconds between two scheduled syncs of a connection, by cadence in use: poll "
+            "(SYNC_CRON) and, with WEBHOOKS_ENABLED, webhooks (SYNC_CRON_WITH_WEBHOOKS, the "
+            "safety-net poll of connections whose webhooks are active). The lag alert fires at "
+            "twice the largest.",
+            labels=["cadence"],
+        )
+        for cadence, seconds in sorted(self.intervals().items()):
+            family.add_metric([cadence], seconds)
+        yield family
+
+
 def collectors(services: Services, role: Role) -> list[Collector]:
     """The Redis-reading collectors a process of `role` serves beside its counters."""
     found: list[Collector] = [QueueDepths(services)]
@@ -197,6 +236,8 @@ def collectors(services: Services, role: Role) -> list[Collector]:
         found.append(CloseBudgets(services))
     else:
         found.append(Fleet(services, services.settings.metrics_fleet_refresh_seconds))
+        if _sync_intervals is not None:
+            found.append(SyncIntervalGauge(_sync_intervals))
     return found
 
 
@@ -234,6 +275,7 @@ def serve(services: Services, role: Role, port: int | None = None) -> Exposition
     port = port if port is not None else settings.metrics_port
     if port is None:
         return None
+    meters.precreate()
     exposition = Exposition(collectors(services, role), os.environ.get(MULTIPROC_ENV))
     try:
         start_http_server(port, addr=settings.metrics_bind_address, registry=exposition.registry)
@@ -259,6 +301,7 @@ def render(services: Services) -> tuple[bytes, str]:
     global _web  # noqa: PLW0603 - one exposition per web process, like prometheus_client's REGISTRY
     with _web_lock:
         if _web is None or _web[0] is not services:
+            meters.precreate()
             _web = (
                 services,
                 Exposition(collectors(services, "web"), os.environ.get(MULTIPROC_ENV)),
@@ -271,9 +314,41 @@ def render(services: Services) -> tuple[bytes, str]:
 
 
 def multiproc_dir_of(settings: Settings) -> str:
-    """METRICS_MULTIPROC_DIR, else {DATA_DIR}/prometheus-multiproc, as an absolute path."""
+    """METRICS_MULTIPROC_DIR, else {DATA_DIR}/prometheus-multiproc, as an absolute path: the
+    base under which each process that counts in files has a directory of its own."""
     chosen = settings.metrics_multiproc_dir or str(Path(settings.data_dir) / "prometheus-multiproc")
     return str(Path(chosen).resolve())
+
+
+_PROCESS_DIR = re.compile(r"^(?:worker|web)-(?P<pid>\d+)@(?P<host>.+)$")
+
+
+def process_multiproc_dir(settings: Settings, role: Literal["worker", "web"]) -> str:
+    """This process's own multiprocess directory: `{base}/{role}-{pid}@{host}` (a worker's is
+    named after its Celery node, `closesync-{pid}@{host}`). Two prefork workers, or a worker and
+    a web process, on one DATA_DIR must never share one: each cleans its directory at start and
+    would delete the other's live files. Directories of processes of this host that no longer
+    run are removed on the way, so restarts leave none behind."""
+    base = Path(multiproc_dir_of(settings))
+    host = socket.gethostname()
+    if base.is_dir():
+        for sibling in base.iterdir():
+            found = _PROCESS_DIR.match(sibling.name)
+            if found and found["host"] == host and not _running(int(found["pid"])):
+                shutil.rmtree(sibling, ignore_errors=True)
+    return str(base / f"{role}-{os.getpid()}@{host}")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def clean_multiproc_dir(path: str) -> None:
@@ -292,3 +367,10 @@ def pool_process_exited(pid: int) -> None:
     """A prefork pool process `pid` stopped: drop its live-gauge files (its counters stay)."""
     if os.environ.get(MULTIPROC_ENV):
         mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+
+
+def reexec_argv() -> list[str]:
+    """The argv that starts this very command again, interpreter flags (`-X`, `-W`, `-O`)
+    included: Python's own record of how it was started (sys.orig_argv), run by the same
+    interpreter."""
+    return [sys.executable, *sys.orig_argv[1:]]
