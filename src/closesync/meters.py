@@ -22,7 +22,6 @@ or a user id.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from typing import Literal, get_args
 
@@ -189,29 +188,3 @@ def observe_run(report: RunReport) -> None:
     for action, count in zip(LINK_ACTIONS, counts, strict=True):
         if count:
             LINKS.labels(action).inc(count)
-
-
-# --- Close organizations whose shared rate budget this process spends -------------------------
-
-# Distinct (organization, group) pairs remembered: far more than one deployment's organizations
-# times Close's few endpoint groups; past it, new pairs are not reported (never unbounded).
-MAX_BUDGETS_SEEN = 2000
-_budgets_seen: set[tuple[str, str]] = set()
-_budgets_lock = threading.Lock()
-
-
-def saw_close_budget(organization_id: str, group: str) -> None:
-    """This process took a request of `group` from Close organization `organization_id`'s budget:
-    its remaining requests are reported at the next scrape (`closesync.wiring.metrics`)."""
-    pair = (organization_id, group)
-    if pair in _budgets_seen:
-        return
-    with _budgets_lock:
-        if len(_budgets_seen) < MAX_BUDGETS_SEEN:
-            _budgets_seen.add(pair)
-
-
-def close_budgets_seen() -> list[tuple[str, str]]:
-    """The (organization id, endpoint group) pairs this process spent budget of, sorted."""
-    with _budgets_lock:
-        return sorted(_budgets_seen)

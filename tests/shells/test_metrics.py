@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,43 @@ def test_close_budget_remaining_counts_down_as_the_organization_spends(
     assert got == 0
     # A Calendly budget is no Close organization's: it is not reported.
     services.budgets.calendly("U0001").take("GET /event_types")
-    assert all(org != "U0001" for org, _ in meters.close_budgets_seen())
+    assert all(org != "U0001" for org, _ in services.budgets.close_remaining_seen(time.time()))
+
+
+def test_close_budgets_taken_in_another_process_are_reported_until_they_go_quiet(
+    services: Services, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """The pairs live in Redis, not in the taking process's memory: a budget spent through
+    another process's RateBudgets (a prefork pool child) is reported by this one, and drops out
+    once no one took from it for QUIET_SECONDS."""
+    from closesync.store import rate_budget
+
+    assert services.budgets is not None
+    other = services_on(redis_client, keys).budgets
+    assert other is not None
+    assert other is not services.budgets
+    group = "GET /scheduling_link/integration/"
+    other.close("orga_child", "user_9").take(group)
+    now = time.time()
+    assert services.budgets.close_remaining_seen(now) == {
+        ("orga_child", group): services.settings.close_org_requests_per_second - 1
+    }
+    later = now + rate_budget.QUIET_SECONDS + 1
+    assert services.budgets.close_remaining_seen(later) == {}
+    assert redis_client.zcard(keys.rate_budgets_seen()) == 0
+
+
+def test_background_collector_serves_its_last_read_and_drops_it_when_redis_is_down(
+    keys: Keys,
+) -> None:
+    """A background-read gauge never holds the scrape on a Redis that does not answer: the
+    scrape returns within the first-read wait, without the gauge."""
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    services = services_on(down, keys)
+    started = time.monotonic()
+    body, _ = metrics.Exposition([metrics.CloseBudgets(services, background=True)]).render()
+    assert time.monotonic() - started < metrics.FIRST_READ_WAIT_SECONDS + 1
+    assert b"closesync_rate_budget_remaining{" not in body
 
 
 def test_collectors_yield_nothing_when_redis_is_down_and_the_scrape_still_answers(
