@@ -55,7 +55,8 @@ def test_worker_metrics_after_two_ticks_count_runs_links_calls_and_durations(
     """A scraped worker counts each tick's runs, the links they created, the calls by API, group
     and status class, and run durations; an unchanged second tick adds runs but no Close call."""
     port = free_port()
-    deployment = deploy(METRICS_PORT=str(port))
+    # The budgets are read by a background thread each refresh (1 s here: the least it takes).
+    deployment = deploy(METRICS_PORT=str(port), METRICS_FLEET_REFRESH_SECONDS="1")
     users = sandbox.users
     for user in users:
         deployment.add_connection(user)
@@ -104,12 +105,16 @@ def test_worker_metrics_after_two_ticks_count_runs_links_calls_and_durations(
     )
     assert value(first, "closesync_queue_depth", queue="sync") == 0
     organizations = {user.close_organization_id for user in users}
-    remaining = {
-        dict(labels)["organization"]
-        for (name, labels) in first
-        if name == "closesync_rate_budget_remaining"
-    }
-    assert remaining == organizations
+
+    def budgets_reported() -> set[str] | None:
+        remaining = {
+            dict(labels)["organization"]
+            for (name, labels) in scrapable(port) or {}
+            if name == "closesync_rate_budget_remaining"
+        }
+        return remaining if remaining == organizations else None
+
+    assert wait_for("the spent budgets to be reported", budgets_reported, 10) == organizations
 
     enqueue_next_tick(deployment)
     second = wait_for("the second tick's runs to be counted", lambda: counted(6), 30)
