@@ -9,7 +9,10 @@ and the core's data types beneath them: no Redis, no HTTP, no Celery. Exposing t
 scrape time are `closesync.wiring.metrics`'s.
 
 Every metric here has labels, so that no sample file is made at import time: under prefork the
-multiprocess directory is cleaned when the worker starts, after this module was imported.
+multiprocess directory is cleaned when the worker starts, after this module was imported. A
+labelled series appears only once counted, and `increase()` misses its first count (the jump from
+nothing to 1): so every process that serves metrics pre-creates the known label sets at 0
+(`precreate`, `precreate_task_labels`) once its multiprocess directory, if any, is clean.
 
 Labels are bounded and never secret: an API ("Close", "Calendly"), an endpoint group (a method
 and a path template: "POST /scheduling_link/integration/"), a status class, a run mode and
@@ -19,12 +22,13 @@ or a user id.
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterable
 from typing import Literal, get_args
 
 from prometheus_client import Counter, Histogram
 
-from closesync.core.report import RunReport
+from closesync.core.connection import SIDE_LABEL
+from closesync.core.report import Outcome, RunMode, RunReport
 
 RUNS = Counter(
     "closesync_runs_total",
@@ -65,9 +69,11 @@ RATE_LIMIT_WAIT = Counter(
 )
 TOKEN_REFRESHES = Counter(
     "closesync_token_refreshes_total",
-    "OAuth token refreshes sent to a provider, by API and result: ok, revoked (the grant was "
-    "refused: the connection needs re-authorization), client_refused (closesync's own OAuth "
-    "client was refused: configuration), error (no answer, or a 5xx).",
+    "OAuth token refreshes sent to a provider, by API and result: ok (the rotated grant is "
+    "stored), revoked (the grant was refused: the connection needs re-authorization), "
+    "rotated_elsewhere (refused because another process had just redeemed it: its grant is "
+    "used), client_refused (closesync's own OAuth client was refused: configuration), error "
+    "(no answer, a 5xx, or the rotated grant could not be stored).",
     ["api", "result"],
 )
 TASKS_COMPLETED = Counter(
@@ -88,6 +94,39 @@ WEBHOOK_DELIVERIES = Counter(
     "too_large (body over the limit), unavailable (Redis did not answer: the sender retries).",
     ["result"],
 )
+
+
+APIS: tuple[str, ...] = tuple(SIDE_LABEL.values())
+TOKEN_REFRESH_RESULTS = ("ok", "revoked", "rotated_elsewhere", "client_refused", "error")
+LINK_ACTIONS = ("created", "updated", "deleted", "held", "rejected")
+# The task states a healthy worker reports most: enough for a per-instance series to exist.
+TASK_STATES = ("SUCCESS", "FAILURE", "RETRY")
+
+
+def precreate() -> None:
+    """Create every known label set of the counters at 0, so that Prometheus sees each series
+    before its first count and `increase()` counts that first one (a revoked refresh, a 429)."""
+    for api in APIS:
+        RATE_LIMITED.labels(api)
+        RATE_LIMIT_WAIT.labels(api)
+        for result in TOKEN_REFRESH_RESULTS:
+            TOKEN_REFRESHES.labels(api, result)
+    for mode in RunMode:
+        RUN_DURATION.labels(mode.value)
+        for outcome in Outcome:
+            RUNS.labels(mode.value, outcome.value)
+    for action in LINK_ACTIONS:
+        LINKS.labels(action)
+    for delivery in WEBHOOK_RESULTS:
+        WEBHOOK_DELIVERIES.labels(delivery)
+
+
+def precreate_task_labels(tasks: Iterable[str]) -> None:
+    """Create `tasks` x TASK_STATES of closesync_tasks_completed_total at 0: a worker that has
+    completed nothing yet still has a series, for the per-instance no-progress alert."""
+    for task in tasks:
+        for state in TASK_STATES:
+            TASKS_COMPLETED.labels(task, state)
 
 
 def status_class(status: int | None) -> str:
@@ -139,38 +178,13 @@ def observe_run(report: RunReport) -> None:
         )
     if report.dry_run:
         return
-    for action, count in (
-        ("created", report.created),
-        ("updated", report.updated),
-        ("deleted", report.deleted),
-        ("held", len(report.held_deletions)),
-        ("rejected", len(report.failed)),
-    ):
+    counts = (
+        report.created,
+        report.updated,
+        report.deleted,
+        len(report.held_deletions),
+        len(report.failed),
+    )
+    for action, count in zip(LINK_ACTIONS, counts, strict=True):
         if count:
             LINKS.labels(action).inc(count)
-
-
-# --- Close organizations whose shared rate budget this process spends -------------------------
-
-# Distinct (organization, group) pairs remembered: far more than one deployment's organizations
-# times Close's few endpoint groups; past it, new pairs are not reported (never unbounded).
-MAX_BUDGETS_SEEN = 2000
-_budgets_seen: set[tuple[str, str]] = set()
-_budgets_lock = threading.Lock()
-
-
-def saw_close_budget(organization_id: str, group: str) -> None:
-    """This process took a request of `group` from Close organization `organization_id`'s budget:
-    its remaining requests are reported at the next scrape (`closesync.wiring.metrics`)."""
-    pair = (organization_id, group)
-    if pair in _budgets_seen:
-        return
-    with _budgets_lock:
-        if len(_budgets_seen) < MAX_BUDGETS_SEEN:
-            _budgets_seen.add(pair)
-
-
-def close_budgets_seen() -> list[tuple[str, str]]:
-    """The (organization id, endpoint group) pairs this process spent budget of, sorted."""
-    with _budgets_lock:
-        return sorted(_budgets_seen)

@@ -249,6 +249,11 @@ class Settings(BaseSettings):
     # 300 s), or a worker busy with long runs would look stuck; shorter = a stuck worker is
     # restarted sooner.
     worker_stall_seconds: float = Field(default=600.0, gt=0)
+    # Directory where each worker keeps its heartbeat file, read by `closesync health --worker`
+    # on the same host. Unset: {DATA_DIR}/worker-heartbeats. Must be local and writable (a
+    # worker refuses to start otherwise): on a read-only root filesystem point it at a tmpfs or
+    # a volume, e.g. /tmp/closesync-heartbeats.
+    heartbeat_dir: str | None = None
     # Celery task events (worker_send_task_events, task_send_sent_event), which Flower and
     # `celery events` show. Off by default: every task then publishes a few events more to Redis.
     celery_task_events: bool = False

@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from closesync.apis.close.client import CloseOAuth
 from closesync.apis.credentials import TokenKeeper, grant_lock_name
 from closesync.apis.oauth_tokens import token_http
 from closesync.core.connection import Connection, Grant, Grants, Side
+from closesync.core.errors import StoreUnavailable
 from closesync.store.connections import ConnectionStore
 from closesync.store.keys import Keys
 from closesync.store.locks import RedisLock
@@ -212,4 +214,46 @@ def test_token_keeper_refused_while_holding_lock_adopts_a_rotation_stored_just_a
         refresher=Refusing(),
         lock_factory=lambda name: RedisLock(redis_client, keys.refresh_lock(name), 30),
     )
+    rotated = _refreshes("rotated_elsewhere")
+    revoked = _refreshes("revoked")
     assert keeper.refresh("at_old") == "at_other"
+    assert _refreshes("rotated_elsewhere") == rotated + 1
+    assert _refreshes("revoked") == revoked
+
+
+def _refreshes(result: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "closesync_token_refreshes_total", {"api": "Close", "result": result}
+    )
+    return 0.0 if value is None else value
+
+
+def test_token_keeper_refresh_whose_rotated_grant_is_not_stored_counts_error_not_ok(
+    server: ScriptedServer, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """The provider answered, but storing the rotated grant failed: the refresh counts as an
+    error, never as ok, and the store's error is raised."""
+    store, conn_id = _store_with_close_grant(redis_client, keys)
+    server.answers.append(
+        Scripted({"access_token": "at_new", "refresh_token": "rt_new", "expires_in": 3600})
+    )
+
+    class FailingToStore:
+        def grants(self, connection_id: str) -> Grants:
+            return store.grants(connection_id)
+
+        def update_grant(self, connection_id: str, side: Side, grant: Grant) -> None:
+            raise StoreUnavailable("Redis did not answer while storing a grant")
+
+    keeper = TokenKeeper(
+        connection_id=conn_id,
+        side="close",
+        store=FailingToStore(),
+        refresher=_oauth(server),
+        lock_factory=lambda name: RedisLock(redis_client, keys.refresh_lock(name), 30),
+    )
+    ok, error = _refreshes("ok"), _refreshes("error")
+    with pytest.raises(StoreUnavailable):
+        keeper.refresh("at_old")
+    assert _refreshes("ok") == ok
+    assert _refreshes("error") == error + 1

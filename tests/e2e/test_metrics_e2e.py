@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def test_worker_metrics_after_two_ticks_count_runs_links_calls_and_durations(
     """A scraped worker counts each tick's runs, the links they created, the calls by API, group
     and status class, and run durations; an unchanged second tick adds runs but no Close call."""
     port = free_port()
-    deployment = deploy(METRICS_PORT=str(port))
+    # The budgets are read by a background thread each refresh (1 s here: the least it takes).
+    deployment = deploy(METRICS_PORT=str(port), METRICS_FLEET_REFRESH_SECONDS="1")
     users = sandbox.users
     for user in users:
         deployment.add_connection(user)
@@ -103,12 +105,16 @@ def test_worker_metrics_after_two_ticks_count_runs_links_calls_and_durations(
     )
     assert value(first, "closesync_queue_depth", queue="sync") == 0
     organizations = {user.close_organization_id for user in users}
-    remaining = {
-        dict(labels)["organization"]
-        for (name, labels) in first
-        if name == "closesync_rate_budget_remaining"
-    }
-    assert remaining == organizations
+
+    def budgets_reported() -> set[str] | None:
+        remaining = {
+            dict(labels)["organization"]
+            for (name, labels) in scrapable(port) or {}
+            if name == "closesync_rate_budget_remaining"
+        }
+        return remaining if remaining == organizations else None
+
+    assert wait_for("the spent budgets to be reported", budgets_reported, 10) == organizations
 
     enqueue_next_tick(deployment)
     second = wait_for("the second tick's runs to be counted", lambda: counted(6), 30)
@@ -178,8 +184,9 @@ def test_prefork_worker_metrics_sum_what_its_pool_processes_counted(
     """Under --pool prefork the runs happen in pool processes: the worker's port serves their
     sum from the multiprocess directory, which it cleaned of an earlier worker's files."""
     directory = tmp_path / "multiproc"
-    directory.mkdir()
-    (directory / "counter_999999999.db").write_bytes(b"a dead worker's samples")
+    dead = directory / f"worker-999999999@{socket.gethostname()}"
+    dead.mkdir(parents=True)
+    (dead / "counter_999999999.db").write_bytes(b"a dead worker's samples")
     port = free_port()
     deployment = deploy(METRICS_PORT=str(port), METRICS_MULTIPROC_DIR=str(directory))
     users = sandbox.users[:2]
@@ -198,5 +205,6 @@ def test_prefork_worker_metrics_sum_what_its_pool_processes_counted(
     samples = wait_for("the pool's two runs to be counted", counted, 15)
     links = sum(len(expected_links(sandbox, user)) for user in users)
     assert value(samples, "closesync_links_total", action="created") == links
-    assert not (directory / "counter_999999999.db").exists()
-    assert list(directory.glob("counter_*.db"))
+    assert not dead.exists()
+    # The worker's own directory, named after its node: no other worker shares it.
+    assert list(directory.glob("worker-*@*/counter_*.db"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,23 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from closesync import meters
 from closesync.core.connection import ConnectionState
+from closesync.core.errors import ConfigError
 from closesync.core.report import Outcome, RunMode, RunReport
 from closesync.sandbox.connections import sandbox_connection
 from closesync.sandbox.records import SeededUser
 from closesync.store.keys import Keys
 from closesync.wiring import metrics
 from closesync.wiring.services import Services
-from closesync.worker.liveness import beat, forget, last_beat, stalled
+from closesync.worker.liveness import (
+    beat,
+    check_writable,
+    connect,
+    forget,
+    heartbeat_dir,
+    last_beat,
+    queues_of,
+    stalled,
+)
 from tests.shells.test_worker_tasks import services_on
 
 NOW = 1_800_000_000.0
@@ -140,7 +151,43 @@ def test_close_budget_remaining_counts_down_as_the_organization_spends(
     assert got == 0
     # A Calendly budget is no Close organization's: it is not reported.
     services.budgets.calendly("U0001").take("GET /event_types")
-    assert all(org != "U0001" for org, _ in meters.close_budgets_seen())
+    assert all(org != "U0001" for org, _ in services.budgets.close_remaining_seen(time.time()))
+
+
+def test_close_budgets_taken_in_another_process_are_reported_until_they_go_quiet(
+    services: Services, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """The pairs live in Redis, not in the taking process's memory: a budget spent through
+    another process's RateBudgets (a prefork pool child) is reported by this one, and drops out
+    once no one took from it for QUIET_SECONDS."""
+    from closesync.store import rate_budget
+
+    assert services.budgets is not None
+    other = services_on(redis_client, keys).budgets
+    assert other is not None
+    assert other is not services.budgets
+    group = "GET /scheduling_link/integration/"
+    other.close("orga_child", "user_9").take(group)
+    now = time.time()
+    assert services.budgets.close_remaining_seen(now) == {
+        ("orga_child", group): services.settings.close_org_requests_per_second - 1
+    }
+    later = now + rate_budget.QUIET_SECONDS + 1
+    assert services.budgets.close_remaining_seen(later) == {}
+    assert redis_client.zcard(keys.rate_budgets_seen()) == 0
+
+
+def test_background_collector_serves_its_last_read_and_drops_it_when_redis_is_down(
+    keys: Keys,
+) -> None:
+    """A background-read gauge never holds the scrape on a Redis that does not answer: the
+    scrape returns within the first-read wait, without the gauge."""
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    services = services_on(down, keys)
+    started = time.monotonic()
+    body, _ = metrics.Exposition([metrics.CloseBudgets(services, background=True)]).render()
+    assert time.monotonic() - started < metrics.FIRST_READ_WAIT_SECONDS + 1
+    assert b"closesync_rate_budget_remaining{" not in body
 
 
 def test_collectors_yield_nothing_when_redis_is_down_and_the_scrape_still_answers(
@@ -210,22 +257,185 @@ def test_status_class_names_the_hundreds_and_a_missing_answer() -> None:
 
 
 def test_stalled_only_while_work_waits_and_past_the_limit(tmp_path: Path) -> None:
-    """A worker is stuck when tasks wait and its last progress is older than the limit, or it has
-    no heartbeat; an idle worker with nothing queued is not."""
+    """A worker is stuck when tasks have waited for it longer than the limit and it made no
+    progress meanwhile, or it has no heartbeat; an idle worker with nothing queued is not."""
     beat(tmp_path, "closesync-1@host", 1000.0)
     beat(tmp_path, "closesync-2@host", 1090.0)
     assert last_beat(tmp_path, "closesync-1@host") == 1000.0
     nodes = ["closesync-1@host", "closesync-2@host", "closesync-3@host"]
-    assert stalled(tmp_path, nodes, waiting=0, now=2000.0, limit=60) == []
-    stuck = stalled(tmp_path, nodes, waiting=4, now=1100.0, limit=60)
+    assert stalled(tmp_path, nodes, lambda node: 0, now=2000.0, limit=60) == []
+    # Work is seen waiting from 1040 on: the check at 1100 measures from 1040 for node 1.
+    assert [s.node for s in stalled(tmp_path, nodes, lambda node: 4, 1040.0, 60)] == [
+        "closesync-3@host"
+    ]
+    stuck = stalled(tmp_path, nodes, lambda node: 4, now=1101.0, limit=60)
     assert [(s.node, s.idle) for s in stuck] == [
-        ("closesync-1@host", 100.0),
+        ("closesync-1@host", 61.0),
         ("closesync-3@host", None),
     ]
     forget(tmp_path, "closesync-1@host")
     assert last_beat(tmp_path, "closesync-1@host") is None
     with pytest.raises(ValueError, match="not a worker node name"):
         beat(tmp_path, "../escape", 1.0)
+
+
+def test_stalled_idle_worker_is_not_stuck_the_instant_work_is_enqueued(tmp_path: Path) -> None:
+    """A worker idle for an hour is stuck only once work has waited the limit for it, and work
+    that stopped waiting resets the count."""
+    node = "closesync-1@host"
+    beat(tmp_path, node, 1000.0)
+    assert stalled(tmp_path, [node], lambda n: 1, now=4600.0, limit=60) == []
+    assert stalled(tmp_path, [node], lambda n: 1, now=4650.0, limit=60) == []
+    assert [s.idle for s in stalled(tmp_path, [node], lambda n: 1, 4661.0, 60)] == [61.0]
+    assert stalled(tmp_path, [node], lambda n: 0, now=4662.0, limit=60) == []
+    assert stalled(tmp_path, [node], lambda n: 1, now=4900.0, limit=60) == []
+
+
+def test_health_stalls_count_only_the_queues_the_worker_consumes(
+    services: Services, tmp_path: Path
+) -> None:
+    """A backfill-only worker is not stuck while sync work waits for others; it is once
+    backfill work waits for it past WORKER_STALL_SECONDS."""
+    from closesync.cli.daemon import _stalls
+
+    services.settings = services.settings.model_copy(
+        update={"heartbeat_dir": str(tmp_path), "worker_stall_seconds": 60.0}
+    )
+    node = "closesync-7@host"
+    beat(tmp_path, node, NOW - 3600, queues=("fanout", "backfill"))
+    assert queues_of(tmp_path, node) == ("fanout", "backfill")
+    services.redis.lpush(services.keys.celery_queue("sync"), "m1")
+    assert _stalls(services, [node], NOW) == []
+    assert _stalls(services, [node], NOW + 600) == []
+    services.redis.lpush(services.keys.celery_queue("backfill"), "m2")
+    assert _stalls(services, [node], NOW + 600) == []
+    (line,) = _stalls(services, [node], NOW + 661)
+    assert f"worker {node} made no progress for 61 s while 1 tasks wait in its queues" in line
+    # A beat that keeps no queues (a task starting) keeps those written at start.
+    beat(tmp_path, node, NOW + 700)
+    assert queues_of(tmp_path, node) == ("fanout", "backfill")
+
+
+def test_heartbeat_dir_not_writable_stops_the_worker_start_naming_it(
+    services: Services, tmp_path: Path
+) -> None:
+    """A heartbeat directory that cannot be written is a ConfigError at start, naming it and
+    HEARTBEAT_DIR, not a warning per task and a restart loop."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    settings = services.settings.model_copy(update={"heartbeat_dir": str(blocker / "beats")})
+    assert heartbeat_dir(settings) == blocker / "beats"
+    with pytest.raises(ConfigError, match=r"a-file/beats is not writable.*HEARTBEAT_DIR"):
+        check_writable(heartbeat_dir(settings))
+    with pytest.raises(ConfigError, match="HEARTBEAT_DIR"):
+        connect(settings)
+
+
+def test_heartbeat_beats_when_a_task_starts_and_ends(services: Services, tmp_path: Path) -> None:
+    """task_prerun beats as task_postrun does: a long run is not idle time."""
+    from types import SimpleNamespace
+
+    from celery.signals import task_postrun, task_prerun
+
+    settings = services.settings.model_copy(update={"heartbeat_dir": str(tmp_path)})
+    now = [NOW]
+    disconnect = connect(settings, ("fanout", "sync"), clock=lambda: now[0])
+    try:
+
+        class Task:
+            """What Celery's signals hand over: a task with a name and a request."""
+
+            name = "closesync.sync_connection"
+            request = SimpleNamespace(hostname="closesync-9@host")
+
+        task = Task()
+        task_prerun.send(sender=task, task_id="t1", task=task, args=(), kwargs={})
+        assert last_beat(tmp_path, "closesync-9@host") == NOW
+        now[0] += 200
+        task_postrun.send(sender=task, task_id="t1", task=task, state="SUCCESS")
+        assert last_beat(tmp_path, "closesync-9@host") == NOW + 200
+    finally:
+        disconnect()
+
+
+def test_precreate_makes_every_known_series_before_its_first_count() -> None:
+    """After precreate a revoked refresh or a 429 series exists at 0, so increase() sees the
+    first one; task series exist per task before any completes."""
+    from prometheus_client import REGISTRY
+
+    meters.precreate()
+    meters.precreate_task_labels(["closesync.test_only_task"])
+    labels = {"api": "Calendly", "result": "revoked"}
+    assert REGISTRY.get_sample_value("closesync_token_refreshes_total", labels) is not None
+    assert REGISTRY.get_sample_value("closesync_rate_limited_total", {"api": "Close"}) is not None
+    assert (
+        REGISTRY.get_sample_value(
+            "closesync_tasks_completed_total",
+            {"task": "closesync.test_only_task", "state": "SUCCESS"},
+        )
+        == 0
+    )
+
+
+def test_sync_interval_gauge_exports_each_cadence_in_use(services: Services) -> None:
+    """With webhooks on, the hourly safety-net poll is exported beside SYNC_CRON's interval,
+    so the lag alert's threshold is 2 x 3600 s at the defaults, not 2 x 300."""
+    from closesync.cli.daemon import sync_intervals
+
+    settings = services.settings.model_copy(
+        update={
+            "webhooks_enabled": True,
+            "sync_cron": "*/5 * * * *",
+            "sync_cron_with_webhooks": "0 * * * *",
+        }
+    )
+    assert sync_intervals(settings, NOW) == {"poll": 300.0, "webhooks": 3600.0}
+    off = settings.model_copy(update={"webhooks_enabled": False})
+    assert sync_intervals(off, NOW) == {"poll": 300.0}
+    gauge = metrics.SyncIntervalGauge(lambda: sync_intervals(settings, NOW))
+    body, _ = metrics.Exposition([gauge]).render()
+    assert sample(body, "closesync_sync_interval_seconds", cadence="webhooks") == 3600
+    assert sample(body, "closesync_sync_interval_seconds", cadence="poll") == 300
+
+
+def test_process_multiproc_dirs_are_per_process_and_dead_ones_are_pruned(
+    services: Services, tmp_path: Path
+) -> None:
+    """Each worker and web process counts in a directory of its own under the base; one left by
+    a process of this host that no longer runs is removed."""
+    import os
+    import socket
+
+    settings = services.settings.model_copy(update={"metrics_multiproc_dir": str(tmp_path)})
+    host = socket.gethostname()
+    dead = tmp_path / f"worker-999999999@{host}"
+    dead.mkdir()
+    (dead / "counter_999999999.db").write_bytes(b"old")
+    elsewhere = tmp_path / "worker-999999999@another-host"
+    elsewhere.mkdir()
+    worker = metrics.process_multiproc_dir(settings, "worker")
+    web = metrics.process_multiproc_dir(settings, "web")
+    assert worker == str(tmp_path / f"worker-{os.getpid()}@{host}")
+    assert web == str(tmp_path / f"web-{os.getpid()}@{host}")
+    assert not dead.exists()
+    assert elsewhere.exists()
+
+
+def test_reexec_argv_keeps_the_interpreter_flags() -> None:
+    """The prefork re-exec starts the same interpreter with the same flags (-X, -W) again."""
+    import subprocess
+    import sys
+
+    code = "from closesync.wiring.metrics import reexec_argv; print(reexec_argv())"
+    done = subprocess.run(
+        [sys.executable, "-X", "utf8", "-W", "ignore", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    argv = eval(done.stdout)  # noqa: S307 - our own repr of a list of str
+    assert argv[:5] == [sys.executable, "-X", "utf8", "-W", "ignore"]
+    assert argv[5:7] == ["-c", code]
 
 
 def test_multiproc_dir_clean_keeps_only_this_process_files(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
 """deploy/prometheus and deploy/grafana: the alert rules and the dashboard are valid, and every
 expression parses (Prometheus's PromQL grammar, from `promql-parser`) and names only metrics
 closesync exposes. promtool is not on PyPI; Prometheus's rule-file format is checked here
-against its schema (the fields of rulefmt.RuleGroups) instead."""
+against its schema (the fields of rulefmt.RuleGroups) instead. No maintained PyPI package
+evaluates PromQL (those on PyPI are HTTP clients of a Prometheus or query builders), so the
+rules' intent is checked on their parsed trees (which series, grouped by what) rather than by
+promtool-style evaluation against samples."""
 
 from __future__ import annotations
 
@@ -132,7 +135,11 @@ def selectors(node: Any) -> Iterator[str]:
 def exposed(redis_client: redis.Redis, keys: Keys) -> set[str]:
     """Every sample name the worker, scheduler and web processes may expose."""
     services = services_on(redis_client, keys)
-    everything = metrics.collectors(services, "worker") + metrics.collectors(services, "web")
+    everything = [
+        *metrics.collectors(services, "worker"),
+        *metrics.collectors(services, "web"),
+        metrics.SyncIntervalGauge(lambda: {"poll": 300.0}),
+    ]
     unique = list({type(c): c for c in everything}.values())
     body, _ = metrics.Exposition(unique).render()
     names = set()
@@ -231,3 +238,21 @@ def test_compose_monitoring_profile_scrapes_worker_scheduler_and_web() -> None:
     mounts = " ".join(services["grafana"]["volumes"])
     assert "./grafana/closesync.json" in mounts
     assert "./grafana/provisioning" in mounts
+
+
+def test_lag_and_no_task_alerts_are_relative_to_the_interval_and_per_instance() -> None:
+    """The lag alert compares the lag with the exported interval (not a hard-coded 600 s, which
+    hourly webhook polling exceeds); the no-task alert groups by instance, so one stuck worker
+    cannot hide behind others; the refresh alert leaves ok and rotated_elsewhere out."""
+    by_name = {rule["alert"]: rule for rule in alert_rules()}
+    lag = by_name["CloseSyncSyncLagHigh"]["expr"]
+    assert set(selectors(promql_parser.parse(lag))) == {
+        "closesync_sync_lag_seconds",
+        "closesync_sync_interval_seconds",
+    }
+    assert "300" not in lag
+    assert "600" not in lag
+    stuck = promql_parser.parse(by_name["CloseSyncNoTaskCompleted"]["expr"])
+    assert "sum by (instance)" in str(stuck)
+    refresh = by_name["CloseSyncTokenRefreshFailures"]["expr"]
+    assert 'result=~"revoked|client_refused|error"' in refresh

@@ -201,6 +201,8 @@ class TokenKeeper:
             if current is None:
                 meters.count_token_refresh(label, "revoked")
                 raise
+            # Refused because another process redeemed it first: no person is needed.
+            meters.count_token_refresh(label, "rotated_elsewhere")
             self._grant = current
             return current.access_token.get_secret_value()
         except AuthFailed as error:
@@ -213,7 +215,6 @@ class TokenKeeper:
             # No answer, a 5xx, a rate limit: the run fails for a retry; the grant is intact.
             meters.count_token_refresh(label, "error")
             raise
-        meters.count_token_refresh(label, "ok")
         new = Grant(
             kind="oauth",
             access_token=SecretStr(answer.access_token),
@@ -224,7 +225,14 @@ class TokenKeeper:
             expires_at=self._clock() + answer.expires_in if answer.expires_in else None,
         )
         # Stored before use: if we crash now, the next process has the rotated grant.
-        self._store.update_grant(self.connection_id, self.side, new)
+        try:
+            self._store.update_grant(self.connection_id, self.side, new)
+        except BaseException:
+            # The provider answered but the rotated grant is not kept: not a refresh that worked.
+            meters.count_token_refresh(label, "error")
+            raise
+        # Counted only once stored: an "ok" whose grant was lost would hide the failure.
+        meters.count_token_refresh(label, "ok")
         self._grant = new
         self.refreshes += 1
         return answer.access_token

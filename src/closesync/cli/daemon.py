@@ -122,22 +122,29 @@ def _pin_redis_url(settings: Settings) -> Settings:
     return settings.model_copy(update={"redis_url": url})
 
 
-def _token_storing_settings() -> Settings:
+def _token_storing_settings(args: argparse.Namespace) -> Settings:
     """The settings of a process that stores tokens (a worker refreshes them), checked first.
 
-    Logging comes up before the check, so that the plaintext warning is a log line like any
-    other; a missing key stops the process before it starts Redis or anything else.
+    The prefork metrics re-exec comes first of all: an exec skips atexit, so anything started
+    before it (the embedded Redis) would outlive the worker. Logging comes up before the check,
+    so that the plaintext warning is a log line like any other; a missing key stops the process
+    before it starts Redis or anything else.
     """
     settings = load_settings()
+    _prefork_metrics(args, settings)
     prepare_process(settings)
     require_token_storage(settings)
     return _pin_redis_url(settings)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _token_storing_settings()
-    _prefork_metrics(args, settings)
+    settings = _token_storing_settings(args)
     return _worker(args, settings)
+
+
+def node_name() -> str:
+    """This worker's Celery node name (the pid survives the prefork re-exec)."""
+    return f"closesync-{os.getpid()}@{socket.gethostname()}"
 
 
 def _prefork_metrics(args: argparse.Namespace, settings: Settings) -> None:
@@ -145,21 +152,28 @@ def _prefork_metrics(args: argparse.Namespace, settings: Settings) -> None:
 
     prometheus_client picks file-backed values when it is imported, which happened long before
     this point: unless PROMETHEUS_MULTIPROC_DIR was in the environment already, set it and
-    exec this same command again (the pid stays, so does the worker's node name).
+    exec this same command again (the pid stays, so does the worker's node name). The
+    directory is the worker's own (`{base}/worker-{pid}@{host}`), so that two workers on one
+    DATA_DIR never delete each other's files.
     """
-    from closesync.wiring.metrics import MULTIPROC_ENV, clean_multiproc_dir, multiproc_dir_of
+    from closesync.wiring.metrics import (
+        MULTIPROC_ENV,
+        clean_multiproc_dir,
+        process_multiproc_dir,
+        reexec_argv,
+    )
 
     if args.pool != "prefork" or settings.metrics_port is None:
         return
     if os.environ.get(MULTIPROC_ENV):
         clean_multiproc_dir(os.environ[MULTIPROC_ENV])
         return
-    directory = multiproc_dir_of(settings)
+    directory = process_multiproc_dir(settings, "worker")
     clean_multiproc_dir(directory)
     os.environ[MULTIPROC_ENV] = directory
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "closesync", *sys.argv[1:]])  # noqa: S606
+    os.execv(sys.executable, reexec_argv())  # noqa: S606
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -203,12 +217,15 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from closesync.worker.celery_app import create_app, worker_queues
 
     app = create_app(settings)
-    _serve_worker_metrics(settings, serve_port=args.parent_pid is None)
+    queues = worker_queues(args.queues)
+    _serve_worker_metrics(
+        app, settings, tuple(queues.split(",")), serve_port=args.parent_pid is None
+    )
     argv = [
         "worker",
         f"--pool={args.pool}",
-        f"--queues={worker_queues(args.queues)}",
-        f"--hostname=closesync-{os.getpid()}@{socket.gethostname()}",
+        f"--queues={queues}",
+        f"--hostname={node_name()}",
         f"--loglevel={settings.log_level}",
         # Gossip and mingle chat between workers at startup; closesync needs neither.
         "--without-gossip",
@@ -228,13 +245,16 @@ def _supervisor_metrics(settings: Settings, env: dict[str, str]) -> Services | N
     before they import prometheus_client) and serves nothing itself: only one process can hold
     the port. This process serves the directory's sum and the worker's Redis-read gauges.
     """
-    from closesync.wiring.metrics import MULTIPROC_ENV, clean_multiproc_dir, multiproc_dir_of, serve
+    from closesync.wiring.metrics import (
+        MULTIPROC_ENV,
+        clean_multiproc_dir,
+        process_multiproc_dir,
+        serve,
+    )
 
     if settings.metrics_port is None:
         return None
-    directory = os.environ.get(MULTIPROC_ENV) or os.path.join(
-        multiproc_dir_of(settings), f"worker-{socket.gethostname()}-{os.getpid()}"
-    )
+    directory = os.environ.get(MULTIPROC_ENV) or process_multiproc_dir(settings, "worker")
     clean_multiproc_dir(directory)
     env[MULTIPROC_ENV] = directory
     os.environ[MULTIPROC_ENV] = directory  # what `serve` reads to sum the directory
@@ -243,14 +263,25 @@ def _supervisor_metrics(settings: Settings, env: dict[str, str]) -> Services | N
     return services
 
 
-def _serve_worker_metrics(settings: Settings, *, serve_port: bool = True) -> None:
-    """The heartbeat and task counting on Celery's signals; the metrics port, if one is set and
-    this process is not one of several under a supervisor (which serves their sum)."""
-    from closesync.wiring.metrics import serve
+def _serve_worker_metrics(
+    app: Any, settings: Settings, queues: tuple[str, ...], *, serve_port: bool = True
+) -> None:
+    """The heartbeat (with the `queues` it consumes) and task counting on Celery's signals; the
+    metrics port, if one is set and this process is not one of several under a supervisor
+    (which serves their sum). Under multiprocess metrics, pool processes are not recycled: each
+    recycled process leaves its sample files, which every scrape would merge for good."""
+    from closesync import meters
+    from closesync.wiring.metrics import MULTIPROC_ENV, serve
     from closesync.worker import liveness
 
-    liveness.connect(settings)
-    if settings.metrics_port is not None and serve_port:
+    liveness.connect(settings, queues)
+    if os.environ.get(MULTIPROC_ENV):
+        app.conf.worker_max_tasks_per_child = None
+    if settings.metrics_port is not None:
+        meters.precreate_task_labels(name for name in app.tasks if name.startswith("closesync."))
+        if not serve_port:
+            meters.precreate()  # counted into the supervisor's directory, served by it
+            return
         # Services of its own: the tasks build theirs in the pool (after a prefork fork).
         serve(Services.build(settings), "worker")
 
@@ -258,11 +289,12 @@ def _serve_worker_metrics(settings: Settings, *, serve_port: bool = True) -> Non
 def cmd_scheduler(args: argparse.Namespace) -> int:
     settings = _pin_redis_url(load_settings())
     prepare_process(settings)
-    from closesync.wiring.metrics import serve
+    from closesync.wiring.metrics import serve, use_sync_intervals
     from closesync.worker.celery_app import create_app
     from closesync.worker.scheduler import run_scheduler
 
     services = Services.build(settings)
+    use_sync_intervals(lambda: sync_intervals(settings))
     serve(services, "scheduler")
     app = create_app(settings)
     stop = threading.Event()
@@ -276,11 +308,26 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def sync_intervals(settings: Settings, now: float | None = None) -> dict[str, float]:
+    """Seconds from the current sync tick to the next, per cadence in use (see
+    `closesync.wiring.metrics.SyncIntervalGauge`)."""
+    from datetime import UTC, datetime
+
+    from closesync.worker.schedule import current_slot, interval_after
+
+    at = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    crons = {"poll": settings.sync_cron}
+    if settings.webhooks_enabled:
+        crons["webhooks"] = settings.sync_cron_with_webhooks
+    return {
+        cadence: interval_after(cron, current_slot(cron, at)) for cadence, cron in crons.items()
+    }
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from closesync.wiring.metrics import MULTIPROC_ENV
 
-    settings = _token_storing_settings()
-    _prefork_metrics(args, settings)
+    settings = _token_storing_settings(args)
     child_env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
     if settings.metrics_port is not None:
         # One host, two processes: the scheduler's metrics on the next port.
@@ -323,25 +370,32 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stalls(services: Services, nodes: list[str]) -> list[str]:
+def _stalls(services: Services, nodes: list[str], now: float | None = None) -> list[str]:
     """Why each of the local workers `nodes` is stuck: tasks wait, and it completed none for
     WORKER_STALL_SECONDS (the lost-consumer check); empty when none is."""
-    from closesync.store.broker_queues import queue_depths
-    from closesync.worker.liveness import heartbeat_dir, stalled
+    from closesync.store.broker_queues import QUEUES, queue_depths
+    from closesync.worker.liveness import heartbeat_dir, queues_of, stalled
 
     settings = services.settings
-    waiting = sum(queue_depths(services.redis, services.keys).values())
+    depths = queue_depths(services.redis, services.keys)
     directory = heartbeat_dir(settings)
     limit = settings.worker_stall_seconds
+
+    def waiting_for(node: str) -> int:
+        # Only the queues this worker consumes: a backfill-only worker is not stuck because
+        # sync work waits for the sync workers.
+        return sum(depths.get(queue, 0) for queue in queues_of(directory, node) or QUEUES)
+
     lines = []
-    for stall in stalled(directory, nodes, waiting, time.time(), limit):
+    at = time.time() if now is None else now
+    for stall in stalled(directory, nodes, waiting_for, at, limit):
         since = (
             f"has no heartbeat in {directory}"
             if stall.idle is None
-            else f"completed no task for {stall.idle:.0f} s"
+            else f"made no progress for {stall.idle:.0f} s"
         )
         lines.append(
-            f"worker {stall.node} {since} while {stall.waiting} tasks wait in the queues "
+            f"worker {stall.node} {since} while {stall.waiting} tasks wait in its queues "
             f"(WORKER_STALL_SECONDS={limit:g}): it may have lost its consumer; restart it"
         )
     return lines

@@ -73,7 +73,11 @@ def cmd_web(args: argparse.Namespace) -> int:
     from closesync.wiring.logs import configure
 
     settings = load_settings()
+    if not args.dev:
+        # First: the exec below must come before anything starts (an embedded Redis included).
+        _multiprocess_metrics(settings)
     configure(settings.log_level, settings.log_format)
+    _export_sync_intervals(settings)
     # Resolved once, here: each worker must reach this Redis, not start an embedded one.
     settings = settings.model_copy(update={"redis_url": redis_url_of(settings)})
     checked = Services.build(settings)
@@ -85,7 +89,6 @@ def cmd_web(args: argparse.Namespace) -> int:
     host, port = _address(args, settings)
     if args.dev:
         return _serve_dev(settings, host, port)
-    _multiprocess_metrics(settings)
     from closesync.web.production import Serving, serve
 
     serve(
@@ -109,17 +112,22 @@ def _multiprocess_metrics(settings: Settings) -> None:
     point: unless PROMETHEUS_MULTIPROC_DIR was set already, set it and exec this same command
     again (the pid stays), as `closesync worker --pool prefork` does.
     """
-    from closesync.wiring.metrics import MULTIPROC_ENV, clean_multiproc_dir, multiproc_dir_of
+    from closesync.wiring.metrics import (
+        MULTIPROC_ENV,
+        clean_multiproc_dir,
+        process_multiproc_dir,
+        reexec_argv,
+    )
 
     if os.environ.get(MULTIPROC_ENV):
         clean_multiproc_dir(os.environ[MULTIPROC_ENV])
         return
-    directory = os.path.join(multiproc_dir_of(settings), "web")
+    directory = process_multiproc_dir(settings, "web")
     clean_multiproc_dir(directory)
     os.environ[MULTIPROC_ENV] = directory
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "closesync", *sys.argv[1:]])  # noqa: S606
+    os.execv(sys.executable, reexec_argv())  # noqa: S606
 
 
 def webhook_asker_of(services: Services) -> SyncAsker:
@@ -151,3 +159,11 @@ def _serve_dev(settings: Settings, host: str, port: int) -> int:
         server.server_close()
         services.close()
     return 0
+
+
+def _export_sync_intervals(settings: Settings) -> None:
+    """The web's fleet gauges export the sync interval per cadence, as the scheduler's do."""
+    from closesync.cli.daemon import sync_intervals
+    from closesync.wiring.metrics import use_sync_intervals
+
+    use_sync_intervals(lambda: sync_intervals(settings))

@@ -69,6 +69,12 @@ one Redis can serve several deployments. `{id}` is a connection id (`conn_` + 12
     {p}:rate-blocked:{scope}:{group|*} STRING the reset (seconds) an API announced with a 429
                                             or remaining=0: no process takes a request of that
                                             budget until it expires; never shortened  PX reset
+    {p}:rate-budgets-seen           ZSET    "{organization}\t{group}" -> epoch seconds a
+                                            process last took from that Close budget
+                                            (noted at most once a minute per process), read
+                                            by the closesync_rate_budget_remaining gauge;
+                                            entries quiet for 10 min are dropped, at most
+                                            2000 kept                       EX 10 min, renewed
     {p}:tick:{name}:{slot}          STRING  "1": this scheduled tick was enqueued once     EX ttl
     {p}:schedule:{kind}             ZSET    connection id -> epoch seconds its run of the
                                             tick is due (kind: sync | drift): the fan-out
@@ -292,6 +298,9 @@ class Keys:
 
     def rate_blocked(self, scope: str, group: str | None) -> str:
         return f"{self.prefix}:rate-blocked:{scope}:{group or '*'}"
+
+    def rate_budgets_seen(self) -> str:
+        return f"{self.prefix}:rate-budgets-seen"
 
     def tick(self, name: str, slot: str) -> str:
         return f"{self.prefix}:tick:{name}:{slot}"

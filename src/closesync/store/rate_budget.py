@@ -24,8 +24,12 @@ headers do not say which bucket ran out (the key's or the organization's), so a 
 organization's group: at worst the other users of the organization wait one reset too many.
 
 Reading: `close_remaining` says how many requests of a group a Close organization has left in
-the current window (0 while blocked), for the `closesync_rate_budget_remaining` gauge; a process
-reports the organizations and groups it spent budget of (`closesync.meters.saw_close_budget`).
+the current window (0 while blocked), for the `closesync_rate_budget_remaining` gauge. Which
+organizations and groups to report is kept in Redis (`Keys.rate_budgets_seen`), not in a
+process's memory: under `--pool prefork` the pool processes take from the budgets while the
+worker's main process serves the scrape. Each process notes a pair at most once a minute
+(`NOTE_EVERY_SECONDS`); a pair no one took from for `QUIET_SECONDS` drops out.
+`close_remaining_seen` reads every noted pair in two round trips, whatever their number.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from closesync import meters
 from closesync.core.errors import StoreUnavailable
 from closesync.settings import Settings
 from closesync.store.client import guard
@@ -51,6 +54,13 @@ log = logging.getLogger(__name__)
 # Seconds: the least wait `take` answers, so that a caller whose window frees "now" (a race with
 # another taker, clocks a hair apart) retries after a pause instead of spinning on Redis.
 MIN_WAIT_SECONDS = 0.01
+# Seconds between two notes of one (organization, group) pair by one process: a ZADD a minute,
+# not one per request.
+NOTE_EVERY_SECONDS = 60.0
+# Seconds after its last note that a pair drops out of the gauge (an organization gone quiet).
+QUIET_SECONDS = 600.0
+# Pairs kept at most: far more than one deployment's organizations times Close's endpoint groups.
+MAX_BUDGETS_SEEN = 2000
 # Seconds: the longest block one response may impose on a whole account. A reset beyond an hour is
 # no rate window Close or Calendly documents (seconds, a minute); capping it keeps a misread
 # header from stopping an organization's every sync for longer. The caller that saw it still
@@ -86,9 +96,12 @@ class RateBudgets:
             "redis://", connection_pool=client.connection_pool, key_prefix=keys.rate_budget()
         )
         self.limiter = MovingWindowRateLimiter(storage)
+        self.storage = storage
         self.close_org = close_org
         self.close_user = close_user
         self.calendly_user = calendly_user
+        # (organization, group) -> when this process last noted it in Redis.
+        self._noted: dict[tuple[str, str], float] = {}
 
     @classmethod
     def from_settings(cls, client: redis.Redis, keys: Keys, settings: Settings) -> RateBudgets:
@@ -123,6 +136,55 @@ class RateBudgets:
                 return 0
             stats = self.limiter.get_window_stats(self.close_org, scope, group)
         return max(0, int(stats.remaining))
+
+    def note_close_budget(self, organization_id: str, group: str, now: float) -> None:
+        """This process took from `organization_id`'s budget of `group`: keep the pair in the
+        gauge's set (at most once per NOTE_EVERY_SECONDS per process; best effort)."""
+        pair = (organization_id, group)
+        if now - self._noted.get(pair, -math.inf) < NOTE_EVERY_SECONDS:
+            return
+        self._noted[pair] = now
+        key = self.keys.rate_budgets_seen()
+        try:
+            with guard("noting a Close rate budget for the metrics"), self.redis.pipeline() as pipe:
+                pipe.zadd(key, {f"{organization_id}\t{group}": now})
+                pipe.zremrangebyrank(key, 0, -(MAX_BUDGETS_SEEN + 1))
+                pipe.expire(key, int(QUIET_SECONDS))
+                pipe.execute()
+        except StoreUnavailable as error:
+            log.debug("a rate budget was not noted for the metrics: %s", error)
+
+    def close_remaining_seen(self, now: float) -> dict[tuple[str, str], int]:
+        """`close_remaining` of every (organization, group) pair taken from in the last
+        QUIET_SECONDS, in two round trips (the pairs, then all their windows and blocks)."""
+        key = self.keys.rate_budgets_seen()
+        with guard("reading the Close rate budgets"):
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(key, "-inf", now - QUIET_SECONDS)
+                pipe.zrange(key, 0, MAX_BUDGETS_SEEN - 1)
+                _, members = pipe.execute()
+            pairs = []
+            for member in members:
+                text = member.decode() if isinstance(member, bytes) else str(member)
+                organization, _, group = text.partition("\t")
+                pairs.append((organization, group))
+            item = self.close_org
+            with self.redis.pipeline(transaction=False) as pipe:
+                for organization, group in pairs:
+                    scope = f"close-org:{organization}"
+                    pipe.pttl(self.keys.rate_blocked(scope, group))
+                    window = self.storage.prefixed_key(item.key_for(scope, group))
+                    # The `limits` moving window's own read (get_window_stats), pipelined.
+                    self.storage.lua_moving_window(
+                        [window], [time.time() - item.get_expiry(), item.amount], client=pipe
+                    )
+                answers = pipe.execute()
+        found = {}
+        for index, pair in enumerate(pairs):
+            blocked, window = answers[2 * index], answers[2 * index + 1]
+            taken = int(window[1]) if window else 0
+            found[pair] = 0 if int(blocked) > 0 else max(0, item.amount - taken)
+        return found
 
     def calendly(self, user_uuid: str, shared_grant_ref: str | None = None) -> SharedBudget:
         """The budget of the Calendly account whose token makes the calls: the connection's own
@@ -168,7 +230,7 @@ class SharedBudget:
         """
         limiter = self.budgets.limiter
         if self.organization_id is not None:
-            meters.saw_close_budget(self.organization_id, group)
+            self.budgets.note_close_budget(self.organization_id, group, time.time())
         with guard(f"taking a request from the rate budget of {self.block_scope}"):
             blocked_ms = int(self.budgets.redis.pttl(self._blocked_key(group)))
             if blocked_ms > 0:

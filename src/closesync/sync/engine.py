@@ -104,23 +104,30 @@ class SyncEngine:
         parses) ends up in the report as a failure, never raised; only an error that prevents
         even reading the connection or storing the report is raised.
 
-        Every report returned is counted (`closesync.meters.observe_run`): outcome, duration and
-        the links written.
+        Every concluded report is counted (`closesync.meters.observe_run`): outcome, duration
+        and the links written, also when the run was interrupted (a soft time limit, a bug) and
+        the error is raised: its FAILED report and what it wrote must show in the metrics too.
         """
-        report = self._run(
-            connection_id,
-            mode=mode,
-            dry_run=dry_run,
-            allow_mass_delete=allow_mass_delete,
-            progress=progress,
-            deadline=deadline,
+        report = RunReport(
+            connection_id=connection_id, mode=mode, dry_run=dry_run, started_at=self.clock()
         )
-        meters.observe_run(report)
-        return report
+        try:
+            return self._run(
+                report,
+                mode=mode,
+                dry_run=dry_run,
+                allow_mass_delete=allow_mass_delete,
+                progress=progress,
+                deadline=deadline,
+            )
+        finally:
+            # Not concluded (the record could not even be read): nothing ran, nothing to count.
+            if report.finished_at is not None:
+                meters.observe_run(report)
 
     def _run(
         self,
-        connection_id: str,
+        report: RunReport,
         *,
         mode: RunMode,
         dry_run: bool,
@@ -128,9 +135,7 @@ class SyncEngine:
         progress: Progress | None,
         deadline: Deadline | None,
     ) -> RunReport:
-        report = RunReport(
-            connection_id=connection_id, mode=mode, dry_run=dry_run, started_at=self.clock()
-        )
+        connection_id = report.connection_id
         # Before the record: once a removal erased it, `get` would raise ConnectionNotFound.
         if self.state.is_removed(connection_id):
             return self._removed(report)

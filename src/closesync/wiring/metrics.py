@@ -6,12 +6,17 @@ adds what only Redis knows, read at scrape time so that nothing polls Redis betw
 
 - `closesync_queue_depth{queue}`: messages ready in each Celery queue (one pipeline of LLENs);
 - `closesync_rate_budget_remaining{organization,group}`: requests left in the current window of
-  each Close organization's shared budget this process spent of;
+  each Close organization's shared budget some process took from lately (the pairs are kept in
+  Redis, so the prefork worker's main process sees what its pool spent);
 - `closesync_connections{state}` and `closesync_sync_lag_seconds` (the fleet gauges): a read of
-  every connection's record and newest reports, a few pipelines for 10,000 connections, reused
-  for METRICS_FLEET_REFRESH_SECONDS so that frequent scrapes cost Redis nothing more. Served by
+  every connection's record and newest reports, a few pipelines for 10,000 connections. Served by
   the scheduler and the web process, not by every worker: N workers would read the fleet N times
   for the same numbers.
+
+The budgets and the fleet are read by a daemon thread per process every
+METRICS_FLEET_REFRESH_SECONDS (`Background`), never by the scrape: a scrape serves the last read,
+holds no lock across Redis calls, and a Redis that is down drops those gauges (once the last read
+is stale) instead of holding the scrape past Prometheus's timeout.
 
 A collector whose Redis read fails yields nothing for that scrape (and logs why) rather than
 failing the whole scrape: the counters still arrive, and the missing gauges show the outage.
@@ -25,12 +30,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -75,31 +84,98 @@ class QueueDepths(Collector):
         yield family
 
 
-class CloseBudgets(Collector):
-    """`closesync_rate_budget_remaining{organization,group}` for the budgets this process spent."""
+T = TypeVar("T")
 
-    def __init__(self, services: Services) -> None:
+# Seconds the first scrape of a process waits for the first background read: a Redis that is
+# down must not hold the scrape past Prometheus's 10 s timeout (each later scrape waits for none).
+FIRST_READ_WAIT_SECONDS = 2.0
+
+
+class Background(Generic[T]):
+    """A value read from Redis every `every` seconds by a daemon thread of its own, so that a
+    scrape only ever reads the cached value: heavy reads stay off the scrape path, a slow or
+    down Redis never fails a scrape. A value older than `stale_after` is not served (the
+    missing gauge shows the outage)."""
+
+    def __init__(self, name: str, read: Callable[[float], T], every: float) -> None:
+        self.name = name
+        self.read = read
+        self.every = max(every, 1.0)
+        self.stale_after = 3 * self.every + 10
+        self._value: tuple[float, T] | None = None
+        self._first = threading.Event()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                now = time.time()
+                self._value = (now, self.read(now))
+            except CloseSyncError as error:
+                log.warning("metrics: the %s were not read: %s", self.name, error)
+            except Exception:
+                log.exception("metrics: reading the %s failed", self.name)
+            finally:
+                self._first.set()
+            time.sleep(self.every)
+
+    def latest(self) -> T | None:
+        """The last value read, started on first use; None when none is fresh."""
+        with self._lock:
+            if not self._started:
+                self._started = True
+                threading.Thread(
+                    target=self._loop, name=f"metrics-{self.name}", daemon=True
+                ).start()
+        self._first.wait(FIRST_READ_WAIT_SECONDS)
+        value = self._value
+        if value is None or time.time() - value[0] > self.stale_after:
+            return None
+        return value[1]
+
+
+class CloseBudgets(Collector):
+    """`closesync_rate_budget_remaining{organization,group}` for every Close organization some
+    process of the deployment took from lately (kept in Redis: under prefork the pool processes
+    take, the main process serves). `background`: read by a thread, the scrape serves its last
+    read; otherwise read at each collect (tests)."""
+
+    def __init__(self, services: Services, background: bool = False) -> None:
         self.services = services
+        self._background = (
+            Background("rate budgets", self._read, services.settings.metrics_fleet_refresh_seconds)
+            if background
+            else None
+        )
+
+    def _read(self, now: float) -> dict[tuple[str, str], int]:
+        budgets = self.services.budgets
+        return {} if budgets is None else budgets.close_remaining_seen(now)
 
     def collect(self) -> Iterator[Metric]:
-        budgets = self.services.budgets
-        if budgets is None:
+        if self.services.budgets is None:
             return
+        if self._background is not None:
+            remaining = self._background.latest()
+            if remaining is None:
+                return
+        else:
+            try:
+                remaining = self._read(time.time())
+            except CloseSyncError as error:
+                log.warning("metrics: the rate budgets were not read: %s", error)
+                return
         family = GaugeMetricFamily(
             "closesync_rate_budget_remaining",
             "Requests a Close organization has left of one endpoint group in the current "
             "one-second window of its shared budget (CLOSE_ORG_REQUESTS_PER_SECOND, all "
-            "processes together); 0 while Close's announced reset blocks it.",
+            "processes together); 0 while Close's announced reset blocks it. Organizations "
+            "nothing took from for 10 minutes are left out.",
             labels=["organization", "group"],
         )
-        try:
-            for organization, group in meters.close_budgets_seen():
-                family.add_metric(
-                    [organization, group], budgets.close_remaining(organization, group)
-                )
-        except CloseSyncError as error:
-            log.warning("metrics: the rate budgets were not read: %s", error)
-            return
+        for (organization, group), left in sorted(remaining.items()):
+            family.add_metric([organization, group], left)
         yield family
 
 
@@ -149,13 +225,24 @@ class Fleet(Collector):
     seconds between reads."""
 
     def __init__(
-        self, services: Services, refresh: float, clock: Callable[[], float] = time.time
+        self,
+        services: Services,
+        refresh: float,
+        clock: Callable[[], float] = time.time,
+        background: bool = False,
     ) -> None:
         self.services = services
         self.refresh = refresh
         self.clock = clock
         self._numbers: FleetNumbers | None = None
         self._lock = threading.Lock()
+        # In a serving process the fleet is read by a thread every `refresh` seconds, never by
+        # the scrape (10,000 connections' records and reports are no read to hold a scrape on).
+        self._background = (
+            Background("fleet gauges", lambda now: read_fleet(services, now), refresh)
+            if background
+            else None
+        )
 
     def numbers(self) -> FleetNumbers | None:
         """The fleet's numbers, read again when older than `refresh`; None if Redis failed."""
@@ -170,7 +257,7 @@ class Fleet(Collector):
             return self._numbers
 
     def collect(self) -> Iterator[Metric]:
-        numbers = self.numbers()
+        numbers = self.numbers() if self._background is None else self._background.latest()
         if numbers is None:
             return
         states = GaugeMetricFamily(
@@ -190,13 +277,51 @@ class Fleet(Collector):
         )
 
 
+# Seconds between two sync ticks of each polling cadence in use ("poll": SYNC_CRON; "webhooks":
+# SYNC_CRON_WITH_WEBHOOKS, for connections whose webhooks are active), read from the cron
+# expressions by whoever can parse them (the CLI hands `closesync.worker.schedule`'s in: this
+# layer may not import the worker's).
+SyncIntervals = Callable[[], dict[str, float]]
+_sync_intervals: SyncIntervals | None = None
+
+
+def use_sync_intervals(intervals: SyncIntervals) -> None:
+    """Have this process's fleet gauges export `closesync_sync_interval_seconds{cadence}` from
+    `intervals`: what the lag alert compares closesync_sync_lag_seconds with."""
+    global _sync_intervals  # noqa: PLW0603 - set once per process by the CLI, before serving
+    _sync_intervals = intervals
+
+
+class SyncIntervalGauge(Collector):
+    """`closesync_sync_interval_seconds{cadence}`: the expected interval of each cadence."""
+
+    def __init__(self, intervals: SyncIntervals) -> None:
+        self.intervals = intervals
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "closesync_sync_interval_seconds",
+            "Seconds between two scheduled syncs of a connection, by cadence in use: poll "
+            "(SYNC_CRON) and, with WEBHOOKS_ENABLED, webhooks (SYNC_CRON_WITH_WEBHOOKS, the "
+            "safety-net poll of connections whose webhooks are active). The lag alert fires at "
+            "twice the largest.",
+            labels=["cadence"],
+        )
+        for cadence, seconds in sorted(self.intervals().items()):
+            family.add_metric([cadence], seconds)
+        yield family
+
+
 def collectors(services: Services, role: Role) -> list[Collector]:
     """The Redis-reading collectors a process of `role` serves beside its counters."""
     found: list[Collector] = [QueueDepths(services)]
     if role == "worker":
-        found.append(CloseBudgets(services))
+        found.append(CloseBudgets(services, background=True))
     else:
-        found.append(Fleet(services, services.settings.metrics_fleet_refresh_seconds))
+        refresh = services.settings.metrics_fleet_refresh_seconds
+        found.append(Fleet(services, refresh, background=True))
+        if _sync_intervals is not None:
+            found.append(SyncIntervalGauge(_sync_intervals))
     return found
 
 
@@ -234,6 +359,7 @@ def serve(services: Services, role: Role, port: int | None = None) -> Exposition
     port = port if port is not None else settings.metrics_port
     if port is None:
         return None
+    meters.precreate()
     exposition = Exposition(collectors(services, role), os.environ.get(MULTIPROC_ENV))
     try:
         start_http_server(port, addr=settings.metrics_bind_address, registry=exposition.registry)
@@ -259,6 +385,7 @@ def render(services: Services) -> tuple[bytes, str]:
     global _web  # noqa: PLW0603 - one exposition per web process, like prometheus_client's REGISTRY
     with _web_lock:
         if _web is None or _web[0] is not services:
+            meters.precreate()
             _web = (
                 services,
                 Exposition(collectors(services, "web"), os.environ.get(MULTIPROC_ENV)),
@@ -271,9 +398,41 @@ def render(services: Services) -> tuple[bytes, str]:
 
 
 def multiproc_dir_of(settings: Settings) -> str:
-    """METRICS_MULTIPROC_DIR, else {DATA_DIR}/prometheus-multiproc, as an absolute path."""
+    """METRICS_MULTIPROC_DIR, else {DATA_DIR}/prometheus-multiproc, as an absolute path: the
+    base under which each process that counts in files has a directory of its own."""
     chosen = settings.metrics_multiproc_dir or str(Path(settings.data_dir) / "prometheus-multiproc")
     return str(Path(chosen).resolve())
+
+
+_PROCESS_DIR = re.compile(r"^(?:worker|web)-(?P<pid>\d+)@(?P<host>.+)$")
+
+
+def process_multiproc_dir(settings: Settings, role: Literal["worker", "web"]) -> str:
+    """This process's own multiprocess directory: `{base}/{role}-{pid}@{host}` (a worker's is
+    named after its Celery node, `closesync-{pid}@{host}`). Two prefork workers, or a worker and
+    a web process, on one DATA_DIR must never share one: each cleans its directory at start and
+    would delete the other's live files. Directories of processes of this host that no longer
+    run are removed on the way, so restarts leave none behind."""
+    base = Path(multiproc_dir_of(settings))
+    host = socket.gethostname()
+    if base.is_dir():
+        for sibling in base.iterdir():
+            found = _PROCESS_DIR.match(sibling.name)
+            if found and found["host"] == host and not _running(int(found["pid"])):
+                shutil.rmtree(sibling, ignore_errors=True)
+    return str(base / f"{role}-{os.getpid()}@{host}")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def clean_multiproc_dir(path: str) -> None:
@@ -292,3 +451,10 @@ def pool_process_exited(pid: int) -> None:
     """A prefork pool process `pid` stopped: drop its live-gauge files (its counters stay)."""
     if os.environ.get(MULTIPROC_ENV):
         mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+
+
+def reexec_argv() -> list[str]:
+    """The argv that starts this very command again, interpreter flags (`-X`, `-W`, `-O`)
+    included: Python's own record of how it was started (sys.orig_argv), run by the same
+    interpreter."""
+    return [sys.executable, *sys.orig_argv[1:]]
