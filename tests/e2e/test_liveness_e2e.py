@@ -52,7 +52,8 @@ def test_health_worker_after_a_broker_reset_then_a_lost_consumer_fails_until_res
     deployment = deploy(REDIS_URL=broker.url, WORKER_STALL_SECONDS=STALL_SECONDS)
     user = sandbox.users[0]
     deployment.add_connection(user)
-    worker = deployment.start("worker", "--concurrency", "2")
+    # One Celery worker process (no supervisor): its node is named after the pid started.
+    worker = deployment.start("worker", "--concurrency", "2", "--processes", "1")
     node = node_of(deployment, worker)
     assert health(deployment).returncode == 0
 
