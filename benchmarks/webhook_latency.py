@@ -239,7 +239,7 @@ class Changes:
 
     def next(self) -> Change:
         user = self.users[self.count % len(self.users)]
-        kind = ("rename", "create", "delete")[(self.count // len(self.users)) % 3]
+        kind = ("rename", "create", "delete")[self.count % 3]
         self.count += 1
         if kind == "create" or (kind == "delete" and len(self._own_types(user)) < 2):
             name = f"Added {self.count}"
@@ -310,8 +310,9 @@ def spread_over(changes: Changes, count: int, interval: float, timeout: float) -
     while (len(made) < count or pending) and time.monotonic() < deadline:
         if len(made) < count and time.monotonic() >= started + len(made) * step:
             change = changes.next()
+            at = time.monotonic()  # timed from before the change, as one_at_a_time does
             change.apply()
-            made.append((change, time.monotonic()))
+            made.append((change, at))
             pending[len(made) - 1] = made[-1]
         for index, (change, at) in list(pending.items()):
             if change.shows(changes.links(change.user)):

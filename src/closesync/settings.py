@@ -234,10 +234,11 @@ class Settings(BaseSettings):
     # Address the metrics port binds to: all interfaces by default, so that a Prometheus in
     # another container reaches it; 127.0.0.1 keeps it to the host.
     metrics_bind_address: str = "0.0.0.0"
-    # Directory for prometheus_client's multiprocess mode, used only by `--pool prefork` with
-    # METRICS_PORT (each pool process writes its samples there; the worker cleans it at start).
-    # Unset: {DATA_DIR}/prometheus-multiproc. Must be local to the host and not shared between
-    # two workers.
+    # Base of prometheus_client's multiprocess directories: gunicorn's workers (`closesync web`),
+    # a `--pool prefork` worker and the processes of one `closesync worker` with METRICS_PORT
+    # count in files, each command in a subdirectory of its own (`{role}-{pid}@{host}`, cleaned
+    # at start, those of dead processes pruned). Unset: {DATA_DIR}/prometheus-multiproc. Local
+    # to the host.
     metrics_multiproc_dir: str | None = None
     # Seconds the fleet gauges (connections by state, sync lag) are reused between scrapes: one
     # read of every connection's record and newest reports, a few pipelines for 10,000 of them.

@@ -31,7 +31,9 @@ from closesync.wiring.services import load_services
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    parser = subparsers.add_parser("connections", help="add, list, show, remove, pause, resume")
+    parser = subparsers.add_parser(
+        "connections", help="add, import, list, show, set, remove, pause, resume"
+    )
     commands = parser.add_subparsers(dest="action", metavar="ACTION")
     commands.required = True
 

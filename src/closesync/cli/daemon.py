@@ -157,23 +157,21 @@ def _prefork_metrics(args: argparse.Namespace, settings: Settings) -> None:
     DATA_DIR never delete each other's files.
     """
     from closesync.wiring.metrics import (
-        MULTIPROC_ENV,
         clean_multiproc_dir,
         process_multiproc_dir,
-        reexec_argv,
+        reexec_into,
+        reexecuted_dir,
     )
 
     if args.pool != "prefork" or settings.metrics_port is None:
         return
-    if os.environ.get(MULTIPROC_ENV):
-        clean_multiproc_dir(os.environ[MULTIPROC_ENV])
+    own = reexecuted_dir()  # never an inherited value: it could be another command's
+    if own:
+        clean_multiproc_dir(own)
         return
     directory = process_multiproc_dir(settings, "worker")
     clean_multiproc_dir(directory)
-    os.environ[MULTIPROC_ENV] = directory
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, reexec_argv())  # noqa: S606
+    reexec_into(directory)
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -254,12 +252,18 @@ def _supervisor_metrics(settings: Settings, env: dict[str, str]) -> Services | N
 
     if settings.metrics_port is None:
         return None
-    directory = os.environ.get(MULTIPROC_ENV) or process_multiproc_dir(settings, "worker")
+    # Never an inherited PROMETHEUS_MULTIPROC_DIR: set for every process of a host, it would be
+    # another command's directory, whose live files cleaning would delete.
+    directory = process_multiproc_dir(settings, "worker")
     clean_multiproc_dir(directory)
     env[MULTIPROC_ENV] = directory
     os.environ[MULTIPROC_ENV] = directory  # what `serve` reads to sum the directory
     services = Services.build(settings)
-    serve(services, "worker")
+    try:
+        serve(services, "worker")
+    except BaseException:
+        services.close()
+        raise
     return services
 
 
@@ -278,6 +282,9 @@ def _serve_worker_metrics(
     if os.environ.get(MULTIPROC_ENV):
         app.conf.worker_max_tasks_per_child = None
     if settings.metrics_port is not None:
+        # The tasks module is imported when the worker boots: import it now, so that every
+        # task's series exist from the start (a worker stuck from its start must show as such).
+        app.loader.import_default_modules()
         meters.precreate_task_labels(name for name in app.tasks if name.startswith("closesync."))
         if not serve_port:
             meters.precreate()  # counted into the supervisor's directory, served by it

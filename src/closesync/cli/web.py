@@ -41,7 +41,10 @@ def _at_least_one(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    parser = subparsers.add_parser("web", help="serve /connect and the OAuth callbacks")
+    parser = subparsers.add_parser(
+        "web",
+        help="serve /connect, the OAuth callbacks, the Calendly webhook receiver and /metrics",
+    )
     parser.add_argument(
         "--host", help="interface (default 0.0.0.0 when PORT is set, else loopback)"
     )
@@ -109,25 +112,25 @@ def _multiprocess_metrics(settings: Settings) -> None:
     prometheus_client's multiprocess mode, in a directory of the web process's own, cleaned first.
 
     prometheus_client picks file-backed values when it is imported, which happened before this
-    point: unless PROMETHEUS_MULTIPROC_DIR was set already, set it and exec this same command
-    again (the pid stays), as `closesync worker --pool prefork` does.
+    point: unless this very process set PROMETHEUS_MULTIPROC_DIR before re-executing itself,
+    set it and exec this same command again (the pid stays), as `closesync worker --pool
+    prefork` does. An inherited value is not trusted: set for every process of a host, it would
+    be another command's directory, whose live files cleaning would delete.
     """
     from closesync.wiring.metrics import (
-        MULTIPROC_ENV,
         clean_multiproc_dir,
         process_multiproc_dir,
-        reexec_argv,
+        reexec_into,
+        reexecuted_dir,
     )
 
-    if os.environ.get(MULTIPROC_ENV):
-        clean_multiproc_dir(os.environ[MULTIPROC_ENV])
+    own = reexecuted_dir()
+    if own:
+        clean_multiproc_dir(own)
         return
     directory = process_multiproc_dir(settings, "web")
     clean_multiproc_dir(directory)
-    os.environ[MULTIPROC_ENV] = directory
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, reexec_argv())  # noqa: S606
+    reexec_into(directory)
 
 
 def webhook_asker_of(services: Services) -> SyncAsker:

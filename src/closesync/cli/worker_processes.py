@@ -96,14 +96,21 @@ def supervise(argv: Sequence[str], count: int, env: dict[str, str]) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        stop_all(signum)
+        # Always a warm stop: on a terminal the children got Ctrl-C's SIGINT themselves, and a
+        # second SIGINT would make Celery stop cold, killing the runs in flight.
+        stop_all(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     ended: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
     try:
         for _ in range(count):
+            if stopping:
+                break  # signalled while starting: start no more
             child = subprocess.Popen([*argv, f"--parent-pid={parent}"], env=env)
             children[child.pid] = child
+        if stopping:
+            stop_all(signal.SIGTERM)  # those started after the signal never got it
+        count = len(children)
         for child in children.values():
             # A waiter per child (not os.wait, which would reap `closesync run`'s scheduler and
             # embedded Redis too); the main thread blocks on the queue, signals still reach it.

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, NoReturn, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -451,6 +451,28 @@ def pool_process_exited(pid: int) -> None:
     """A prefork pool process `pid` stopped: drop its live-gauge files (its counters stay)."""
     if os.environ.get(MULTIPROC_ENV):
         mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+
+
+# Set to the pid by a command that re-executes itself with PROMETHEUS_MULTIPROC_DIR: after the
+# exec (same pid) the directory is known to be this command's own, not one inherited from the
+# environment of every process of the host (another command's, whose files cleaning would delete).
+REEXEC_MARK_ENV = "CLOSESYNC_METRICS_REEXEC"
+
+
+def reexecuted_dir() -> str | None:
+    """PROMETHEUS_MULTIPROC_DIR when this very process set it before re-executing itself."""
+    if os.environ.get(REEXEC_MARK_ENV) == str(os.getpid()):
+        return os.environ.get(MULTIPROC_ENV)
+    return None
+
+
+def reexec_into(directory: str) -> NoReturn:
+    """Run this command again (same pid) with `directory` as its multiprocess directory."""
+    os.environ[MULTIPROC_ENV] = directory
+    os.environ[REEXEC_MARK_ENV] = str(os.getpid())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, reexec_argv())  # noqa: S606
 
 
 def reexec_argv() -> list[str]:
