@@ -148,30 +148,14 @@ def node_name() -> str:
 
 
 def _prefork_metrics(args: argparse.Namespace, settings: Settings) -> None:
-    """Under prefork with METRICS_PORT: count in the multiprocess directory, cleaned first.
-
-    prometheus_client picks file-backed values when it is imported, which happened long before
-    this point: unless PROMETHEUS_MULTIPROC_DIR was in the environment already, set it and
-    exec this same command again (the pid stays, so does the worker's node name). The
-    directory is the worker's own (`{base}/worker-{pid}@{host}`), so that two workers on one
-    DATA_DIR never delete each other's files.
-    """
-    from closesync.wiring.metrics import (
-        clean_multiproc_dir,
-        process_multiproc_dir,
-        reexec_into,
-        reexecuted_dir,
-    )
+    """Under prefork with METRICS_PORT: count in the worker's own multiprocess directory
+    (`{base}/worker-{pid}@{host}`, so that two workers on one DATA_DIR never delete each other's
+    files), re-executing once to get there (`count_in_own_multiproc_dir`)."""
+    from closesync.wiring.metrics import count_in_own_multiproc_dir
 
     if args.pool != "prefork" or settings.metrics_port is None:
         return
-    own = reexecuted_dir()  # never an inherited value: it could be another command's
-    if own:
-        clean_multiproc_dir(own)
-        return
-    directory = process_multiproc_dir(settings, "worker")
-    clean_multiproc_dir(directory)
-    reexec_into(directory)
+    count_in_own_multiproc_dir(settings, "worker")
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:

@@ -109,28 +109,12 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 def _multiprocess_metrics(settings: Settings) -> None:
     """gunicorn's workers are processes and a scrape of /metrics reaches one of them: count in
-    prometheus_client's multiprocess mode, in a directory of the web process's own, cleaned first.
-
-    prometheus_client picks file-backed values when it is imported, which happened before this
-    point: unless this very process set PROMETHEUS_MULTIPROC_DIR before re-executing itself,
-    set it and exec this same command again (the pid stays), as `closesync worker --pool
-    prefork` does. An inherited value is not trusted: set for every process of a host, it would
-    be another command's directory, whose live files cleaning would delete.
+    prometheus_client's multiprocess mode, in a directory of the web process's own, re-executing
+    once to get there (`count_in_own_multiproc_dir`), as `closesync worker --pool prefork` does.
     """
-    from closesync.wiring.metrics import (
-        clean_multiproc_dir,
-        process_multiproc_dir,
-        reexec_into,
-        reexecuted_dir,
-    )
+    from closesync.wiring.metrics import count_in_own_multiproc_dir
 
-    own = reexecuted_dir()
-    if own:
-        clean_multiproc_dir(own)
-        return
-    directory = process_multiproc_dir(settings, "web")
-    clean_multiproc_dir(directory)
-    reexec_into(directory)
+    count_in_own_multiproc_dir(settings, "web")
 
 
 def webhook_asker_of(services: Services) -> SyncAsker:

@@ -275,17 +275,7 @@ class Subscriptions:
             signing_key = (
                 self.store.signing_key(key) if pending is not None else None
             ) or SecretStr(secrets.token_urlsafe(SIGNING_KEY_BYTES))
-        sub = Subscription(
-            key=key,
-            scope=owner.scope,
-            organization_uri=owner.organization_uri,
-            user_uri=owner.user_uri,
-            connection_id=owner.connection_id,
-            grant_ref=owner.grant_ref,
-            own_signing_key=owner.pat,
-            created_at=pending.created_at if pending is not None else now,
-            updated_at=now,
-        )
+        sub = _record_of(owner, key, pending, now)
         self.store.save(sub, signing_key)
         url = callback_url(self.settings.public_base_url, key)
         try:
@@ -342,18 +332,9 @@ class Subscriptions:
         reason: str,
         now: float,
     ) -> Subscription:
-        sub = Subscription(
-            key=pending.key if pending is not None else new_key(),
-            scope=owner.scope,
-            organization_uri=owner.organization_uri,
-            user_uri=owner.user_uri,
-            connection_id=owner.connection_id,
-            grant_ref=owner.grant_ref,
-            own_signing_key=owner.pat,
-            state=state,
-            reason=reason,
-            created_at=pending.created_at if pending is not None else now,
-            updated_at=now,
+        key = pending.key if pending is not None else new_key()
+        sub = _record_of(owner, key, pending, now).model_copy(
+            update={"state": state, "reason": reason}
         )
         self.store.save(sub)
         log.warning("webhooks: %s not subscribed: %s", owner.label(), reason)
@@ -465,3 +446,19 @@ class Subscriptions:
             pat=grant.kind == "pat",
             grant_ref=ref,
         )
+
+
+def _record_of(owner: Owner, key: str, pending: Subscription | None, now: float) -> Subscription:
+    """The record of `owner`'s subscription under callback `key` (pending, no reason yet),
+    keeping the creation time of the record it replaces."""
+    return Subscription(
+        key=key,
+        scope=owner.scope,
+        organization_uri=owner.organization_uri,
+        user_uri=owner.user_uri,
+        connection_id=owner.connection_id,
+        grant_ref=owner.grant_ref,
+        own_signing_key=owner.pat,
+        created_at=pending.created_at if pending is not None else now,
+        updated_at=now,
+    )

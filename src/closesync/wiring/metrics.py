@@ -459,14 +459,33 @@ def pool_process_exited(pid: int) -> None:
 REEXEC_MARK_ENV = "CLOSESYNC_METRICS_REEXEC"
 
 
-def reexecuted_dir() -> str | None:
+def count_in_own_multiproc_dir(settings: Settings, role: Literal["worker", "web"]) -> None:
+    """Make this command count in a multiprocess directory of its own, cleaned first.
+
+    prometheus_client picks file-backed values when it is imported, which happened before any
+    command runs: unless this very process set PROMETHEUS_MULTIPROC_DIR before re-executing
+    itself, set it to `process_multiproc_dir(settings, role)` and exec this same command again
+    (the pid stays, so does a worker's node name). An inherited value is never trusted: set for
+    every process of a host, it would be another command's directory, whose live files
+    cleaning would delete.
+    """
+    own = _reexecuted_dir()
+    if own:
+        clean_multiproc_dir(own)
+        return
+    directory = process_multiproc_dir(settings, role)
+    clean_multiproc_dir(directory)
+    _reexec_into(directory)
+
+
+def _reexecuted_dir() -> str | None:
     """PROMETHEUS_MULTIPROC_DIR when this very process set it before re-executing itself."""
     if os.environ.get(REEXEC_MARK_ENV) == str(os.getpid()):
         return os.environ.get(MULTIPROC_ENV)
     return None
 
 
-def reexec_into(directory: str) -> NoReturn:
+def _reexec_into(directory: str) -> NoReturn:
     """Run this command again (same pid) with `directory` as its multiprocess directory."""
     os.environ[MULTIPROC_ENV] = directory
     os.environ[REEXEC_MARK_ENV] = str(os.getpid())
